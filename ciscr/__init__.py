@@ -1,0 +1,8 @@
+"""ciscr: semi-supervised semantic segmentation with CISC-R.
+
+Command line: ``ciscr --help``. Library layers, bottom to top: ``ciscr.data`` ->
+``ciscr.models`` -> ``ciscr.cisc`` (the method's maths) -> ``ciscr.engine`` ->
+``ciscr.pseudo`` / ``ciscr.selection`` -> ``ciscr.pipeline``.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,317 @@
+"""Typed, validated configuration: YAML -> defaults -> ``key=value`` overrides.
+
+Every knob of ciscr lives in one pydantic model tree (:class:`Config`). Functions receive the
+sub-config they need (``cfg.train``, ``cfg.data``), never the whole tree. Unknown keys and bad
+values are rejected with one line naming the offending key (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ciscr.errors import ConfigError
+
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticCfg(BaseModel):
+    """Size of the procedurally generated dataset (``data.format=synthetic``)."""
+
+    model_config = _STRICT
+    num_train: int = Field(240, ge=2, description="images in the train pool (labeled + unlabeled)")
+    num_val: int = Field(60, ge=1, description="validation images")
+    size: int = Field(96, ge=32, description="square image side in pixels")
+    num_classes: int = Field(6, ge=2, le=20, description="classes incl. background (class 0)")
+
+
+class DataCfg(BaseModel):
+    """Where the images are and which of them are labeled."""
+
+    model_config = _STRICT
+    format: Literal["folder", "voc", "cityscapes", "coco", "synthetic"] = "synthetic"
+    root: str = Field("", description="dataset root; for synthetic: cache dir ('' = ~/.cache/ciscr)")
+    split: str = Field(
+        "",
+        description="packaged split name, e.g. '1_8' (ST++ split_0) or 'stpp/pascal/1_8/split_1'",
+    )
+    labeled: str | float | int | None = Field(
+        None, description="folder/synthetic: fraction (0,1), count (>=1) or a list file of ids"
+    )
+    train_split: str = Field("train", description="folder format: sub-folder of the pool")
+    val_split: str = Field("val", description="folder format: sub-folder used for evaluation")
+    ignore_index: int = 255
+    background_class: int | None = Field(
+        None, description="class never picked for rectification (VOC/COCO: 0); None = every class"
+    )
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    num_workers: int = Field(0, ge=0)
+    max_val_images: int = Field(0, ge=0, description="evaluate on the first N val images (0 = all)")
+    synthetic: SyntheticCfg = SyntheticCfg()
+
+    @field_validator("labeled")
+    @classmethod
+    def _check_labeled(cls, v: Any) -> Any:
+        if isinstance(v, float) and not (0.0 < v < 1.0):
+            raise ValueError("a labeled fraction must lie in (0, 1)")
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError("a labeled count must be >= 1")
+        return v
+
+
+class ModelCfg(BaseModel):
+    """DeepLabV3+ and its backbone."""
+
+    model_config = _STRICT
+    backbone: str = Field("resnet101", description="resnet18 | resnet50 | resnet101 | mobilenet_v2")
+    pretrained: str = Field("", description="local path of ImageNet weights; '' = random init")
+    output_stride: Literal[8, 16] = 8
+    aspp_dilations: tuple[int, int, int] | None = Field(
+        None, description="None = (12, 24, 36) at output stride 8, (6, 12, 18) at 16"
+    )
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    channels: int = Field(
+        256, ge=8, description="width of ASPP/decoder = feature channels C (paper: 256)"
+    )
+
+
+class TrainCfg(BaseModel):
+    """One training stage (every stage of a pipeline uses the same settings)."""
+
+    model_config = _STRICT
+    epochs: int = Field(80, ge=1)
+    iters_per_epoch: int = Field(0, ge=0, description="0 = one pass over the labeled set")
+    batch_size: int = Field(16, ge=1)
+    unlabeled_batch_size: int = Field(0, ge=0, description="0 = same as batch_size")
+    crop_size: int = Field(321, ge=16)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    lr: float = Field(0.001, gt=0, description="backbone learning rate")
+    head_lr_mult: float = Field(10.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    repeat_small_labeled: int = Field(
+        200, ge=0, description="labeled sets smaller than this are repeated twice per epoch"
+    )
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    ckpt_every: int = Field(200, ge=1, description="checkpoint every N iterations (and at the end)")
+    log_every: int = Field(10, ge=1)
+    eval_every_epochs: int = Field(0, ge=0, description="0 = only at the end of the stage")
+    progress: bool = True
+
+
+class EvalCfg(BaseModel):
+    """How predictions are made for evaluation."""
+
+    model_config = _STRICT
+    mode: Literal["whole", "sliding", "multiscale"] = "whole"
+    window: int = Field(0, ge=0, description="sliding window side; 0 = train.crop_size")
+    stride_ratio: float = Field(2 / 3, gt=0, le=1)
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    flip: bool = True
+    batch_size: int = Field(1, ge=1)
+
+
+class MethodCfg(BaseModel):
+    """The semi-supervised method. ``name`` is a preset; explicit keys override it."""
+
+    model_config = _STRICT
+    name: Literal[
+        "suponly", "suponly_cisc", "st", "stpp", "ciscr", "ciscr_bank", "custom"
+    ] = "ciscr"
+    stage1_cisc_loss: bool = Field(True, description="add L_CISC on labeled pairs in stage 1")
+    cisc_weight: float = Field(1.0, ge=0)
+    retrain: Literal["none", "one", "two"] = Field(
+        "two", description="none = SupOnly; one = retrain once on all; two = reliable then all"
+    )
+    selection: Literal["cisc", "stpp", "random"] = Field(
+        "cisc", description="how unlabeled images are split into reliable/unreliable halves"
+    )
+    rectify: Literal["none", "query", "bank", "anchor"] = Field(
+        "query", description="CISC map source for the rectified loss (none = plain CE)"
+    )
+    rectify_classes: Literal["one", "all"] = "one"
+    query_selection: Literal["cs", "rs", "as"] = Field(
+        "cs", description="labeled images allowed as queries: CISC / random / accuracy half"
+    )
+    cisc_features: Literal["model", "imagenet"] = Field(
+        "model", description="features of the CISC maps: stage model or ImageNet backbone"
+    )
+    num_prototypes: int = Field(1, ge=1, description="prototypes per class (k-means in the mask)")
+    min_class_ratio: float = Field(0.03, ge=0, lt=1)
+    tta_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0)
+    tta_flip: bool = True
+    stpp_snapshots: int = Field(3, ge=1, description="stage-1 checkpoints used by ST++ stability")
+    crop_selection: int = Field(0, ge=0, description="select on crops of this side (0 = whole)")
+    bank_views: int = Field(1, ge=1, description="augmented views averaged into the bank")
+    score_final_pseudo: bool = Field(
+        True, description="re-label the unlabeled pool with the final model to score it "
+        "(only where its ground truth exists; reporting only, Table 5)"
+    )
+
+
+# What each preset means (METHOD.md section 8). Keys given explicitly by the user win.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "suponly": {"stage1_cisc_loss": False, "retrain": "none", "rectify": "none"},
+    "suponly_cisc": {"stage1_cisc_loss": True, "retrain": "none", "rectify": "none"},
+    "st": {"stage1_cisc_loss": False, "retrain": "one", "rectify": "none"},
+    "stpp": {"stage1_cisc_loss": False, "retrain": "two", "selection": "stpp", "rectify": "none"},
+    "ciscr": {"stage1_cisc_loss": True, "retrain": "two", "selection": "cisc", "rectify": "query"},
+    "ciscr_bank": {
+        "stage1_cisc_loss": True,
+        "retrain": "two",
+        "selection": "cisc",
+        "rectify": "bank",
+        "rectify_classes": "all",
+    },
+    "custom": {},
+}
+
+
+class Config(BaseModel):
+    """The whole run. ``ciscr train``/``run``/``eval`` all read this."""
+
+    model_config = _STRICT
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    deterministic: bool = True
+    data: DataCfg = DataCfg()
+    model: ModelCfg = ModelCfg()
+    train: TrainCfg = TrainCfg()
+    eval: EvalCfg = EvalCfg()
+    method: MethodCfg = MethodCfg()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_method_preset(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        method = values.get("method")
+        if isinstance(method, dict):
+            name = method.get("name", "ciscr")
+            preset = METHOD_PRESETS.get(name, {})
+            values = {**values, "method": {**preset, **method}}
+        return values
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+# --------------------------------------------------------------------------- loading
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the configs shipped with the package (``ciscr train synthetic``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A file path, or the name of a packaged config (``camvid`` -> configs/camvid.yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(
+        f"config '{name_or_path}' is neither a file nor a packaged config "
+        f"(packaged: {', '.join(builtin_configs())})"
+    )
+
+
+def _parse_value(text: str) -> Any:
+    # YAML's safe loader types the value ("8" -> 8, "[1,2]" -> list, "true" -> bool) and never
+    # executes anything; plain strings stay strings. Split names like 1_8 would be read as the
+    # YAML 1.1 integer 18, so they are kept as text.
+    if re.fullmatch(r"\d+(_\d+)+", text.strip()):
+        return text.strip()
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` strings to a nested dict (a new dict is returned)."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.epochs=5)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{key}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"] if not str(x).startswith("function-"))
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "literal_error":
+        msg = f"invalid value {first.get('input')!r}: {msg}"
+    elif "input" in first and not isinstance(first["input"], dict):
+        msg = f"invalid value {first['input']!r}: {msg}"
+    return f"{source}: {loc or 'config'}: {msg}"
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a nested dict into a :class:`Config` (one-line :class:`ConfigError` on failure)."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """YAML file (or packaged name) -> defaults -> ``key=value`` overrides -> :class:`Config`."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = resolve_config_path(str(path))
+        source = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        raw = loaded or {}
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw, source)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain, YAML/JSON-safe dict (tuples become lists)."""
+    return cfg.model_dump(mode="json")
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config next to a run (atomically)."""
+    from ciscr.utils.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,232 @@
+"""Torch ``Dataset`` views over sample lists: labeled/val images and unlabeled images.
+
+Every random choice of an item is drawn from a generator seeded from ``(seed, epoch, index)``
+(:func:`make_generator`), so an item is a pure function of those three numbers: a resumed run
+sees exactly the augmentations of an uninterrupted one, whatever ``num_workers`` is.
+
+Batching: training crops all have the same size, so the default collate works. Validation
+images keep their own size; use ``batch_size=1`` or :func:`pad_collate` (pads images with 0
+and masks with the ignore index, which the confusion matrix skips).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, default_collate
+
+from ciscr.data.io import read_image, read_mask
+from ciscr.data.transforms import TrainTransform, normalize, strong_photometric, to_tensor
+from ciscr.errors import DataError
+
+if TYPE_CHECKING:
+    from ciscr.data.formats import Sample
+
+_U64 = 2**64
+
+
+def make_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A CPU generator whose state depends only on ``(seed, epoch, index)``.
+
+    numpy's SeedSequence hashes the triple, so nearby triples such as (0, 1, 0) and (0, 0, 1)
+    give unrelated streams (a linear mix like ``seed*a + epoch*b + index`` collides).
+    """
+    ss = np.random.SeedSequence([seed % _U64, epoch % _U64, index % _U64])
+    state = int(ss.generate_state(1, dtype=np.uint64)[0]) >> 1  # 63 bits: a valid torch seed
+    g = torch.Generator()
+    g.manual_seed(state)
+    return g
+
+
+def _mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    return torch.tensor(mask).long()  # copies: read masks may be read-only arrays
+
+
+class _Base(Dataset):
+    """Shared parts: the sample list, ``repeat``, the epoch and per-item generators."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        num_classes: int,
+        ignore_index: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_size: int,
+        scale_range: tuple[float, float],
+        seed: int,
+        repeat: int,
+    ) -> None:
+        if repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {repeat}")
+        self.samples = list(samples)
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.seed, self.repeat, self.epoch = seed, repeat, 0
+        self.weak = TrainTransform(crop_size, scale_range, ignore_index)
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.repeat
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentations of ``epoch`` (call before iterating, on every rank)."""
+        self.epoch = epoch
+
+    def _locate(self, index: int) -> tuple[int, torch.Generator]:
+        """(position in ``samples``, generator of this dataset index in the current epoch)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        # The generator is keyed on the dataset index, so the repeated copies of a sample get
+        # different augmentations within one epoch.
+        return index % len(self.samples), make_generator(self.seed, self.epoch, index)
+
+    def _read_mask(self, path: Path, image: np.ndarray) -> np.ndarray:
+        return read_mask(path, self.num_classes, self.ignore_index, expect_size=image.shape[:2])
+
+    def _ignore_mask(self, image: np.ndarray) -> np.ndarray:
+        return np.full(image.shape[:2], self.ignore_index, dtype=np.uint8)
+
+
+class SegDataset(_Base):
+    """Labeled images with ground truth (training with weak augmentation, or validation).
+
+    Item: ``image`` float (3, h, w) normalised; ``mask`` int64 (h, w) with ``ignore_index`` for
+    void and padding; ``id`` str; ``index`` int = position in ``samples`` (repeated copies share
+    it). ``train=True``: random scale/crop/flip (h = w = crop_size); ``train=False``: the image
+    at its own size, untouched. ``repeat`` multiplies the length (small labeled sets are
+    repeated twice per epoch, METHOD.md section 6).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        num_classes: int,
+        ignore_index: int = 255,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        train: bool = False,
+        crop_size: int = 321,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        seed: int = 0,
+        repeat: int = 1,
+    ) -> None:
+        super().__init__(
+            samples, num_classes, ignore_index, mean, std, crop_size, scale_range, seed, repeat
+        )
+        self.train = train
+        missing = [s for s in self.samples if s.mask is None]
+        if missing:
+            raise DataError(
+                f"{missing[0].image}: image '{missing[0].id}' has no mask, but a labeled or "
+                f"validation set needs one for every image ({len(missing)} missing)"
+            )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i, g = self._locate(index)
+        s = self.samples[i]
+        image = read_image(s.image)
+        mask = _mask_tensor(self._read_mask(s.mask, image))
+        img = to_tensor(image)
+        if self.train:
+            img, (mask,) = self.weak(img, [mask], g)
+        return {
+            "image": normalize(img, self.mean, self.std),
+            "mask": mask,
+            "id": s.id,
+            "index": i,
+        }
+
+
+class UnlabeledDataset(_Base):
+    """Unlabeled images, with their pseudo labels when training.
+
+    ``pseudo_dir`` given (rectified training): item = ``image`` float (3, crop, crop) after weak
+    scale/crop/flip and, if ``strong``, strong photometric augmentation; ``pseudo`` int64
+    (crop, crop) read from ``pseudo_dir/<id>.png`` (``ignore_index`` where padded); ``gt``;
+    ``id``; ``index``. Image, pseudo and gt share the same geometric transform.
+
+    ``pseudo_dir=None`` (pseudo-labelling / scoring pass): item = ``image`` normalised at full
+    size with no augmentation, ``gt``, ``id``, ``index``.
+
+    ``gt`` int64 (h, w) is the ground truth when ``sample.mask`` exists, else all
+    ``ignore_index``. !!! gt is ONLY FOR SCORING pseudo labels (METHOD.md Table 5 / Fig. 10).
+    It must never reach a loss: using it would leak unlabeled ground truth into training. !!!
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        pseudo_dir: str | Path | None,
+        num_classes: int,
+        ignore_index: int = 255,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        crop_size: int = 321,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        seed: int = 0,
+        strong: bool = True,
+        repeat: int = 1,
+    ) -> None:
+        super().__init__(
+            samples, num_classes, ignore_index, mean, std, crop_size, scale_range, seed, repeat
+        )
+        self.pseudo_dir = Path(pseudo_dir) if pseudo_dir is not None else None
+        self.strong = strong
+
+    def pseudo_path(self, sample_id: str) -> Path:
+        """Where the pseudo label of ``sample_id`` is read from: ``pseudo_dir/<id>.png``."""
+        if self.pseudo_dir is None:
+            raise ValueError("this UnlabeledDataset has no pseudo_dir")
+        return self.pseudo_dir / f"{sample_id}.png"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i, g = self._locate(index)
+        s = self.samples[i]
+        image = read_image(s.image)
+        gt_np = self._read_mask(s.mask, image) if s.mask is not None else self._ignore_mask(image)
+        gt = _mask_tensor(gt_np)
+        img = to_tensor(image)
+        if self.pseudo_dir is None:
+            return {"image": normalize(img, self.mean, self.std), "gt": gt, "id": s.id, "index": i}
+        pseudo = _mask_tensor(self._read_mask(self.pseudo_path(s.id), image))
+        img, (pseudo, gt) = self.weak(img, [pseudo, gt], g)
+        if self.strong:
+            img = strong_photometric(img, g)
+        return {
+            "image": normalize(img, self.mean, self.std),
+            "pseudo": pseudo,
+            "gt": gt,
+            "id": s.id,
+            "index": i,
+        }
+
+
+def pad_collate(batch: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
+    """Collate items of different sizes by padding right/bottom to the largest (H, W).
+
+    ``image`` (3, H, W) is padded with 0 (the mean colour once normalised); every 2-D integer
+    tensor (``mask``, ``pseudo``, ``gt``) with ``ignore_index``, so padding never counts in
+    metrics or losses. Other keys are collated by ``default_collate`` (ids -> list of str,
+    indices -> int64 tensor). Use ``functools.partial`` for another ignore index.
+
+    Returns:
+        dict with ``image`` (B, 3, Hmax, Wmax) and masks (B, Hmax, Wmax).
+    """
+    hmax = max(int(item["image"].shape[-2]) for item in batch)
+    wmax = max(int(item["image"].shape[-1]) for item in batch)
+    padded = []
+    for item in batch:
+        out = dict(item)
+        for key, val in item.items():
+            if not isinstance(val, torch.Tensor) or val.dim() < 2:
+                continue
+            pad = (0, wmax - val.shape[-1], 0, hmax - val.shape[-2])
+            fill = 0.0 if val.is_floating_point() else ignore_index
+            out[key] = F.pad(val, pad, value=fill)
+        padded.append(out)
+    return default_collate(padded)

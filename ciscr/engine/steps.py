@@ -1,0 +1,208 @@
+"""Step functions: what one training iteration computes, per method.
+
+- :func:`supervised_step`: CE on labeled images (SupOnly).
+- :func:`pair_step`: stage 1 of CISC-R, CE on labeled pairs sharing a class + L_CISC (Eq. 11-12).
+- :func:`retrain_step`: stages 2/3, CE on labeled + (rectified) CE on pseudo-labeled images
+  (Eq. 7). With ``rectifier=None`` it is plain self-training (ST / ST++).
+
+Each factory returns ``step(model, batches, iteration) -> (loss, scalars)`` for
+:func:`ciscr.engine.train.train_stage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ciscr import cisc
+from ciscr.data.datasets import make_generator
+from ciscr.engine.losses import ce_loss
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Non-negative features make cos = 0 exactly wherever a pixel shares no active channel with the
+# prototype; torch's BCE backward then divides by 1e-12 and one such pixel yields a 1e11-size
+# gradient. Keeping the map inside [eps, 1 - eps] bounds it and changes the loss by < 1e-4.
+PAIR_BCE_EPS = 1e-4
+
+
+def supervised_step(ignore_index: int = 255):
+    """CE on ``batches['labeled']``."""
+
+    def step(model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
+        b = batches["labeled"]
+        loss = ce_loss(model(b["image"]).logits, b["mask"], ignore_index)
+        return loss, {"ce": float(loss.detach())}
+
+    return step
+
+
+def pair_step(use_cisc: bool, cisc_weight: float = 1.0, ignore_index: int = 255):
+    """Stage 1: ``L1 = CE_i + CE_j + L_CISC(i, j)`` on ``batches['pairs']`` (METHOD.md 4).
+
+    The prototypes come from the current model and are not detached. A pair whose shared class
+    was cropped out of either image contributes CE only.
+    """
+
+    def step(model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
+        b = batches["pairs"]
+        n = b["image"].shape[0]
+        out = model(torch.cat([b["image"], b["image2"]]))
+        ce_i = ce_loss(out.logits[:n], b["mask"], ignore_index)
+        ce_j = ce_loss(out.logits[n:], b["mask2"], ignore_index)
+        loss = ce_i + ce_j
+        scalars = {"ce": float((ce_i + ce_j).detach()) / 2}
+        if use_cisc:
+            cls = b["cls"]
+            has = lambda m: (m == cls.view(-1, 1, 1)).flatten(1).any(1)  # noqa: E731
+            valid = (cls >= 0) & has(b["mask"]) & has(b["mask2"])
+            if bool(valid.any()):
+                fa, fb = out.features[:n][valid], out.features[n:][valid]
+                l_cisc = cisc.cisc_pair_loss(
+                    fa, b["mask"][valid], fb, b["mask2"][valid], cls[valid], ignore_index,
+                    bce_eps=PAIR_BCE_EPS,
+                )
+                loss = loss + cisc_weight * l_cisc
+                scalars["cisc"] = float(l_cisc.detach())
+        return loss, scalars
+
+    return step
+
+
+@dataclass
+class Rectifier:
+    """Computes the CISC maps that weight the pseudo-label loss (Eq. 6-7), with a frozen teacher.
+
+    ``mode``: "query" (paper: run the teacher on a queried labeled image every step), "bank"
+    (ours: prototypes of every labeled image precomputed once per stage), "anchor"
+    (Anchor-Guide, Eq. 14: the class anchor is the prototype). ``classes``: "one" (paper: one
+    class per image) or "all" (every class present; needs bank or anchor).
+    """
+
+    features: FeatureFn
+    mode: str
+    classes: str
+    num_classes: int
+    query_lists: dict[int, list[int]]
+    seed: int
+    min_ratio: float = 0.03
+    background: int | None = None
+    ignore_index: int = 255
+    labeled: Any = None  # dataset with set_epoch, for "query" mode
+    bank: torch.Tensor | None = None  # (N, K, C)
+    bank_present: torch.Tensor | None = None  # (N, K) bool
+    anchors: torch.Tensor | None = None  # (K, C)
+    _has_query: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        has = torch.zeros(self.num_classes + 1, dtype=torch.bool)
+        for k, ids in self.query_lists.items():
+            has[k] = len(ids) > 0
+        if self.mode == "anchor" and self.anchors is not None:
+            has[: self.num_classes] = self.anchors.norm(dim=1) > 0
+        self._has_query = has  # last entry = the ignore class, never queryable
+
+    @torch.no_grad()
+    def __call__(self, x_u: torch.Tensor, y_u: torch.Tensor, it: int) -> dict[str, torch.Tensor]:
+        g = make_generator(self.seed + 13, it, 0)
+        feats = self.features(x_u).float()
+        size = tuple(y_u.shape[-2:])
+        if self.classes == "all":
+            return {"cmaps": self._all_class_maps(feats, y_u, size, g)}
+        cls = self._pick_classes(y_u, g)
+        protos, cls = self._prototypes(cls, g, it, feats.device)
+        return {"cmap": cisc.cisc_map(feats, protos, size), "cls": cls}
+
+    def _pick_classes(self, y_u: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        # Classes without any query image cannot be rectified: hide them from the picker, so
+        # it falls back to another class, or to plain CE (-1) when none is left (METHOD.md 3).
+        idx = torch.where(y_u == self.ignore_index, self.num_classes, y_u).clamp(max=self.num_classes)
+        target = torch.where(self._has_query.to(y_u.device)[idx], y_u, self.ignore_index)
+        return cisc.pick_query_class(
+            target.cpu(), self.num_classes, self.min_ratio, self.background, g
+        ).to(y_u.device)
+
+    def _random_query(self, k: int, g: torch.Generator) -> int:
+        ids = self.query_lists[k]
+        return ids[int(torch.randint(len(ids), (1,), generator=g))]
+
+    def _prototypes(self, cls: torch.Tensor, g: torch.Generator, it: int, device) -> tuple:
+        c = self._feature_dim(device)
+        protos = torch.zeros(len(cls), c, device=device)
+        if self.mode == "anchor":
+            ok = cls >= 0
+            protos[ok] = self.anchors.to(device)[cls[ok]].float()
+            return protos, cls
+        picks = [(b, int(k), self._random_query(int(k), g)) for b, k in enumerate(cls) if k >= 0]
+        if self.mode == "bank":
+            for b, k, j in picks:
+                protos[b] = self.bank[j, k].to(device).float()
+            return protos, cls
+        return self._query_prototypes(picks, protos, cls, it, device)
+
+    def _query_prototypes(self, picks, protos, cls, it: int, device) -> tuple:
+        """Paper mode: run the teacher on the queried labeled images (weak augmentation)."""
+        if not picks:
+            return protos, cls
+        self.labeled.set_epoch(1_000_000 + it)  # its own augmentation draws, still resumable
+        items = [self.labeled[j] for _, _, j in picks]
+        x = torch.stack([d["image"] for d in items]).to(device)
+        y = torch.stack([d["mask"] for d in items]).to(device)
+        feats = self.features(x).float()
+        rows = torch.tensor([b for b, _, _ in picks], device=device)
+        ks = torch.tensor([k for _, k, _ in picks], device=device)
+        p = cisc.prototype(feats, (y == ks.view(-1, 1, 1)).float())
+        protos[rows] = p
+        cls = cls.clone()
+        cls[rows[p.norm(dim=1) == 0]] = -1  # the class was cropped out of the query image
+        return protos, cls
+
+    def _feature_dim(self, device) -> int:
+        for t in (self.bank, self.anchors):
+            if t is not None:
+                return t.shape[-1]
+        return int(self.features(torch.zeros(1, 3, 32, 32, device=device)).shape[1])
+
+    def _all_class_maps(self, feats, y_u, size, g) -> torch.Tensor:
+        b, k = y_u.shape[0], self.num_classes
+        cmaps = torch.full((b, k, *size), -1.0, device=feats.device)
+        for c in range(k):
+            if not bool(self._has_query[c]):
+                continue
+            rows = [i for i in range(b) if bool((y_u[i] == c).any())]
+            if not rows:
+                continue
+            if self.mode == "anchor":
+                protos = self.anchors[c].to(feats.device).float().expand(len(rows), -1)
+            else:
+                js = [self._random_query(c, g) for _ in rows]
+                protos = self.bank[js, c].to(feats.device).float()
+            cmaps[rows, c] = cisc.cisc_map(feats[rows], protos, size)
+        return cmaps
+
+
+def retrain_step(rectifier: Rectifier | None, ignore_index: int = 255):
+    """Stages 2/3: CE(labeled) + L'_u(pseudo-labeled); plain CE on both if no rectifier."""
+
+    def step(model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
+        lb, ub = batches["labeled"], batches["unlabeled"]
+        weights = rectifier(ub["image"], ub["pseudo"], it) if rectifier is not None else None
+        n = lb["image"].shape[0]
+        logits = model(torch.cat([lb["image"], ub["image"]])).logits
+        loss_l = ce_loss(logits[:n], lb["mask"], ignore_index)
+        if weights is None:
+            loss_u = ce_loss(logits[n:], ub["pseudo"], ignore_index)
+        elif "cmaps" in weights:
+            loss_u = cisc.rectified_ce_all(logits[n:], ub["pseudo"], weights["cmaps"], ignore_index)
+        else:
+            loss_u = cisc.rectified_ce(
+                logits[n:], ub["pseudo"], weights["cmap"], weights["cls"], ignore_index
+            )
+        scalars = {"ce_labeled": float(loss_l.detach()), "ce_unlabeled": float(loss_u.detach())}
+        return loss_l + loss_u, scalars
+
+    return step

@@ -1,0 +1,356 @@
+"""The one training loop. Methods differ only by the step function they pass in.
+
+Data order is a pure function of ``(seed, stream, position)`` (see :class:`IndexStream`), and
+augmentation a pure function of ``(seed, epoch, index)``, so a run resumed from a checkpoint at
+iteration *t* draws exactly the batches an uninterrupted run would have drawn from *t* on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from ciscr import dist
+from ciscr.config import TrainCfg
+from ciscr.engine.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
+from ciscr.errors import CheckpointError, TrainingError
+from ciscr.utils.io import append_jsonl
+from ciscr.utils.misc import autocast, make_grad_scaler
+
+CKPT_NAME = "checkpoint.pt"
+
+# step(model, batches, iteration) -> (loss, scalars to log)
+StepFn = Callable[[nn.Module, dict[str, dict[str, Any]], int], tuple[torch.Tensor, dict[str, float]]]
+
+
+# --------------------------------------------------------------------------- data streams
+
+
+@dataclass
+class Stream:
+    """A dataset drawn ``batch_size`` items per iteration, reshuffled every pass.
+
+    ``repeat`` makes one pass visit every item that many times (small labeled sets are
+    repeated twice per epoch, as in ST++/CISC-R).
+    """
+
+    dataset: Dataset
+    batch_size: int
+    repeat: int = 1
+
+
+class IndexStream:
+    """Deterministic infinite index order: position p -> (item index, augmentation epoch)."""
+
+    def __init__(self, n: int, seed: int, stream_id: int, repeat: int = 1) -> None:
+        if n < 1:
+            raise ValueError("a training stream needs at least one item")
+        self.n, self.seed, self.stream_id, self.repeat = n, seed, stream_id, repeat
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def _perm(self, cycle: int) -> torch.Tensor:
+        if cycle not in self._cache:
+            g = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + self.stream_id * 7_919 + cycle) % (2**63)
+            )
+            self._cache = {cycle: torch.randperm(self.n * self.repeat, generator=g)}
+        return self._cache[cycle]
+
+    def item(self, p: int) -> tuple[int, int]:
+        length = self.n * self.repeat
+        cycle, offset = divmod(p, length)
+        v = int(self._perm(cycle)[offset])
+        # Each repetition of an item within a cycle gets its own augmentation epoch.
+        return v % self.n, cycle * self.repeat + v // self.n
+
+    def batch(self, t: int, batch_size: int) -> list[tuple[int, int]]:
+        return [self.item(p) for p in range(t * batch_size, (t + 1) * batch_size)]
+
+
+class _EpochIndexed(Dataset):
+    """Lets a DataLoader fetch ``(index, epoch)`` keys from a dataset with ``set_epoch``."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, epoch = key
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch)
+        return self.ds[index]
+
+
+class _Batches(torch.utils.data.Sampler):
+    def __init__(self, order: IndexStream, start: int, stop: int, bs: int) -> None:
+        self.order, self.start, self.stop, self.bs = order, start, stop, bs
+        self.rank, self.world = dist.rank(), dist.world_size()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for t in range(self.start, self.stop):
+            # Every rank takes a strided share of the same global batch.
+            yield self.order.batch(t, self.bs)[self.rank :: self.world]
+
+
+def stream_loader(
+    stream: Stream, stream_id: int, seed: int, start: int, stop: int, num_workers: int
+) -> Iterator[dict[str, Any]]:
+    """Batches for iterations ``start..stop-1`` of one stream."""
+    order = IndexStream(len(stream.dataset), seed, stream_id, stream.repeat)  # type: ignore[arg-type]
+    sampler = _Batches(order, start, stop, stream.batch_size)
+    if num_workers == 0:
+        ds = _EpochIndexed(stream.dataset)
+        return (default_collate([ds[k] for k in keys]) for keys in sampler)
+    loader = DataLoader(
+        _EpochIndexed(stream.dataset),
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
+    return iter(loader)
+
+
+def iters_per_epoch(stream: Stream, cfg: TrainCfg) -> int:
+    if cfg.iters_per_epoch:
+        return cfg.iters_per_epoch
+    return max(1, math.ceil(len(stream.dataset) * stream.repeat / stream.batch_size))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(model: nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
+    """SGD with the backbone at ``lr`` and everything else (ASPP, decoder) at ``lr * 10``."""
+    groups = [
+        {"params": list(model.backbone_parameters()), "lr": cfg.lr},
+        {"params": list(model.head_parameters()), "lr": cfg.lr * cfg.head_lr_mult},
+    ]
+    return torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+def build_scheduler(opt: torch.optim.Optimizer, total: int, power: float):
+    """Poly decay per iteration: lr_t = lr_0 * (1 - t / total) ** power."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: max(0.0, 1.0 - t / total) ** power
+    )
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class StageState:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    iteration: int
+    total: int
+
+
+def _save(path: Path, st: StageState, meta: dict[str, Any]) -> None:
+    if not dist.is_main():
+        return
+    save_checkpoint(
+        path,
+        {
+            "model": st.model.state_dict(),
+            "optimizer": st.optimizer.state_dict(),
+            "scheduler": st.scheduler.state_dict(),
+            "scaler": st.scaler.state_dict() if st.scaler is not None else None,
+            "iteration": st.iteration,
+            "total_iters": st.total,
+            "rng": get_rng_state(),
+            "meta": meta,
+        },
+    )
+
+
+def _resume(path: Path, st: StageState) -> None:
+    ckpt = load_checkpoint(path)
+    if ckpt.get("total_iters") != st.total:
+        raise CheckpointError(
+            f"{path}: was written for {ckpt.get('total_iters')} iterations but this run has "
+            f"{st.total}; resume with the same config or use a new --out directory"
+        )
+    st.model.load_state_dict(ckpt["model"])
+    st.optimizer.load_state_dict(ckpt["optimizer"])
+    st.scheduler.load_state_dict(ckpt["scheduler"])
+    if st.scaler is not None and ckpt.get("scaler"):
+        st.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    st.iteration = int(ckpt["iteration"])
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    if not dist.is_dist():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and v.dim() == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def train_stage(
+    out_dir: Path,
+    model: nn.Module,
+    streams: dict[str, Stream],
+    step_fn: StepFn,
+    cfg: TrainCfg,
+    *,
+    seed: int,
+    device: torch.device,
+    epoch_stream: str,
+    meta: dict[str, Any] | None = None,
+    num_workers: int = 0,
+    snapshot_iters: Sequence[int] = (),
+    on_epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    desc: str = "train",
+) -> nn.Module:
+    """Train ``model`` for ``cfg.epochs`` epochs, resuming from ``out_dir/checkpoint.pt``.
+
+    ``streams`` maps a name ("labeled", "unlabeled", "pairs") to a :class:`Stream`; each
+    iteration draws one batch of every stream and passes them to ``step_fn``. One epoch is one
+    pass over ``streams[epoch_stream]``. Returns the trained model (not DDP-wrapped).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    per_epoch = iters_per_epoch(streams[epoch_stream], cfg)
+    total = per_epoch * cfg.epochs
+    opt = build_optimizer(model, cfg)
+    st = StageState(
+        model, opt, build_scheduler(opt, total, cfg.poly_power),
+        make_grad_scaler(device, cfg.amp), 0, total,
+    )
+    ckpt_path = out_dir / CKPT_NAME
+    if ckpt_path.exists():
+        _resume(ckpt_path, st)
+    if st.iteration >= total:
+        return model
+    _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch, meta or {},
+                    num_workers, set(snapshot_iters), on_epoch_end, desc)
+    return model
+
+
+def _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch, meta,
+                    num_workers, snapshots, on_epoch_end, desc) -> None:
+    ddp_model = _wrap_ddp(st.model, device)
+    ddp_model.train()
+    loaders = {
+        name: stream_loader(s, i, seed, st.iteration, st.total, num_workers)
+        for i, (name, s) in enumerate(sorted(streams.items()))
+    }
+    log = _Logger(out_dir, st.iteration, st.total, desc, cfg.progress, cfg.log_every)
+    ckpt_path = out_dir / CKPT_NAME
+    try:
+        for t in range(st.iteration, st.total):
+            batches = {n: _to_device(next(it), device, cfg.channels_last) for n, it in loaders.items()}
+            scalars = _one_step(ddp_model, st, step_fn, batches, t, cfg, device)
+            if not math.isfinite(scalars["loss"]):
+                raise TrainingError(
+                    f"{desc}: loss became {scalars['loss']} at iteration {t + 1}; the last good "
+                    f"checkpoint is kept at {ckpt_path}"
+                )
+            st.iteration = t + 1
+            log.step(st.iteration, scalars, st.optimizer.param_groups[0]["lr"])
+            if st.iteration in snapshots and dist.is_main():
+                save_checkpoint(out_dir / f"snapshot_{st.iteration:07d}.pt",
+                                {"model": st.model.state_dict(), "iteration": st.iteration})
+            if st.iteration % cfg.ckpt_every == 0 or st.iteration == st.total:
+                _save(ckpt_path, st, meta)
+            epoch_done = st.iteration % per_epoch == 0
+            if on_epoch_end is not None and epoch_done:
+                log.record(st.iteration, on_epoch_end(st.model, st.iteration // per_epoch))
+                ddp_model.train()
+    finally:
+        log.close()
+        dist.barrier()
+
+
+def _one_step(model, st: StageState, step_fn: StepFn, batches, t: int, cfg: TrainCfg,
+              device) -> dict[str, float]:
+    with autocast(device, cfg.amp):
+        loss, scalars = step_fn(model, batches, t)
+    st.optimizer.zero_grad(set_to_none=True)
+    if st.scaler is not None:
+        st.scaler.scale(loss).backward()
+        st.scaler.step(st.optimizer)
+        st.scaler.update()
+    else:
+        loss.backward()
+        st.optimizer.step()
+    st.scheduler.step()
+    return {"loss": float(loss.detach()), **scalars}
+
+
+class _Logger:
+    """tqdm progress, TensorBoard and JSONL, on the main process only."""
+
+    def __init__(
+        self, out_dir: Path, start: int, total: int, desc: str, progress: bool, every: int
+    ) -> None:
+        self.main, self.total, self.every = dist.is_main(), total, every
+        self.jsonl = out_dir / "train.jsonl"
+        self.bar = self.tb = None
+        if not self.main:
+            return
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        except ImportError:  # tensorboard is a core dependency; tolerate a broken install
+            self.tb = None
+
+    def step(self, it: int, scalars: dict[str, float], lr: float) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{scalars['loss']:.3f}")
+        if it % self.every == 0 or it == self.total:
+            self.record(it, {**scalars, "lr": lr})
+
+    def record(self, it: int, scalars: dict[str, float]) -> None:
+        if not self.main or not scalars:
+            return
+        append_jsonl(self.jsonl, {"iteration": it, **scalars})
+        if self.tb is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, it)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,54 @@
+"""Build backbones and DeepLabV3+ from the ``model`` section of the config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ciscr.config import ModelCfg
+from ciscr.errors import ConfigError
+from ciscr.models.backbones import load_pretrained, mobilenet_v2, resnet18, resnet50, resnet101
+from ciscr.models.deeplabv3plus import DeepLabV3Plus
+
+__all__ = ["BACKBONES", "build_backbone", "build_model", "default_aspp_dilations"]
+
+# name -> constructor(output_stride) of a backbone with torchvision state_dict keys.
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "mobilenet_v2": mobilenet_v2,
+}
+
+
+def default_aspp_dilations(output_stride: int) -> tuple[int, int, int]:
+    """The DeepLab atrous rates: (12, 24, 36) at output stride 8, (6, 12, 18) at 16."""
+    if output_stride not in (8, 16):
+        raise ConfigError(f"model.output_stride must be 8 or 16, got {output_stride}")
+    return (12, 24, 36) if output_stride == 8 else (6, 12, 18)
+
+
+def build_backbone(name: str, output_stride: int, pretrained: str = "") -> nn.Module:
+    """Construct backbone *name* and load *pretrained* (a local state_dict path) strictly.
+
+    Raises ConfigError for an unknown name or stride, WeightsError for a bad weight file.
+    """
+    if name not in BACKBONES:
+        raise ConfigError(
+            f"model.backbone: unknown backbone '{name}' (valid: {', '.join(BACKBONES)})"
+        )
+    if output_stride not in (8, 16):
+        raise ConfigError(f"model.output_stride must be 8 or 16, got {output_stride}")
+    backbone = BACKBONES[name](output_stride=output_stride)
+    load_pretrained(backbone, pretrained)
+    return backbone
+
+
+def build_model(cfg: ModelCfg, num_classes: int) -> DeepLabV3Plus:
+    """DeepLabV3+ for *num_classes* classes from ``cfg.model`` (weights loaded if given)."""
+    backbone = build_backbone(cfg.backbone, cfg.output_stride, cfg.pretrained)
+    dilations = cfg.aspp_dilations or default_aspp_dilations(cfg.output_stride)
+    return DeepLabV3Plus(
+        backbone, num_classes, tuple(dilations), dropout=cfg.dropout, channels=cfg.channels
+    )

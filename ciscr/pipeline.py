@@ -1,0 +1,504 @@
+"""Algorithm 2 of CISC-R as stage functions over a run directory (METHOD.md section 6).
+
+    stage1/      M0: CE (+ L_CISC) on labeled pairs                  -> checkpoint.pt, metrics.json
+    pseudo0/     TTA pseudo labels of every unlabeled image with M0 -> labels/*.png, quality.json
+    selection/   anchors, query lists, reliable / unreliable halves   -> queries.json, split.json
+    stage2/      fresh model on labeled + reliable, teacher M0        -> checkpoint.pt, metrics.json
+    pseudo1/     the unreliable half re-labelled with M1
+    stage3/      fresh model on labeled + all unlabeled, teacher M1   -> the result
+    results.json summary of every stage
+
+Each stage is skipped when its ``done.json`` exists and resumed from its checkpoint otherwise;
+every artefact is written atomically, so a killed run is finished by rerunning the command.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader
+
+from ciscr import dist
+from ciscr.config import Config, config_to_dict, save_config
+from ciscr.data.datasets import SegDataset, UnlabeledDataset
+from ciscr.data.formats import DatasetInfo, Sample, load_dataset
+from ciscr.data.io import read_mask
+from ciscr.data.pairs import PairDataset, class_presence
+from ciscr.engine.evaluate import ConfusionMatrix, evaluate
+from ciscr.engine.steps import Rectifier, pair_step, retrain_step, supervised_step
+from ciscr.engine.train import Stream, train_stage
+from ciscr.errors import ConfigError, DataError
+from ciscr.models import SegOutput, build_backbone, build_model
+from ciscr.pseudo import pseudo_label
+from ciscr.selection import (
+    Selection,
+    class_anchors,
+    compute_labeled_prototypes,
+    crop_level_scores,
+    distance_table,
+    image_distances,
+    load_bank,
+    per_image_miou,
+    query_lists_as,
+    query_lists_cs,
+    query_lists_rs,
+    read_selection,
+    save_bank,
+    split_by_score,
+    split_unlabeled_cisc,
+    split_unlabeled_random,
+    stability_scores,
+    write_selection,
+)
+from ciscr.utils.io import atomic_write_json, read_json
+from ciscr.utils.misc import autocast, seed_everything
+
+log = logging.getLogger("ciscr")
+
+
+@dataclass
+class RunContext:
+    """Everything the stages share; built once by :func:`setup_run`."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    info: DatasetInfo
+    labeled: list[Sample]
+    unlabeled: list[Sample]
+    val: list[Sample]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint carries so that eval/predict need no dataset or config file."""
+        return {
+            "config": config_to_dict(self.cfg),
+            "class_names": list(self.info.class_names),
+            "palette": [list(c) for c in self.info.palette],
+            "num_classes": self.info.num_classes,
+            "mean": list(self.cfg.data.mean),
+            "std": list(self.cfg.data.std),
+        }
+
+
+def setup_run(cfg: Config, run_dir: Path, device: torch.device) -> RunContext:
+    """Load the dataset and partition, save the resolved config; refuse a changed config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    if saved.exists() and dist.is_main():
+        _check_same_config(cfg, saved)
+    elif dist.is_main():
+        save_config(cfg, saved)
+    info, labeled, unlabeled, val = load_dataset(cfg.data, cfg.seed)
+    if not labeled:
+        raise DataError("the labeled split is empty: set data.labeled or data.split")
+    return RunContext(cfg, run_dir, device, info, labeled, unlabeled, val)
+
+
+def _check_same_config(cfg: Config, saved: Path) -> None:
+    import yaml
+
+    old = yaml.safe_load(saved.read_text())
+    new = config_to_dict(cfg)
+    # Settings that do not change results may differ between an interrupted run and its rerun.
+    for volatile in ("device",):
+        old.pop(volatile, None)
+        new.pop(volatile, None)
+    for section in ("train",):
+        for k in ("progress", "log_every"):
+            old.get(section, {}).pop(k, None)
+            new.get(section, {}).pop(k, None)
+    if old != new:
+        diff = _first_difference(old, new)
+        raise ConfigError(
+            f"{saved}: this run directory was made with a different config ({diff}); "
+            "use a new --out directory or the same settings"
+        )
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+    return f"{prefix.rstrip('.')}: {a!r} -> {b!r}"
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def is_done(stage_dir: Path) -> bool:
+    return (stage_dir / "done.json").exists()
+
+
+def mark_done(stage_dir: Path, summary: dict[str, Any]) -> None:
+    if dist.is_main():
+        atomic_write_json(stage_dir / "done.json", summary)
+    dist.barrier()
+
+
+def fresh_model(ctx: RunContext) -> nn.Module:
+    """Every stage starts from the same initialisation (same seed, same pretrained weights)."""
+    seed_everything(ctx.cfg.seed, ctx.cfg.deterministic)
+    return build_model(ctx.cfg.model, ctx.info.num_classes).to(ctx.device)
+
+
+def load_stage_model(ctx: RunContext, stage_dir: Path) -> nn.Module:
+    from ciscr.engine.checkpoint import load_checkpoint
+
+    model = build_model(ctx.cfg.model.model_copy(update={"pretrained": ""}), ctx.info.num_classes)
+    model.load_state_dict(load_checkpoint(stage_dir / "checkpoint.pt")["model"])
+    return model.to(ctx.device).eval()
+
+
+def labeled_dataset(ctx: RunContext, train: bool = True) -> SegDataset:
+    d, t = ctx.cfg.data, ctx.cfg.train
+    return SegDataset(
+        ctx.labeled, num_classes=ctx.info.num_classes, ignore_index=d.ignore_index,
+        mean=d.mean, std=d.std, train=train, crop_size=t.crop_size,
+        scale_range=t.scale_range, seed=ctx.cfg.seed,
+    )
+
+
+def unlabeled_dataset(ctx: RunContext, samples: list[Sample], pseudo_dir: Path) -> UnlabeledDataset:
+    d, t = ctx.cfg.data, ctx.cfg.train
+    return UnlabeledDataset(
+        samples, pseudo_dir, num_classes=ctx.info.num_classes, ignore_index=d.ignore_index,
+        mean=d.mean, std=d.std, crop_size=t.crop_size,
+        scale_range=t.scale_range, seed=ctx.cfg.seed + 1, strong=True,
+    )
+
+
+def labeled_repeat(ctx: RunContext) -> int:
+    return 2 if len(ctx.labeled) < ctx.cfg.train.repeat_small_labeled else 1
+
+
+def evaluate_model(ctx: RunContext, model: nn.Module) -> dict[str, Any]:
+    """mIoU on the validation split (whole / sliding / multi-scale per ``cfg.eval``)."""
+    d = ctx.cfg.data
+    val = ctx.val[: d.max_val_images] if d.max_val_images else ctx.val
+    ds = SegDataset(val, num_classes=ctx.info.num_classes, ignore_index=d.ignore_index,
+                    mean=d.mean, std=d.std, train=False, crop_size=ctx.cfg.train.crop_size,
+                    scale_range=(1.0, 1.0), seed=0)
+    idx = list(range(len(ds)))[dist.rank() :: dist.world_size()]  # no padding duplicates
+    loader = DataLoader(torch.utils.data.Subset(ds, idx), batch_size=1,
+                        num_workers=d.num_workers)
+    metrics = evaluate(model, loader, ctx.info.num_classes, ctx.cfg.eval, ctx.device,
+                       amp=ctx.cfg.train.amp, ignore_index=d.ignore_index,
+                       progress=ctx.cfg.train.progress, crop_size=ctx.cfg.train.crop_size)
+    metrics["class_names"] = list(ctx.info.class_names)
+    return metrics
+
+
+def score_labels(ctx: RunContext, label_dir: Path, samples: list[Sample]) -> dict[str, Any] | None:
+    """mIoU of a pseudo-label set against the ground truth of those images, if it exists.
+
+    Only for reporting (paper Table 5 / Fig. 10): never used for training or selection.
+    """
+    scored = [s for s in samples if s.mask is not None]
+    if not scored:
+        return None
+    k, ign = ctx.info.num_classes, ctx.cfg.data.ignore_index
+    cm = ConfusionMatrix(k, torch.device("cpu"))
+    for s in scored:
+        gt = torch.from_numpy(read_mask(s.mask, k, ign)).long()
+        pred = torch.from_numpy(read_mask(label_dir / f"{s.id}.png", k, ign)).long()
+        cm.update(pred, gt)
+    out = cm.compute()
+    out["num_images"] = len(scored)
+    return out
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage1(ctx: RunContext) -> dict[str, Any]:
+    """Train M0 on the labeled split: CE, plus L_CISC on class-sharing pairs (Eq. 11-12)."""
+    out = ctx.run_dir / "stage1"
+    if is_done(out):
+        return read_json(out / "done.json")
+    m, t, d = ctx.cfg.method, ctx.cfg.train, ctx.cfg.data
+    model = fresh_model(ctx)
+    ds = labeled_dataset(ctx)
+    rep = labeled_repeat(ctx)
+    if m.stage1_cisc_loss:
+        masks = [read_mask(s.mask, ctx.info.num_classes, d.ignore_index) for s in ctx.labeled]
+        present = class_presence(masks, ctx.info.num_classes)
+        pairs = PairDataset(ds, present, d.background_class, ctx.cfg.seed)
+        streams = {"pairs": Stream(pairs, max(1, t.batch_size // 2), rep)}
+        step = pair_step(True, m.cisc_weight, d.ignore_index)
+        epoch_stream = "pairs"
+    else:
+        streams = {"labeled": Stream(ds, t.batch_size, rep)}
+        step = supervised_step(d.ignore_index)
+        epoch_stream = "labeled"
+    snaps = _stpp_snapshot_iters(ctx, streams[epoch_stream]) if m.selection == "stpp" else ()
+    train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
+                epoch_stream=epoch_stream, meta={**ctx.meta, "stage": "stage1"},
+                num_workers=d.num_workers, snapshot_iters=snaps, desc="stage1",
+                on_epoch_end=_epoch_eval(ctx))
+    return _finish_stage(ctx, out, model)
+
+
+def _stpp_snapshot_iters(ctx: RunContext, stream: Stream) -> list[int]:
+    """ST++ keeps checkpoints at evenly spaced points of stage 1 (the last one is M0 itself)."""
+    from ciscr.engine.train import iters_per_epoch
+
+    total = iters_per_epoch(stream, ctx.cfg.train) * ctx.cfg.train.epochs
+    n = ctx.cfg.method.stpp_snapshots
+    return sorted({max(1, total * (i + 1) // (n + 1)) for i in range(n)} - {total})
+
+
+def _epoch_eval(ctx: RunContext):
+    every = ctx.cfg.train.eval_every_epochs
+    if not every:
+        return None
+
+    def hook(model: nn.Module, epoch: int) -> dict[str, float]:
+        if epoch % every:
+            return {}
+        return {"val_miou": evaluate_model(ctx, model)["miou"]}
+
+    return hook
+
+
+def _finish_stage(ctx: RunContext, out: Path, model: nn.Module) -> dict[str, Any]:
+    metrics = evaluate_model(ctx, model)
+    if dist.is_main():
+        atomic_write_json(out / "metrics.json", metrics)
+    summary = {"val_miou": metrics["miou"], "checkpoint": str(out / "checkpoint.pt")}
+    mark_done(out, summary)
+    log.info("%s: val mIoU %.2f", out.name, 100 * metrics["miou"])
+    return summary
+
+
+def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Sample]) -> Path:
+    """TTA pseudo labels of ``samples`` by the model of ``model_dir`` -> ``<name>/labels``."""
+    out = ctx.run_dir / name
+    labels = out / "labels"
+    if is_done(out):
+        return labels
+    m, d = ctx.cfg.method, ctx.cfg.data
+    model = load_stage_model(ctx, model_dir)
+    quality = pseudo_label(
+        model, samples, labels, num_classes=ctx.info.num_classes, mean=d.mean, std=d.std,
+        scales=m.tta_scales, flip=m.tta_flip, device=ctx.device, amp=ctx.cfg.train.amp,
+        palette=[tuple(c) for c in ctx.info.palette], progress=ctx.cfg.train.progress,
+        score=True, ignore_index=d.ignore_index,
+    )
+    if dist.is_main():
+        atomic_write_json(out / "quality.json", quality)
+    mark_done(out, {"num_images": len(samples), "pseudo_miou": quality.get("miou")})
+    return labels
+
+
+def _eval_kwargs(ctx: RunContext) -> dict[str, Any]:
+    d = ctx.cfg.data
+    return {"num_classes": ctx.info.num_classes, "mean": d.mean, "std": d.std,
+            "device": ctx.device, "amp": ctx.cfg.train.amp, "ignore_index": d.ignore_index}
+
+
+def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
+    """Algorithm 1 with M0: per-class query lists and the reliable / unreliable halves."""
+    out = ctx.run_dir / "selection"
+    lab_ids, unl_ids = [s.id for s in ctx.labeled], [s.id for s in ctx.unlabeled]
+    if is_done(out):
+        return read_selection(out, labeled_ids=lab_ids, unlabeled_ids=unl_ids)
+    m0 = load_stage_model(ctx, ctx.run_dir / "stage1")
+    kw = _eval_kwargs(ctx)
+    protos, present = compute_labeled_prototypes(m0, ctx.labeled, **kw)
+    anchors = class_anchors(protos, present)
+    d_lab = image_distances(m0, ctx.labeled, "gt", anchors, **kw)
+    queries = _query_lists(ctx, m0, lab_ids, present, d_lab)
+    for k in range(ctx.info.num_classes):
+        if not queries.get(k) and k != ctx.cfg.data.background_class:
+            log.warning("class '%s' has no labeled image: it is never rectified (plain CE)",
+                        ctx.info.class_names[k])
+    reliable, unreliable, scores = _split_unlabeled(ctx, m0, pseudo0, anchors)
+    if dist.is_main():
+        write_selection(out, queries, reliable, unreliable, scores,
+                        {"query_selection": ctx.cfg.method.query_selection,
+                         "selection": ctx.cfg.method.selection},
+                        class_names=ctx.info.class_names,
+                        query_scores=distance_table(lab_ids, d_lab))
+        _write_half_quality(ctx, out, pseudo0, reliable, unreliable)
+    mark_done(out, {"reliable": len(reliable), "unreliable": len(unreliable)})
+    return read_selection(out, labeled_ids=lab_ids, unlabeled_ids=unl_ids)
+
+
+def _query_lists(ctx: RunContext, m0: nn.Module, ids: list[str], present, d_lab):
+    how = ctx.cfg.method.query_selection
+    if how == "cs":
+        return query_lists_cs(ids, present, d_lab)
+    if how == "rs":
+        return query_lists_rs(ids, present, ctx.cfg.seed)
+    miou = per_image_miou(m0, ctx.labeled, **_eval_kwargs(ctx))
+    return query_lists_as(ids, present, miou)
+
+
+def _split_unlabeled(ctx: RunContext, m0: nn.Module, pseudo0: Path, anchors: torch.Tensor):
+    m, ids = ctx.cfg.method, [s.id for s in ctx.unlabeled]
+    if m.retrain != "two":
+        return ids, [], {}
+    if m.selection == "random":
+        return split_unlabeled_random(ids, ctx.cfg.seed)
+    kw = _eval_kwargs(ctx)
+    if m.selection == "stpp":
+        snaps = [load_stage_model(ctx, p) for p in sorted((ctx.run_dir / "stage1").glob("snapshot_*.pt"))]
+        kw.pop("ignore_index")
+        scores = stability_scores(snaps, m0, ctx.unlabeled, **kw)
+        return (*split_by_score(ids, scores, ascending=False), scores)
+    if m.crop_selection:
+        scores = crop_level_scores(m0, ctx.unlabeled, pseudo0, anchors, m.crop_selection, **kw)
+        return (*split_by_score(ids, scores, ascending=True), scores)
+    d_unl, present = image_distances(m0, ctx.unlabeled, pseudo0, anchors, return_present=True, **kw)
+    return split_unlabeled_cisc(ids, d_unl, present)
+
+
+def _write_half_quality(ctx, out: Path, pseudo0: Path, reliable, unreliable) -> None:
+    """Pseudo-label mIoU of the reliable vs unreliable halves (paper Fig. 10), if gt exists."""
+    by_id = {s.id: s for s in ctx.unlabeled}
+    halves = {"reliable": reliable, "unreliable": unreliable}
+    quality = {k: score_labels(ctx, pseudo0, [by_id[i] for i in v]) for k, v in halves.items()}
+    atomic_write_json(out / "half_quality.json", quality)
+
+
+class _ConcatWithEpoch(ConcatDataset):
+    def set_epoch(self, epoch: int) -> None:
+        for ds in self.datasets:
+            ds.set_epoch(epoch)
+
+
+class _BackboneTeacher(nn.Module):
+    """'CISC maps from an ImageNet backbone' (paper Table 2): frozen pretrained backbone."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> SegOutput:
+        return SegOutput(None, self.backbone.forward_features(x)[1])
+
+
+def build_teacher(ctx: RunContext, stage_dir: Path) -> nn.Module:
+    """The frozen teacher of a re-training stage (never wrapped in DDP)."""
+    m = ctx.cfg.method
+    if m.cisc_features == "imagenet":
+        if not ctx.cfg.model.pretrained:
+            raise ConfigError("method.cisc_features=imagenet needs model.pretrained (a weight file)")
+        b = build_backbone(ctx.cfg.model.backbone, ctx.cfg.model.output_stride,
+                           ctx.cfg.model.pretrained)
+        teacher = _BackboneTeacher(b).to(ctx.device).eval()
+    else:
+        teacher = load_stage_model(ctx, stage_dir)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def build_rectifier(ctx: RunContext, teacher_dir: Path, sel: Selection, lab_ds, out: Path):
+    """The CISC-map machinery of Eq. 7 for one stage, or None for plain self-training."""
+    m = ctx.cfg.method
+    if m.rectify == "none":
+        return None
+    if m.rectify_classes == "all" and m.rectify == "query":
+        raise ConfigError("method.rectify_classes=all needs method.rectify=bank or anchor")
+    teacher = build_teacher(ctx, teacher_dir)
+    index = {s.id: i for i, s in enumerate(ctx.labeled)}
+    queries = {k: [index[i] for i in ids] for k, ids in sel.queries.items()}
+    bank = present = anchors = None
+    if m.rectify in ("bank", "anchor"):
+        bank, present = _stage_bank(ctx, teacher, out)
+        anchors = class_anchors(bank, present) if m.rectify == "anchor" else None
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        with autocast(ctx.device, ctx.cfg.train.amp):
+            return teacher(x).features
+
+    return Rectifier(
+        features=features, mode=m.rectify, classes=m.rectify_classes,
+        num_classes=ctx.info.num_classes, query_lists=queries, seed=ctx.cfg.seed,
+        min_ratio=m.min_class_ratio, background=ctx.cfg.data.background_class,
+        ignore_index=ctx.cfg.data.ignore_index, labeled=lab_ds,
+        bank=bank.to(ctx.device) if bank is not None else None,
+        bank_present=present, anchors=anchors,
+    )
+
+
+def _stage_bank(ctx: RunContext, teacher: nn.Module, out: Path):
+    """Prototypes of every labeled image from this stage's frozen teacher, computed once."""
+    path = out / "bank.safetensors"
+    if path.exists():
+        protos, present, ids = load_bank(path)
+        if ids == [s.id for s in ctx.labeled]:
+            return protos, present
+    kw = _eval_kwargs(ctx)
+    protos, present = compute_labeled_prototypes(teacher, ctx.labeled, views=ctx.cfg.method.bank_views, **kw)
+    if dist.is_main():
+        save_bank(path, protos, present, [s.id for s in ctx.labeled])
+    return protos, present
+
+
+def retrain_stage(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Path]],
+                  teacher_dir: Path, sel: Selection | None) -> dict[str, Any]:
+    """A fresh model on labeled + pseudo-labeled images, rectified by the frozen teacher."""
+    out = ctx.run_dir / name
+    if is_done(out):
+        return read_json(out / "done.json")
+    t, d = ctx.cfg.train, ctx.cfg.data
+    model = fresh_model(ctx)
+    lab = labeled_dataset(ctx)
+    unl = _ConcatWithEpoch([unlabeled_dataset(ctx, s, p) for s, p in parts if s])
+    rectifier = build_rectifier(ctx, teacher_dir, sel, labeled_dataset(ctx), out) if sel else None
+    streams = {"labeled": Stream(lab, t.batch_size, labeled_repeat(ctx)),
+               "unlabeled": Stream(unl, t.unlabeled_batch_size or t.batch_size)}
+    train_stage(out, model, streams, retrain_step(rectifier, d.ignore_index), t,
+                seed=ctx.cfg.seed, device=ctx.device, epoch_stream="unlabeled",
+                meta={**ctx.meta, "stage": name}, num_workers=d.num_workers, desc=name,
+                on_epoch_end=_epoch_eval(ctx))
+    return _finish_stage(ctx, out, model)
+
+
+# --------------------------------------------------------------------------- Algorithm 2
+
+
+def run_pipeline(ctx: RunContext) -> dict[str, Any]:
+    """Run (or finish) every stage the configured method needs; returns the summary."""
+    m, rd = ctx.cfg.method, ctx.run_dir
+    stages: dict[str, dict[str, Any]] = {"stage1": stage1(ctx)}
+    final = "stage1"
+    if m.retrain != "none":
+        if not ctx.unlabeled:
+            raise DataError("the unlabeled split is empty: nothing to self-train on")
+        pseudo0 = pseudo_stage(ctx, "pseudo0", rd / "stage1", ctx.unlabeled)
+        stages["pseudo0"] = read_json(rd / "pseudo0" / "done.json")
+        needs_sel = m.rectify != "none" or m.retrain == "two"
+        sel = selection_stage(ctx, pseudo0) if needs_sel else None
+        rect = sel if m.rectify != "none" else None
+        if m.retrain == "one":
+            stages["stage2"] = retrain_stage(ctx, "stage2", [(ctx.unlabeled, pseudo0)], rd / "stage1", rect)
+            final = "stage2"
+        else:
+            by_id = {s.id: s for s in ctx.unlabeled}
+            rel = [by_id[i] for i in sel.reliable]
+            unrel = [by_id[i] for i in sel.unreliable]
+            stages["stage2"] = retrain_stage(ctx, "stage2", [(rel, pseudo0)], rd / "stage1", rect)
+            pseudo1 = pseudo_stage(ctx, "pseudo1", rd / "stage2", unrel) if unrel else pseudo0
+            stages["stage3"] = retrain_stage(
+                ctx, "stage3", [(rel, pseudo0), (unrel, pseudo1)], rd / "stage2", rect)
+            final = "stage3"
+    if m.score_final_pseudo and any(s.mask is not None for s in ctx.unlabeled):
+        pseudo_stage(ctx, "pseudo_final", rd / final, ctx.unlabeled)
+        stages["pseudo_final"] = read_json(rd / "pseudo_final" / "done.json")
+    results = {
+        "method": m.name, "final_stage": final, "stages": stages, "run_dir": str(rd),
+        "final_metrics": read_json(rd / final / "metrics.json"),
+    }
+    if dist.is_main():
+        atomic_write_json(rd / "results.json", results)
+    return results

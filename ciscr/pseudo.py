@@ -1,0 +1,247 @@
+"""Test-time-augmented pseudo-labelling of unlabeled images (METHOD.md section 6, steps 2 and 5).
+
+Every unlabeled image is predicted on the full image with multi-scale x flip TTA (softmax
+averaged, argmax) and written as ``<out_dir>/<id>.png`` (palette PNG). The set appears
+atomically (:func:`ciscr.utils.io.atomic_dir`): a run killed half-way leaves nothing at
+``out_dir`` and a restart redoes the whole set. Per-image resumption is deliberately not
+offered: it would need a per-file validity check and labelling is a small part of a stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ciscr import dist
+from ciscr.data.formats import Sample
+from ciscr.data.io import default_palette, read_image, read_mask, save_mask_png
+from ciscr.data.transforms import normalize, to_tensor
+from ciscr.engine.evaluate import ConfusionMatrix, predict_logits
+from ciscr.errors import DataError
+from ciscr.utils.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def pseudo_path(label_dir: str | Path, sample_id: str) -> Path:
+    """Where the pseudo label of ``sample_id`` lives inside a pseudo-label folder."""
+    return Path(label_dir) / f"{sample_id}.png"
+
+
+def load_eval_image(
+    sample: Sample, mean: Sequence[float], std: Sequence[float], device: torch.device | str
+) -> torch.Tensor:
+    """Full image with the evaluation transform (no resize): float (1, 3, H, W) on ``device``."""
+    x = normalize(to_tensor(read_image(sample.image)), mean, std)
+    return x.unsqueeze(0).to(device)
+
+
+def read_labels(
+    sample: Sample,
+    label_source: str | Path,
+    size: tuple[int, int],
+    num_classes: int,
+    ignore_index: int = 255,
+) -> np.ndarray:
+    """uint8 (H, W) labels of ``sample``: its ground truth (``label_source="gt"``) or its pseudo
+    label in the folder ``label_source`` (pass a :class:`~pathlib.Path` for folders)."""
+    if isinstance(label_source, str) and label_source == "gt":
+        if sample.mask is None:
+            raise DataError(f"{sample.image}: image '{sample.id}' has no ground-truth mask")
+        path = Path(sample.mask)
+    else:
+        path = pseudo_path(label_source, sample.id)
+    return read_mask(path, num_classes, ignore_index, size)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode (BN statistics, no dropout) and restore its mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def _predict(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    num_classes: int,
+    scales: Sequence[float],
+    flip: bool,
+    amp: str,
+) -> torch.Tensor:
+    """int64 (B, H, W) argmax of the TTA-averaged softmax at input size."""
+    whole = tuple(scales) == (1.0,) and not flip
+    probs = predict_logits(
+        model,
+        x,
+        "whole" if whole else "multiscale",
+        num_classes=num_classes,
+        scales=tuple(scales),
+        flip=flip,
+        amp=amp,
+    )
+    return probs.argmax(dim=1)
+
+
+def predict_sample(
+    model: nn.Module,
+    sample: Sample,
+    *,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str = "cpu",
+    amp: str = "none",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> np.ndarray:
+    """uint8 (H, W) prediction of one full image (TTA when ``scales``/``flip`` ask for it).
+
+    The caller puts the model in eval mode (see :func:`eval_mode`).
+    """
+    x = load_eval_image(sample, mean, std, device)
+    pred = _predict(model, x, num_classes=num_classes, scales=scales, flip=flip, amp=amp)
+    return pred[0].to(torch.uint8).cpu().numpy()
+
+
+def predict_dataset(
+    model: nn.Module, samples: Sequence[Sample], **kw: Any
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(id, uint8 (H, W) prediction)`` for each sample, in order, one at a time.
+
+    A generator so memory stays bounded on large sets; ``kw`` as :func:`predict_sample`. No
+    sharding: the caller passes its part. The model is in eval mode while the generator runs.
+    """
+    with eval_mode(model):
+        for s in samples:
+            yield s.id, predict_sample(model, s, **kw)
+
+
+def _check_unique(samples: Sequence[Sample]) -> None:
+    seen: set[str] = set()
+    for s in samples:
+        if s.id in seen:
+            raise DataError(f"{s.image}: image id '{s.id}' appears twice in the unlabeled list")
+        seen.add(s.id)
+
+
+def _label_part(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    work: Path,
+    cm: ConfusionMatrix | None,
+    *,
+    palette: np.ndarray | Sequence[Sequence[int]],
+    progress: bool,
+    ignore_index: int,
+    **pred_kw: Any,
+) -> int:
+    """Label this rank's samples into ``work``; returns how many were scored against gt."""
+    scored = 0
+    every = max(1, len(samples) // 20)
+    for i, (sid, pred) in enumerate(predict_dataset(model, samples, **pred_kw)):
+        s = samples[i]
+        path = pseudo_path(work, sid)
+        path.parent.mkdir(parents=True, exist_ok=True)  # ids may contain '/' (Cityscapes)
+        save_mask_png(path, pred, palette)  # no per-file temp: the whole folder is atomic
+        if cm is not None and s.mask is not None:
+            # Ground truth of unlabeled images is used ONLY to score the pseudo labels (Table 5);
+            # it never reaches training.
+            gt = read_mask(Path(s.mask), pred_kw["num_classes"], ignore_index, pred.shape)
+            device = pred_kw["device"]
+            cm.update(
+                torch.from_numpy(pred.astype(np.int64)).unsqueeze(0).to(device),
+                torch.from_numpy(gt.astype(np.int64)).unsqueeze(0).to(device),
+            )
+            scored += 1
+        if progress and dist.is_main() and ((i + 1) % every == 0 or i + 1 == len(samples)):
+            log.info("pseudo-labelled %d/%d images (this rank)", i + 1, len(samples))
+    return scored
+
+
+def pseudo_label(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    out_dir: str | Path,
+    *,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    scales: Sequence[float] = TTA_SCALES,
+    flip: bool = True,
+    device: torch.device | str = "cpu",
+    amp: str = "none",
+    palette: np.ndarray | Sequence[Sequence[int]] | None = None,
+    progress: bool = True,
+    score: bool = True,
+    ignore_index: int = 255,
+) -> dict[str, Any]:
+    """Write the TTA pseudo label of every sample to ``out_dir/<id>.png``, atomically as a set.
+
+    Under torchrun every rank labels ``dist.shard(samples)`` into rank 0's temporary folder
+    (which must be on a shared filesystem); rank 0 renames it into place after a barrier. The
+    model is used in eval mode and left in the mode it came in.
+
+    Returns ``{"num_images", "num_scored", **ConfusionMatrix.compute()}`` where the metrics score
+    the pseudo labels against the ground truth of the samples that have one (``score=True``);
+    with nothing scored, ``miou`` is None.
+    """
+    samples = list(samples)
+    _check_unique(samples)
+    palette = default_palette(num_classes) if palette is None else palette
+    cm = ConfusionMatrix(num_classes, device, ignore_index) if score else None
+    pred_kw = dict(
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        device=device,
+        amp=amp,
+        scales=scales,
+        flip=flip,
+    )
+    ctx = atomic_dir(out_dir) if dist.is_main() else contextlib.nullcontext(None)
+    with ctx as work:
+        # Everyone writes into rank 0's temp folder; gathering its name also acts as a barrier
+        # guaranteeing the folder exists before anyone writes.
+        work = Path(dist.all_gather_object(str(work) if work is not None else None)[0])
+        mine = dist.shard(samples)
+        scored = _label_part(
+            model,
+            mine,
+            work,
+            cm,
+            palette=palette,
+            progress=progress,
+            ignore_index=ignore_index,
+            **pred_kw,
+        )
+        num_scored = sum(dist.all_gather_object(scored))  # also waits for every rank's files
+        if dist.is_main():
+            missing = [s.id for s in samples if not pseudo_path(work, s.id).is_file()]
+            if missing:
+                raise RuntimeError(
+                    f"pseudo labels missing for {len(missing)} images: {missing[:3]}"
+                )
+    dist.barrier()  # nobody reads out_dir before rank 0 has renamed it
+    result: dict[str, Any] = {"num_images": len(samples), "num_scored": num_scored}
+    if cm is not None:
+        cm.reduce_from_all_processes()
+        if num_scored:
+            result.update(cm.compute())
+    result.setdefault("miou", None)
+    return result

@@ -1,0 +1,176 @@
+"""What the CLI commands do, as plain functions (usable from Python too)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ciscr import dist
+from ciscr.config import Config, from_dict
+from ciscr.errors import CheckpointError, ConfigError
+from ciscr.utils.io import atomic_write_json
+
+log = logging.getLogger("ciscr")
+
+
+def _check_batch(cfg: Config, world: int) -> None:
+    # BatchNorm in the ASPP pooling branch sees a 1x1 map: it needs >= 2 images per process.
+    per_rank = cfg.train.batch_size // world
+    if per_rank < 2:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} gives {per_rank} image(s) per process "
+            f"with {world} process(es); BatchNorm needs at least 2"
+        )
+
+
+def check_writable(out: Path) -> None:
+    """Fail early (before any training) if the run directory cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--out {out}: output directory is not writable ({err.strerror})") from None
+
+
+def run_training(cfg: Config, out: Path) -> dict[str, Any]:
+    """``ciscr train`` / ``ciscr run``: every stage the method needs, resumable."""
+    from ciscr.pipeline import run_pipeline, setup_run
+
+    info = dist.init_distributed(cfg.device)
+    try:
+        _check_batch(cfg, info.world_size)
+        if dist.is_main():
+            check_writable(out)
+        dist.barrier()
+        _set_threads()
+        ctx = setup_run(cfg, out, info.device)
+        results = run_pipeline(ctx)
+        if dist.is_main():
+            print(format_results(results, list(ctx.info.class_names)))
+        return results
+    finally:
+        dist.cleanup()
+
+
+def _set_threads() -> None:
+    # Under torchrun on a CPU box every process would otherwise use all cores.
+    if dist.world_size() > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size()))
+
+
+def format_results(results: dict[str, Any], class_names: list[str]) -> str:
+    """The end-of-run summary: per-stage val mIoU and pseudo-label quality."""
+    from ciscr.engine.evaluate import format_miou_table
+
+    lines = [f"method: {results['method']}    result: {results['final_stage']} (last checkpoint)"]
+    for name, s in results["stages"].items():
+        extra = ""
+        if s.get("pseudo_miou") is not None:
+            extra = f"   pseudo-label mIoU {100 * s['pseudo_miou']:.2f}"
+        if s.get("val_miou") is not None:
+            lines.append(f"  {name:<8} val mIoU {100 * s['val_miou']:6.2f}{extra}")
+        elif extra:
+            lines.append(f"  {name:<8}{extra}")
+    lines.append("")
+    lines.append(format_miou_table(results["final_metrics"], class_names))
+    lines.append(f"run directory: {results['run_dir']}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(ckpt_path: Path, overrides: list[str], out: Path | None) -> dict:
+    """``ciscr eval``: rebuild model and data from the checkpoint's own config, then evaluate."""
+    from ciscr.config import apply_overrides
+    from ciscr.data.formats import load_dataset
+    from ciscr.engine.checkpoint import load_checkpoint
+    from ciscr.engine.evaluate import format_miou_table
+    from ciscr.models import build_model
+    from ciscr.pipeline import RunContext, evaluate_model
+
+    ckpt = load_checkpoint(ckpt_path)
+    meta = ckpt.get("meta") or {}
+    if "config" not in meta:
+        raise CheckpointError(f"{ckpt_path}: has no embedded config (not written by ciscr train/run)")
+    cfg = from_dict(apply_overrides(meta["config"], overrides), f"{ckpt_path} config")
+    info = dist.init_distributed(cfg.device)
+    try:
+        model_cfg = cfg.model.model_copy(update={"pretrained": ""})
+        model = build_model(model_cfg, meta["num_classes"])
+        model.load_state_dict(ckpt["model"])
+        model.to(info.device).eval()
+        dinfo, labeled, unlabeled, val = load_dataset(cfg.data, cfg.seed)
+        ctx = RunContext(cfg, ckpt_path.parent, info.device, dinfo, labeled, unlabeled, val)
+        metrics = evaluate_model(ctx, model)
+        metrics.update(checkpoint=str(ckpt_path), iteration=ckpt.get("iteration"),
+                       eval_mode=cfg.eval.mode)
+        if dist.is_main():
+            dest = out or ckpt_path.with_name(f"{ckpt_path.stem}_eval_{cfg.eval.mode}.json")
+            atomic_write_json(dest, metrics)
+            print(format_miou_table(metrics, list(dinfo.class_names)))
+            print(f"written: {dest}")
+        return metrics
+    finally:
+        dist.cleanup()
+
+
+def print_info() -> None:
+    """``ciscr info``: what this machine offers ciscr."""
+    import ciscr
+
+    rows = [
+        ("ciscr", ciscr.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("platform", platform.platform()),
+        ("cpu threads", f"{torch.get_num_threads()} (of {os.cpu_count()} cores)"),
+        ("cuda", _cuda_line()),
+        ("bf16 autocast (cpu)", _bf16_cpu()),
+        ("distributed", _dist_line()),
+    ]
+    for mod in ("kornia", "numpy", "PIL", "pydantic", "safetensors", "tensorboard"):
+        rows.append((mod, _version(mod)))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def _version(mod: str) -> str:
+    try:
+        m = __import__(mod)
+        return getattr(m, "__version__", "installed")
+    except Exception as err:  # noqa: BLE001 - report, never crash `info`
+        return f"unavailable ({type(err).__name__})"
+
+
+def _cuda_line() -> str:
+    if not torch.cuda.is_available():
+        return f"not available (torch built with CUDA {torch.version.cuda or 'none'})"
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    bf16 = "bf16 yes" if torch.cuda.is_bf16_supported() else "bf16 no"
+    return f"{len(names)} device(s): {', '.join(names)}; {bf16}"
+
+
+def _bf16_cpu() -> str:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+        return "yes"
+    except Exception as err:  # noqa: BLE001
+        return f"no ({err})"
+
+
+def _dist_line() -> str:
+    import torch.distributed as tdist
+
+    if not tdist.is_available():
+        return "torch.distributed not available"
+    backends = ["gloo" if tdist.is_gloo_available() else None,
+                "nccl" if tdist.is_nccl_available() else None]
+    got = ", ".join(b for b in backends if b) or "none"
+    return f"available (backends: {got}); launch with torchrun --nproc_per_node=N"

@@ -1,0 +1,120 @@
+"""Small runtime helpers: seeding, mixed precision, timing, parameter counts."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ciscr.dist import resolve_device
+from ciscr.errors import ConfigError
+
+__all__ = [
+    "Timer",
+    "autocast",
+    "autocast_context",
+    "count_parameters",
+    "make_grad_scaler",
+    "resolve_device",
+    "seed_everything",
+]
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def seed_everything(
+    seed: int, deterministic: bool = True, device: torch.device | str | None = None
+) -> None:
+    """Seed python ``random``, numpy and torch (all devices); optionally ask for determinism.
+
+    On CPU (or when ``device`` is None) ``deterministic`` turns on
+    ``torch.use_deterministic_algorithms(True, warn_only=True)``: warn-only because a few ops
+    have no deterministic kernel and a warning is better than a crash. On CUDA it only pins
+    cuDNN (deterministic, no benchmark): full deterministic mode needs CUBLAS_WORKSPACE_CONFIG
+    and makes scatter/interpolate backward much slower.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    dev = _as_device(device) if device is not None else None
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    if dev is None or dev.type == "cpu":
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def _check_amp(device: torch.device, amp: str) -> None:
+    if amp not in AMP_MODES:
+        raise ConfigError(f"train.amp={amp}: must be one of {', '.join(AMP_MODES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device | str, amp: str) -> Iterator[None]:
+    """``torch.autocast`` for ``amp`` in {'none', 'bf16', 'fp16'} on ``device``.
+
+    'none' is a no-op; fp16 is refused off CUDA (CPU fp16 kernels are slow or missing and there
+    is no loss scaling there) with a ConfigError naming ``train.amp``.
+    """
+    dev = _as_device(device)
+    _check_amp(dev, amp)
+    if amp == "none":
+        yield
+        return
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    with torch.autocast(device_type=dev.type, dtype=dtype):
+        yield
+
+
+# DESIGN.md's name for the same thing.
+autocast_context = autocast
+
+
+def make_grad_scaler(device: torch.device | str, amp: str) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 on CUDA (the only case that needs loss scaling), else None.
+
+    bf16 has fp32's exponent range, so its gradients do not underflow and need no scaler.
+    """
+    dev = _as_device(device)
+    _check_amp(dev, amp)
+    if amp == "fp16" and dev.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None
+
+
+class Timer:
+    """Wall-clock stopwatch: ``with Timer() as t: ...; t.elapsed`` (seconds).
+
+    ``elapsed`` also reads the running time while still inside the block.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.stop: float | None = None
+
+    def __enter__(self) -> Timer:
+        self.start, self.stop = time.perf_counter(), None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        end = self.stop if self.stop is not None else time.perf_counter()
+        return end - self.start
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters (only those with ``requires_grad`` if ``trainable_only``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
