@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset
 
 from ciscr import dist
 from ciscr.config import Config, config_to_dict, save_config
-from ciscr.data.datasets import SegDataset, UnlabeledDataset
+from ciscr.data.check import validate_samples
+from ciscr.data.datasets import SegDataset, UnlabeledDataset, WorkerSafeLoader
 from ciscr.data.formats import DatasetInfo, Sample, load_dataset
 from ciscr.data.io import read_mask
 from ciscr.data.pairs import PairDataset, class_presence
@@ -56,7 +57,7 @@ from ciscr.selection import (
     write_selection,
 )
 from ciscr.utils.io import atomic_write_json, read_json
-from ciscr.utils.misc import autocast, seed_everything
+from ciscr.utils.misc import autocast, make_grad_scaler, seed_everything
 
 log = logging.getLogger("ciscr")
 
@@ -87,17 +88,60 @@ class RunContext:
 
 
 def setup_run(cfg: Config, run_dir: Path, device: torch.device) -> RunContext:
-    """Load the dataset and partition, save the resolved config; refuse a changed config."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Load the dataset and partition, save the resolved config; refuse a changed config.
+
+    Every check a user can fail (config, splits, weight file, every image and mask) runs here,
+    before anything is trained or written, on every rank (so all ranks raise the same error).
+    """
     saved = run_dir / "config.yaml"
-    if saved.exists() and dist.is_main():
+    if saved.exists():
         _check_same_config(cfg, saved)
-    elif dist.is_main():
-        save_config(cfg, saved)
+    make_grad_scaler(device, cfg.train.amp)  # ConfigError now for fp16 off CUDA
     info, labeled, unlabeled, val = load_dataset(cfg.data, cfg.seed)
     if not labeled:
         raise DataError("the labeled split is empty: set data.labeled or data.split")
+    if cfg.method.retrain != "none" and not unlabeled:
+        raise DataError(
+            f"the unlabeled split is empty but method.name={cfg.method.name} self-trains on "
+            "unlabeled images: label fewer images (data.labeled) or use method.name=suponly"
+        )
+    if cfg.model.pretrained:
+        build_backbone(cfg.model.backbone, cfg.model.output_stride, cfg.model.pretrained)
+    groups = {"labeled": labeled, "unlabeled": unlabeled, "val": val}
+    present = validate_samples(groups, info.num_classes, cfg.data.ignore_index,
+                               run_dir=run_dir, progress=cfg.train.progress)
+    _warn_unlabeled_classes(info, present)
+    if dist.is_main():
+        _remove_stale_temporaries(run_dir)
+        if not saved.exists():
+            save_config(cfg, saved)
+    dist.barrier()
     return RunContext(cfg, run_dir, device, info, labeled, unlabeled, val)
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete what a killed run left half-written (``.<name>.<random>.tmp`` files of
+    ciscr.utils.io, ``.<dir>.tmp`` / ``.<dir>.old`` folders): never read, and as big as a
+    checkpoint. Safe because nothing else writes into this run directory right now."""
+    import shutil
+
+    for p in sorted(run_dir.rglob(".*"), reverse=True):
+        if not p.name.endswith((".tmp", ".old")):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _warn_unlabeled_classes(info: DatasetInfo, present: list[int]) -> None:
+    """A class no labeled mask contains cannot be queried: its pixels get plain CE (METHOD 3)."""
+    missing = [k for k in range(info.num_classes)
+               if k not in present and k != info.background_class]
+    if missing and dist.is_main():
+        names = ", ".join(f"'{info.class_names[k]}'" for k in missing)
+        log.warning("warning: class(es) %s occur in no labeled mask: they are never rectified "
+                    "(plain CE on their pseudo labels) and cannot be learned from labels", names)
 
 
 def _check_same_config(cfg: Config, saved: Path) -> None:
@@ -186,8 +230,8 @@ def evaluate_model(ctx: RunContext, model: nn.Module) -> dict[str, Any]:
                     mean=d.mean, std=d.std, train=False, crop_size=ctx.cfg.train.crop_size,
                     scale_range=(1.0, 1.0), seed=0)
     idx = list(range(len(ds)))[dist.rank() :: dist.world_size()]  # no padding duplicates
-    loader = DataLoader(torch.utils.data.Subset(ds, idx), batch_size=1,
-                        num_workers=d.num_workers)
+    loader = WorkerSafeLoader(torch.utils.data.Subset(ds, idx), batch_size=1,
+                              num_workers=d.num_workers)
     metrics = evaluate(model, loader, ctx.info.num_classes, ctx.cfg.eval, ctx.device,
                        amp=ctx.cfg.train.amp, ignore_index=d.ignore_index,
                        progress=ctx.cfg.train.progress, crop_size=ctx.cfg.train.crop_size)
@@ -206,8 +250,8 @@ def score_labels(ctx: RunContext, label_dir: Path, samples: list[Sample]) -> dic
     k, ign = ctx.info.num_classes, ctx.cfg.data.ignore_index
     cm = ConfusionMatrix(k, torch.device("cpu"))
     for s in scored:
-        gt = torch.from_numpy(read_mask(s.mask, k, ign)).long()
-        pred = torch.from_numpy(read_mask(label_dir / f"{s.id}.png", k, ign)).long()
+        gt = torch.tensor(read_mask(s.mask, k, ign)).long()  # copies: read masks are read-only
+        pred = torch.tensor(read_mask(label_dir / f"{s.id}.png", k, ign)).long()
         cm.update(pred, gt)
     out = cm.compute()
     out["num_images"] = len(scored)
@@ -408,6 +452,8 @@ def build_rectifier(ctx: RunContext, teacher_dir: Path, sel: Selection, lab_ds, 
         return None
     if m.rectify_classes == "all" and m.rectify == "query":
         raise ConfigError("method.rectify_classes=all needs method.rectify=bank or anchor")
+    if m.num_prototypes > 1 and (m.rectify != "query" or m.rectify_classes != "one"):
+        raise ConfigError("method.num_prototypes>1 needs method.rectify=query, rectify_classes=one")
     teacher = build_teacher(ctx, teacher_dir)
     index = {s.id: i for i, s in enumerate(ctx.labeled)}
     queries = {k: [index[i] for i in ids] for k, ids in sel.queries.items()}
@@ -426,7 +472,7 @@ def build_rectifier(ctx: RunContext, teacher_dir: Path, sel: Selection, lab_ds, 
         min_ratio=m.min_class_ratio, background=ctx.cfg.data.background_class,
         ignore_index=ctx.cfg.data.ignore_index, labeled=lab_ds,
         bank=bank.to(ctx.device) if bank is not None else None,
-        bank_present=present, anchors=anchors,
+        bank_present=present, anchors=anchors, num_prototypes=m.num_prototypes,
     )
 
 

@@ -12,7 +12,7 @@ import torch
 
 from ciscr import dist
 from ciscr.config import Config, from_dict
-from ciscr.errors import CheckpointError, ConfigError
+from ciscr.errors import CheckpointError, CiscrError, ConfigError
 from ciscr.utils.io import atomic_write_json
 
 log = logging.getLogger("ciscr")
@@ -44,19 +44,45 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
     from ciscr.pipeline import run_pipeline, setup_run
 
     info = dist.init_distributed(cfg.device)
+    if not dist.is_main():
+        logging.getLogger("ciscr").setLevel(logging.ERROR)  # rank 0 alone logs and warns
+    fresh = not out.exists()
     try:
         _check_batch(cfg, info.world_size)
         if dist.is_main():
             check_writable(out)
         dist.barrier()
         _set_threads()
-        ctx = setup_run(cfg, out, info.device)
+        try:
+            ctx = setup_run(cfg, out, info.device)
+        except CiscrError:
+            _remove_if_empty(out, fresh)  # bad input leaves no trace, not even an empty folder
+            raise
         results = run_pipeline(ctx)
         if dist.is_main():
             print(format_results(results, list(ctx.info.class_names)))
+            _write_report(out)
         return results
     finally:
         dist.cleanup()
+
+
+def _remove_if_empty(out: Path, fresh: bool) -> None:
+    if fresh and dist.is_main():
+        try:
+            out.rmdir()  # only succeeds while the folder is empty
+        except OSError:
+            pass
+
+
+def _write_report(out: Path) -> None:
+    """report.html at the end of every run; a report problem never fails a finished run."""
+    from ciscr.report import write_report
+
+    try:
+        print(f"report: {write_report(out)}")
+    except Exception as err:  # noqa: BLE001 - the run's artefacts are already safe on disk
+        log.warning("could not write the report (%s); rebuild it with: ciscr report %s", err, out)
 
 
 def _set_threads() -> None:

@@ -160,12 +160,15 @@ def test_folder_format(tmp_path):
 
 def test_folder_order_file_and_errors(tmp_path):
     root = _folder_tree(tmp_path / "ds")
-    (root / "train.txt").write_text("/SegNet/CamVid/train/c.png x\nb\n")
+    (root / "train.txt").write_text("images/train/c.png masks/train/c.png\nb\n")
     cfg = DataCfg(format="folder", root=str(root), labeled=0.5)
     _, lab, unl, _ = load_dataset(cfg, seed=3)
     assert sorted(s.id for s in lab + unl) == ["b", "c"] and len(lab) == 1
     (root / "train.txt").write_text("b\nzzz\n")
     with pytest.raises(DataError, match=r"train\.txt:2: no image 'zzz'"):
+        load_dataset(cfg, seed=0)
+    (root / "train.txt").write_text("b\n/abs/c.png\n")
+    with pytest.raises(DataError, match=r"train\.txt:2: path '/abs/c.png' is absolute"):
         load_dataset(cfg, seed=0)
     (root / "train.txt").unlink()
     (root / "masks/val/v2.png").unlink()

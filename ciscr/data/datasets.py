@@ -11,18 +11,18 @@ and masks with the ignore index, which the confusion matrix skips).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ciscr.data.io import read_image, read_mask
 from ciscr.data.transforms import TrainTransform, normalize, strong_photometric, to_tensor
-from ciscr.errors import DataError
+from ciscr.errors import CiscrError, DataError
 
 if TYPE_CHECKING:
     from ciscr.data.formats import Sample
@@ -230,3 +230,61 @@ def pad_collate(batch: list[dict[str, Any]], ignore_index: int = 255) -> dict[st
             out[key] = F.pad(val, pad, value=fill)
         padded.append(out)
     return default_collate(padded)
+
+
+class _Failed:
+    """A user error raised while loading an item, carried out of a worker process as data."""
+
+    def __init__(self, error: CiscrError) -> None:
+        self.error = error
+
+
+class _Carrier(Dataset):
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Any) -> Any:
+        try:
+            return self.ds[key]
+        except CiscrError as err:
+            return _Failed(err)
+
+
+class _CarryingCollate:
+    """Collate, unless an item failed: then the failure is the batch (a class, so it pickles)."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: list[Any]) -> Any:
+        for item in batch:
+            if isinstance(item, _Failed):
+                return item
+        return self.collate(batch)
+
+
+class WorkerSafeLoader:
+    """A ``DataLoader`` whose user errors (:class:`CiscrError`) come out as themselves.
+
+    PyTorch re-raises an exception from a worker process with the message "Caught DataError in
+    DataLoader worker process 0. Original Traceback ..." (a whole traceback), which would break
+    the one-line ``error: ...`` contract of the CLI. Here a failing item is returned as data and
+    its original exception is raised in the main process. Keyword arguments go to DataLoader.
+    """
+
+    def __init__(
+        self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any] = default_collate, **kw: Any
+    ) -> None:
+        self.loader = DataLoader(_Carrier(dataset), collate_fn=_CarryingCollate(collate_fn), **kw)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            if isinstance(batch, _Failed):
+                raise batch.error
+            yield batch

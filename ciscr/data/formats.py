@@ -218,7 +218,8 @@ def _folder_split(root: Path, split: str, what: str) -> list[tuple[Path, Path | 
         for lineno, line in enumerate(order_file.read_text().splitlines(), start=1):
             if not line.split():
                 continue
-            stem = Path(line.split()[0].replace("\\", "/")).stem
+            # Only the stem is used, but an entry leaving the root is a mistake worth naming.
+            stem = Path(_safe_relpath(line.split()[0], f"{order_file}:{lineno}")).stem
             if stem not in by_stem:
                 raise DataError(f"{order_file}:{lineno}: no image '{stem}' in {img_dir}")
             images.append(by_stem[stem])

@@ -32,6 +32,11 @@ from ciscr.errors import DataError
 GENERATOR_VERSION = 1
 IGNORE = 255
 MANIFEST = "manifest.json"
+# Difficulty knobs (bump GENERATOR_VERSION when changing them). With these values a ResNet-18
+# DeepLabV3+ trained from scratch (600 iterations, batch 8) reached val mIoU 0.25 with 16
+# labeled images and 0.41 with all 240 (still improving): hard with few labels, learnable.
+TEXTURE_SWAP_P = 0.25  # an object gets a random texture instead of its class texture
+HUE_SPREAD = 0.13  # std of an object's hue around its class mean (class means are 1/(K-1) apart)
 
 SHAPES = (
     "disc", "square", "triangle", "ring", "bar", "cross", "ellipse", "diamond", "star",
@@ -122,7 +127,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 def _object_colours(k: int, num_classes: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """Two colours of an object of class k: hue around a class mean, with a wide spread."""
     mean_hue = (k - 1) / max(num_classes - 1, 1)
-    hue = (mean_hue + rng.normal(0.0, 0.13)) % 1.0
+    hue = (mean_hue + rng.normal(0.0, HUE_SPREAD)) % 1.0
     c1 = _hsv_to_rgb(hue, rng.uniform(0.25, 0.9), rng.uniform(0.35, 0.95))
     # Second colour: same hue family, much lighter or darker, so the texture is visible.
     hue2 = (hue + rng.normal(0.0, 0.05)) % 1.0
@@ -205,7 +210,7 @@ def _objects(rng, img: np.ndarray, label: np.ndarray, num_classes: int, xx, yy) 
     for _ in range(int(rng.integers(1, 5))):
         k = int(rng.integers(1, num_classes))
         shape, texture = _class_design(k)
-        if rng.random() < 0.25:  # texture is a strong cue of the class, never a sure one
+        if rng.random() < TEXTURE_SWAP_P:  # texture is a strong cue of the class, never a sure one
             texture = TEXTURES[rng.integers(len(TEXTURES))]
         cx, cy = rng.uniform(0.12, 0.88, 2) * size
         r = rng.uniform(0.13, 0.3) * size

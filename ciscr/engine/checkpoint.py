@@ -9,9 +9,11 @@ first save, not at the resume hours later.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
+import shutil
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -68,7 +70,24 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     validate_state(state)
     payload = {MARKER: FORMAT_VERSION, **state}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as err:
+            raise _as_os_error(err, tmp) from None
+
+
+# How torch's C++ zip writer reports a failed write (it hides the errno).
+_WRITE_FAILURES = ("unexpected pos", "file write failed", "failed writing")
+
+
+def _as_os_error(err: RuntimeError, tmp: Path) -> BaseException:
+    """A failed write inside torch.save (e.g. the disk filled up) as the OSError it really is,
+    so that atomic_path reports it in one line; any other RuntimeError is returned unchanged."""
+    if not any(m in str(err) for m in _WRITE_FAILURES):
+        return err
+    if shutil.disk_usage(tmp.parent).free < 1 << 20:  # checked before the temp file is removed
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, "the write failed: disk full, quota exceeded or I/O error")
 
 
 def _corrupt(path: Path, why: str) -> CheckpointError:

@@ -96,6 +96,7 @@ class Rectifier:
     bank: torch.Tensor | None = None  # (N, K, C)
     bank_present: torch.Tensor | None = None  # (N, K) bool
     anchors: torch.Tensor | None = None  # (K, C)
+    num_prototypes: int = 1  # > 1: k-means prototypes of the queried mask ("query" mode only)
     _has_query: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +116,8 @@ class Rectifier:
             return {"cmaps": self._all_class_maps(feats, y_u, size, g)}
         cls = self._pick_classes(y_u, g)
         protos, cls = self._prototypes(cls, g, it, feats.device)
+        if protos.dim() == 3:  # several prototypes per class (Table 3): max over them
+            return {"cmap": cisc.cisc_map_multi(feats, protos, size), "cls": cls}
         return {"cmap": cisc.cisc_map(feats, protos, size), "cls": cls}
 
     def _pick_classes(self, y_u: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -155,10 +158,17 @@ class Rectifier:
         feats = self.features(x).float()
         rows = torch.tensor([b for b, _, _ in picks], device=device)
         ks = torch.tensor([k for _, k, _ in picks], device=device)
-        p = cisc.prototype(feats, (y == ks.view(-1, 1, 1)).float())
+        mask = (y == ks.view(-1, 1, 1)).float()
+        if self.num_prototypes > 1:
+            p = cisc.multi_prototypes(feats, mask, self.num_prototypes)
+            protos = protos.unsqueeze(1).repeat(1, self.num_prototypes, 1)
+            empty = p.flatten(1).norm(dim=1) == 0
+        else:
+            p = cisc.prototype(feats, mask)
+            empty = p.norm(dim=1) == 0
         protos[rows] = p
         cls = cls.clone()
-        cls[rows[p.norm(dim=1) == 0]] = -1  # the class was cropped out of the query image
+        cls[rows[empty]] = -1  # the class was cropped out of the query image
         return protos, cls
 
     def _feature_dim(self, device) -> int:

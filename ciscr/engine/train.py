@@ -7,6 +7,7 @@ iteration *t* draws exactly the batches an uninterrupted run would have drawn fr
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -15,14 +16,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from ciscr import dist
 from ciscr.config import TrainCfg
+from ciscr.data.datasets import WorkerSafeLoader
 from ciscr.engine.checkpoint import get_rng_state, load_checkpoint, save_checkpoint, set_rng_state
-from ciscr.errors import CheckpointError, TrainingError
-from ciscr.utils.io import append_jsonl
+from ciscr.errors import CheckpointError, CiscrError, TrainingError
+from ciscr.utils.io import append_jsonl, atomic_write_text, read_jsonl
 from ciscr.utils.misc import autocast, make_grad_scaler
 
 CKPT_NAME = "checkpoint.pt"
@@ -114,11 +116,14 @@ def stream_loader(
     if num_workers == 0:
         ds = _EpochIndexed(stream.dataset)
         return (default_collate([ds[k] for k in keys]) for keys in sampler)
-    loader = DataLoader(
+    loader = WorkerSafeLoader(
         _EpochIndexed(stream.dataset),
         batch_sampler=sampler,
         num_workers=num_workers,
         persistent_workers=False,
+        # Worker base seeds come from this generator, not from the global RNG: otherwise
+        # starting the loader (once per run, again on resume) would shift the dropout masks.
+        generator=torch.Generator().manual_seed(seed * 1_000_003 + stream_id),
     )
     return iter(loader)
 
@@ -164,6 +169,8 @@ class StageState:
 
 
 def _save(path: Path, st: StageState, meta: dict[str, Any]) -> None:
+    # Collective: every rank's RNG state goes into rank 0's file (per-rank dropout streams).
+    rngs = dist.all_gather_object(get_rng_state()) if dist.is_dist() else None
     if not dist.is_main():
         return
     save_checkpoint(
@@ -176,6 +183,7 @@ def _save(path: Path, st: StageState, meta: dict[str, Any]) -> None:
             "iteration": st.iteration,
             "total_iters": st.total,
             "rng": get_rng_state(),
+            "rng_ranks": rngs,
             "meta": meta,
         },
     )
@@ -193,15 +201,34 @@ def _resume(path: Path, st: StageState) -> None:
     st.scheduler.load_state_dict(ckpt["scheduler"])
     if st.scaler is not None and ckpt.get("scaler"):
         st.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    ranks = ckpt.get("rng_ranks")
+    # Resumed with the same number of processes: each rank continues its own RNG stream.
+    # Otherwise (different world size) every rank takes rank 0's: resumable, not bit-identical.
+    same_world = bool(ranks) and len(ranks) == dist.world_size()
+    set_rng_state(ranks[dist.rank()] if same_world else ckpt["rng"])
     st.iteration = int(ckpt["iteration"])
 
 
 def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around the STUDENT only (a frozen teacher has no gradients to synchronise and is
+    never passed here). Without a process group the model is returned as is."""
     if not dist.is_dist():
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Under torchrun on CUDA, BatchNorm statistics are computed over the global batch.
+
+    SyncBatchNorm has no CPU (gloo) implementation, so on CPU every rank normalises with the
+    statistics of its own share of the batch (>= 2 images, see runner._check_batch). The
+    conversion swaps the BN modules in place, sharing parameters and running buffers, so the
+    state_dict keys are unchanged and checkpoints load into a plain model.
+    """
+    if dist.is_dist() and device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict:
@@ -238,7 +265,11 @@ def train_stage(
     pass over ``streams[epoch_stream]``. Returns the trained model (not DDP-wrapped).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.to(device)
+    model = _sync_batchnorm(model.to(device), device)
+    if dist.world_size() > 1:
+        # Per-rank dropout streams (data augmentation is keyed on (seed, epoch, index) and
+        # identical on every rank by construction). A resume restores each rank's own state.
+        torch.manual_seed(seed * 1_000_003 + 7_919 * dist.rank() + 1)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     per_epoch = iters_per_epoch(streams[epoch_stream], cfg)
@@ -272,25 +303,43 @@ def _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch,
         for t in range(st.iteration, st.total):
             batches = {n: _to_device(next(it), device, cfg.channels_last) for n, it in loaders.items()}
             scalars = _one_step(ddp_model, st, step_fn, batches, t, cfg, device)
-            if not math.isfinite(scalars["loss"]):
-                raise TrainingError(
-                    f"{desc}: loss became {scalars['loss']} at iteration {t + 1}; the last good "
-                    f"checkpoint is kept at {ckpt_path}"
-                )
+            if not _all_finite(scalars["loss"], device):
+                raise _diverged(desc, scalars["loss"], t + 1, ckpt_path)
             st.iteration = t + 1
             log.step(st.iteration, scalars, st.optimizer.param_groups[0]["lr"])
             if st.iteration in snapshots and dist.is_main():
                 save_checkpoint(out_dir / f"snapshot_{st.iteration:07d}.pt",
                                 {"model": st.model.state_dict(), "iteration": st.iteration})
-            if st.iteration % cfg.ckpt_every == 0 or st.iteration == st.total:
-                _save(ckpt_path, st, meta)
             epoch_done = st.iteration % per_epoch == 0
+            # The epoch hook runs BEFORE the checkpoint: a run killed in between redoes both,
+            # so its log ends up exactly like an uninterrupted run's.
             if on_epoch_end is not None and epoch_done:
                 log.record(st.iteration, on_epoch_end(st.model, st.iteration // per_epoch))
                 ddp_model.train()
+            if st.iteration % cfg.ckpt_every == 0 or st.iteration == st.total:
+                _save(ckpt_path, st, meta)
     finally:
         log.close()
         dist.barrier()
+
+
+def _diverged(desc: str, loss: float, iteration: int, ckpt_path: Path) -> TrainingError:
+    """The NaN/inf error: nothing of the diverged step is saved, the last checkpoint is kept."""
+    kept = (
+        f"the last good checkpoint is kept at {ckpt_path}"
+        if ckpt_path.exists()
+        else "no checkpoint of this stage was written yet"
+    )
+    return TrainingError(
+        f"{desc}: loss became {loss} at iteration {iteration}; {kept}; check the data or "
+        "lower train.lr (with a new --out directory)"
+    )
+
+
+def _all_finite(loss: float, device: torch.device) -> bool:
+    """True when the loss is finite on EVERY rank, so that all ranks stop together."""
+    bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
+    return float(dist.all_reduce_sum(bad)) == 0.0
 
 
 def _one_step(model, st: StageState, step_fn: StepFn, batches, t: int, cfg: TrainCfg,
@@ -320,6 +369,7 @@ class _Logger:
         self.bar = self.tb = None
         if not self.main:
             return
+        self._drop_records_after(start)
         if progress:
             from tqdm.auto import tqdm
 
@@ -327,9 +377,16 @@ class _Logger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tb"))
+            # purge_step hides the events a killed run logged after its last checkpoint.
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start or None)
         except ImportError:  # tensorboard is a core dependency; tolerate a broken install
             self.tb = None
+
+    def _drop_records_after(self, start: int) -> None:
+        """A resumed stage redoes the iterations after its checkpoint: forget their records."""
+        if self.jsonl.exists():
+            kept = [r for r in read_jsonl(self.jsonl) if r.get("iteration", 0) <= start]
+            atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
 
     def step(self, it: int, scalars: dict[str, float], lr: float) -> None:
         if not self.main:
@@ -343,7 +400,10 @@ class _Logger:
     def record(self, it: int, scalars: dict[str, float]) -> None:
         if not self.main or not scalars:
             return
-        append_jsonl(self.jsonl, {"iteration": it, **scalars})
+        try:
+            append_jsonl(self.jsonl, {"iteration": it, **scalars})
+        except OSError as err:  # e.g. the disk filled up: one line, not a traceback
+            raise CiscrError(f"{self.jsonl}: cannot write ({err.strerror or err})") from None
         if self.tb is not None:
             for k, v in scalars.items():
                 if isinstance(v, (int, float)):

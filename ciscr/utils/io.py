@@ -18,6 +18,11 @@ from typing import Any
 
 from ciscr.errors import CiscrError
 
+# mkstemp creates files readable by the owner only; artefacts should get the usual permissions.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 def _explain_os_error(err: OSError, path: Path) -> CiscrError:
     if err.errno == errno.ENOSPC:
@@ -45,6 +50,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
     except OSError as err:
         tmp_path.unlink(missing_ok=True)

@@ -1,0 +1,120 @@
+"""Two-process DDP on CPU (gloo), launched exactly as a user would with torchrun (issue 5, §1).
+
+Pseudo-labelling and selection are sharded over the ranks and merged: given the SAME stage-1
+model (copied in, so stage 1 is skipped), a 2-process run writes byte-identical pseudo labels
+and selection files to a 1-process run. The DDP training stages must then run to the end, with
+rank 0 alone writing and logging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ciscr.engine.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# batch_size=4: 2 images per rank (BatchNorm needs >= 2); 3 iterations per stage.
+ARGS = [
+    "train.epochs=1", "train.iters_per_epoch=3", "train.batch_size=4", "train.crop_size=32",
+    "train.lr=0.05", "train.ckpt_every=2", "train.log_every=1", "train.progress=false",
+    "data.synthetic.num_train=24", "data.synthetic.num_val=5", "data.synthetic.size=32",
+    "data.labeled=7", "model.backbone=mobilenet_v2", "method.tta_scales=[1.0]", "device=cpu",
+]  # fmt: skip
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def ciscr_run(out: Path, data: Path) -> list[str]:
+    return ["-m", "ciscr", "run", "synthetic", "--out", str(out), *ARGS, f"data.root={data}"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 1-process run, stopped (SIGKILL) once its selection is written: (run dir, data root)."""
+    data = tmp_path_factory.mktemp("synthetic")
+    out = tmp_path_factory.mktemp("single") / "run"
+    cmd = [sys.executable, *ciscr_run(out, data)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and not (out / "selection" / "done.json").is_file():
+        assert time.monotonic() < deadline, "the 1-process run is too slow"
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)  # stages 2 and 3 are not needed here
+    proc.wait()
+    assert (out / "selection" / "done.json").is_file(), proc.stderr.read()[-3000:]
+    return out, data
+
+
+@pytest.fixture(scope="module")
+def ddp(single: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+    """The 2-process run, starting from a copy of the 1-process stage 1."""
+    src, data = single
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    out.mkdir()
+    shutil.copytree(src / "stage1", out / "stage1")
+    res = subprocess.run([*TORCHRUN, *ciscr_run(out, data)], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return out, res
+
+
+def _files(run: Path, pattern: str) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.glob(pattern))}
+
+
+def test_sharded_pseudo_labels_and_selection_equal_single_process(single, ddp) -> None:
+    one, two = single[0], ddp[0]
+    for pattern in ("pseudo0/labels/*.png", "pseudo0/quality.json", "selection/*.json"):
+        a, b = _files(one, pattern), _files(two, pattern)
+        assert a, pattern
+        assert a.keys() == b.keys(), pattern
+        for name in a:
+            assert a[name] == b[name], f"{name}: 2-process output differs from 1-process"
+    # 17 unlabeled images: uneven shards (9 + 8), so the merge order matters.
+    assert len(_files(two, "pseudo0/labels/*.png")) == 17
+    split = json.loads((two / "selection" / "unlabeled_split.json").read_text())
+    assert len(split["reliable"]) == 9 and len(split["unreliable"]) == 8
+
+
+def test_ddp_training_stages_complete_and_rank0_alone_writes(ddp) -> None:
+    run, res = ddp
+    results = json.loads((run / "results.json").read_text())
+    assert results["final_stage"] == "stage3"
+    assert set(results["stages"]) >= {"stage1", "pseudo0", "stage2", "pseudo1", "stage3"}
+    for stage in ("stage2", "stage3"):
+        ckpt = load_checkpoint(run / stage / "checkpoint.pt")
+        assert ckpt["iteration"] == 3
+        # Every rank's RNG state is kept, so a resumed run continues each rank's own stream.
+        assert len(ckpt["rng_ranks"]) == 2
+        assert not any(k.startswith("module.") for k in ckpt["model"])  # DDP unwrapped
+        iters = [json.loads(line)["iteration"] for line in
+                 (run / stage / "train.jsonl").read_text().splitlines()]  # fmt: skip
+        assert iters == [1, 2, 3]  # one writer: no duplicated records
+    log = res.stdout + res.stderr
+    # Rank 0 alone logs: each stage summary appears once, and the final table once.
+    assert log.count("stage2: val mIoU") == 1
+    assert log.count("run directory:") == 1
+    assert "Traceback" not in log
+
+
+def test_ddp_validation_equals_single_process_evaluation(ddp, tmp_path: Path) -> None:
+    # Val has 5 images: shards of 3 + 2 with no padding duplicates, confusion matrix summed.
+    from ciscr.runner import evaluate_checkpoint
+
+    run = ddp[0]
+    metrics = evaluate_checkpoint(run / "stage3" / "checkpoint.pt", [], tmp_path / "eval.json")
+    saved = json.loads((run / "stage3" / "metrics.json").read_text())
+    assert metrics["miou"] == saved["miou"]
+    assert metrics["iou"] == saved["iou"]
+    assert metrics["num_pixels"] == saved["num_pixels"] == 5 * 32 * 32
