@@ -390,3 +390,209 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with counter:
         fn()
     return int(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------- pseudo / select
+
+
+def pseudo_cases(spec: BenchSpec, device: torch.device) -> dict[str, Callable[[], Any]]:
+    """Pseudo-label one full (image_h, image_w) image: single scale vs TTA, fp32 vs bf16.
+
+    The prediction is what :mod:`ciscr.pseudo` computes per image (softmax averaged over the
+    views, argmax); reading the image and writing the PNG are left out.
+    """
+    from ciscr.engine.evaluate import predict_logits
+    from ciscr.pseudo import TTA_SCALES
+
+    model = _build(spec, device, channels_last=False, train=False)
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    x = torch.randn(1, 3, spec.image_h, spec.image_w, generator=g).to(device)
+    views = {"single": ("whole", (1.0,), False), "tta": ("multiscale", TTA_SCALES, True)}
+
+    def case(mode: str, scales: tuple[float, ...], flip: bool, amp: str):
+        def run() -> None:
+            probs = predict_logits(model, x, mode, num_classes=spec.classes, scales=scales,
+                                   flip=flip, amp=amp)  # fmt: skip
+            probs.argmax(1).to(torch.uint8).cpu()
+
+        return run
+
+    return {f"pseudo/{v}/{_amp_name(a)}": case(*views[v], a) for v in views for a in AMPS}
+
+
+def _write_samples(root: Path, spec: BenchSpec) -> tuple[list, Path]:
+    """``select_images`` random PNG images with blob ground truth and pseudo labels on disk."""
+    from PIL import Image
+
+    from ciscr.data.formats import Sample
+    from ciscr.data.io import default_palette, write_mask_png
+
+    g = torch.Generator().manual_seed(spec.seed + 2)
+    n, h, w, k = spec.select_images, spec.image_h, spec.image_w, spec.classes
+    gt, pseudo = blob_labels(n, h, w, k, g), blob_labels(n, h, w, k, g)
+    pal = default_palette(k)
+    (root / "pseudo").mkdir(parents=True)
+    samples = []
+    for i in range(n):
+        img = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(img).save(root / f"img{i}.png")
+        write_mask_png(root / f"gt{i}.png", gt[i].numpy().astype(np.uint8), pal)
+        write_mask_png(root / "pseudo" / f"img{i}.png", pseudo[i].numpy().astype(np.uint8), pal)
+        samples.append(Sample(f"img{i}", root / f"img{i}.png", root / f"gt{i}.png"))
+    return samples, root / "pseudo"
+
+
+def select_cases(
+    spec: BenchSpec, device: torch.device, root: Path
+) -> dict[str, Callable[[], Any]]:
+    """Selection over ``select_images`` files: labeled prototypes (= bank, one view) and the
+    Eq. 10 anchor distances of pseudo-labelled images, fp32 vs bf16."""
+    from ciscr.selection import class_anchors, compute_labeled_prototypes, image_distances
+
+    samples, pseudo_dir = _write_samples(root, spec)
+    model = _build(spec, device, channels_last=False, train=False)
+    kw = {"num_classes": spec.classes, "mean": (0.485, 0.456, 0.406),
+          "std": (0.229, 0.224, 0.225), "device": device}  # fmt: skip
+    protos, present = compute_labeled_prototypes(model, samples, **kw)
+    anchors = class_anchors(protos, present)
+    cases: dict[str, Callable[[], Any]] = {}
+    for a in AMPS:
+        cases[f"select/prototypes/{_amp_name(a)}"] = (
+            lambda a=a: compute_labeled_prototypes(model, samples, amp=a, **kw))
+        cases[f"select/distances/{_amp_name(a)}"] = (
+            lambda a=a: image_distances(model, samples, pseudo_dir, anchors, amp=a, **kw))
+    return cases
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def profile_ops(fn: Callable[[], Any], top: int = 12) -> list[dict[str, Any]]:
+    """Self CPU time per aten op of one call of ``fn`` (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    rows = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+            for e in prof.key_averages()]  # fmt: skip
+    rows.sort(key=lambda r: -r["self_ms"])
+    return rows[:top] if top else rows
+
+
+def compare_profiles(
+    fn_a: Callable[[], Any], fn_b: Callable[[], Any], top: int = 10
+) -> list[dict[str, Any]]:
+    """Ops whose self CPU time differs most between one call of ``fn_a`` and of ``fn_b``
+    (after one untimed call of each): ``{"op", "a_ms", "b_ms", "diff_ms"}``, largest |diff|."""
+    fn_a(), fn_b()
+    a = {r["op"]: r["self_ms"] for r in profile_ops(fn_a, 0)}
+    b = {r["op"]: r["self_ms"] for r in profile_ops(fn_b, 0)}
+    rows = [{"op": op, "a_ms": a.get(op, 0.0), "b_ms": b.get(op, 0.0),
+             "diff_ms": b.get(op, 0.0) - a.get(op, 0.0)} for op in set(a) | set(b)]  # fmt: skip
+    rows.sort(key=lambda r: -abs(r["diff_ms"]))
+    return rows[:top]
+
+
+# --------------------------------------------------------------------------- the groups
+
+
+def bench_train(
+    spec: BenchSpec, device: torch.device, memory: bool = True
+) -> dict[str, Any]:
+    """Time every train variant side by side, plus the rectifier / teacher breakdown."""
+    inputs = make_inputs(spec)
+    cases: dict[str, TrainCase] = {}
+    teacher_bytes = 0
+    for cl in (False, True):
+        models = _make_models(spec, device, cl, teacher=True)
+        teacher_bytes = _tensor_bytes(models.teacher)
+        for v in train_variants((cl,)):
+            cases[v.name] = make_train_case(v, spec, device, models, inputs)
+    fns: dict[str, Callable[[], Any]] = dict(cases)
+    for name, c in cases.items():
+        if c.rectifier is not None:
+            fns[f"rectifier/{name}"] = c.rectify
+        if c.variant.method == "bank_one":  # the teacher forward is the same for every method
+            fns[f"teacher/{name.split('/', 1)[1]}"] = c.teacher_forward
+    times = time_round_robin(fns, spec.repeats, spec.warmup, _sync(device))
+    flops = {m: count_flops(cases[TrainVariant(m, "none", False).name]) for m in METHODS}
+    mem = measure_memory(spec, [c.variant for c in cases.values()]) if memory else {}
+    return {"cases": cases, "times": times, "flops": flops, "memory_mib": mem,
+            "teacher_mib": teacher_bytes / 2**20}  # fmt: skip
+
+
+def train_rows(
+    raw: dict[str, Any], spec: BenchSpec, peak_tflops: float | None
+) -> list[dict[str, Any]]:
+    """One row per variant: median, images/s, ratios to ST / fp32 / NCHW, memory, FLOP rate."""
+    t, rows = raw["times"], []
+    med = {n: median(v) for n, v in t.items()}
+    for name, case in raw["cases"].items():
+        v, m = case.variant, med[name]
+        fmt = "cl" if v.channels_last else "nchw"
+        st = med[TrainVariant("st", v.amp, v.channels_last).name]
+        fp32 = med[TrainVariant(v.method, "none", v.channels_last).name]
+        nchw = med[TrainVariant(v.method, v.amp, False).name]
+        flops = raw["flops"][v.method]
+        row = {
+            "name": name, "method": v.method, "precision": _amp_name(v.amp), "format": fmt,
+            "median_s": m, "times_s": t[name], "spread": (max(t[name]) - min(t[name])) / m,
+            "images_per_s": 2 * spec.batch / m, "ratio_to_st": m / st,
+            "bf16_speedup": fp32 / m if v.amp != "none" else None,
+            "channels_last_speedup": nchw / m if v.channels_last else None,
+            "rectifier_s": med.get(f"rectifier/{name}"),
+            "teacher_forward_s": med[f"teacher/{_amp_name(v.amp)}/{fmt}"],
+            "peak_mib": raw["memory_mib"].get(name),
+            "flops": flops, "tflops_per_s": flops / m / 1e12,
+        }  # fmt: skip
+        if peak_tflops:
+            row["mfu"] = row["tflops_per_s"] / peak_tflops
+        rows.append(row)
+    return rows
+
+
+def simple_rows(times: dict[str, list[float]], images: int, base: str) -> list[dict[str, Any]]:
+    """Rows of a pseudo/select group: ``<group>/<what>/<precision>`` names; ``base`` is the
+    ``<what>`` every other one is compared with (same precision)."""
+    med = {n: median(v) for n, v in times.items()}
+    rows = []
+    for name, ts in times.items():
+        group, what, prec = name.split("/")
+        m = med[name]
+        rows.append({
+            "name": name, "what": what, "precision": prec, "median_s": m, "times_s": ts,
+            "spread": (max(ts) - min(ts)) / m, "images_per_s": images / m,
+            f"ratio_to_{base}": m / med[f"{group}/{base}/{prec}"],
+            "bf16_speedup": med[f"{group}/{what}/fp32"] / m if prec != "fp32" else None,
+        })  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def evaluate_targets(rows: list[dict[str, Any]], teacher_mib: float) -> list[dict[str, Any]]:
+    """The issue's targets, one entry per configuration: ``{"target", "variant", "value",
+    "limit", "pass"}``; memory entries only where memory was measured."""
+    by = {r["name"]: r for r in rows}
+    out = []
+    for r in rows:
+        if r["method"] in ("bank_one", "bank_all"):
+            out.append({"target": "bank step / ST step", "variant": r["name"],
+                        "value": r["ratio_to_st"], "limit": f"<= {BANK_TARGET:.2f}",
+                        "pass": r["ratio_to_st"] <= BANK_TARGET})  # fmt: skip
+            st = by[TrainVariant("st", *_key(r)).name]
+            if r["peak_mib"] is not None and st["peak_mib"] is not None:
+                limit = st["peak_mib"] + teacher_mib
+                out.append({"target": "peak memory <= ST + teacher (MiB)", "variant": r["name"],
+                            "value": r["peak_mib"], "limit": f"<= {limit:.0f}",
+                            "pass": r["peak_mib"] <= limit})  # fmt: skip
+        if r["bf16_speedup"] is not None:
+            out.append({"target": "bf16 speed-up over fp32", "variant": r["name"],
+                        "value": r["bf16_speedup"], "limit": f">= {BF16_TARGET:.2f}",
+                        "pass": r["bf16_speedup"] >= BF16_TARGET})  # fmt: skip
+    return out
+
+
+def _key(row: dict[str, Any]) -> tuple[str, bool]:
+    return ("none" if row["precision"] == "fp32" else row["precision"], row["format"] == "cl")

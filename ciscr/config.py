@@ -28,6 +28,13 @@ class SyntheticCfg(BaseModel):
     num_val: int = Field(60, ge=1, description="validation images")
     size: int = Field(96, ge=32, description="square image side in pixels")
     num_classes: int = Field(6, ge=2, le=20, description="classes incl. background (class 0)")
+    difficulty: float = Field(
+        1.0,
+        ge=0.0,
+        le=4.0,
+        description="scales the texture-swap probability and hue spread (0 = colour and "
+        "texture identify the class; 1 = hard with few labels)",
+    )
 
 
 class DataCfg(BaseModel):
@@ -35,7 +42,9 @@ class DataCfg(BaseModel):
 
     model_config = _STRICT
     format: Literal["folder", "voc", "cityscapes", "coco", "synthetic"] = "synthetic"
-    root: str = Field("", description="dataset root; for synthetic: cache dir ('' = ~/.cache/ciscr)")
+    root: str = Field(
+        "", description="dataset root; for synthetic: cache dir ('' = ~/.cache/ciscr)"
+    )
     split: str = Field(
         "",
         description="packaged split name, e.g. '1_8' (ST++ split_0) or 'stpp/pascal/1_8/split_1'",
@@ -123,9 +132,9 @@ class MethodCfg(BaseModel):
     """The semi-supervised method. ``name`` is a preset; explicit keys override it."""
 
     model_config = _STRICT
-    name: Literal[
-        "suponly", "suponly_cisc", "st", "stpp", "ciscr", "ciscr_bank", "custom"
-    ] = "ciscr"
+    name: Literal["suponly", "suponly_cisc", "st", "stpp", "ciscr", "ciscr_bank", "custom"] = (
+        "ciscr"
+    )
     stage1_cisc_loss: bool = Field(True, description="add L_CISC on labeled pairs in stage 1")
     cisc_weight: float = Field(1.0, ge=0)
     retrain: Literal["none", "one", "two"] = Field(
@@ -152,8 +161,9 @@ class MethodCfg(BaseModel):
     crop_selection: int = Field(0, ge=0, description="select on crops of this side (0 = whole)")
     bank_views: int = Field(1, ge=1, description="augmented views averaged into the bank")
     score_final_pseudo: bool = Field(
-        True, description="re-label the unlabeled pool with the final model to score it "
-        "(only where its ground truth exists; reporting only, Table 5)"
+        True,
+        description="re-label the unlabeled pool with the final model to score it "
+        "(only where its ground truth exists; reporting only, Table 5)",
     )
 
 

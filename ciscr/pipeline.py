@@ -75,6 +75,12 @@ class RunContext:
     val: list[Sample]
 
     @property
+    def background(self) -> int | None:
+        """The class never picked for rectification: the config's, else the format's (VOC: 0)."""
+        bg = self.cfg.data.background_class
+        return bg if bg is not None else self.info.background_class
+
+    @property
     def meta(self) -> dict[str, Any]:
         """What a checkpoint carries so that eval/predict need no dataset or config file."""
         return {
@@ -193,10 +199,15 @@ def fresh_model(ctx: RunContext) -> nn.Module:
 
 
 def load_stage_model(ctx: RunContext, stage_dir: Path) -> nn.Module:
+    """The last checkpoint of a stage, in eval mode."""
+    return load_model_file(ctx, stage_dir / "checkpoint.pt")
+
+
+def load_model_file(ctx: RunContext, path: Path) -> nn.Module:
     from ciscr.engine.checkpoint import load_checkpoint
 
     model = build_model(ctx.cfg.model.model_copy(update={"pretrained": ""}), ctx.info.num_classes)
-    model.load_state_dict(load_checkpoint(stage_dir / "checkpoint.pt")["model"])
+    model.load_state_dict(load_checkpoint(path)["model"])
     return model.to(ctx.device).eval()
 
 
@@ -273,7 +284,7 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
     if m.stage1_cisc_loss:
         masks = [read_mask(s.mask, ctx.info.num_classes, d.ignore_index) for s in ctx.labeled]
         present = class_presence(masks, ctx.info.num_classes)
-        pairs = PairDataset(ds, present, d.background_class, ctx.cfg.seed)
+        pairs = PairDataset(ds, present, ctx.background, ctx.cfg.seed)
         streams = {"pairs": Stream(pairs, max(1, t.batch_size // 2), rep)}
         step = pair_step(True, m.cisc_weight, d.ignore_index)
         epoch_stream = "pairs"
@@ -360,7 +371,7 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
     d_lab = image_distances(m0, ctx.labeled, "gt", anchors, **kw)
     queries = _query_lists(ctx, m0, lab_ids, present, d_lab)
     for k in range(ctx.info.num_classes):
-        if not queries.get(k) and k != ctx.cfg.data.background_class:
+        if not queries.get(k) and k != ctx.background:
             log.warning("class '%s' has no labeled image: it is never rectified (plain CE)",
                         ctx.info.class_names[k])
     reliable, unreliable, scores = _split_unlabeled(ctx, m0, pseudo0, anchors)
@@ -393,7 +404,8 @@ def _split_unlabeled(ctx: RunContext, m0: nn.Module, pseudo0: Path, anchors: tor
         return split_unlabeled_random(ids, ctx.cfg.seed)
     kw = _eval_kwargs(ctx)
     if m.selection == "stpp":
-        snaps = [load_stage_model(ctx, p) for p in sorted((ctx.run_dir / "stage1").glob("snapshot_*.pt"))]
+        paths = sorted((ctx.run_dir / "stage1").glob("snapshot_*.pt"))
+        snaps = [load_model_file(ctx, p) for p in paths]
         kw.pop("ignore_index")
         scores = stability_scores(snaps, m0, ctx.unlabeled, **kw)
         return (*split_by_score(ids, scores, ascending=False), scores)
@@ -469,7 +481,7 @@ def build_rectifier(ctx: RunContext, teacher_dir: Path, sel: Selection, lab_ds, 
     return Rectifier(
         features=features, mode=m.rectify, classes=m.rectify_classes,
         num_classes=ctx.info.num_classes, query_lists=queries, seed=ctx.cfg.seed,
-        min_ratio=m.min_class_ratio, background=ctx.cfg.data.background_class,
+        min_ratio=m.min_class_ratio, background=ctx.background,
         ignore_index=ctx.cfg.data.ignore_index, labeled=lab_ds,
         bank=bank.to(ctx.device) if bank is not None else None,
         bank_present=present, anchors=anchors, num_prototypes=m.num_prototypes,

@@ -127,9 +127,43 @@ def predict_dataset(
     A generator so memory stays bounded on large sets; ``kw`` as :func:`predict_sample`. No
     sharding: the caller passes its part. The model is in eval mode while the generator runs.
     """
+    batch_size = kw.pop("batch_size", PREDICT_BATCH)
     with eval_mode(model):
-        for s in samples:
-            yield s.id, predict_sample(model, s, **kw)
+        for group in _same_size_batches(
+            samples, kw["mean"], kw["std"], kw.get("device", "cpu"), batch_size
+        ):
+            ids, x = [s.id for s, _ in group], torch.cat([t for _, t in group])
+            pred = _predict(
+                model,
+                x,
+                num_classes=kw["num_classes"],
+                scales=kw.get("scales", (1.0,)),
+                flip=kw.get("flip", False),
+                amp=kw.get("amp", "none"),
+            )
+            for sid, p in zip(ids, pred.to(torch.uint8).cpu().numpy(), strict=True):
+                yield sid, p
+
+
+# Images of equal size are predicted together: a batch of 8 small images runs several times
+# faster per image on a CPU than one at a time, and datasets are mostly of one size.
+PREDICT_BATCH = 8
+
+
+def _same_size_batches(samples, mean, std, device, batch_size: int):
+    """Consecutive samples of the same size, up to ``batch_size``, loaded: [(sample, x)]."""
+    group: list[tuple[Sample, torch.Tensor]] = []
+    for s in samples:
+        x = load_eval_image(s, mean, std, device)
+        if group and group[0][1].shape != x.shape:
+            yield group
+            group = []
+        group.append((s, x))
+        if len(group) == batch_size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _check_unique(samples: Sequence[Sample]) -> None:

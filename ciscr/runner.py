@@ -49,9 +49,16 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
     fresh = not out.exists()
     try:
         _check_batch(cfg, info.world_size)
+        problem = None
         if dist.is_main():
-            check_writable(out)
-        dist.barrier()
+            try:
+                check_writable(out)
+            except ConfigError as err:
+                problem = str(err)
+        # Every rank raises the same error (a rank left waiting in a collective would hang).
+        problem = dist.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
         _set_threads()
         try:
             ctx = setup_run(cfg, out, info.device)

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ciscr.engine.checkpoint import load_checkpoint
 
@@ -91,7 +92,8 @@ def test_ddp_training_stages_complete_and_rank0_alone_writes(ddp) -> None:
     run, res = ddp
     results = json.loads((run / "results.json").read_text())
     assert results["final_stage"] == "stage3"
-    assert set(results["stages"]) >= {"stage1", "pseudo0", "stage2", "pseudo1", "stage3"}
+    assert set(results["stages"]) >= {"stage1", "pseudo0", "stage2", "stage3"}
+    assert (run / "pseudo1" / "done.json").is_file()
     for stage in ("stage2", "stage3"):
         ckpt = load_checkpoint(run / stage / "checkpoint.pt")
         assert ckpt["iteration"] == 3
@@ -108,13 +110,51 @@ def test_ddp_training_stages_complete_and_rank0_alone_writes(ddp) -> None:
     assert "Traceback" not in log
 
 
-def test_ddp_validation_equals_single_process_evaluation(ddp, tmp_path: Path) -> None:
+def test_ddp_validation_equals_single_process_evaluation(single, ddp, tmp_path: Path) -> None:
     # Val has 5 images: shards of 3 + 2 with no padding duplicates, confusion matrix summed.
+    import numpy as np
+    from PIL import Image
+
     from ciscr.runner import evaluate_checkpoint
 
     run = ddp[0]
+    masks = sorted(single[1].glob("*/masks/val/*.png"))
+    assert len(masks) == 5
+    valid = sum(int((np.asarray(Image.open(m)) != 255).sum()) for m in masks)
     metrics = evaluate_checkpoint(run / "stage3" / "checkpoint.pt", [], tmp_path / "eval.json")
     saved = json.loads((run / "stage3" / "metrics.json").read_text())
     assert metrics["miou"] == saved["miou"]
     assert metrics["iou"] == saved["iou"]
-    assert metrics["num_pixels"] == saved["num_pixels"] == 5 * 32 * 32
+    assert metrics["num_pixels"] == saved["num_pixels"] == valid  # each pixel counted once
+
+
+def test_bad_file_seen_by_one_rank_stops_every_rank(single, tmp_path: Path) -> None:
+    # The data check is sharded: only rank 1 reads this image, yet both ranks must raise the
+    # same one-line error (a rank left waiting in a collective would hang the job).
+    src = next(single[1].glob("synthetic-*"))
+    data = Path(shutil.copytree(src, tmp_path / "data"))
+    # Checked in order labeled (7), unlabeled (17), val: val_00001 is item 25, rank 1's share.
+    bad = data / "images" / "val" / "val_00001.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "run"
+    argv = ["-m", "ciscr", "run", "synthetic", "--out", str(out), *ARGS, "data.format=folder",
+            f"data.root={data}"]  # fmt: skip
+    res = subprocess.run([*TORCHRUN, *argv], cwd=REPO, env=ENV, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert res.returncode != 0
+    assert errors == [f"error: {bad}: cannot read image (not a recognised image format)"] * 2
+    assert not out.exists()
+
+
+def test_bf16_autocast_and_channels_last_train_on_cpu(single, tmp_path: Path) -> None:
+    from ciscr.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "synthetic", "--out", str(out), *ARGS, f"data.root={single[1]}",
+            "train.amp=bf16", "train.channels_last=true"]  # fmt: skip
+    assert main(argv) == 0
+    ckpt = load_checkpoint(out / "stage1" / "checkpoint.pt")
+    assert ckpt["iteration"] == 3
+    # autocast computes in bf16 but the weights (and so the checkpoint) stay float32.
+    assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float32}

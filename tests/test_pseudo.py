@@ -139,10 +139,26 @@ def test_predict_dataset_is_lazy_and_ordered(tmp_path):
         Sample("r", uniform(tmp_path / "r.png", COLOURS[1], (4, 12)), None),
         Sample("missing", tmp_path / "nope.png", None),
     ]
-    gen = pseudo.predict_dataset(NearestColour(), samples, num_classes=3, mean=MEAN, std=STD)
+    gen = pseudo.predict_dataset(
+        NearestColour(), samples, num_classes=3, mean=MEAN, std=STD, batch_size=1
+    )
     sid, pred = next(gen)
     assert sid == "g" and pred.dtype == np.uint8 and (pred == 2).all()
     sid, pred = next(gen)
     assert sid == "r" and pred.shape == (4, 12) and (pred == 1).all()
     with pytest.raises(DataError, match="nope.png"):  # read only when reached
         next(gen)
+
+
+def test_batched_prediction_equals_one_at_a_time(tmp_path):
+    # Same-size images are batched together; the result must not depend on the batching.
+    samples = [
+        Sample(f"s{i}", uniform(tmp_path / f"s{i}.png", COLOURS[i % 3], size), None)
+        for i, size in enumerate([(6, 6), (6, 6), (4, 12), (6, 6), (6, 6), (6, 6)])
+    ]
+    kw = dict(num_classes=3, mean=MEAN, std=STD, scales=(0.5, 1.0), flip=True)
+    one = list(pseudo.predict_dataset(NearestColour(), samples, batch_size=1, **kw))
+    many = list(pseudo.predict_dataset(NearestColour(), samples, batch_size=2, **kw))
+    assert [i for i, _ in one] == [i for i, _ in many] == [s.id for s in samples]
+    for (_, a), (_, b) in zip(one, many, strict=True):
+        assert np.array_equal(a, b)

@@ -29,7 +29,7 @@ from ciscr.data.io import default_palette, save_mask_png
 from ciscr.errors import DataError
 
 # Bump whenever the generated pixels change, so cached datasets are not reused by mistake.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 IGNORE = 255
 MANIFEST = "manifest.json"
 # Difficulty knobs (bump GENERATOR_VERSION when changing them). With these values a ResNet-18
@@ -124,10 +124,10 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
 
 
-def _object_colours(k: int, num_classes: int, rng) -> tuple[np.ndarray, np.ndarray]:
+def _object_colours(k: int, num_classes: int, rng, spread: float) -> tuple[np.ndarray, np.ndarray]:
     """Two colours of an object of class k: hue around a class mean, with a wide spread."""
     mean_hue = (k - 1) / max(num_classes - 1, 1)
-    hue = (mean_hue + rng.normal(0.0, HUE_SPREAD)) % 1.0
+    hue = (mean_hue + rng.normal(0.0, spread)) % 1.0
     c1 = _hsv_to_rgb(hue, rng.uniform(0.25, 0.9), rng.uniform(0.35, 0.95))
     # Second colour: same hue family, much lighter or darker, so the texture is visible.
     hue2 = (hue + rng.normal(0.0, 0.05)) % 1.0
@@ -186,7 +186,7 @@ def _background(rng, size: int, xx, yy) -> np.ndarray:
     return img
 
 
-def _distractors(rng, img: np.ndarray, num_classes: int, xx, yy) -> None:
+def _distractors(rng, img: np.ndarray, num_classes: int, xx, yy, spread: float) -> None:
     """Irregular background blobs painted with object-like textures and colours (label 0)."""
     size = img.shape[0]
     for _ in range(int(rng.integers(0, 4))):
@@ -199,18 +199,20 @@ def _distractors(rng, img: np.ndarray, num_classes: int, xx, yy) -> None:
         if rng.random() < 0.5:
             c1, c2 = _random_colours(rng)
         else:  # colours of a real object class: colour alone must not reveal objects
-            c1, c2 = _object_colours(int(rng.integers(1, num_classes)), num_classes, rng)
+            c1, c2 = _object_colours(int(rng.integers(1, num_classes)), num_classes, rng, spread)
         _paint(img, region, tex, c1, c2, rng.uniform(0.4, 1.0))
 
 
-def _objects(rng, img: np.ndarray, label: np.ndarray, num_classes: int, xx, yy) -> np.ndarray:
+def _objects(
+    rng, img: np.ndarray, label: np.ndarray, num_classes: int, xx, yy, swap_p: float, spread: float
+) -> np.ndarray:
     """Paint 1-4 occluding objects; returns the boolean ignore band of visible edges."""
     size = img.shape[0]
     ignore = np.zeros(label.shape, dtype=bool)
     for _ in range(int(rng.integers(1, 5))):
         k = int(rng.integers(1, num_classes))
         shape, texture = _class_design(k)
-        if rng.random() < TEXTURE_SWAP_P:  # texture is a strong cue of the class, never a sure one
+        if rng.random() < swap_p:  # texture is a strong cue of the class, never a sure one
             texture = TEXTURES[rng.integers(len(TEXTURES))]
         cx, cy = rng.uniform(0.12, 0.88, 2) * size
         r = rng.uniform(0.13, 0.3) * size
@@ -221,7 +223,7 @@ def _objects(rng, img: np.ndarray, label: np.ndarray, num_classes: int, xx, yy) 
         if not region.any():
             continue
         period = 3.0 + (k * 7) % 5 + rng.uniform(-0.7, 0.7)
-        c1, c2 = _object_colours(k, num_classes, rng)
+        c1, c2 = _object_colours(k, num_classes, rng, spread)
         _paint(img, region, _texture(texture, u, v, period, rng), c1, c2, rng.uniform(0.55, 1.0))
         label[region] = k
         ignore &= ~region  # a later object hides the band of an earlier one
@@ -254,7 +256,11 @@ def _finish(rng, img: np.ndarray) -> np.ndarray:
 
 
 def render_scene(
-    rng: np.random.Generator, size: int, num_classes: int
+    rng: np.random.Generator,
+    size: int,
+    num_classes: int,
+    swap_p: float = TEXTURE_SWAP_P,
+    spread: float = HUE_SPREAD,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One scene.
 
@@ -263,9 +269,9 @@ def render_scene(
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     img = _background(rng, size, xx, yy)
-    _distractors(rng, img, num_classes, xx, yy)
+    _distractors(rng, img, num_classes, xx, yy, spread)
     label = np.zeros((size, size), dtype=np.uint8)
-    ignore = _objects(rng, img, label, num_classes, xx, yy)
+    ignore = _objects(rng, img, label, num_classes, xx, yy, swap_p, spread)
     label[ignore] = IGNORE
     return _finish(rng, img), label
 
@@ -288,7 +294,13 @@ def _write_split(out: Path, split: str, split_id: int, n: int, cfg: SyntheticCfg
     palette = default_palette(cfg.num_classes)
     for i in range(n):
         rng = np.random.default_rng([seed, split_id, i])
-        image, mask = render_scene(rng, cfg.size, cfg.num_classes)
+        image, mask = render_scene(
+            rng,
+            cfg.size,
+            cfg.num_classes,
+            cfg.difficulty * TEXTURE_SWAP_P,
+            cfg.difficulty * HUE_SPREAD,
+        )
         name = f"{split}_{i:05d}"
         Image.fromarray(image).save(img_dir / f"{name}.png", format="PNG", compress_level=1)
         save_mask_png(mask_dir / f"{name}.png", mask, palette)

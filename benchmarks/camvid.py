@@ -1,0 +1,278 @@
+"""CamVid comparison of SupOnly, ST, ST++, CISC-R and CISC-R (bank), the paper's tables at CPU scale.
+
+Every run is a plain ``ciscr run camvid ...`` in its own run directory, so the benchmark is
+resumable: rerun the same command and finished runs are only re-read. The report
+(``docs/results/camvid.md`` + ``camvid.json``) is generated from the runs' own artefacts.
+
+    python benchmarks/camvid.py --seeds 0 --methods st,ciscr          # a subset
+    python benchmarks/camvid.py                                        # the full protocol
+
+Sharing, to spend the budget on what differs between methods (both are exact: same config,
+same seed, deterministic CPU training):
+- SupOnly is stage 1 of the ST run (CE on the labeled images), not trained a second time.
+- CISC-R (bank) reuses stage1/, pseudo0/ and selection/ of the CISC-R run with the same seed
+  (they do not depend on the rectification mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("suponly", "st", "stpp", "ciscr", "ciscr_bank")
+LABELS = {
+    "suponly": "SupOnly",
+    "st": "ST",
+    "stpp": "ST++",
+    "ciscr": "CISC-R (query, one class)",
+    "ciscr_bank": "CISC-R (bank, all classes)",
+}
+SHARED_WITH = {"ciscr_bank": ("ciscr", ("stage1", "pseudo0", "selection"))}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared/data/camvid"))
+    p.add_argument("--weights", default=str(REPO.parent / "shared/weights/mobilenet_v2_imagenet.pth"))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--labeled", default="0.125", help="comma list of fractions, e.g. 0.125,0.25")
+    p.add_argument("--extra-seeds-labeled", default="0.125",
+                   help="fractions that get every seed; the others get the first seed only")
+    p.add_argument("--runs", default=str(REPO / "runs/camvid-bench"))
+    p.add_argument("--out", default=str(REPO / "docs/results"))
+    p.add_argument("--name", default="camvid", help="report file stem")
+    p.add_argument("--config", default="camvid")
+    p.add_argument("overrides", nargs="*", help="extra key=value for every run (same budget)")
+    return p.parse_args(argv)
+
+
+def run_dir(args: argparse.Namespace, method: str, labeled: str, seed: int) -> Path:
+    name = "st" if method == "suponly" else method  # SupOnly = stage 1 of ST
+    return Path(args.runs) / f"{name}_l{labeled}_s{seed}"
+
+
+def ciscr_command(args: argparse.Namespace, method: str, labeled: str, seed: int) -> list[str]:
+    return [
+        sys.executable, "-m", "ciscr", "run", args.config, "--out",
+        str(run_dir(args, method, labeled, seed)),
+        f"data.root={args.data}", f"model.pretrained={args.weights}",
+        f"method.name={method}", f"seed={seed}", f"data.labeled={labeled}",
+        "train.progress=false", *args.overrides,
+    ]
+
+
+def share_stages(args: argparse.Namespace, method: str, labeled: str, seed: int) -> None:
+    if method not in SHARED_WITH:
+        return
+    source, stages = SHARED_WITH[method]
+    src, dst = run_dir(args, source, labeled, seed), run_dir(args, method, labeled, seed)
+    for stage in stages:
+        if (src / stage / "done.json").exists() and not (dst / stage).exists():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src / stage, dst / stage)
+
+
+def run_one(args: argparse.Namespace, method: str, labeled: str, seed: int) -> None:
+    """Run (or finish) one method; wall time of every invocation is added to wall.json."""
+    rd = run_dir(args, method, labeled, seed)
+    if (rd / "results.json").exists():
+        return
+    share_stages(args, method, labeled, seed)
+    cmd = ciscr_command(args, method, labeled, seed)
+    print("$", shlex.join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO)
+    add_wall_time(rd, time.perf_counter() - t0)
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}): {shlex.join(cmd)}")
+
+
+def add_wall_time(rd: Path, seconds: float) -> None:
+    path = rd / "wall.json"
+    total = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
+    rd.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seconds": total + seconds}))
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+def read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def collect_run(args: argparse.Namespace, method: str, labeled: str, seed: int) -> dict | None:
+    rd = run_dir(args, method, labeled, seed)
+    res = read(rd / "results.json")
+    if res is None:
+        return None
+    if method == "suponly":
+        final = read(rd / "stage1" / "metrics.json")
+        pseudo_after = res["stages"].get("pseudo0", {}).get("pseudo_miou")
+        wall = None
+    else:
+        final = res["final_metrics"]
+        pseudo_after = res["stages"].get("pseudo_final", {}).get("pseudo_miou")
+        wall = (read(rd / "wall.json") or {}).get("seconds")
+    half = read(rd / "selection" / "half_quality.json") if method in ("stpp", "ciscr") else None
+    return {
+        "method": method, "labeled": labeled, "seed": seed, "run_dir": str(rd),
+        "val_miou": final["miou"], "iou": final["iou"], "class_names": final.get("class_names"),
+        "pseudo_before": res["stages"].get("pseudo0", {}).get("pseudo_miou"),
+        "pseudo_after": pseudo_after,
+        "half_quality": {k: (v or {}).get("miou") for k, v in (half or {}).items()} or None,
+        "wall_seconds": wall,
+    }
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def fmt(x: float | None, std: float | None = None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    import torch
+
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def table_miou(rows: list[dict], methods: list[str], fractions: list[str]) -> list[str]:
+    out = ["| method | " + " | ".join(f"1/{round(1 / float(f))} labeled" for f in fractions) + " |",
+           "|---|" + "---|" * len(fractions)]
+    for m in methods:
+        cells = []
+        for f in fractions:
+            xs = [r["val_miou"] for r in rows if r["method"] == m and r["labeled"] == f]
+            cells.append(f"{fmt(*mean_std(xs))} (n={len(xs)})" if xs else "not run")
+        out.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    return out
+
+
+def table_per_class(rows: list[dict], methods: list[str], fraction: str) -> list[str]:
+    sel = [r for r in rows if r["labeled"] == fraction]
+    names = next((r["class_names"] for r in sel if r["class_names"]), None)
+    if not names:
+        return ["(no finished run)"]
+    out = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m in methods:
+        runs = [r for r in sel if r["method"] == m]
+        if not runs:
+            continue
+        cells = []
+        for k in range(len(names)):
+            xs = [r["iou"][k] for r in runs if r["iou"][k] is not None]
+            cells.append(fmt(statistics.fmean(xs)) if xs else "absent")
+        out.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    return out
+
+
+def table_pseudo(rows: list[dict], methods: list[str], fraction: str) -> list[str]:
+    out = ["| method | pseudo labels of stage-1 model (before) | of the final model (after) "
+           "| reliable half | unreliable half | wall time (min) |", "|---|---|---|---|---|---|"]
+    for m in methods:
+        runs = [r for r in rows if r["method"] == m and r["labeled"] == fraction]
+        if not runs:
+            continue
+
+        def avg(key: str, runs=runs) -> float | None:
+            xs = [r[key] for r in runs if r[key] is not None]
+            return statistics.fmean(xs) if xs else None
+
+        def half(part: str, runs=runs) -> float | None:
+            xs = [r["half_quality"][part] for r in runs
+                  if r["half_quality"] and r["half_quality"].get(part) is not None]
+            return statistics.fmean(xs) if xs else None
+
+        wall = avg("wall_seconds")
+        wall_s = "shared with ST" if m == "suponly" else (f"{wall / 60:.1f}" if wall else "n/a")
+        out.append(f"| {LABELS[m]} | {fmt(avg('pseudo_before'))} | {fmt(avg('pseudo_after'))} "
+                   f"| {fmt(half('reliable'))} | {fmt(half('unreliable'))} | {wall_s} |")
+    return out
+
+
+def write_report(args: argparse.Namespace, rows: list[dict], methods, fractions, argv) -> Path:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "python benchmarks/camvid.py " + shlex.join(argv)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"# CamVid: SupOnly vs ST vs ST++ vs CISC-R ({args.name})", "",
+        f"- command: `{cmd.strip()}`",
+        f"- machine: {machine()}",
+        f"- generated: {when} from the run directories under `{args.runs}`",
+        f"- extra overrides for every method (same budget): `{' '.join(args.overrides) or 'none'}`",
+        "- protocol: CamVid train (367) as the pool, the labeled fraction drawn with the seed, the"
+        " rest unlabeled (their ground truth only scores pseudo labels); val (101) for mIoU;"
+        " MobileNetV2 ImageNet init; `configs/camvid.yaml`. Result = LAST checkpoint of the final"
+        " stage. SupOnly is stage 1 of the ST run.", "",
+        "## Validation mIoU (%), mean ± std over seeds (paper Tables 9-10 shape)", "",
+        *table_miou(rows, methods, fractions), "",
+    ]
+    for f in fractions:
+        lines += [f"## Per-class IoU (%), 1/{round(1 / float(f))} labeled, mean over seeds", "",
+                  *table_per_class(rows, methods, f), "",
+                  f"## Pseudo-label mIoU (%) on the unlabeled pool, 1/{round(1 / float(f))} "
+                  "labeled (Table 5 / Fig. 10 shape)", "",
+                  "'before' = TTA labels of the stage-1 model; 'after' = of the final model; "
+                  "halves = the stage-1 labels of the reliable / unreliable halves chosen by the "
+                  "method's selection (CISC distance for CISC-R, stability for ST++).", "",
+                  *table_pseudo(rows, methods, f), ""]
+    md = out / f"{args.name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(
+        {"command": cmd.strip(), "machine": machine(), "generated": when, "runs": rows}, indent=1))
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    fractions = [f for f in args.labeled.split(",") if f]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    every_seed = set(args.extra_seeds_labeled.split(","))
+    plan = [(m, f, s) for f in fractions for s in (seeds if f in every_seed else seeds[:1])
+            for m in methods]
+    # Runs that others share from go first.
+    plan.sort(key=lambda p: (p[1], p[2], 1 if p[0] in SHARED_WITH else 0))
+    for m, f, s in plan:
+        run_one(args, "st" if m == "suponly" else m, f, s)  # SupOnly is stage 1 of ST
+    rows = [r for m, f, s in plan if (r := collect_run(args, m, f, s)) is not None]
+    md = write_report(args, rows, methods, fractions, argv)
+    print(md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
