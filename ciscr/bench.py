@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -33,7 +32,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ AMPS = ("none", "bf16")
 BANK_TARGET = 1.10  # bank-mode step / ST step (issue 4)
 BF16_TARGET = 1.40  # fp32 step / bf16 step on a CPU with avx512_bf16 (issue 4)
 DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 SXM bf16 dense
-MEMORY_STEPS = 2  # timed-free steps run by each memory measurement (after one warm-up step)
+MEMORY_STEPS = 2  # steps run by each memory measurement (the first one creates the momentum)
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,18 @@ class BenchSpec:
     seed: int = 0
 
 
-QUICK = {"batch": 2, "crop": 32, "classes": 3, "channels": 16, "repeats": 3, "warmup": 1,
-         "image_h": 32, "image_w": 48, "select_images": 2, "pool": 4}  # fmt: skip
+QUICK = {
+    "batch": 2,
+    "crop": 32,
+    "classes": 3,
+    "channels": 16,
+    "repeats": 3,
+    "warmup": 1,
+    "image_h": 32,
+    "image_w": 48,
+    "select_images": 2,
+    "pool": 4,
+}
 
 
 @dataclass(frozen=True)
@@ -145,11 +154,15 @@ class _TensorPool(torch.utils.data.Dataset):
 def _batches(spec: BenchSpec, g: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
     b, s, k = spec.batch, spec.crop, spec.classes
     return {
-        "labeled": {"image": torch.randn(b, 3, s, s, generator=g),
-                    "mask": blob_labels(b, s, s, k, g)},
-        "unlabeled": {"image": torch.randn(b, 3, s, s, generator=g),
-                      "pseudo": blob_labels(b, s, s, k, g)},
-    }  # fmt: skip
+        "labeled": {
+            "image": torch.randn(b, 3, s, s, generator=g),
+            "mask": blob_labels(b, s, s, k, g),
+        },
+        "unlabeled": {
+            "image": torch.randn(b, 3, s, s, generator=g),
+            "pseudo": blob_labels(b, s, s, k, g),
+        },
+    }
 
 
 def _model_cfg(spec: BenchSpec) -> ModelCfg:
@@ -203,8 +216,13 @@ def _pool(spec: BenchSpec, g: torch.Generator) -> _TensorPool:
 
 
 def make_rectifier(
-    method: str, spec: BenchSpec, teacher: nn.Module, amp: str, device: torch.device,
-    pool: _TensorPool, g: torch.Generator,
+    method: str,
+    spec: BenchSpec,
+    teacher: nn.Module,
+    amp: str,
+    device: torch.device,
+    pool: _TensorPool,
+    g: torch.Generator,
 ):
     """A :class:`~ciscr.engine.steps.Rectifier` built as ``pipeline.build_rectifier`` builds it
     (teacher features under the stage's autocast); the bank holds random prototypes."""
@@ -216,16 +234,23 @@ def make_rectifier(
     queries = {c: [j for j in range(len(pool)) if bool(present[j, c])] for c in range(k)}
     bank = None
     if method != "query":
-        bank = (torch.rand(len(pool), k, spec.channels, generator=g) * present[..., None]).to(device)
+        bank = (torch.rand(len(pool), k, spec.channels, generator=g) * present[..., None]).to(
+            device
+        )
 
     def features(x: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp):
             return teacher(x).features
 
     return Rectifier(
-        features=features, mode="query" if method == "query" else "bank",
-        classes="all" if method == "bank_all" else "one", num_classes=k, query_lists=queries,
-        seed=spec.seed, labeled=pool if method == "query" else None, bank=bank,
+        features=features,
+        mode="query" if method == "query" else "bank",
+        classes="all" if method == "bank_all" else "one",
+        num_classes=k,
+        query_lists=queries,
+        seed=spec.seed,
+        labeled=pool if method == "query" else None,
+        bank=bank,
         bank_present=present if bank is not None else None,
     )
 
@@ -247,8 +272,15 @@ class TrainCase:
         from ciscr.engine.train import _one_step
 
         self.it += 1
-        _one_step(self.models.student, self.models.state, self.step_fn, self.batches, self.it,
-                  self.cfg, self.device)  # fmt: skip
+        _one_step(
+            self.models.student,
+            self.models.state,
+            self.step_fn,
+            self.batches,
+            self.it,
+            self.cfg,
+            self.device,
+        )
 
     def rectify(self) -> None:
         """The rectifier alone (teacher forward + CISC maps), under the step's autocast."""
@@ -266,7 +298,10 @@ class TrainCase:
 
 
 def make_train_case(
-    variant: TrainVariant, spec: BenchSpec, device: torch.device, models: _Models,
+    variant: TrainVariant,
+    spec: BenchSpec,
+    device: torch.device,
+    models: _Models,
     inputs: dict[str, Any],
 ) -> TrainCase:
     """Wire a variant's step function to shared models and inputs (see :func:`make_inputs`)."""
@@ -275,10 +310,19 @@ def make_train_case(
 
     rect = None
     if variant.method != "st":
-        rect = make_rectifier(variant.method, spec, models.teacher, variant.amp, device,
-                              inputs["pool"], torch.Generator().manual_seed(spec.seed + 7))
+        rect = make_rectifier(
+            variant.method,
+            spec,
+            models.teacher,
+            variant.amp,
+            device,
+            inputs["pool"],
+            torch.Generator().manual_seed(spec.seed + 7),
+        )
     cfg = TrainCfg(amp=variant.amp, channels_last=variant.channels_last, lr=1e-6)
-    batches = {n: _to_device(b, device, variant.channels_last) for n, b in inputs["batches"].items()}
+    batches = {
+        n: _to_device(b, device, variant.channels_last) for n, b in inputs["batches"].items()
+    }
     return TrainCase(variant, models, retrain_step(rect), rect, batches, cfg, device)
 
 
@@ -352,7 +396,7 @@ def variant_memory(spec_d: dict[str, Any], variant_d: dict[str, Any]) -> float:
         base = _rss_bytes()
     models = _make_models(spec, device, variant.channels_last, variant.method != "st")
     case = make_train_case(variant, spec, device, models, make_inputs(spec))
-    for _ in range(1 + MEMORY_STEPS):
+    for _ in range(MEMORY_STEPS):
         case()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -411,8 +455,9 @@ def pseudo_cases(spec: BenchSpec, device: torch.device) -> dict[str, Callable[[]
 
     def case(mode: str, scales: tuple[float, ...], flip: bool, amp: str):
         def run() -> None:
-            probs = predict_logits(model, x, mode, num_classes=spec.classes, scales=scales,
-                                   flip=flip, amp=amp)  # fmt: skip
+            probs = predict_logits(
+                model, x, mode, num_classes=spec.classes, scales=scales, flip=flip, amp=amp
+            )
             probs.argmax(1).to(torch.uint8).cpu()
 
         return run
@@ -442,25 +487,29 @@ def _write_samples(root: Path, spec: BenchSpec) -> tuple[list, Path]:
     return samples, root / "pseudo"
 
 
-def select_cases(
-    spec: BenchSpec, device: torch.device, root: Path
-) -> dict[str, Callable[[], Any]]:
+def select_cases(spec: BenchSpec, device: torch.device, root: Path) -> dict[str, Callable[[], Any]]:
     """Selection over ``select_images`` files: labeled prototypes (= bank, one view) and the
     Eq. 10 anchor distances of pseudo-labelled images, fp32 vs bf16."""
     from ciscr.selection import class_anchors, compute_labeled_prototypes, image_distances
 
     samples, pseudo_dir = _write_samples(root, spec)
     model = _build(spec, device, channels_last=False, train=False)
-    kw = {"num_classes": spec.classes, "mean": (0.485, 0.456, 0.406),
-          "std": (0.229, 0.224, 0.225), "device": device}  # fmt: skip
+    kw = {
+        "num_classes": spec.classes,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "device": device,
+    }
     protos, present = compute_labeled_prototypes(model, samples, **kw)
     anchors = class_anchors(protos, present)
     cases: dict[str, Callable[[], Any]] = {}
     for a in AMPS:
-        cases[f"select/prototypes/{_amp_name(a)}"] = (
-            lambda a=a: compute_labeled_prototypes(model, samples, amp=a, **kw))
-        cases[f"select/distances/{_amp_name(a)}"] = (
-            lambda a=a: image_distances(model, samples, pseudo_dir, anchors, amp=a, **kw))
+        cases[f"select/prototypes/{_amp_name(a)}"] = lambda a=a: compute_labeled_prototypes(
+            model, samples, amp=a, **kw
+        )
+        cases[f"select/distances/{_amp_name(a)}"] = lambda a=a: image_distances(
+            model, samples, pseudo_dir, anchors, amp=a, **kw
+        )
     return cases
 
 
@@ -473,8 +522,10 @@ def profile_ops(fn: Callable[[], Any], top: int = 12) -> list[dict[str, Any]]:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    rows = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
-            for e in prof.key_averages()]  # fmt: skip
+    rows = [
+        {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+        for e in prof.key_averages()
+    ]
     rows.sort(key=lambda r: -r["self_ms"])
     return rows[:top] if top else rows
 
@@ -487,8 +538,15 @@ def compare_profiles(
     fn_a(), fn_b()
     a = {r["op"]: r["self_ms"] for r in profile_ops(fn_a, 0)}
     b = {r["op"]: r["self_ms"] for r in profile_ops(fn_b, 0)}
-    rows = [{"op": op, "a_ms": a.get(op, 0.0), "b_ms": b.get(op, 0.0),
-             "diff_ms": b.get(op, 0.0) - a.get(op, 0.0)} for op in set(a) | set(b)]  # fmt: skip
+    rows = [
+        {
+            "op": op,
+            "a_ms": a.get(op, 0.0),
+            "b_ms": b.get(op, 0.0),
+            "diff_ms": b.get(op, 0.0) - a.get(op, 0.0),
+        }
+        for op in set(a) | set(b)
+    ]
     rows.sort(key=lambda r: -abs(r["diff_ms"]))
     return rows[:top]
 
@@ -496,9 +554,7 @@ def compare_profiles(
 # --------------------------------------------------------------------------- the groups
 
 
-def bench_train(
-    spec: BenchSpec, device: torch.device, memory: bool = True
-) -> dict[str, Any]:
+def bench_train(spec: BenchSpec, device: torch.device, memory: bool = True) -> dict[str, Any]:
     """Time every train variant side by side, plus the rectifier / teacher breakdown."""
     inputs = make_inputs(spec)
     cases: dict[str, TrainCase] = {}
@@ -517,8 +573,13 @@ def bench_train(
     times = time_round_robin(fns, spec.repeats, spec.warmup, _sync(device))
     flops = {m: count_flops(cases[TrainVariant(m, "none", False).name]) for m in METHODS}
     mem = measure_memory(spec, [c.variant for c in cases.values()]) if memory else {}
-    return {"cases": cases, "times": times, "flops": flops, "memory_mib": mem,
-            "teacher_mib": teacher_bytes / 2**20}  # fmt: skip
+    return {
+        "cases": cases,
+        "times": times,
+        "flops": flops,
+        "memory_mib": mem,
+        "teacher_mib": teacher_bytes / 2**20,
+    }
 
 
 def train_rows(
@@ -535,16 +596,23 @@ def train_rows(
         nchw = med[TrainVariant(v.method, v.amp, False).name]
         flops = raw["flops"][v.method]
         row = {
-            "name": name, "method": v.method, "precision": _amp_name(v.amp), "format": fmt,
-            "median_s": m, "times_s": t[name], "spread": (max(t[name]) - min(t[name])) / m,
-            "images_per_s": 2 * spec.batch / m, "ratio_to_st": m / st,
+            "name": name,
+            "method": v.method,
+            "precision": _amp_name(v.amp),
+            "format": fmt,
+            "median_s": m,
+            "times_s": t[name],
+            "spread": (max(t[name]) - min(t[name])) / m,
+            "images_per_s": 2 * spec.batch / m,
+            "ratio_to_st": m / st,
             "bf16_speedup": fp32 / m if v.amp != "none" else None,
             "channels_last_speedup": nchw / m if v.channels_last else None,
             "rectifier_s": med.get(f"rectifier/{name}"),
             "teacher_forward_s": med[f"teacher/{_amp_name(v.amp)}/{fmt}"],
             "peak_mib": raw["memory_mib"].get(name),
-            "flops": flops, "tflops_per_s": flops / m / 1e12,
-        }  # fmt: skip
+            "flops": flops,
+            "tflops_per_s": flops / m / 1e12,
+        }
         if peak_tflops:
             row["mfu"] = row["tflops_per_s"] / peak_tflops
         rows.append(row)
@@ -559,12 +627,19 @@ def simple_rows(times: dict[str, list[float]], images: int, base: str) -> list[d
     for name, ts in times.items():
         group, what, prec = name.split("/")
         m = med[name]
-        rows.append({
-            "name": name, "what": what, "precision": prec, "median_s": m, "times_s": ts,
-            "spread": (max(ts) - min(ts)) / m, "images_per_s": images / m,
-            f"ratio_to_{base}": m / med[f"{group}/{base}/{prec}"],
-            "bf16_speedup": med[f"{group}/{what}/fp32"] / m if prec != "fp32" else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "what": what,
+                "precision": prec,
+                "median_s": m,
+                "times_s": ts,
+                "spread": (max(ts) - min(ts)) / m,
+                "images_per_s": images / m,
+                f"ratio_to_{base}": m / med[f"{group}/{base}/{prec}"],
+                "bf16_speedup": med[f"{group}/{what}/fp32"] / m if prec != "fp32" else None,
+            }
+        )
     return rows
 
 
@@ -578,21 +653,575 @@ def evaluate_targets(rows: list[dict[str, Any]], teacher_mib: float) -> list[dic
     out = []
     for r in rows:
         if r["method"] in ("bank_one", "bank_all"):
-            out.append({"target": "bank step / ST step", "variant": r["name"],
-                        "value": r["ratio_to_st"], "limit": f"<= {BANK_TARGET:.2f}",
-                        "pass": r["ratio_to_st"] <= BANK_TARGET})  # fmt: skip
+            out.append(
+                {
+                    "target": "bank step / ST step",
+                    "variant": r["name"],
+                    "value": r["ratio_to_st"],
+                    "limit": f"<= {BANK_TARGET:.2f}",
+                    "pass": r["ratio_to_st"] <= BANK_TARGET,
+                }
+            )
             st = by[TrainVariant("st", *_key(r)).name]
             if r["peak_mib"] is not None and st["peak_mib"] is not None:
                 limit = st["peak_mib"] + teacher_mib
-                out.append({"target": "peak memory <= ST + teacher (MiB)", "variant": r["name"],
-                            "value": r["peak_mib"], "limit": f"<= {limit:.0f}",
-                            "pass": r["peak_mib"] <= limit})  # fmt: skip
+                out.append(
+                    {
+                        "target": "peak memory <= ST + teacher (MiB)",
+                        "variant": r["name"],
+                        "value": r["peak_mib"],
+                        "limit": f"<= {limit:.0f}",
+                        "pass": r["peak_mib"] <= limit,
+                    }
+                )
         if r["bf16_speedup"] is not None:
-            out.append({"target": "bf16 speed-up over fp32", "variant": r["name"],
-                        "value": r["bf16_speedup"], "limit": f">= {BF16_TARGET:.2f}",
-                        "pass": r["bf16_speedup"] >= BF16_TARGET})  # fmt: skip
+            out.append(
+                {
+                    "target": "bf16 speed-up over fp32",
+                    "variant": r["name"],
+                    "value": r["bf16_speedup"],
+                    "limit": f">= {BF16_TARGET:.2f}",
+                    "pass": r["bf16_speedup"] >= BF16_TARGET,
+                }
+            )
     return out
 
 
 def _key(row: dict[str, Any]) -> tuple[str, bool]:
     return ("none" if row["precision"] == "fp32" else row["precision"], row["format"] == "cl")
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def _ms(x: float) -> str:
+    return f"{1e3 * x:.0f} ms"
+
+
+def _bank_finding(r: dict[str, Any], st: dict[str, Any], batch: int) -> str:
+    extra, teach = r["median_s"] - st["median_s"], r["teacher_forward_s"]
+    share = teach / st["median_s"]
+    text = (
+        f"`{r['name']}` is {r['ratio_to_st']:.2f}x the ST step ({_ms(extra)} more). Timed "
+        f"alone, its rectifier takes {_ms(r['rectifier_s'])} and the teacher forward on the "
+        f"{batch} unlabeled images {_ms(teach)}, i.e. {share:.0%} of the ST step. "
+    )
+    if 1 + share > BANK_TARGET:
+        return text + (
+            f"The teacher forward alone exceeds the {BANK_TARGET - 1:.0%} budget: it is an "
+            f"inference forward of the same network on half the images the student trains on "
+            f"(forward + backward), so with this teacher a bank-mode step cannot cost less than "
+            f"about {1 + share:.2f}x ST; the rest of the gap is CISC maps, rectified loss and "
+            "noise."
+        )
+    return text + (
+        "The teacher forward fits the budget; the rest of the gap comes from the CISC maps, the "
+        "rectified loss and noise (see the profile below)."
+    )
+
+
+def findings(
+    rows: list[dict[str, Any]],
+    targets: list[dict[str, Any]],
+    spec: BenchSpec,
+    profiles: dict[str, list[dict[str, Any]]],
+) -> list[str]:
+    """Sentences explaining each failed target, computed from the measured figures."""
+    by = {r["name"]: r for r in rows}
+    out = []
+    q = by.get("query/fp32/nchw")
+    if q:
+        out.append(
+            f"Query mode (the authors' scheme, teacher on the unlabeled AND the queried "
+            f"batch) measures {q['ratio_to_st']:.2f}x the ST step in fp32 (the issue "
+            "quotes 1.26-1.32x on this CPU)."
+        )
+    for t in (t for t in targets if not t["pass"]):
+        r = by[t["variant"]]
+        if t["target"].startswith("bank step"):
+            out.append(_bank_finding(r, by[TrainVariant("st", *_key(r)).name], spec.batch))
+        elif t["target"].startswith("bf16"):
+            out.append(
+                f"`{r['name']}`: bf16 is only {r['bf16_speedup']:.2f}x faster than fp32 "
+                f"(target {BF16_TARGET:.1f}x); see the fp32 vs bf16 profile below for "
+                "the ops that do not speed up."
+            )
+        else:
+            out.append(
+                f"`{r['name']}`: peak {r['peak_mib']:.0f} MiB, above the limit "
+                f"{t['limit'][3:]} MiB (ST peak + teacher weights)."
+            )
+    for title, prof in profiles.items():
+        top = ", ".join(f"{p['op']} {p['a_ms']:.0f}->{p['b_ms']:.0f} ms" for p in prof[:4])
+        out.append(f"Profile, {title} (self CPU time per op, one step each): {top}.")
+    return out
+
+
+def run_profiles(cases: dict[str, TrainCase]) -> dict[str, list[dict[str, Any]]]:
+    """torch.profiler comparisons of one step: ST vs bank (fp32), fp32 vs bf16 (ST)."""
+    c = {
+        k: cases[TrainVariant(*k, False).name]
+        for k in [("st", "none"), ("bank_one", "none"), ("st", "bf16")]
+    }
+    return {
+        "ST -> bank_one (fp32, nchw)": compare_profiles(c["st", "none"], c["bank_one", "none"]),
+        "ST fp32 -> ST bf16 (nchw)": compare_profiles(c["st", "none"], c["st", "bf16"]),
+    }
+
+
+# --------------------------------------------------------------------------- run + report
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """CPU model and flags, cores, threads, versions, accelerator, load average."""
+    cpu, flags = platform.processor() or "unknown", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("unknown", platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "avx512_bf16": "avx512_bf16" in flags.split(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "load_avg_start": list(os.getloadavg()),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run_bench(
+    spec: BenchSpec,
+    groups: Sequence[str] = ("train", "pseudo", "select"),
+    *,
+    peak_tflops: float | None = None,
+    memory: bool = True,
+    profile: bool | None = None,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run the requested groups and return the result (what the JSON file holds).
+
+    ``profile``: None = profile only when a target fails; True / False = always / never.
+    """
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = torch.device(spec.device)
+    result: dict[str, Any] = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command,
+        "machine": machine_info(device),
+        "settings": asdict(spec),
+        "peak_tflops": peak_tflops,
+        "train": [],
+        "pseudo": [],
+        "select": [],
+        "targets": [],
+        "findings": [],
+        "profiles": {},
+    }
+    t0 = time.perf_counter()
+    if "train" in groups:
+        raw = bench_train(spec, device, memory)
+        result["train"] = train_rows(raw, spec, peak_tflops)
+        result["teacher_mib"] = raw["teacher_mib"]
+        result["targets"] = evaluate_targets(result["train"], raw["teacher_mib"])
+        failed = any(not t["pass"] for t in result["targets"])
+        if profile or (profile is None and failed):
+            result["profiles"] = run_profiles(raw["cases"])
+        result["findings"] = findings(result["train"], result["targets"], spec, result["profiles"])
+        del raw
+    sync = _sync(device)
+    if "pseudo" in groups:
+        times = time_round_robin(pseudo_cases(spec, device), spec.repeats, spec.warmup, sync)
+        result["pseudo"] = simple_rows(times, 1, "single")
+    if "select" in groups:
+        with tempfile.TemporaryDirectory(prefix="ciscr-bench-") as tmp:
+            cases = select_cases(spec, device, Path(tmp))
+            times = time_round_robin(cases, spec.repeats, spec.warmup, sync)
+        result["select"] = simple_rows(times, spec.select_images, "prototypes")
+    result["machine"]["load_avg_end"] = list(os.getloadavg())
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def _f(x: Any, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table, columns padded so it also reads well on a terminal."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return [line(headers), rule, *(line(r) for r in rows)]
+
+
+def _train_table(res: dict[str, Any]) -> list[str]:
+    mfu = res["peak_tflops"] is not None
+    head = [
+        "variant",
+        "median s",
+        "images/s",
+        "x ST",
+        "bf16 x",
+        "cl x",
+        "rectifier s",
+        "peak MiB",
+        "TFLOP/s",
+        *(["MFU"] if mfu else []),
+        "spread",
+    ]
+    rows = [
+        [
+            r["name"],
+            _f(r["median_s"]),
+            _f(r["images_per_s"], ".2f"),
+            _f(r["ratio_to_st"], ".2f"),
+            _f(r["bf16_speedup"], ".2f"),
+            _f(r["channels_last_speedup"], ".2f"),
+            _f(r["rectifier_s"]),
+            _f(r["peak_mib"], ".0f"),
+            _f(r["tflops_per_s"], ".4f"),
+            *([_f(r.get("mfu"), ".1%")] if mfu else []),
+            _f(r["spread"], ".0%"),
+        ]
+        for r in res["train"]
+    ]
+    return _table(head, rows)
+
+
+def _teacher_table(res: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            f"{r['precision']}/{r['format']}",
+            _f(r["teacher_forward_s"]),
+            _f(r["teacher_forward_s"] / r["median_s"], ".1%"),
+        ]
+        for r in res["train"]
+        if r["method"] == "st"
+    ]
+    return _table(["precision/format", "teacher forward s", "share of the ST step"], rows)
+
+
+def _simple_table(rows: list[dict[str, Any]], base: str) -> list[str]:
+    key = f"ratio_to_{base}"
+    body = [
+        [
+            r["name"],
+            _f(r["median_s"]),
+            _f(r["images_per_s"], ".2f"),
+            _f(r[key], ".2f"),
+            _f(r["bf16_speedup"], ".2f"),
+            _f(r["spread"], ".0%"),
+        ]
+        for r in rows
+    ]
+    return _table(["variant", "median s", "images/s", f"x {base}", "bf16 x", "spread"], body)
+
+
+def _target_table(res: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            t["target"],
+            t["variant"],
+            _f(t["value"], ".2f"),
+            t["limit"],
+            "PASS" if t["pass"] else "FAIL",
+        ]
+        for t in res["targets"]
+    ]
+    return _table(["target", "variant", "value", "limit", "result"], rows)
+
+
+def _header(res: dict[str, Any]) -> list[str]:
+    m, s = res["machine"], res["settings"]
+    la0, la1 = m["load_avg_start"][0], m.get("load_avg_end", [float("nan")])[0]
+    busy = max(la0, la1) > 0.5 * (m["cores"] or 1)
+    dev = m.get("gpu") or f"{m['cpu']} ({m['cores']} cores, {m['threads']} torch threads)"
+    return [
+        f"# ciscr bench: {dev}",
+        "",
+        "> "
+        + (
+            "NOISY: other processes were using this machine during the run "
+            if busy
+            else "The machine looked idle during the run "
+        )
+        + f"(1-min load average {la0:.1f} at the start, {la1:.1f} at the end, {m['cores']} cores)."
+        " Absolute times are noisy; the ratios were measured side by side (round-robin) and are"
+        " more robust. Rerun the same command on a quiet machine for final figures.",
+        "",
+        f"- date: {res['date']}",
+        f"- command: `{res['command']}`",
+        f"- machine: {m['cpu']}, {m['cores']} cores, avx512_bf16 {m['avx512_bf16']}, torch "
+        f"{m['torch']}, {m['threads']} threads, python {m['python']}, {m['platform']}",
+        f"- device: {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else ""),
+        f"- sizes: {s['backbone']}, {s['classes']} classes, C={s['channels']}, crop {s['crop']}, "
+        f"batch {s['batch']} labeled + {s['batch']} unlabeled per step; pseudo/select images "
+        f"{s['image_h']}x{s['image_w']}; median of {s['repeats']} runs after {s['warmup']} "
+        f"warm-up rounds; wall time {res.get('wall_s', 0):.0f} s",
+    ]
+
+
+METHOD_NOTES = """\
+## How it is measured
+
+- Each group is timed round-robin: every round runs every variant once, the starting variant
+  rotates each round, and each figure is the median over the timed rounds; `spread` is
+  (max - min) / median of those runs. `x ST` divides by the ST step of the same precision and
+  memory format; `bf16 x` is fp32 time / bf16 time; `cl x` is NCHW time / channels_last time.
+- Train step = `ciscr.engine.train._one_step` with `retrain_step` (forward, loss, backward,
+  SGD step, scheduler), on random-init models and random images with blob labels; images/s
+  counts the labeled and the unlabeled images of the step. Query mode serves its queried
+  labeled images from memory (the real dataset reads and augments files: query mode is
+  flattered); the bank holds random prototypes (its one-off computation is the `select/
+  prototypes` row). `rectifier s`: the rectifier alone (teacher forward + CISC maps) and
+  `teacher forward s`: the teacher alone on the unlabeled batch, timed in the same rounds.
+- Peak memory (CPU): every variant runs 2 steps in a fresh process forked from a clean server
+  (only this module imported) that builds only that variant's models, optimizer and inputs;
+  the figure is its peak resident set size (`ru_maxrss`) minus its resident size at start.
+  On CUDA: `torch.cuda.max_memory_allocated` above the memory allocated before building.
+  The target compares it with ST's peak + the teacher's weights and buffers.
+- FLOPs: one fp32 step per method under `torch.utils.flop_counter.FlopCounterMode`
+  (convolutions and matmuls, forward + backward, teacher included); TFLOP/s = FLOPs / median
+  step time; MFU = TFLOP/s / the peak given by `--peak-tflops` (default 989 on CUDA).
+- Pseudo-labelling: one full image, `predict_logits` + argmax as `ciscr.pseudo` does it (image
+  decoding and PNG writing excluded); TTA = scales 0.5, 0.75, 1.0, 1.5, 2.0 x horizontal flip.
+- Selection: the real `compute_labeled_prototypes` (one view) and `image_distances` over
+  image files written to a temporary folder (decoding included).
+"""
+
+
+def format_report(res: dict[str, Any]) -> str:
+    """The markdown report (also what is printed on stdout)."""
+    out = _header(res)
+    if res["train"]:
+        out += [
+            "",
+            "## Train step",
+            "",
+            *_train_table(res),
+            "",
+            "Teacher forward on the unlabeled batch, timed alone:",
+            "",
+            *_teacher_table(res),
+        ]
+        if res.get("teacher_mib") is not None:
+            out += ["", f"Teacher weights and buffers: {res['teacher_mib']:.0f} MiB."]
+    if res["pseudo"]:
+        out += ["", "## Pseudo-labelling (one image)", "", *_simple_table(res["pseudo"], "single")]
+    if res["select"]:
+        out += [
+            "",
+            f"## Selection ({res['settings']['select_images']} images per run)",
+            "",
+            *_simple_table(res["select"], "prototypes"),
+        ]
+    if res["targets"]:
+        n_pass = sum(t["pass"] for t in res["targets"])
+        out += ["", f"## Targets: {n_pass} of {len(res['targets'])} pass", "", *_target_table(res)]
+    if res["findings"]:
+        out += ["", "## Findings (generated from the figures above)", ""]
+        out += [f"- {f}" for f in res["findings"]]
+    for title, prof in res["profiles"].items():
+        out += [
+            "",
+            f"### Profile: {title}",
+            "",
+            *_table(
+                ["op", "before ms", "after ms", "difference ms"],
+                [
+                    [p["op"], _f(p["a_ms"], ".1f"), _f(p["b_ms"], ".1f"), _f(p["diff_ms"], "+.1f")]
+                    for p in prof
+                ],
+            ),
+        ]
+    return "\n".join([*out, "", METHOD_NOTES])
+
+
+def write_results(res: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """``speed_<device type>.md`` and ``.json`` in ``out_dir`` (atomic writes)."""
+    from ciscr.utils.io import atomic_write_json, atomic_write_text
+
+    name = f"speed_{torch.device(res['settings']['device']).type}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
+    atomic_write_json(js, res)
+    atomic_write_text(md, format_report(res))
+    return md, js
+
+
+# --------------------------------------------------------------------------- CLI
+
+GROUPS = ("train", "pseudo", "select")
+_SIZE_ARGS = ("batch", "crop", "classes", "channels", "repeats", "warmup")
+
+
+def _parse_only(text: str) -> tuple[str, ...]:
+    groups = tuple(g.strip() for g in text.split(",") if g.strip())
+    bad = [g for g in groups if g not in GROUPS]
+    if bad or not groups:
+        raise ConfigError(f"--only {text}: choose among {','.join(GROUPS)}")
+    return groups
+
+
+def spec_from_args(args: argparse.Namespace) -> BenchSpec:
+    """Sizes from the command line; ``--quick`` fills in tiny values for those not given."""
+    from ciscr.dist import resolve_device
+
+    base = BenchSpec(**QUICK) if args.quick else BenchSpec()
+    given = {k: getattr(args, k) for k in _SIZE_ARGS if getattr(args, k) is not None}
+    for k, v in given.items():
+        if v < (0 if k == "warmup" else 1):
+            raise ConfigError(f"--{k} {v}: must be >= {0 if k == 'warmup' else 1}")
+    if args.image_size:
+        try:
+            h, w = (int(v) for v in args.image_size.lower().split("x"))
+        except ValueError:
+            raise ConfigError(
+                f"--image-size {args.image_size}: expected HxW, e.g. 360x480"
+            ) from None
+        given.update(image_h=h, image_w=w)
+    if args.select_images is not None:
+        given["select_images"] = max(1, args.select_images)
+    device = resolve_device(args.device)
+    return replace(base, backbone=args.backbone, device=str(device), threads=args.threads, **given)
+
+
+def command_line(args: argparse.Namespace, spec: BenchSpec) -> str:
+    """The full command that reproduces this run (every size spelled out)."""
+    parts = [
+        "ciscr",
+        "bench",
+        "--backbone",
+        spec.backbone,
+        "--batch",
+        str(spec.batch),
+        "--crop",
+        str(spec.crop),
+        "--classes",
+        str(spec.classes),
+        "--channels",
+        str(spec.channels),
+        "--repeats",
+        str(spec.repeats),
+        "--warmup",
+        str(spec.warmup),
+        "--image-size",
+        f"{spec.image_h}x{spec.image_w}",
+        "--select-images",
+        str(spec.select_images),
+        "--device",
+        args.device,
+        "--only",
+        args.only,
+    ]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    if args.peak_tflops is not None:
+        parts += ["--peak-tflops", str(args.peak_tflops)]
+    if args.no_memory:
+        parts.append("--no-memory")
+    if args.quick:
+        parts.append("--quick")
+    if args.out is not None:
+        parts += ["--out", str(args.out)]
+    return shlex.join(parts)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``ciscr bench``: run, print the report, write it under ``--out`` if given."""
+    spec = spec_from_args(args)
+    groups = _parse_only(args.only)
+    peak = args.peak_tflops
+    if peak is None and spec.device.startswith("cuda"):
+        peak = DEFAULT_PEAK_TFLOPS
+    profile = True if args.profile else (False if args.quick else None)
+    res = run_bench(
+        spec,
+        groups,
+        peak_tflops=peak,
+        memory=not args.no_memory,
+        profile=profile,
+        command=command_line(args, spec),
+    )
+    print(format_report(res))
+    if args.out is not None:
+        md, js = write_results(res, args.out)
+        print(f"wrote {md} and {js}")
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    """Add ``ciscr bench`` to the CLI (called by ciscr.cli while it builds its parser)."""
+    from ciscr.cli import command
+
+    p = sub.add_parser(
+        "bench",
+        help="speed: train step (ST vs CISC-R), pseudo-labelling, selection",
+        description="Times ST vs CISC-R (query / bank) train steps in fp32 / bf16 / "
+        "channels_last, pseudo-labelling with and without TTA and selection, side by side; "
+        "prints a table and (with --out) writes speed_<device>.md and .json.",
+    )
+    p.add_argument("--backbone", default="mobilenet_v2", help="default mobilenet_v2")
+    p.add_argument("--batch", type=int, help="labeled = unlabeled batch per step (default 8)")
+    p.add_argument("--crop", type=int, help="train crop side (default 192)")
+    p.add_argument("--classes", type=int, help="number of classes (default 11, CamVid)")
+    p.add_argument("--channels", type=int, help="feature channels C (default 256)")
+    p.add_argument("--repeats", type=int, help="timed rounds; figures are medians (default 7)")
+    p.add_argument("--warmup", type=int, help="untimed rounds first (default 2)")
+    p.add_argument("--image-size", metavar="HxW", help="pseudo/select image (default 360x480)")
+    p.add_argument("--select-images", type=int, help="images per selection run (default 4)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--out", type=Path, help="write speed_<device>.md/.json here")
+    p.add_argument("--only", default=",".join(GROUPS), help="comma list of train,pseudo,select")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help=f"peak for MFU (default {DEFAULT_PEAK_TFLOPS:g} on CUDA: H100/H200 bf16)",
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="always add torch.profiler comparisons (default: when a target fails)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for tests and CI")
+    command("bench")(cmd_bench)
+
+
+__all__ = [
+    "BenchSpec",
+    "TrainVariant",
+    "blob_labels",
+    "cmd_bench",
+    "compare_profiles",
+    "count_flops",
+    "evaluate_targets",
+    "format_report",
+    "make_rectifier",
+    "make_train_case",
+    "measure_memory",
+    "pseudo_cases",
+    "register_cli",
+    "run_bench",
+    "select_cases",
+    "time_round_robin",
+    "train_rows",
+    "train_variants",
+    "variant_memory",
+    "write_results",
+]

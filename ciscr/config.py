@@ -61,6 +61,10 @@ class DataCfg(BaseModel):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_workers: int = Field(0, ge=0)
+    check: bool = Field(
+        True, description="decode and check every unlabeled / val image and mask before "
+        "training (labeled ones are always checked)"
+    )
     max_val_images: int = Field(0, ge=0, description="evaluate on the first N val images (0 = all)")
     synthetic: SyntheticCfg = SyntheticCfg()
 

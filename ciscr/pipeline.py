@@ -113,7 +113,11 @@ def setup_run(cfg: Config, run_dir: Path, device: torch.device) -> RunContext:
         )
     if cfg.model.pretrained:
         build_backbone(cfg.model.backbone, cfg.model.output_stride, cfg.model.pretrained)
-    groups = {"labeled": labeled, "unlabeled": unlabeled, "val": val}
+    # The labeled set is always checked (it is small and its classes are needed); a user with a
+    # huge, trusted pool may skip decoding every unlabeled / val image up front.
+    groups = {"labeled": labeled}
+    if cfg.data.check:
+        groups.update(unlabeled=unlabeled, val=val)
     present = validate_samples(groups, info.num_classes, cfg.data.ignore_index,
                                run_dir=run_dir, progress=cfg.train.progress)
     _warn_unlabeled_classes(info, present)
@@ -285,7 +289,7 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
         masks = [read_mask(s.mask, ctx.info.num_classes, d.ignore_index) for s in ctx.labeled]
         present = class_presence(masks, ctx.info.num_classes)
         pairs = PairDataset(ds, present, ctx.background, ctx.cfg.seed)
-        streams = {"pairs": Stream(pairs, max(1, t.batch_size // 2), rep)}
+        streams = {"pairs": Stream(pairs, max(1, t.batch_size // 2), rep, images_per_item=2)}
         step = pair_step(True, m.cisc_weight, d.ignore_index)
         epoch_stream = "pairs"
     else:

@@ -141,8 +141,7 @@ def predict_dataset(
                 flip=kw.get("flip", False),
                 amp=kw.get("amp", "none"),
             )
-            for sid, p in zip(ids, pred.to(torch.uint8).cpu().numpy(), strict=True):
-                yield sid, p
+            yield from zip(ids, pred.to(torch.uint8).cpu().numpy(), strict=True)
 
 
 # Images of equal size are predicted together: a batch of 8 small images runs several times
@@ -151,19 +150,29 @@ PREDICT_BATCH = 8
 
 
 def _same_size_batches(samples, mean, std, device, batch_size: int):
-    """Consecutive samples of the same size, up to ``batch_size``, loaded: [(sample, x)]."""
-    group: list[tuple[Sample, torch.Tensor]] = []
-    for s in samples:
-        x = load_eval_image(s, mean, std, device)
-        if group and group[0][1].shape != x.shape:
+    """Loaded batches ``[(sample, x)]``: runs of equal-size images inside fixed chunks.
+
+    Chunks are ``samples[i : i + batch_size]`` at multiples of ``batch_size``, so a batch never
+    depends on what precedes it: :func:`shard_chunks` hands whole chunks to ranks, and every
+    image is then predicted in exactly the batch it gets in a single-process run (float results
+    of a convolution can depend on the batch it runs in).
+    """
+    for start in range(0, len(samples), batch_size):
+        group: list[tuple[Sample, torch.Tensor]] = []
+        for s in samples[start : start + batch_size]:
+            x = load_eval_image(s, mean, std, device)
+            if group and group[0][1].shape != x.shape:
+                yield group
+                group = []
+            group.append((s, x))
+        if group:
             yield group
-            group = []
-        group.append((s, x))
-        if len(group) == batch_size:
-            yield group
-            group = []
-    if group:
-        yield group
+
+
+def shard_chunks(samples: Sequence[Sample], batch_size: int = PREDICT_BATCH) -> list[Sample]:
+    """This rank's share of ``samples`` in whole prediction chunks (see _same_size_batches)."""
+    chunks = [list(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+    return [s for chunk in dist.shard(chunks) for s in chunk]
 
 
 def _check_unique(samples: Sequence[Sample]) -> None:
@@ -227,7 +236,7 @@ def pseudo_label(
 ) -> dict[str, Any]:
     """Write the TTA pseudo label of every sample to ``out_dir/<id>.png``, atomically as a set.
 
-    Under torchrun every rank labels ``dist.shard(samples)`` into rank 0's temporary folder
+    Under torchrun every rank labels whole chunks of ``samples`` (:func:`shard_chunks`) into rank 0's temporary folder
     (which must be on a shared filesystem); rank 0 renames it into place after a barrier. The
     model is used in eval mode and left in the mode it came in.
 
@@ -253,7 +262,7 @@ def pseudo_label(
         # Everyone writes into rank 0's temp folder; gathering its name also acts as a barrier
         # guaranteeing the folder exists before anyone writes.
         work = Path(dist.all_gather_object(str(work) if work is not None else None)[0])
-        mine = dist.shard(samples)
+        mine = shard_chunks(samples)
         scored = _label_part(
             model,
             mine,

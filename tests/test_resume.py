@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ciscr.cli import main
 from ciscr.engine.checkpoint import load_checkpoint
@@ -139,6 +141,8 @@ def test_reference_run_is_nontrivial(reference: Path) -> None:
     # Guards the comparisons below against comparing empty or degenerate artefacts.
     pngs = list((reference / "pseudo0" / "labels").glob("*.png"))
     assert len(pngs) == 16  # 24 pool images, 8 labeled
+    labels = [set(np.unique(np.asarray(Image.open(p))).tolist()) for p in pngs]
+    assert any(len(found) > 1 for found in labels)  # not a constant prediction
     sel = json.loads((reference / "selection" / "unlabeled_split.json").read_text())
     assert len(sel["reliable"]) == 8 and len(sel["unreliable"]) == 8
     scores = [e["score"] for e in sel["reliable"] + sel["unreliable"]]

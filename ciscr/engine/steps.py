@@ -115,7 +115,7 @@ class Rectifier:
         if self.classes == "all":
             return {"cmaps": self._all_class_maps(feats, y_u, size, g)}
         cls = self._pick_classes(y_u, g)
-        protos, cls = self._prototypes(cls, g, it, feats.device)
+        protos, cls = self._prototypes(cls, g, it, feats.device, feats.shape[1])
         if protos.dim() == 3:  # several prototypes per class (Table 3): max over them
             return {"cmap": cisc.cisc_map_multi(feats, protos, size), "cls": cls}
         return {"cmap": cisc.cisc_map(feats, protos, size), "cls": cls}
@@ -133,8 +133,9 @@ class Rectifier:
         ids = self.query_lists[k]
         return ids[int(torch.randint(len(ids), (1,), generator=g))]
 
-    def _prototypes(self, cls: torch.Tensor, g: torch.Generator, it: int, device) -> tuple:
-        c = self._feature_dim(device)
+    def _prototypes(self, cls: torch.Tensor, g: torch.Generator, it: int, device, c: int) -> tuple:
+        # c = the teacher's feature width, read off the features already computed (a probe
+        # forward per step used to find it when there is no bank / anchor).
         protos = torch.zeros(len(cls), c, device=device)
         if self.mode == "anchor":
             ok = cls >= 0
@@ -170,12 +171,6 @@ class Rectifier:
         cls = cls.clone()
         cls[rows[empty]] = -1  # the class was cropped out of the query image
         return protos, cls
-
-    def _feature_dim(self, device) -> int:
-        for t in (self.bank, self.anchors):
-            if t is not None:
-                return t.shape[-1]
-        return int(self.features(torch.zeros(1, 3, 32, 32, device=device)).shape[1])
 
     def _all_class_maps(self, feats, y_u, size, g) -> torch.Tensor:
         b, k = y_u.shape[0], self.num_classes

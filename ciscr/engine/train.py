@@ -47,6 +47,9 @@ class Stream:
     dataset: Dataset
     batch_size: int
     repeat: int = 1
+    # Images an item contributes (2 for stage-1 pairs): an epoch is one pass over the images,
+    # so SupOnly and SupOnly + L_CISC train for the same number of steps.
+    images_per_item: int = 1
 
 
 class IndexStream:
@@ -131,7 +134,8 @@ def stream_loader(
 def iters_per_epoch(stream: Stream, cfg: TrainCfg) -> int:
     if cfg.iters_per_epoch:
         return cfg.iters_per_epoch
-    return max(1, math.ceil(len(stream.dataset) * stream.repeat / stream.batch_size))  # type: ignore[arg-type]
+    images_per_step = stream.batch_size * stream.images_per_item
+    return max(1, math.ceil(len(stream.dataset) * stream.repeat / images_per_step))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- optimisation
