@@ -370,9 +370,14 @@ def median(xs: Sequence[float]) -> float:
 # --------------------------------------------------------------------------- memory
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _rss_bytes() -> tuple[int, int]:
+    """(resident bytes, of which file-backed): /proc/self/status VmRSS and RssFile."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssFile"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields.get("RssFile", 0)
 
 
 def variant_memory(spec_d: dict[str, Any], variant_d: dict[str, Any]) -> float:
@@ -380,7 +385,8 @@ def variant_memory(spec_d: dict[str, Any], variant_d: dict[str, Any]) -> float:
 
     CPU: run in a FRESH process (see :func:`measure_memory`), as the peak resident set size
     (``ru_maxrss``) minus the resident size when the process started (torch already
-    imported); a fresh process per variant is the only way ``ru_maxrss`` is per-variant.
+    imported) and minus the growth of its file-backed pages (library code paged in); a fresh
+    process per variant is the only way ``ru_maxrss`` is per-variant.
     CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before building.
     """
     spec, variant = BenchSpec(**spec_d), TrainVariant(**variant_d)
@@ -402,7 +408,10 @@ def variant_memory(spec_d: dict[str, Any], variant_d: dict[str, Any]) -> float:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # KiB on Linux
+        # Library code (libtorch, oneDNN kernels) is paged in as the variant first runs it;
+        # that file-backed growth is not the variant's memory, so it is subtracted.
+        code = _rss_bytes()[1] - base[1]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base[0] - code
     return peak / 2**20
 
 
@@ -991,7 +1000,8 @@ METHOD_NOTES = """\
   `teacher forward s`: the teacher alone on the unlabeled batch, timed in the same rounds.
 - Peak memory (CPU): every variant runs 2 steps in a fresh process forked from a clean server
   (only this module imported) that builds only that variant's models, optimizer and inputs;
-  the figure is its peak resident set size (`ru_maxrss`) minus its resident size at start.
+  the figure is its peak resident set size (`ru_maxrss`) minus its resident size at start
+  and minus the growth of its file-backed pages (library code paged in on first use).
   On CUDA: `torch.cuda.max_memory_allocated` above the memory allocated before building.
   The target compares it with ST's peak + the teacher's weights and buffers.
 - FLOPs: one fp32 step per method under `torch.utils.flop_counter.FlopCounterMode`

@@ -75,11 +75,13 @@ def _load(args: argparse.Namespace, extra: list[str] | None = None):
 def cmd_train(args: argparse.Namespace) -> int:
     from ciscr.runner import run_training
 
-    # `train` is stage 1 alone: SupOnly unless the config asks for SupOnly + L_CISC.
+    # `train` is stage 1 alone: SupOnly unless the config asks for SupOnly + L_CISC. The
+    # unlabeled pool is not re-labelled for scoring (that is part of `run`'s reporting).
     cfg = _load(args)
-    if cfg.method.name != "suponly_cisc":
-        cfg = _load(args, ["method.name=suponly", "method.stage1_cisc_loss=false",
-                           "method.retrain=none", "method.rectify=none"])
+    preset = "suponly_cisc" if cfg.method.name == "suponly_cisc" else "suponly"
+    cfg = _load(args, [f"method.name={preset}", f"method.stage1_cisc_loss={preset != 'suponly'}",
+                       "method.retrain=none", "method.rectify=none",
+                       "method.score_final_pseudo=false"])
     run_training(cfg, args.out)
     return 0
 

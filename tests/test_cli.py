@@ -1,0 +1,65 @@
+"""The command line: train / eval / info / demo table, and argument handling."""
+
+import json
+
+import pytest
+
+from ciscr.cli import main
+from ciscr.demo import demo_table
+
+TINY = [
+    "data.synthetic.num_train=12", "data.synthetic.num_val=3", "data.synthetic.size=32",
+    "data.labeled=4", "train.epochs=1", "train.iters_per_epoch=2", "train.batch_size=4",
+    "train.crop_size=32", "train.progress=false", "model.channels=16",
+]
+
+
+def test_train_then_eval_reproduces_the_stage_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "synthetic", "--out", str(out), *TINY]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["stage1"]  # SupOnly only
+    assert "method: suponly" in capsys.readouterr().out
+    ckpt = out / "stage1" / "checkpoint.pt"
+    assert main(["eval", str(ckpt)]) == 0
+    written = json.loads((out / "stage1" / "checkpoint_eval_whole.json").read_text())
+    stage = json.loads((out / "stage1" / "metrics.json").read_text())
+    assert written["miou"] == pytest.approx(stage["miou"])
+    assert written["iteration"] == 2
+    assert "mIoU" in capsys.readouterr().out
+
+
+def test_eval_overrides_and_bad_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["eval", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err and err.count("\n") == 1
+
+
+def test_info_reports_versions(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for key in ("ciscr", "torch", "cpu threads", "cuda", "bf16 autocast (cpu)", "distributed"):
+        assert key in out
+
+
+def test_stray_arguments_are_rejected(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["train", "synthetic", "--out", "x", "--frobnicate"])
+    assert err.value.code == 2
+
+
+def test_overrides_may_follow_options(tmp_path):
+    out = tmp_path / "r"
+    assert main(["train", "synthetic", *TINY[:4], "--out", str(out), *TINY[4:]]) == 0
+    assert (out / "stage1" / "done.json").exists()
+
+
+def test_demo_table_lines_up_the_three_methods():
+    st = {"stages": {"stage1": {"val_miou": 0.30}, "pseudo0": {"pseudo_miou": 0.25},
+                     "pseudo_final": {"pseudo_miou": 0.35}}, "final_metrics": {"miou": 0.40}}
+    ci = {"stages": {"pseudo_final": {"pseudo_miou": 0.45}}, "final_metrics": {"miou": 0.5}}
+    table = demo_table(st, ci, {"st": 12.0, "ciscr": 30.0}).splitlines()
+    assert table[2].split()[-2:] == ["30.00", "25.00"]  # SupOnly = stage 1 of ST
+    assert table[3].split()[-3:] == ["40.00", "35.00", "12"]
+    assert table[4].split()[-3:] == ["50.00", "45.00", "30"]
