@@ -115,7 +115,7 @@ def read(path: Path) -> Any:
 
 def collect_run(args: argparse.Namespace, method: str, labeled: str, seed: int) -> dict | None:
     rd = run_dir(args, method, labeled, seed)
-    res = read(rd / "results.json")
+    res = read(rd / "results.json") or partial_results(rd, method)
     if res is None:
         return None
     if method == "suponly":
@@ -135,6 +135,21 @@ def collect_run(args: argparse.Namespace, method: str, labeled: str, seed: int) 
         "half_quality": {k: (v or {}).get("miou") for k, v in (half or {}).items()} or None,
         "wall_seconds": wall,
     }
+
+
+FINAL_STAGE = {"suponly": "stage1", "st": "stage2", "stpp": "stage3", "ciscr": "stage3",
+               "ciscr_bank": "stage3"}
+
+
+def partial_results(rd: Path, method: str) -> dict | None:
+    """A run whose final stage is trained but whose closing pseudo-label scoring was cut off:
+    its val mIoU is final; its 'after' pseudo-label mIoU is reported as n/a."""
+    final = FINAL_STAGE["st" if method == "suponly" else method]
+    if not (rd / final / "done.json").exists():
+        return None
+    stages = {p.name: read(p / "done.json") for p in sorted(rd.iterdir())
+              if (p / "done.json").exists()}
+    return {"stages": stages, "final_metrics": read(rd / final / "metrics.json")}
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:

@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import multiprocessing as mp
+import json
 import os
 import platform
 import resource
 import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -416,19 +418,62 @@ def variant_memory(spec_d: dict[str, Any], variant_d: dict[str, Any]) -> float:
 
 
 def measure_memory(spec: BenchSpec, variants: Sequence[TrainVariant]) -> dict[str, float]:
-    """MiB per variant name; on CPU each variant runs in its own forked worker process."""
+    """MiB per variant name; on CPU each variant runs in its own fresh forked process."""
     args = [(asdict(spec), asdict(v)) for v in variants]
     if spec.device.startswith("cuda"):
         return {v.name: variant_memory(*a) for v, a in zip(variants, args, strict=True)}
-    # forkserver: children fork from a clean server that has only imported this module, so
-    # each one starts small (never a copy of this process and its models), and quickly.
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["ciscr.bench"])
-    out = {}
-    with ctx.Pool(1, maxtasksperchild=1) as pool:  # one fresh process per variant
+    # A small server process imports this module once and forks one child per variant: each
+    # child starts small (never a copy of this process and its models) and quickly (torch is
+    # already imported). multiprocessing's forkserver would do the same but re-imports the
+    # caller's __main__, which breaks scripts without a main guard.
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    code = "from ciscr.bench import _memory_server; _memory_server()"
+    with subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as server:
+        out = {}
         for v, a in zip(variants, args, strict=True):
-            out[v.name] = pool.apply(variant_memory, a)
+            server.stdin.write(json.dumps(a) + "\n")
+            server.stdin.flush()
+            reply = server.stdout.readline()
+            if not reply.startswith(_RESULT):
+                raise RuntimeError(f"memory measurement of {v.name} failed (see stderr)")
+            out[v.name] = float(reply[len(_RESULT) :])
+        server.stdin.close()
     return out
+
+
+_RESULT = "ciscr-bench-memory "
+
+
+def _memory_server() -> None:
+    """stdin: one JSON ``[spec, variant]`` per line -> stdout: one result line per request,
+    each measured by :func:`variant_memory` in a fresh fork of this (otherwise idle) process."""
+    for line in sys.stdin:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, send the figure, leave without any cleanup
+            os.close(r)
+            code = 1
+            try:
+                os.write(w, repr(variant_memory(*json.loads(line))).encode())
+                code = 0
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as f:
+            value = f.read()
+        os.waitpid(pid, 0)
+        print(_RESULT + value if value else "failed", flush=True)
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -713,7 +758,7 @@ def _bank_finding(r: dict[str, Any], st: dict[str, Any], batch: int) -> str:
     text = (
         f"`{r['name']}` is {r['ratio_to_st']:.2f}x the ST step ({_ms(extra)} more). Timed "
         f"alone, its rectifier takes {_ms(r['rectifier_s'])} and the teacher forward on the "
-        f"{batch} unlabeled images {_ms(teach)}, i.e. {share:.0%} of the ST step. "
+        f"{batch} unlabeled images {_ms(teach)}, i.e. {share:.1%} of the ST step. "
     )
     if 1 + share > BANK_TARGET:
         return text + (
@@ -745,21 +790,24 @@ def findings(
             f"batch) measures {q['ratio_to_st']:.2f}x the ST step in fp32 (the issue "
             "quotes 1.26-1.32x on this CPU)."
         )
-    for t in (t for t in targets if not t["pass"]):
-        r = by[t["variant"]]
+    failed = [(t, by[t["variant"]]) for t in targets if not t["pass"]]
+    for t, r in failed:
         if t["target"].startswith("bank step"):
             out.append(_bank_finding(r, by[TrainVariant("st", *_key(r)).name], spec.batch))
-        elif t["target"].startswith("bf16"):
-            out.append(
-                f"`{r['name']}`: bf16 is only {r['bf16_speedup']:.2f}x faster than fp32 "
-                f"(target {BF16_TARGET:.1f}x); see the fp32 vs bf16 profile below for "
-                "the ops that do not speed up."
-            )
-        else:
-            out.append(
-                f"`{r['name']}`: peak {r['peak_mib']:.0f} MiB, above the limit "
-                f"{t['limit'][3:]} MiB (ST peak + teacher weights)."
-            )
+    slow = [f"`{r['name']}` {r['bf16_speedup']:.2f}x" for t, r in failed if "bf16" in t["target"]]
+    if slow:
+        out.append(
+            f"bf16 autocast misses the {BF16_TARGET:.1f}x speed-up over fp32 for: "
+            + ", ".join(slow)
+            + " (the fp32 -> bf16 profile below shows which ops do not get faster)."
+        )
+    mem = [
+        f"`{r['name']}` {r['peak_mib']:.0f} MiB (limit {t['limit'][3:]})"
+        for t, r in failed
+        if t["target"].startswith("peak memory")
+    ]
+    if mem:
+        out.append("Peak memory above ST's peak + the teacher's weights: " + ", ".join(mem) + ".")
     for title, prof in profiles.items():
         top = ", ".join(f"{p['op']} {p['a_ms']:.0f}->{p['b_ms']:.0f} ms" for p in prof[:4])
         out.append(f"Profile, {title} (self CPU time per op, one step each): {top}.")
@@ -957,20 +1005,26 @@ def _target_table(res: dict[str, Any]) -> list[str]:
 def _header(res: dict[str, Any]) -> list[str]:
     m, s = res["machine"], res["settings"]
     la0, la1 = m["load_avg_start"][0], m.get("load_avg_end", [float("nan")])[0]
-    busy = max(la0, la1) > 0.5 * (m["cores"] or 1)
+    # The load average counts this run's own threads too.
+    busy = max(la0, la1) > m["threads"] + 0.5
     dev = m.get("gpu") or f"{m['cpu']} ({m['cores']} cores, {m['threads']} torch threads)"
+    note = (
+        ("NOISY: other processes were using this machine during the run " if busy
+         else "The machine looked idle during the run ")
+        + f"(1-min load average {la0:.1f} at the start, {la1:.1f} at the end, {m['cores']} "
+        f"cores, {m['threads']} of them used here). Absolute times are noisy; the ratios were "
+        "measured side by side (round-robin) and are more robust. Rerun the same command on a "
+        "quiet machine for final figures."
+    )  # fmt: skip
+    if busy and m["threads"] > 1:
+        note += (
+            " With several torch threads on a busy machine every parallel op waits for threads "
+            "the OS has descheduled, so single runs can be 10-100x slow: prefer --threads 1."
+        )
     return [
         f"# ciscr bench: {dev}",
         "",
-        "> "
-        + (
-            "NOISY: other processes were using this machine during the run "
-            if busy
-            else "The machine looked idle during the run "
-        )
-        + f"(1-min load average {la0:.1f} at the start, {la1:.1f} at the end, {m['cores']} cores)."
-        " Absolute times are noisy; the ratios were measured side by side (round-robin) and are"
-        " more robust. Rerun the same command on a quiet machine for final figures.",
+        "> " + note,
         "",
         f"- date: {res['date']}",
         f"- command: `{res['command']}`",

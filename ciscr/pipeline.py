@@ -353,6 +353,9 @@ def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Samp
     if dist.is_main():
         atomic_write_json(out / "quality.json", quality)
     mark_done(out, {"num_images": len(samples), "pseudo_miou": quality.get("miou")})
+    score = quality.get("miou")
+    log.info("%s: %d images pseudo-labelled%s", name, len(samples),
+             "" if score is None else f", pseudo-label mIoU {100 * score:.2f} (vs ground truth)")
     return labels
 
 
@@ -387,6 +390,9 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
                         query_scores=distance_table(lab_ids, d_lab))
         _write_half_quality(ctx, out, pseudo0, reliable, unreliable)
     mark_done(out, {"reliable": len(reliable), "unreliable": len(unreliable)})
+    log.info("selection: %d reliable / %d unreliable unlabeled images (%s); query lists: %s",
+             len(reliable), len(unreliable), ctx.cfg.method.selection,
+             ", ".join(f"{ctx.info.class_names[k]} {len(v)}" for k, v in sorted(queries.items())))
     return read_selection(out, labeled_ids=lab_ids, unlabeled_ids=unl_ids)
 
 

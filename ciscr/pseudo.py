@@ -195,8 +195,11 @@ def _label_part(
     **pred_kw: Any,
 ) -> int:
     """Label this rank's samples into ``work``; returns how many were scored against gt."""
+    from tqdm.auto import tqdm
+
     scored = 0
-    every = max(1, len(samples) // 20)
+    bar = tqdm(total=len(samples), desc="pseudo-labelling", unit="img", dynamic_ncols=True,
+               disable=not (progress and dist.is_main()))
     for i, (sid, pred) in enumerate(predict_dataset(model, samples, **pred_kw)):
         s = samples[i]
         path = pseudo_path(work, sid)
@@ -212,8 +215,8 @@ def _label_part(
                 torch.from_numpy(gt.astype(np.int64)).unsqueeze(0).to(device),
             )
             scored += 1
-        if progress and dist.is_main() and ((i + 1) % every == 0 or i + 1 == len(samples)):
-            log.info("pseudo-labelled %d/%d images (this rank)", i + 1, len(samples))
+        bar.update(1)
+    bar.close()
     return scored
 
 

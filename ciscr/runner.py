@@ -47,12 +47,14 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
     if not dist.is_main():
         logging.getLogger("ciscr").setLevel(logging.ERROR)  # rank 0 alone logs and warns
     fresh = not out.exists()
+    lock, setup_failed = None, False
     try:
         _check_batch(cfg, info.world_size)
         problem = None
         if dist.is_main():
             try:
                 check_writable(out)
+                lock = lock_run_dir(out)
             except ConfigError as err:
                 problem = str(err)
         # Every rank raises the same error (a rank left waiting in a collective would hang).
@@ -63,7 +65,7 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
         try:
             ctx = setup_run(cfg, out, info.device)
         except CiscrError:
-            _remove_if_empty(out, fresh)  # bad input leaves no trace, not even an empty folder
+            setup_failed = True
             raise
         results = run_pipeline(ctx)
         if dist.is_main():
@@ -71,7 +73,42 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
             _write_report(out)
         return results
     finally:
+        unlock_run_dir(lock)
+        if setup_failed:
+            _remove_if_empty(out, fresh)  # bad input leaves no trace, not even an empty folder
         dist.cleanup()
+
+
+def lock_run_dir(out: Path):
+    """An exclusive lock on ``out/.lock`` for the life of the run (POSIX ``flock``).
+
+    Two processes training into one run directory would overwrite each other's checkpoints;
+    the lock turns that into a clear error. It disappears with the process, even on SIGKILL.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; run directories are simply not locked there
+        return None
+    f = open(out / ".lock", "a+")  # noqa: SIM115 - held open until unlock_run_dir
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(
+            f"--out {out}: another ciscr process is already running in this run directory; "
+            "wait for it to finish (then rerun to resume) or choose another --out"
+        ) from None
+    return f
+
+
+def unlock_run_dir(lock) -> None:
+    if lock is None:
+        return
+    import fcntl
+
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()
+    Path(lock.name).unlink(missing_ok=True)
 
 
 def _remove_if_empty(out: Path, fresh: bool) -> None:

@@ -63,3 +63,19 @@ def test_demo_table_lines_up_the_three_methods():
     assert table[2].split()[-2:] == ["30.00", "25.00"]  # SupOnly = stage 1 of ST
     assert table[3].split()[-3:] == ["40.00", "35.00", "12"]
     assert table[4].split()[-3:] == ["50.00", "45.00", "30"]
+
+
+def test_a_run_directory_is_used_by_one_process_at_a_time(tmp_path, capsys):
+    from ciscr.runner import lock_run_dir, unlock_run_dir
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    held = lock_run_dir(out)  # as if another ciscr process were training here
+    try:
+        assert main(["train", "synthetic", "--out", str(out), *TINY]) == 2
+        assert "another ciscr process is already running" in capsys.readouterr().err
+        assert not (out / "stage1").exists()
+    finally:
+        unlock_run_dir(held)
+    assert main(["train", "synthetic", "--out", str(out), *TINY]) == 0
+    assert not (out / ".lock").exists()

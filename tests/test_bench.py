@@ -1,0 +1,185 @@
+"""ciscr bench: the --quick run end to end, and the pieces with hand-computed values."""
+
+import json
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from ciscr import bench
+from ciscr.bench import BenchSpec, TrainVariant
+from ciscr.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(
+            [
+                "bench",
+                "--quick",
+                "--repeats",
+                "2",
+                "--no-memory",
+                "--threads",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+    assert code == 0
+    return json.loads((out / "speed_cpu.json").read_text()), buf.getvalue(), out
+
+
+def test_quick_run_has_every_variant_with_positive_medians(quick_run):
+    res, stdout, out = quick_run
+    names = {r["name"] for r in res["train"]}
+    assert names == {v.name for v in bench.train_variants()}
+    assert len(names) == 16
+    assert {r["name"] for r in res["pseudo"]} == {
+        "pseudo/single/fp32", "pseudo/single/bf16", "pseudo/tta/fp32", "pseudo/tta/bf16"
+    }  # fmt: skip
+    assert len(res["select"]) == 4
+    for r in res["train"] + res["pseudo"] + res["select"]:
+        assert len(r["times_s"]) == 2
+        assert r["median_s"] == pytest.approx(statistics.median(r["times_s"]))
+        assert r["median_s"] > 0 and r["images_per_s"] > 0
+    # The table is printed and written.
+    assert "| st/fp32/nchw" in stdout and "## Targets" in stdout
+    md = (out / "speed_cpu.md").read_text()
+    assert "## Train step" in md and "| bank_all/bf16/cl" in md
+    assert res["command"].startswith("ciscr bench --backbone mobilenet_v2 --batch 2 --crop 32")
+    assert res["machine"]["threads"] == 1 and res["machine"]["cores"] >= 1
+
+
+def test_quick_run_ratios_match_medians(quick_run):
+    res = quick_run[0]
+    med = {r["name"]: r["median_s"] for r in res["train"]}
+    batch = bench.QUICK["batch"]
+    for r in res["train"]:
+        fmt = r["format"]
+        assert r["ratio_to_st"] == pytest.approx(r["median_s"] / med[f"st/{r['precision']}/{fmt}"])
+        assert r["images_per_s"] == pytest.approx(2 * batch / r["median_s"])
+        assert r["tflops_per_s"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
+        if r["precision"] == "bf16":
+            fp32 = med[f"{r['method']}/fp32/{fmt}"]
+            assert r["bf16_speedup"] == pytest.approx(fp32 / r["median_s"])
+        else:
+            assert r["bf16_speedup"] is None
+        if fmt == "cl":
+            nchw = med[f"{r['method']}/{r['precision']}/nchw"]
+            assert r["channels_last_speedup"] == pytest.approx(nchw / r["median_s"])
+    # A CISC step does strictly more convolution work than the ST step.
+    flops = {r["method"]: r["flops"] for r in res["train"]}
+    assert (
+        flops["st"] > 0 and flops["bank_one"] > flops["st"] and flops["query"] > flops["bank_one"]
+    )
+    pmed = {r["name"]: r["median_s"] for r in res["pseudo"]}
+    tta = next(r for r in res["pseudo"] if r["name"] == "pseudo/tta/fp32")
+    assert tta["ratio_to_single"] == pytest.approx(
+        pmed["pseudo/tta/fp32"] / pmed["pseudo/single/fp32"]
+    )
+    for t in res["targets"]:  # PASS / FAIL follow the printed values and limits
+        limit = float(t["limit"].split()[1])
+        assert t["pass"] == (t["value"] <= limit if "<=" in t["limit"] else t["value"] >= limit)
+    assert len(res["targets"]) == 16  # 8 bank-step + 8 bf16 targets (memory skipped)
+
+
+def test_time_round_robin_rotates_the_order():
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    times = bench.time_round_robin(fns, repeats=2, warmup=1, sync=lambda: None)
+    assert calls == list("abcbcacab")
+    assert {n: len(t) for n, t in times.items()} == {"a": 2, "b": 2, "c": 2}
+    assert all(x >= 0 for t in times.values() for x in t)
+
+
+def test_blob_labels_have_several_classes_and_are_seeded():
+    g = torch.Generator().manual_seed(3)
+    lab = bench.blob_labels(6, 40, 50, 11, g)
+    assert lab.shape == (6, 40, 50) and lab.dtype == torch.long
+    assert int(lab.min()) >= 0 and int(lab.max()) < 11
+    assert sum(len(torch.unique(x)) >= 2 for x in lab) >= 5
+    again = bench.blob_labels(6, 40, 50, 11, torch.Generator().manual_seed(3))
+    assert torch.equal(lab, again)
+
+
+def _row(name, ratio, peak, bf16=None):
+    method, prec, fmt = name.split("/")
+    return {"name": name, "method": method, "precision": prec, "format": fmt,
+            "ratio_to_st": ratio, "peak_mib": peak, "bf16_speedup": bf16}  # fmt: skip
+
+
+def test_targets_hand_values():
+    rows = [
+        _row("st/fp32/nchw", 1.0, 100.0),
+        _row("bank_one/fp32/nchw", 1.05, 109.0),  # 1.05 <= 1.10; 109 <= 100 + 10
+        _row("bank_all/fp32/nchw", 1.20, 111.0),  # both fail
+        _row("st/bf16/nchw", 1.0, 90.0, bf16=1.5),
+        _row("bank_one/bf16/nchw", 1.10, 95.0, bf16=1.39),
+    ]
+    got = {(t["target"][:4], t["variant"]): (t["pass"], t["limit"])
+           for t in bench.evaluate_targets(rows, teacher_mib=10.0)}  # fmt: skip
+    assert got == {
+        ("bank", "bank_one/fp32/nchw"): (True, "<= 1.10"),
+        ("peak", "bank_one/fp32/nchw"): (True, "<= 110"),
+        ("bank", "bank_all/fp32/nchw"): (False, "<= 1.10"),
+        ("peak", "bank_all/fp32/nchw"): (False, "<= 110"),
+        ("bf16", "st/bf16/nchw"): (True, ">= 1.40"),
+        ("bank", "bank_one/bf16/nchw"): (True, "<= 1.10"),
+        ("peak", "bank_one/bf16/nchw"): (True, "<= 100"),
+        ("bf16", "bank_one/bf16/nchw"): (False, ">= 1.40"),
+    }
+
+
+def test_count_flops_of_a_convolution():
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(1, 3, 8, 8)
+    # 2 FLOPs per multiply-add: 2 * (4 * 8 * 8 outputs) * (3 * 3 * 3 taps) = 13824.
+    assert bench.count_flops(lambda: conv(x)) == 13824
+
+
+def test_memory_runs_each_variant_in_its_own_process():
+    spec = BenchSpec(**bench.QUICK, threads=1)
+    st, bank = TrainVariant("st", "none", False), TrainVariant("bank_one", "none", False)
+    mem = bench.measure_memory(spec, [st, bank])
+    teacher = bench._tensor_bytes(bench._build(spec, torch.device("cpu"), False, False)) / 2**20
+    assert mem[st.name] > 0
+    # The bank variant also holds the teacher (about 8 MiB here): its peak must show it.
+    assert mem[bank.name] > mem[st.name] + 0.5 * teacher
+
+
+class _CountingFeatures:
+    """Teacher stand-in: (B,3,H,W) -> (B,4,H/4,W/4) non-negative, counting its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return nn.functional.avg_pool2d(x.abs(), 4).repeat(1, 2, 1, 1)[:, :4]
+
+
+def test_query_rectifier_runs_the_teacher_twice_per_step():
+    from ciscr.engine.steps import Rectifier
+
+    g = torch.Generator().manual_seed(0)
+    pool = bench._TensorPool(torch.randn(3, 3, 16, 16, generator=g), torch.zeros(3, 16, 16).long())
+    feats = _CountingFeatures()
+    rect = Rectifier(features=feats, mode="query", classes="one", num_classes=2,
+                     query_lists={0: [0, 1, 2], 1: []}, seed=0, labeled=pool)  # fmt: skip
+    out = rect(torch.randn(2, 3, 16, 16, generator=g), torch.zeros(2, 16, 16).long(), 1)
+    # Unlabeled batch + queried batch; no extra probe forward to learn the feature width.
+    assert feats.calls == 2
+    assert out["cmap"].shape == (2, 16, 16) and out["cls"].tolist() == [0, 0]
+
+
+def test_bad_only_is_a_user_error(capsys):
+    assert main(["bench", "--quick", "--only", "train,bogus"]) == 2
+    assert "error: --only train,bogus" in capsys.readouterr().err
