@@ -15,6 +15,7 @@ every artefact is written atomically, so a killed run is finished by rerunning t
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,7 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
     if is_done(out):
         return read_json(out / "done.json")
     m, t, d = ctx.cfg.method, ctx.cfg.train, ctx.cfg.data
+    t0 = time.perf_counter()
     model = fresh_model(ctx)
     ds = labeled_dataset(ctx)
     rep = labeled_repeat(ctx)
@@ -301,7 +303,7 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
                 epoch_stream=epoch_stream, meta={**ctx.meta, "stage": "stage1"},
                 num_workers=d.num_workers, snapshot_iters=snaps, desc="stage1",
                 on_epoch_end=_epoch_eval(ctx))
-    return _finish_stage(ctx, out, model)
+    return _finish_stage(ctx, out, model, t0)
 
 
 def _stpp_snapshot_iters(ctx: RunContext, stream: Stream) -> list[int]:
@@ -326,11 +328,14 @@ def _epoch_eval(ctx: RunContext):
     return hook
 
 
-def _finish_stage(ctx: RunContext, out: Path, model: nn.Module) -> dict[str, Any]:
+def _finish_stage(ctx: RunContext, out: Path, model: nn.Module, t0: float) -> dict[str, Any]:
     metrics = evaluate_model(ctx, model)
     if dist.is_main():
         atomic_write_json(out / "metrics.json", metrics)
-    summary = {"val_miou": metrics["miou"], "checkpoint": str(out / "checkpoint.pt")}
+    # Wall time of the invocation that finished the stage (a resumed stage counts only its
+    # last part), training and evaluation included.
+    summary = {"val_miou": metrics["miou"], "checkpoint": str(out / "checkpoint.pt"),
+               "wall_seconds": round(time.perf_counter() - t0, 1)}
     mark_done(out, summary)
     log.info("%s: val mIoU %.2f", out.name, 100 * metrics["miou"])
     return summary
@@ -519,6 +524,7 @@ def retrain_stage(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Pa
     if is_done(out):
         return read_json(out / "done.json")
     t, d = ctx.cfg.train, ctx.cfg.data
+    t0 = time.perf_counter()
     model = fresh_model(ctx)
     lab = labeled_dataset(ctx)
     unl = _ConcatWithEpoch([unlabeled_dataset(ctx, s, p) for s, p in parts if s])
@@ -529,7 +535,7 @@ def retrain_stage(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Pa
                 seed=ctx.cfg.seed, device=ctx.device, epoch_stream="unlabeled",
                 meta={**ctx.meta, "stage": name}, num_workers=d.num_workers, desc=name,
                 on_epoch_end=_epoch_eval(ctx))
-    return _finish_stage(ctx, out, model)
+    return _finish_stage(ctx, out, model, t0)
 
 
 # --------------------------------------------------------------------------- Algorithm 2

@@ -101,9 +101,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path
 
 
 def _without_paths(obj: object) -> object:
-    """done.json / results.json name their own run directory: drop those entries."""
+    """done.json / results.json name their own run directory and time: drop those entries."""
     if isinstance(obj, dict):
-        return {k: _without_paths(v) for k, v in obj.items() if k not in ("checkpoint", "run_dir")}
+        drop = ("checkpoint", "run_dir", "wall_seconds")  # paths and timings differ by nature
+        return {k: _without_paths(v) for k, v in obj.items() if k not in drop}
     return obj
 
 
