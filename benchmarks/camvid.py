@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "docs/results"))
     p.add_argument("--name", default="camvid", help="report file stem")
     p.add_argument("--config", default="camvid")
+    p.add_argument("--note", default="", help="conditions of the runs, printed in the report")
     p.add_argument("overrides", nargs="*", help="extra key=value for every run (same budget)")
     return p.parse_args(argv)
 
@@ -176,7 +177,7 @@ def machine() -> str:
     import torch
 
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+            f"Python {platform.python_version()}")
 
 
 def table_miou(rows: list[dict], methods: list[str], fractions: list[str]) -> list[str]:
@@ -244,6 +245,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], methods, fractions,
         f"- machine: {machine()}",
         f"- generated: {when} from the run directories under `{args.runs}`",
         f"- extra overrides for every method (same budget): `{' '.join(args.overrides) or 'none'}`",
+        *([f"- conditions: {args.note}"] if args.note else []),
         "- protocol: CamVid train (367) as the pool, the labeled fraction drawn with the seed, the"
         " rest unlabeled (their ground truth only scores pseudo labels); val (101) for mIoU;"
         " MobileNetV2 ImageNet init; `configs/camvid.yaml`. Result = LAST checkpoint of the final"
