@@ -581,13 +581,9 @@ def _check_no_overwrite(out: Path, paths: list[Path], names: list[tuple[str, str
 
 
 def _prepare_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"--out {out}: output folder is not writable ({err.strerror})") from None
+    from ciscr.utils.io import check_writable_dir
+
+    check_writable_dir(out)
 
 
 def predict_paths(

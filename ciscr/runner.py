@@ -13,7 +13,7 @@ import torch
 from ciscr import dist
 from ciscr.config import Config, from_dict
 from ciscr.errors import CheckpointError, CiscrError, ConfigError
-from ciscr.utils.io import atomic_write_json
+from ciscr.utils.io import atomic_write_json, check_writable_dir
 
 log = logging.getLogger("ciscr")
 
@@ -28,15 +28,8 @@ def _check_batch(cfg: Config, world: int) -> None:
         )
 
 
-def check_writable(out: Path) -> None:
-    """Fail early (before any training) if the run directory cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"--out {out}: output directory is not writable ({err.strerror})") from None
+# Fail early (before any training) if the run directory cannot be written.
+check_writable = check_writable_dir
 
 
 def run_training(cfg: Config, out: Path) -> dict[str, Any]:

@@ -132,3 +132,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line torn by a kill
     return out
+
+
+def check_writable_dir(out: Path) -> None:
+    """Create ``out`` and prove a file can be written there, before any long work starts."""
+    from ciscr.errors import ConfigError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--out {out}: output directory is not writable ({err.strerror})") from None
