@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import shutil
@@ -25,9 +26,13 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ciscr.utils.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("suponly", "st", "stpp", "ciscr", "ciscr_bank")
@@ -47,13 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default=str(REPO.parent / "shared/weights/mobilenet_v2_imagenet.pth"))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--labeled", default="0.125", help="comma list of fractions, e.g. 0.125,0.25")
+    p.add_argument("--labeled", default="0.125,0.25", help="comma list of labeled fractions")
     p.add_argument("--extra-seeds-labeled", default="0.125",
                    help="fractions that get every seed; the others get the first seed only")
     p.add_argument("--runs", default=str(REPO / "runs/camvid-bench"))
     p.add_argument("--out", default=str(REPO / "docs/results"))
     p.add_argument("--name", default="camvid", help="report file stem")
     p.add_argument("--config", default="camvid")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs at once, each with cores/jobs threads (default 2: on 2 cores two "
+                        "1-thread runs finish sooner than one 2-thread run after another)")
     p.add_argument("--note", default="", help="conditions of the runs, printed in the report")
     p.add_argument("overrides", nargs="*", help="extra key=value for every run (same budget)")
     return p.parse_args(argv)
@@ -86,18 +94,68 @@ def share_stages(args: argparse.Namespace, method: str, labeled: str, seed: int)
 
 
 def run_one(args: argparse.Namespace, method: str, labeled: str, seed: int) -> None:
-    """Run (or finish) one method; wall time of every invocation is added to wall.json."""
+    """Run (or finish) one method; wall time of every invocation is added to wall.json.
+
+    With ``--jobs 1`` the run prints to this terminal; otherwise to ``RUN_DIR/run.log``.
+    """
     rd = run_dir(args, method, labeled, seed)
     if (rd / "results.json").exists():
         return
     share_stages(args, method, labeled, seed)
     cmd = ciscr_command(args, method, labeled, seed)
     print("$", shlex.join(cmd), flush=True)
+    # WHY: N torch processes each using every core slow each other down several-fold.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_job(args.jobs))}
+    rd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO)
+    if args.jobs == 1:
+        proc = subprocess.run(cmd, cwd=REPO, env=env)
+    else:
+        with open(rd / "run.log", "a") as log:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     add_wall_time(rd, time.perf_counter() - t0)
     if proc.returncode != 0:
-        raise SystemExit(f"run failed ({proc.returncode}): {shlex.join(cmd)}")
+        raise RuntimeError(f"run failed ({proc.returncode}), log in {rd}: {shlex.join(cmd)}")
+    print(f"done: {rd.name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def threads_per_job(jobs: int) -> int:
+    if os.environ.get("OMP_NUM_THREADS") and jobs == 1:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+# Rough relative cost of one run, to start the longest chains first.
+COST = {"st": 1.0, "stpp": 1.8, "ciscr": 2.0, "ciscr_bank": 1.3}
+
+
+def chains(plan: list[tuple[str, str, int]]) -> list[list[tuple[str, str, int]]]:
+    """Independent sequences of runs: a run that shares stages from another follows it; SupOnly
+    is the ST run. Seed by seed (so a cut-short benchmark still compares every method on the
+    same seeds), the longest chains of a seed first."""
+    runs = list(dict.fromkeys(("st" if m == "suponly" else m, f, s) for m, f, s in plan))
+    out: list[list[tuple[str, str, int]]] = []
+    for m, f, s in runs:
+        src = SHARED_WITH.get(m, (None,))[0]
+        head = next((c for c in out if (src, f, s) in c), None)
+        if head is None:
+            out.append([(m, f, s)])
+        else:
+            head.append((m, f, s))
+    return sorted(out, key=lambda c: (c[0][2], -sum(COST[m] for m, _, _ in c)))
+
+
+def run_all(args: argparse.Namespace, plan: list[tuple[str, str, int]]) -> None:
+    """Every run of the plan, ``args.jobs`` at a time; a failure does not stop the others."""
+    def run_chain(chain: list[tuple[str, str, int]]) -> None:
+        for m, f, s in chain:
+            run_one(args, m, f, s)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_chain, c) for c in chains(plan)]
+    errors = [str(e) for f in futures if (e := f.exception()) is not None]
+    if errors:
+        raise SystemExit("\n".join(errors))
 
 
 def add_wall_time(rd: Path, seconds: float) -> None:
@@ -122,7 +180,7 @@ def collect_run(args: argparse.Namespace, method: str, labeled: str, seed: int) 
     if method == "suponly":
         final = read(rd / "stage1" / "metrics.json")
         pseudo_after = res["stages"].get("pseudo0", {}).get("pseudo_miou")
-        wall = None
+        wall = (read(rd / "stage1" / "done.json") or {}).get("wall_seconds")
     else:
         final = res["final_metrics"]
         pseudo_after = res["stages"].get("pseudo_final", {}).get("pseudo_miou")
@@ -228,13 +286,37 @@ def table_pseudo(rows: list[dict], methods: list[str], fraction: str) -> list[st
             return statistics.fmean(xs) if xs else None
 
         wall = avg("wall_seconds")
-        wall_s = "shared with ST" if m == "suponly" else (f"{wall / 60:.1f}" if wall else "n/a")
+        wall_s = f"{wall / 60:.1f}" if wall else "n/a"
         out.append(f"| {LABELS[m]} | {fmt(avg('pseudo_before'))} | {fmt(avg('pseudo_after'))} "
                    f"| {fmt(half('reliable'))} | {fmt(half('unreliable'))} | {wall_s} |")
     return out
 
 
-def write_report(args: argparse.Namespace, rows: list[dict], methods, fractions, argv) -> Path:
+def diagnostics(args: argparse.Namespace, plan: list[tuple[str, str, int]]) -> list[str]:
+    """The CISC-map reliability diagnostic of every CISC-R run with a selection, per fraction
+    (computed once per run, cached in RUN/diagnostics.json)."""
+    from camvid_diagnostics import cached, markdown  # beside this file
+
+    out = []
+    for f in dict.fromkeys(f for _, f, _ in plan):
+        dirs = [run_dir(args, "ciscr", f, s) for m, ff, s in plan if m == "ciscr" and ff == f]
+        dirs = [d for d in dirs if (d / "selection" / "done.json").exists()]
+        if dirs:
+            out += [f"### 1/{round(1 / float(f))} labeled", "",
+                    *markdown([cached(d) for d in dirs], dirs), ""]
+    if not out:
+        return []
+    return ["## Diagnostic: how well does the CISC weight tell right from wrong pseudo labels?", "",
+            "Each pixel of each unlabeled image gets w = the CISC map of its own stage-1 pseudo "
+            "class against a queried labeled prototype (model M0, the stage-2 teacher): the weight "
+            "the rectified loss gives it. AUROC = how well w separates correctly from wrongly "
+            "pseudo-labelled pixels (ground truth of the unlabeled pool, never used in training; "
+            "0.5 = no information). M0's softmax confidence is the reference signal that "
+            "confidence-thresholding methods use. `benchmarks/camvid_diagnostics.py`.", "", *out]
+
+
+def write_report(args: argparse.Namespace, rows: list[dict], methods, fractions, argv,
+                 extra: list[str] = ()) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cmd = "python benchmarks/camvid.py " + shlex.join(argv)
@@ -245,6 +327,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], methods, fractions,
         f"- machine: {machine()}",
         f"- generated: {when} from the run directories under `{args.runs}`",
         f"- extra overrides for every method (same budget): `{' '.join(args.overrides) or 'none'}`",
+        f"- runs: {args.jobs} at a time, {threads_per_job(args.jobs)} torch thread(s) each",
         *([f"- conditions: {args.note}"] if args.note else []),
         "- protocol: CamVid train (367) as the pool, the labeled fraction drawn with the seed, the"
         " rest unlabeled (their ground truth only scores pseudo labels); val (101) for mIoU;"
@@ -260,12 +343,15 @@ def write_report(args: argparse.Namespace, rows: list[dict], methods, fractions,
                   "labeled (Table 5 / Fig. 10 shape)", "",
                   "'before' = TTA labels of the stage-1 model; 'after' = of the final model; "
                   "halves = the stage-1 labels of the reliable / unreliable halves chosen by the "
-                  "method's selection (CISC distance for CISC-R, stability for ST++).", "",
+                  "method's selection (CISC distance for CISC-R, stability for ST++). Wall time: "
+                  "the run's own stages only (CISC-R (bank) reuses CISC-R's stage 1, pseudo0 and "
+                  "selection, which are counted in CISC-R's time; SupOnly's is stage 1 of the ST run).", "",
                   *table_pseudo(rows, methods, f), ""]
+    lines += list(extra)
     md = out / f"{args.name}.md"
-    md.write_text("\n".join(lines) + "\n")
-    (out / f"{args.name}.json").write_text(json.dumps(
-        {"command": cmd.strip(), "machine": machine(), "generated": when, "runs": rows}, indent=1))
+    atomic_write_bytes(md, ("\n".join(lines) + "\n").encode())
+    atomic_write_json(out / f"{args.name}.json",
+                      {"command": cmd.strip(), "machine": machine(), "generated": when, "runs": rows})
     return md
 
 
@@ -281,13 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     every_seed = set(args.extra_seeds_labeled.split(","))
     plan = [(m, f, s) for f in fractions for s in (seeds if f in every_seed else seeds[:1])
             for m in methods]
-    # Runs that others share from go first.
-    plan.sort(key=lambda p: (p[1], p[2], 1 if p[0] in SHARED_WITH else 0))
-    for m, f, s in plan:
-        run_one(args, "st" if m == "suponly" else m, f, s)  # SupOnly is stage 1 of ST
+    run_all(args, plan)
     rows = [r for m, f, s in plan if (r := collect_run(args, m, f, s)) is not None]
-    md = write_report(args, rows, methods, fractions, argv)
+    md = write_report(args, rows, methods, fractions, argv, diagnostics(args, plan))
     print(md.read_text())
+    from camvid_figures import write_figures  # beside this file
+
+    for path in write_figures(Path(args.runs), Path(args.out), args.name, fractions[0], seeds[0]):
+        print("figure:", path)
     return 0
 
 

@@ -158,7 +158,16 @@ class MethodCfg(BaseModel):
         "model", description="features of the CISC maps: stage model or ImageNet backbone"
     )
     num_prototypes: int = Field(1, ge=1, description="prototypes per class (k-means in the mask)")
-    min_class_ratio: float = Field(0.03, ge=0, lt=1)
+    min_class_ratio: float = Field(
+        0.03, ge=0, lt=1, description="a pseudo class this share of valid pixels can be rectified"
+    )
+    query_min_class_ratio: float = Field(
+        0.03,
+        ge=0,
+        lt=1,
+        description="a labeled image may be queried for class k only if k covers this share of "
+        "its valid pixels (0 = any pixel, as the paper)",
+    )
     tta_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0)
     tta_flip: bool = True
     stpp_snapshots: int = Field(3, ge=1, description="stage-1 checkpoints used by ST++ stability")

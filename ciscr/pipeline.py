@@ -46,6 +46,7 @@ from ciscr.selection import (
     image_distances,
     load_bank,
     per_image_miou,
+    query_eligible,
     query_lists_as,
     query_lists_cs,
     query_lists_rs,
@@ -380,8 +381,9 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
     kw = _eval_kwargs(ctx)
     protos, present = compute_labeled_prototypes(m0, ctx.labeled, **kw)
     anchors = class_anchors(protos, present)
-    d_lab = image_distances(m0, ctx.labeled, "gt", anchors, **kw)
-    queries = _query_lists(ctx, m0, lab_ids, present, d_lab)
+    d_lab, frac = image_distances(m0, ctx.labeled, "gt", anchors, return_present=True, **kw)
+    eligible = query_eligible(frac, ctx.cfg.method.query_min_class_ratio)
+    queries = _query_lists(ctx, m0, lab_ids, eligible, d_lab)
     for k in range(ctx.info.num_classes):
         if not queries.get(k) and k != ctx.background:
             log.warning("class '%s' has no labeled image: it is never rectified (plain CE)",
@@ -390,6 +392,7 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
     if dist.is_main():
         write_selection(out, queries, reliable, unreliable, scores,
                         {"query_selection": ctx.cfg.method.query_selection,
+                         "query_min_class_ratio": ctx.cfg.method.query_min_class_ratio,
                          "selection": ctx.cfg.method.selection},
                         class_names=ctx.info.class_names,
                         query_scores=distance_table(lab_ids, d_lab))

@@ -87,8 +87,31 @@ def _labels_tensor(labels: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _presence(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """(K,) bool: which classes occur in a uint8 label map (ignore pixels excluded)."""
-    counts = np.bincount(labels.ravel(), minlength=256)[:num_classes]
-    return counts > 0
+    return class_fractions(labels, num_classes) > 0
+
+
+def class_fractions(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K,) float64: share of the valid pixels (labels < num_classes) that each class covers."""
+    counts = np.bincount(labels.ravel(), minlength=256)[:num_classes].astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
+def query_eligible(fractions: Any, min_ratio: float) -> np.ndarray:
+    """(N, K) bool: labeled images that may be queried for class k.
+
+    An image is eligible for k if k covers at least ``min_ratio`` of its valid pixels. WHY: with
+    Eq. 10 a labeled image where k covers a handful of pixels gets a SMALL D_k (its BCE is
+    dominated by the many correct negatives), so CS would rank exactly those images first, and
+    their class-k prototype is the mean of a few boundary pixels. Where no image reaches the
+    ratio for a class, any image containing it stays eligible (the class is still rectified).
+
+    Args:
+        fractions: (N, K) class shares, from :func:`class_fractions` of each ground truth.
+    """
+    f = _as_numpy(fractions).astype(np.float64)
+    present = f > 0
+    big = present & (f >= min_ratio)
+    return np.where(big.any(axis=0, keepdims=True), big, present)
 
 
 def image_miou(
@@ -243,8 +266,8 @@ def image_distances(
 
     Labels come from the ground truth (``label_source="gt"``, labeled images) or from a
     pseudo-label folder (a Path, unlabeled images). D is NaN where an anchor is all-zero (class
-    absent from the labeled set). With ``return_present`` also returns the (N, K) bool class
-    presence of the labels used.
+    absent from the labeled set). With ``return_present`` also returns the (N, K) float64 share
+    of valid pixels each class covers in the labels used (> 0 where the class is present).
     """
     device = torch.device(device)
     anchors = anchors.to(device)
@@ -258,7 +281,7 @@ def image_distances(
             anchors,
             ignore_index=ignore_index,
         )
-        return d[0].float().cpu().numpy(), _presence(lab, num_classes)
+        return d[0].float().cpu().numpy(), class_fractions(lab, num_classes)
 
     with eval_mode(model):
         rows = _map_sharded(one, samples)
@@ -266,8 +289,8 @@ def image_distances(
     d = torch.from_numpy(np.stack([r[0] for r in rows]) if rows else np.zeros((0, k), np.float32))
     if not return_present:
         return d
-    pres = np.stack([r[1] for r in rows]) if rows else np.zeros((0, num_classes), bool)
-    return d, torch.from_numpy(pres)
+    frac = np.stack([r[1] for r in rows]) if rows else np.zeros((0, num_classes))
+    return d, torch.from_numpy(frac)
 
 
 def _crop_starts(length: int, crop: int) -> list[int]:

@@ -1,0 +1,185 @@
+"""Is the CISC map a reliability signal? A diagnostic of a finished CISC-R run (stage 1 + pseudo0).
+
+    python benchmarks/camvid_diagnostics.py runs/camvid-bench/ciscr_l0.125_s0
+
+The premise of rectification (Eq. 7) is that the per-pixel weight ``w = 1 - |m_u - m'_u|`` is
+high where the pseudo label is right and low where it is wrong. This measures it on the
+unlabeled pool, whose ground truth the benchmark has (it never enters training):
+
+- for every unlabeled image, its stage-1 pseudo label y (``pseudo0``), the stage-1 model M0 (the
+  stage-2 teacher) and, for each pixel, the CISC map of the pixel's OWN pseudo class k = y(p)
+  against the prototype of a labeled image drawn from the class-k query list (CS lists of the
+  run, one draw per image and class, seeded), so w(p) = m'(p) as in the all-class bank mode;
+- the same with a labeled image drawn from ALL labeled images containing k (the paper's RS);
+- and, as the reference every self-training paper thresholds on, M0's softmax confidence.
+
+Each signal is scored by the AUROC of separating correctly from wrongly pseudo-labelled pixels
+(0.5 = no information) and by its mean on both; pixels are read on a 1-in-4 grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ciscr.cisc import cisc_map  # noqa: E402
+from ciscr.pseudo import eval_mode, load_eval_image, read_labels  # noqa: E402
+from ciscr.selection import compute_labeled_prototypes  # noqa: E402
+from ciscr.utils.io import atomic_write_json  # noqa: E402
+from ciscr.utils.misc import autocast  # noqa: E402
+
+BINS = 200
+STEP = 4  # pixel subsampling of the statistics
+
+
+def auroc_from_hist(pos: np.ndarray, neg: np.ndarray) -> float:
+    """AUROC of a score in [0, 1] from its histograms on positives and negatives (ties count
+    one half): P(score of a random positive > score of a random negative)."""
+    p, n = pos.astype(np.float64), neg.astype(np.float64)
+    if p.sum() == 0 or n.sum() == 0:
+        return float("nan")
+    below = np.cumsum(n) - n  # negatives in strictly lower bins
+    return float((p * (below + 0.5 * n)).sum() / (p.sum() * n.sum()))
+
+
+def own_class_map(feats: torch.Tensor, y: torch.Tensor, protos: dict[int, torch.Tensor]) -> torch.Tensor:
+    """(H, W) CISC value of each pixel against the prototype of its own pseudo class (0 where the
+    class has no prototype). feats (1, C, h, w), y (H, W) long, protos: class -> (C,)."""
+    out = torch.zeros(y.shape, dtype=torch.float32)
+    for k, v in protos.items():
+        region = y == k
+        if region.any():
+            out[region] = cisc_map(feats, v.view(1, -1), tuple(y.shape))[0][region]
+    return out
+
+
+class Tally:
+    """Histograms of one signal over correct and wrong pixels."""
+
+    def __init__(self) -> None:
+        self.pos = np.zeros(BINS, np.int64)
+        self.neg = np.zeros(BINS, np.int64)
+
+    def add(self, score: torch.Tensor, correct: torch.Tensor) -> None:
+        b = (score.clamp(0, 1) * (BINS - 1)).round().long().numpy()
+        c = correct.numpy()
+        self.pos += np.bincount(b[c], minlength=BINS)
+        self.neg += np.bincount(b[~c], minlength=BINS)
+
+    def summary(self) -> dict[str, float]:
+        centres = np.linspace(0, 1, BINS)
+        return {
+            "auroc": auroc_from_hist(self.pos, self.neg),
+            "mean_correct": float((self.pos * centres).sum() / max(self.pos.sum(), 1)),
+            "mean_wrong": float((self.neg * centres).sum() / max(self.neg.sum(), 1)),
+            "pixels_correct": int(self.pos.sum()),
+            "pixels_wrong": int(self.neg.sum()),
+        }
+
+
+def draw_prototypes(lists: dict[int, list[int]], bank: torch.Tensor, rng) -> dict[int, torch.Tensor]:
+    return {k: bank[ids[rng.integers(len(ids))], k] for k, ids in lists.items() if ids}
+
+
+def diagnose(run_dir: Path, max_images: int = 0) -> dict[str, Any]:
+    """The three signals' statistics over the run's unlabeled images (all, or ``max_images``)."""
+    from camvid_figures import RunView
+
+    run = RunView(run_dir)
+    m0, meta = run.model("stage1")
+    d, amp = run.cfg.data, run.cfg.train.amp
+    kw = {"num_classes": run.k, "mean": d.mean, "std": d.std, "amp": amp, "ignore_index": run.ign}
+    bank, present = compute_labeled_prototypes(m0, run.labeled, **kw)
+    index = {s.id: i for i, s in enumerate(run.labeled)}
+    names = meta["class_names"]
+    queries = json.loads((run_dir / "selection" / "queries.json").read_text())
+    cs = {k: [index[e["id"]] for e in queries.get(n, []) if e.get("id") in index]
+          for k, n in enumerate(names)}
+    rs = {k: np.flatnonzero(present[:, k].numpy()).tolist() for k in range(run.k)}
+    tallies = {"cisc_cs": Tally(), "cisc_all_labeled": Tally(), "confidence": Tally()}
+    rng = np.random.default_rng(0)
+    samples = run.unlabeled[:max_images] if max_images else run.unlabeled
+    with eval_mode(m0), torch.no_grad():
+        for s in samples:
+            img = load_eval_image(s, d.mean, d.std, "cpu")
+            size = tuple(img.shape[-2:])
+            y = torch.as_tensor(read_labels(s, run_dir / "pseudo0" / "labels", size, run.k,
+                                            run.ign), dtype=torch.long)
+            gt = torch.as_tensor(read_labels(s, "gt", size, run.k, run.ign), dtype=torch.long)
+            with autocast("cpu", amp):
+                out = m0(img)
+            prob = torch.softmax(out.logits.float(), 1)[0].amax(0)
+            feats = out.features.float()
+            sub = (slice(None, None, STEP), slice(None, None, STEP))
+            valid = ((gt != run.ign) & (y != run.ign))[sub]
+            correct = (y == gt)[sub][valid]
+            for name, lists in (("cisc_cs", cs), ("cisc_all_labeled", rs)):
+                w = own_class_map(feats, y, draw_prototypes(lists, bank, rng))
+                tallies[name].add(w[sub][valid], correct)
+            tallies["confidence"].add(prob[sub][valid], correct)
+    res = {name: t.summary() for name, t in tallies.items()}
+    res["images"] = len(samples)
+    return res
+
+
+def cached(run_dir: Path) -> dict[str, Any]:
+    """diagnose(), stored in RUN/diagnostics.json (computed once; delete the file to redo)."""
+    path = run_dir / "diagnostics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    res = diagnose(run_dir)
+    atomic_write_json(path, res)
+    return res
+
+
+LABELS = {
+    "cisc_cs": "CISC weight, query from the CS list (as trained)",
+    "cisc_all_labeled": "CISC weight, query from any labeled image with the class (RS-like)",
+    "confidence": "M0 softmax confidence (reference)",
+}
+
+
+def markdown(results: list[dict[str, Any]], run_dirs: list[Path]) -> list[str]:
+    """A table of the signals, mean ± std over runs (seeds)."""
+    import statistics
+
+    def ms(key: str, field: str) -> str:
+        xs = [r[key][field] for r in results]
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return f"{statistics.fmean(xs):.3f}" + (f" ± {sd:.3f}" if len(xs) > 1 else "")
+
+    rows = ["| signal | AUROC correct vs wrong | mean on correct px | mean on wrong px |",
+            "|---|---|---|---|"]
+    for key, label in LABELS.items():
+        rows.append(f"| {label} | {ms(key, 'auroc')} | {ms(key, 'mean_correct')} | "
+                    f"{ms(key, 'mean_wrong')} |")
+    wrong = [r["confidence"]["pixels_wrong"] / max(r["confidence"]["pixels_wrong"]
+                                                   + r["confidence"]["pixels_correct"], 1)
+             for r in results]
+    runs = ", ".join(f"`{Path(d).name}`" for d in run_dirs)
+    return [f"Over {len(results)} run(s) ({runs}; {results[0]['images']} unlabeled images each, "
+            f"{100 * statistics.fmean(wrong):.1f}% of the sampled pixels wrongly pseudo-labelled "
+            "on average):", "", *rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--max-images", type=int, default=0, help="0 = every unlabeled image")
+    a = p.parse_args(argv)
+    res = diagnose(a.run_dir, a.max_images)
+    print("\n".join(markdown([res], [a.run_dir])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
