@@ -72,14 +72,32 @@ def run_dir(args: argparse.Namespace, method: str, labeled: str, seed: int) -> P
     return Path(args.runs) / f"{name}_l{labeled}_s{seed}"
 
 
+# Not a method of the comparison: SupOnly trained in fp32, to check that bf16 keeps accuracy.
+FP32_CHECK = "suponly_fp32"
+
+
 def ciscr_command(args: argparse.Namespace, method: str, labeled: str, seed: int) -> list[str]:
+    name, extra = (("suponly", ["train.amp=none"]) if method == FP32_CHECK else (method, []))
     return [
         sys.executable, "-m", "ciscr", "run", args.config, "--out",
         str(run_dir(args, method, labeled, seed)),
         f"data.root={args.data}", f"model.pretrained={args.weights}",
-        f"method.name={method}", f"seed={seed}", f"data.labeled={labeled}",
-        "train.progress=false", *args.overrides,
+        f"method.name={name}", f"seed={seed}", f"data.labeled={labeled}",
+        "train.progress=false", *args.overrides, *extra,
     ]
+
+
+def amp_check(args: argparse.Namespace, rows: list[dict], labeled: str, seed: int) -> list[str]:
+    """The bf16-vs-fp32 line of the report: SupOnly (stage 1) trained both ways, same seed."""
+    fp32 = read(run_dir(args, FP32_CHECK, labeled, seed) / "stage1" / "done.json")
+    bf16 = next((r for r in rows if (r["method"], r["labeled"], r["seed"])
+                 == ("suponly", labeled, seed)), None)  # fmt: skip
+    if not fp32 or not bf16:
+        return []
+    amp = "bf16" if "train.amp=none" not in args.overrides else "fp32"
+    return [f"- precision check (SupOnly, 1/{round(1 / float(labeled))}, seed {seed}): val mIoU "
+            f"{fmt(bf16['val_miou'])} with `train.amp={amp}` (the setting of every run above) vs "
+            f"{fmt(fp32['val_miou'])} in fp32 (speed: `speed_cpu.md`, measured side by side)"]
 
 
 def share_stages(args: argparse.Namespace, method: str, labeled: str, seed: int) -> None:
@@ -126,7 +144,7 @@ def threads_per_job(jobs: int) -> int:
 
 
 # Rough relative cost of one run, to start the longest chains first.
-COST = {"st": 1.0, "stpp": 1.8, "ciscr": 2.0, "ciscr_bank": 1.3}
+COST = {"st": 1.0, "stpp": 1.8, "ciscr": 2.0, "ciscr_bank": 1.3, FP32_CHECK: 0.5}
 
 
 def chains(plan: list[tuple[str, str, int]]) -> list[list[tuple[str, str, int]]]:
@@ -193,6 +211,8 @@ def collect_run(args: argparse.Namespace, method: str, labeled: str, seed: int) 
         "pseudo_after": pseudo_after,
         "half_quality": {k: (v or {}).get("miou") for k, v in (half or {}).items()} or None,
         "wall_seconds": wall,
+        "stage_val_miou": {st: d.get("val_miou") for st, d in res["stages"].items()
+                           if st.startswith("stage") and d and d.get("val_miou") is not None},
     }
 
 
@@ -245,7 +265,8 @@ def table_miou(rows: list[dict], methods: list[str], fractions: list[str]) -> li
         cells = []
         for f in fractions:
             xs = [r["val_miou"] for r in rows if r["method"] == m and r["labeled"] == f]
-            cells.append(f"{fmt(*mean_std(xs))} (n={len(xs)})" if xs else "not run")
+            each = " / ".join(f"{100 * x:.1f}" for x in xs)
+            cells.append(f"{fmt(*mean_std(xs))} (n={len(xs)}: {each})" if xs else "not run")
         out.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     return out
 
@@ -264,6 +285,21 @@ def table_per_class(rows: list[dict], methods: list[str], fraction: str) -> list
         for k in range(len(names)):
             xs = [r["iou"][k] for r in runs if r["iou"][k] is not None]
             cells.append(fmt(statistics.fmean(xs)) if xs else "absent")
+        out.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    return out
+
+
+def table_stages(rows: list[dict], methods: list[str], fraction: str) -> list[str]:
+    """Val mIoU after each stage (mean over seeds): where each method gains or loses."""
+    out = ["| method | stage 1 | stage 2 | stage 3 |", "|---|---|---|---|"]
+    for m in methods:
+        runs = [r for r in rows if r["method"] == m and r["labeled"] == fraction]
+        if m == "suponly" or not runs:
+            continue
+        cells = []
+        for st in ("stage1", "stage2", "stage3"):
+            xs = [r["stage_val_miou"][st] for r in runs if st in r["stage_val_miou"]]
+            cells.append(f"{fmt(statistics.fmean(xs))} (n={len(xs)})" if xs else "-")
         out.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     return out
 
@@ -329,6 +365,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], methods, fractions,
         f"- extra overrides for every method (same budget): `{' '.join(args.overrides) or 'none'}`",
         f"- runs: {args.jobs} at a time, {threads_per_job(args.jobs)} torch thread(s) each",
         *([f"- conditions: {args.note}"] if args.note else []),
+        *getattr(args, "header", []),
         "- protocol: CamVid train (367) as the pool, the labeled fraction drawn with the seed, the"
         " rest unlabeled (their ground truth only scores pseudo labels); val (101) for mIoU;"
         " MobileNetV2 ImageNet init; `configs/camvid.yaml`. Result = LAST checkpoint of the final"
@@ -346,7 +383,11 @@ def write_report(args: argparse.Namespace, rows: list[dict], methods, fractions,
                   "method's selection (CISC distance for CISC-R, stability for ST++). Wall time: "
                   "the run's own stages only (CISC-R (bank) reuses CISC-R's stage 1, pseudo0 and "
                   "selection, which are counted in CISC-R's time; SupOnly's is stage 1 of the ST run).", "",
-                  *table_pseudo(rows, methods, f), ""]
+                  *table_pseudo(rows, methods, f), "",
+                  f"## Val mIoU (%) after each stage, 1/{round(1 / float(f))} labeled", "",
+                  "Stage 1 of ST and ST++ is SupOnly; stage 1 of CISC-R adds L_CISC (Eq. 11-12); "
+                  "CISC-R (bank) shares CISC-R's stage 1. ST stops after stage 2.", "",
+                  *table_stages(rows, methods, f), ""]
     lines += list(extra)
     md = out / f"{args.name}.md"
     atomic_write_bytes(md, ("\n".join(lines) + "\n").encode())
@@ -367,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     every_seed = set(args.extra_seeds_labeled.split(","))
     plan = [(m, f, s) for f in fractions for s in (seeds if f in every_seed else seeds[:1])
             for m in methods]
-    run_all(args, plan)
+    run_all(args, [*plan, (FP32_CHECK, fractions[0], seeds[0])])
     rows = [r for m, f, s in plan if (r := collect_run(args, m, f, s)) is not None]
+    args.header = amp_check(args, rows, fractions[0], seeds[0])
     md = write_report(args, rows, methods, fractions, argv, diagnostics(args, plan))
     print(md.read_text())
     from camvid_figures import write_figures  # beside this file

@@ -112,9 +112,9 @@ def diagnose(run_dir: Path, max_images: int = 0) -> dict[str, Any]:
         for s in samples:
             img = load_eval_image(s, d.mean, d.std, "cpu")
             size = tuple(img.shape[-2:])
-            y = torch.as_tensor(read_labels(s, run_dir / "pseudo0" / "labels", size, run.k,
-                                            run.ign), dtype=torch.long)
-            gt = torch.as_tensor(read_labels(s, "gt", size, run.k, run.ign), dtype=torch.long)
+            pl = read_labels(s, run_dir / "pseudo0" / "labels", size, run.k, run.ign)
+            y = torch.from_numpy(np.array(pl, dtype=np.int64))
+            gt = torch.from_numpy(np.array(read_labels(s, "gt", size, run.k, run.ign), np.int64))
             with autocast("cpu", amp):
                 out = m0(img)
             prob = torch.softmax(out.logits.float(), 1)[0].amax(0)

@@ -445,15 +445,13 @@ def measure_memory(spec: BenchSpec, variants: Sequence[TrainVariant]) -> dict[st
     # child starts small (never a copy of this process and its models) and quickly (torch is
     # already imported). multiprocessing's forkserver would do the same but re-imports the
     # caller's __main__, which breaks scripts without a main guard.
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     code = "from ciscr.bench import _memory_server; _memory_server()"
     with subprocess.Popen(
         [sys.executable, "-c", code],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        env=env,
+        env=memory_env(),
     ) as server:
         out = {}
         for v, a in zip(variants, args, strict=True):
@@ -467,7 +465,22 @@ def measure_memory(spec: BenchSpec, variants: Sequence[TrainVariant]) -> dict[st
     return out
 
 
+def memory_env() -> dict[str, str]:
+    """Environment of the memory server: this package importable, glibc's mmap threshold fixed."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    # WHY: glibc's default mmap threshold grows as large blocks are freed, after which freed
+    # activations stay in the heap, fragmented, and the resident peak depends on the order of
+    # earlier allocations (two identical ST runs measured hundreds of MiB apart). A fixed
+    # threshold maps every large block and unmaps it on free: the peak is the live peak, as
+    # torch.cuda.max_memory_allocated is on a GPU, and identical runs agree (memory_repeat_mib).
+    env.update({k: env.get(k, str(MALLOC_THRESHOLD)) for k in MALLOC_ENV})
+    return env
+
+
 _RESULT = "ciscr-bench-memory "
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+MALLOC_THRESHOLD = 128 * 1024  # glibc's initial default, kept fixed
 
 
 def _memory_server() -> None:
@@ -650,11 +663,15 @@ def bench_train(spec: BenchSpec, device: torch.device, memory: bool = True) -> d
         TrainVariant("teacher", v.amp, v.channels_last) for v in variants if v.method == "st"
     ]
     mem = measure_memory(spec, variants + teachers) if memory else {}
+    # The ST peaks once more, in new processes: how far two identical measurements differ.
+    sts = [v for v in variants if v.method == "st"]
+    again = measure_memory(spec, sts) if memory and device.type == "cpu" else {}
     return {
         "cases": cases,
         "times": times,
         "flops": flops,
         "memory_mib": mem,
+        "memory_repeat_mib": again,
         "teacher_mib": teacher_bytes / 2**20,
     }
 
@@ -688,6 +705,7 @@ def train_rows(
             "teacher_forward_s": med[f"teacher/{_amp_name(v.amp)}/{fmt}"],
             "peak_mib": raw["memory_mib"].get(name),
             "teacher_peak_mib": raw["memory_mib"].get(f"teacher/{_amp_name(v.amp)}/{fmt}"),
+            "peak_mib_repeat": raw.get("memory_repeat_mib", {}).get(name),
             "flops": flops,
             "tflops_per_s": flops / m / 1e12,
         }
@@ -851,6 +869,11 @@ def _memory_findings(rows: list[dict[str, Any]], failed: list[tuple[dict, dict]]
         f"precision and format; the teacher run alone (weights + one no-grad forward of the "
         f"unlabeled batch) needs {tlo:.0f} to {thi:.0f} MiB."
     ]
+    reps = [abs(r["peak_mib"] - r["peak_mib_repeat"]) for r in rows
+            if r.get("peak_mib_repeat") is not None]  # fmt: skip
+    if reps:
+        out[0] += (f" Each ST step measured twice, in new processes, gave peaks at most "
+                   f"{max(reps):.1f} MiB apart (the measurement's repeatability).")
     over = [f"`{r['name']}` {r['peak_mib']:.0f} MiB (limit {t['limit'][3:]})"
             for t, r in failed if t["target"].startswith("peak memory")]  # fmt: skip
     if over:
@@ -1101,8 +1124,12 @@ METHOD_NOTES = """\
 - Peak memory (CPU): every variant runs 2 steps in a fresh process forked from a clean server
   (only this module imported) that builds only that variant's models, optimizer and inputs;
   the figure is its peak resident set size (`ru_maxrss`) minus its resident size at start
-  and minus the growth of its file-backed pages (library code paged in on first use).
-  On CUDA: `torch.cuda.max_memory_allocated` above the memory allocated before building.
+  and minus the growth of its file-backed pages (library code paged in on first use). The
+  server runs with glibc's mmap threshold fixed (`MALLOC_MMAP_THRESHOLD_` and
+  `MALLOC_TRIM_THRESHOLD_` = 128 KiB unless already set): every large block is mapped and
+  unmapped on free, so the figure is the live peak and does not depend on earlier allocations
+  (with glibc's default, identical runs differed by hundreds of MiB); every ST step is
+  measured twice to show the repeatability. On CUDA: `torch.cuda.max_memory_allocated` above the memory allocated before building.
   The target compares it with ST's peak + the teacher alone, measured the same way (its
   weights and two no-grad forwards of the unlabeled batch: `teacher peak MiB`).
 - FLOPs: one fp32 step per method under `torch.utils.flop_counter.FlopCounterMode`

@@ -2,6 +2,7 @@
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +188,12 @@ def test_query_rectifier_runs_the_teacher_twice_per_step():
 def test_bad_only_is_a_user_error(capsys):
     assert main(["bench", "--quick", "--only", "train,bogus"]) == 2
     assert "error: --only train,bogus" in capsys.readouterr().err
+
+
+def test_memory_server_env_pins_glibc_mmap_threshold(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4096")  # a user's own setting wins
+    env = bench.memory_env()
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(128 * 1024)
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "4096"
+    assert str(Path(bench.__file__).resolve().parents[1]) in env["PYTHONPATH"]
