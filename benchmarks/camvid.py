@@ -2,10 +2,16 @@
 
 Every run is a plain ``ciscr run camvid ...`` in its own run directory, so the benchmark is
 resumable: rerun the same command and finished runs are only re-read. The report
-(``docs/results/camvid.md`` + ``camvid.json``) is generated from the runs' own artefacts.
+(``docs/results/camvid.md`` + ``camvid.json``), the figures (``camvid_figures.py``) and the
+CISC-weight diagnostic (``camvid_diagnostics.py``) are generated from the runs' own artefacts.
 
-    python benchmarks/camvid.py --seeds 0 --methods st,ciscr          # a subset
     python benchmarks/camvid.py                                        # the full protocol
+    python benchmarks/camvid.py --seeds 0 --labeled 0.125 --methods st,ciscr   # a subset
+    python benchmarks/camvid.py --jobs 1                               # one run at a time
+
+The protocol: 1/8 labeled with seeds 0, 1, 2 and 1/4 with seed 0, every method with the same
+budget (``configs/camvid.yaml``), plus one SupOnly run in fp32 to check that bf16 keeps
+accuracy. Runs go ``--jobs`` at a time, each with cores / jobs threads.
 
 Sharing, to spend the budget on what differs between methods (both are exact: same config,
 same seed, deterministic CPU training):
@@ -62,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2,
                    help="runs at once, each with cores/jobs threads (default 2: on 2 cores two "
                         "1-thread runs finish sooner than one 2-thread run after another)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only (re)write the report and figures from the runs that exist")
     p.add_argument("--note", default="", help="conditions of the runs, printed in the report")
     p.add_argument("overrides", nargs="*", help="extra key=value for every run (same budget)")
     return p.parse_args(argv)
@@ -355,7 +363,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], methods, fractions,
                  extra: list[str] = ()) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/camvid.py " + shlex.join(argv)
+    cmd = "python benchmarks/camvid.py " + shlex.join(a for a in argv if a != "--report-only")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"# CamVid: SupOnly vs ST vs ST++ vs CISC-R ({args.name})", "",
@@ -396,6 +404,17 @@ def write_report(args: argparse.Namespace, rows: list[dict], methods, fractions,
     return md
 
 
+def missing_runs(plan: list[tuple[str, str, int]], rows: list[dict]) -> list[str]:
+    """A report line naming the planned runs that have no result yet (none if all have)."""
+    done = {(r["method"], r["labeled"], r["seed"]) for r in rows}
+    left = [f"{LABELS[m]} 1/{round(1 / float(f))} seed {s}" for m, f, s in plan
+            if (m, f, s) not in done]  # fmt: skip
+    if not left:
+        return []
+    return ["- **NOT FINISHED** when this report was written (rerun the command: it resumes): "
+            + ", ".join(left)]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -408,9 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     every_seed = set(args.extra_seeds_labeled.split(","))
     plan = [(m, f, s) for f in fractions for s in (seeds if f in every_seed else seeds[:1])
             for m in methods]
-    run_all(args, [*plan, (FP32_CHECK, fractions[0], seeds[0])])
+    if not args.report_only:
+        run_all(args, [*plan, (FP32_CHECK, fractions[0], seeds[0])])
     rows = [r for m, f, s in plan if (r := collect_run(args, m, f, s)) is not None]
-    args.header = amp_check(args, rows, fractions[0], seeds[0])
+    args.header = missing_runs(plan, rows)
+    args.header += amp_check(args, rows, fractions[0], seeds[0])
     md = write_report(args, rows, methods, fractions, argv, diagnostics(args, plan))
     print(md.read_text())
     from camvid_figures import write_figures  # beside this file

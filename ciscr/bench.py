@@ -1062,7 +1062,7 @@ def _target_table(res: dict[str, Any]) -> list[str]:
         [
             t["target"],
             t["variant"],
-            _f(t["value"], ".2f"),
+            _f(t["value"], ".0f" if t["target"].startswith("peak") else ".4f"),
             t["limit"],
             "PASS" if t["pass"] else "FAIL",
         ]
