@@ -80,12 +80,31 @@ def run_dir(args: argparse.Namespace, method: str, labeled: str, seed: int) -> P
     return Path(args.runs) / f"{name}_l{labeled}_s{seed}"
 
 
-# Not a method of the comparison: SupOnly trained in fp32, to check that bf16 keeps accuracy.
+# Not methods of the comparison: checks run beside it, each (preset, extra overrides).
+# SupOnly in fp32: does bf16 keep accuracy? The two stage-1 variants separate what CISC-R's
+# stage 1 changes from SupOnly's: L_CISC itself, and the pair form of the loss (CE_i + CE_j:
+# twice SupOnly's CE scale at the same learning rate).
 FP32_CHECK = "suponly_fp32"
+NO_SCORING = "method.score_final_pseudo=false"  # stage-1 checks: val mIoU is all we read
+CHECKS = {
+    FP32_CHECK: ("suponly", ["train.amp=none"]),
+    "stage1_image_norm": ("suponly_cisc", ["method.pair_loss_norm=image", NO_SCORING]),
+    "stage1_double_ce": ("suponly_cisc", ["method.cisc_weight=0", NO_SCORING]),
+    "stage1_pairs_only": ("suponly_cisc",
+                          ["method.cisc_weight=0", "method.pair_loss_norm=image", NO_SCORING]),
+}
+STAGE1_ROWS = {
+    "st": "SupOnly: mean CE over the batch",
+    "stage1_pairs_only": "(CE_i + CE_j) / 2 on class-sharing pairs, no L_CISC: SupOnly's "
+                         "loss, CISC-R's pair sampling",
+    "stage1_double_ce": "CE_i + CE_j per pair, no L_CISC (twice SupOnly's CE scale)",
+    "ciscr": "CE_i + CE_j + L_CISC per pair (the paper's L1; CISC-R's stage 1 above)",
+    "stage1_image_norm": "(CE_i + CE_j + L_CISC) / 2, per image (`method.pair_loss_norm=image`)",
+}
 
 
 def ciscr_command(args: argparse.Namespace, method: str, labeled: str, seed: int) -> list[str]:
-    name, extra = (("suponly", ["train.amp=none"]) if method == FP32_CHECK else (method, []))
+    name, extra = CHECKS.get(method, (method, []))
     return [
         sys.executable, "-m", "ciscr", "run", args.config, "--out",
         str(run_dir(args, method, labeled, seed)),
@@ -152,7 +171,8 @@ def threads_per_job(jobs: int) -> int:
 
 
 # Rough relative cost of one run, to start the longest chains first.
-COST = {"st": 1.0, "stpp": 1.8, "ciscr": 2.0, "ciscr_bank": 1.3, FP32_CHECK: 0.5}
+COST = {"st": 1.0, "stpp": 1.8, "ciscr": 2.0, "ciscr_bank": 1.3, FP32_CHECK: 0.5,
+        "stage1_image_norm": 0.4, "stage1_double_ce": 0.4, "stage1_pairs_only": 0.4}
 
 
 def chains(plan: list[tuple[str, str, int]]) -> list[list[tuple[str, str, int]]]:
@@ -404,6 +424,22 @@ def write_report(args: argparse.Namespace, rows: list[dict], methods, fractions,
     return md
 
 
+def stage1_ablation(args: argparse.Namespace, labeled: str, seeds: list[int]) -> list[str]:
+    """Val mIoU of stage 1 under each form of its loss, per seed (what CISC-R starts from)."""
+    out = ["| stage-1 loss | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+           "|---|" + "---|" * (len(seeds) + 1)]
+    for key, label in STAGE1_ROWS.items():
+        xs = [(read(run_dir(args, key, labeled, s) / "stage1" / "done.json") or {}).get("val_miou")
+              for s in seeds]  # fmt: skip
+        got = [x for x in xs if x is not None]
+        mean = fmt(statistics.fmean(got)) + (f" (n={len(got)})" if len(got) < len(xs) else "")
+        out.append(f"| {label} | " + " | ".join(fmt(x) for x in xs) + f" | {mean if got else 'n/a'} |")
+    return [f"## Stage 1: which part of CISC-R's loss costs accuracy (1/{round(1 / float(labeled))} "
+            "labeled, val mIoU %)", "",
+            "Stage-1 models only (no self-training), same budget and seeds; SupOnly and the paper's "
+            "L1 rows are stage 1 of the ST and CISC-R runs above.", "", *out, ""]
+
+
 def missing_runs(plan: list[tuple[str, str, int]], rows: list[dict]) -> list[str]:
     """A report line naming the planned runs that have no result yet (none if all have)."""
     done = {(r["method"], r["labeled"], r["seed"]) for r in rows}
@@ -428,11 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(m, f, s) for f in fractions for s in (seeds if f in every_seed else seeds[:1])
             for m in methods]
     if not args.report_only:
-        run_all(args, [*plan, (FP32_CHECK, fractions[0], seeds[0])])
+        checks = [(FP32_CHECK, fractions[0], seeds[0])] + [
+            (c, fractions[0], s) for s in seeds for c in STAGE1_ROWS if c in CHECKS]
+        run_all(args, [*plan, *checks])
     rows = [r for m, f, s in plan if (r := collect_run(args, m, f, s)) is not None]
     args.header = missing_runs(plan, rows)
     args.header += amp_check(args, rows, fractions[0], seeds[0])
-    md = write_report(args, rows, methods, fractions, argv, diagnostics(args, plan))
+    extra = stage1_ablation(args, fractions[0], seeds) + diagnostics(args, plan)
+    md = write_report(args, rows, methods, fractions, argv, extra)
     print(md.read_text())
     from camvid_figures import write_figures  # beside this file
 

@@ -141,6 +141,11 @@ class MethodCfg(BaseModel):
     )
     stage1_cisc_loss: bool = Field(True, description="add L_CISC on labeled pairs in stage 1")
     cisc_weight: float = Field(1.0, ge=0)
+    pair_loss_norm: Literal["pair", "image"] = Field(
+        "pair",
+        description="stage-1 loss per PAIR as the paper writes it (CE_i + CE_j + L_CISC: twice "
+        "SupOnly's CE scale) or per IMAGE (the same / 2: SupOnly's CE scale)",
+    )
     retrain: Literal["none", "one", "two"] = Field(
         "two", description="none = SupOnly; one = retrain once on all; two = reliable then all"
     )

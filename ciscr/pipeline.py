@@ -293,7 +293,7 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
         present = class_presence(masks, ctx.info.num_classes)
         pairs = PairDataset(ds, present, ctx.background, ctx.cfg.seed)
         streams = {"pairs": Stream(pairs, max(1, t.batch_size // 2), rep, images_per_item=2)}
-        step = pair_step(True, m.cisc_weight, d.ignore_index)
+        step = pair_step(True, m.cisc_weight, d.ignore_index, m.pair_loss_norm)
         epoch_stream = "pairs"
     else:
         streams = {"labeled": Stream(ds, t.batch_size, rep)}

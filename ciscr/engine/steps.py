@@ -41,12 +41,19 @@ def supervised_step(ignore_index: int = 255):
     return step
 
 
-def pair_step(use_cisc: bool, cisc_weight: float = 1.0, ignore_index: int = 255):
+def pair_step(
+    use_cisc: bool, cisc_weight: float = 1.0, ignore_index: int = 255, norm: str = "pair"
+):
     """Stage 1: ``L1 = CE_i + CE_j + L_CISC(i, j)`` on ``batches['pairs']`` (METHOD.md 4).
 
     The prototypes come from the current model and are not detached. A pair whose shared class
-    was cropped out of either image contributes CE only.
+    was cropped out of either image contributes CE only. ``norm="image"`` halves L1 (the loss
+    per image): WHY, per pair the CE term is twice SupOnly's mean CE, so at the same learning
+    rate the paper's form trains stage 1 with twice SupOnly's CE step.
     """
+    if norm not in ("pair", "image"):
+        raise ValueError(f"norm must be 'pair' or 'image', got {norm!r}")
+    scale = 0.5 if norm == "image" else 1.0
 
     def step(model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
         b = batches["pairs"]
@@ -68,7 +75,7 @@ def pair_step(use_cisc: bool, cisc_weight: float = 1.0, ignore_index: int = 255)
                 )
                 loss = loss + cisc_weight * l_cisc
                 scalars["cisc"] = float(l_cisc.detach())
-        return loss, scalars
+        return scale * loss, scalars
 
     return step
 

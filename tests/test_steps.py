@@ -1,0 +1,49 @@
+"""Stage-1 pair step: the loss the paper writes per pair, and its per-image normalisation."""
+
+import pytest
+import torch
+from torch import nn
+
+from ciscr.cisc import cisc_pair_loss
+from ciscr.engine.losses import ce_loss
+from ciscr.engine.steps import PAIR_BCE_EPS, pair_step
+from ciscr.models.deeplabv3plus import SegOutput
+
+
+class Pixelwise(nn.Module):
+    """logits = a 1x1 conv of the image, features = its ReLU (non-negative, like the model's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> SegOutput:
+        y = self.conv(x)
+        return SegOutput(y, torch.relu(y) + 0.1)
+
+
+def pairs_batch() -> dict:
+    g = torch.Generator().manual_seed(1)
+    mask = torch.randint(0, 3, (2, 4, 4), generator=g)
+    mask2 = torch.randint(0, 3, (2, 4, 4), generator=g)
+    mask[:, 0, 0], mask2[:, 0, 0] = 1, 1  # class 1 is shared by both pairs
+    return {"pairs": {"image": torch.randn(2, 3, 4, 4, generator=g), "mask": mask,
+                      "image2": torch.randn(2, 3, 4, 4, generator=g), "mask2": mask2,
+                      "cls": torch.tensor([1, 1])}}  # fmt: skip
+
+
+def test_pair_loss_is_ce_i_plus_ce_j_plus_cisc_and_image_norm_halves_it():
+    model, b = Pixelwise(), pairs_batch()
+    p = b["pairs"]
+    out = model(torch.cat([p["image"], p["image2"]]))
+    want = (ce_loss(out.logits[:2], p["mask"]) + ce_loss(out.logits[2:], p["mask2"])
+            + cisc_pair_loss(out.features[:2], p["mask"], out.features[2:], p["mask2"],
+                             p["cls"], bce_eps=PAIR_BCE_EPS))  # fmt: skip
+    pair, scalars = pair_step(True, norm="pair")(model, b, 0)
+    image, _ = pair_step(True, norm="image")(model, b, 0)
+    assert float(pair) == pytest.approx(float(want), rel=1e-6)
+    assert float(image) == pytest.approx(float(want) / 2, rel=1e-6)
+    assert scalars["ce"] == pytest.approx(float(want - scalars["cisc"]) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="norm"):
+        pair_step(True, norm="batch")
