@@ -86,20 +86,28 @@ def run_dir(args: argparse.Namespace, method: str, labeled: str, seed: int) -> P
 # twice SupOnly's CE scale at the same learning rate).
 FP32_CHECK = "suponly_fp32"
 NO_SCORING = "method.score_final_pseudo=false"  # stage-1 checks: val mIoU is all we read
+SHARED = "method.pair_views=shared"  # partner views as ciscr made them before the fix
 CHECKS = {
     FP32_CHECK: ("suponly", ["train.amp=none"]),
-    "stage1_image_norm": ("suponly_cisc", ["method.pair_loss_norm=image", NO_SCORING]),
-    "stage1_double_ce": ("suponly_cisc", ["method.cisc_weight=0", NO_SCORING]),
     "stage1_pairs_only": ("suponly_cisc",
-                          ["method.cisc_weight=0", "method.pair_loss_norm=image", NO_SCORING]),
+                          ["method.cisc_weight=0", "method.pair_loss_norm=image", SHARED,
+                           NO_SCORING]),
+    "stage1_double_ce": ("suponly_cisc", ["method.cisc_weight=0", SHARED, NO_SCORING]),
+    "stage1_image_norm": ("suponly_cisc", ["method.pair_loss_norm=image", SHARED, NO_SCORING]),
+    "stage1_fixed_pairs_only": ("suponly_cisc",
+                                ["method.cisc_weight=0", "method.pair_loss_norm=image",
+                                 NO_SCORING]),
+    "stage1_fixed_paper": ("suponly_cisc", [NO_SCORING]),
 }
 STAGE1_ROWS = {
-    "st": "SupOnly: mean CE over the batch",
-    "stage1_pairs_only": "(CE_i + CE_j) / 2 on class-sharing pairs, no L_CISC: SupOnly's "
-                         "loss, CISC-R's pair sampling",
-    "stage1_double_ce": "CE_i + CE_j per pair, no L_CISC (twice SupOnly's CE scale)",
-    "ciscr": "CE_i + CE_j + L_CISC per pair (the paper's L1; CISC-R's stage 1 above)",
-    "stage1_image_norm": "(CE_i + CE_j + L_CISC) / 2, per image (`method.pair_loss_norm=image`)",
+    "st": "SupOnly: mean CE over a batch of 8 images",
+    "stage1_pairs_only": "(CE_i + CE_j) / 2 on 4 class-sharing pairs, no L_CISC; shared views",
+    "stage1_double_ce": "CE_i + CE_j per pair, no L_CISC (twice SupOnly's CE scale); shared views",
+    "ciscr": "CE_i + CE_j + L_CISC per pair (the paper's L1; CISC-R's stage 1 in the tables "
+             "above); shared views",
+    "stage1_image_norm": "(CE_i + CE_j + L_CISC) / 2 (`pair_loss_norm=image`); shared views",
+    "stage1_fixed_pairs_only": "(CE_i + CE_j) / 2 on pairs, no L_CISC; independent views (fixed)",
+    "stage1_fixed_paper": "the paper's L1; independent views (fixed; the default now)",
 }
 
 
@@ -172,7 +180,7 @@ def threads_per_job(jobs: int) -> int:
 
 # Rough relative cost of one run, to start the longest chains first.
 COST = {"st": 1.0, "stpp": 1.8, "ciscr": 2.0, "ciscr_bank": 1.3, FP32_CHECK: 0.5,
-        "stage1_image_norm": 0.4, "stage1_double_ce": 0.4, "stage1_pairs_only": 0.4}
+        **{c: 0.4 for c in CHECKS if c != FP32_CHECK}}
 
 
 def chains(plan: list[tuple[str, str, int]]) -> list[list[tuple[str, str, int]]]:

@@ -141,6 +141,11 @@ class MethodCfg(BaseModel):
     )
     stage1_cisc_loss: bool = Field(True, description="add L_CISC on labeled pairs in stage 1")
     cisc_weight: float = Field(1.0, ge=0)
+    pair_views: Literal["independent", "shared"] = Field(
+        "independent",
+        description="stage-1 partner image augmented on its own (default) or with the anchor's "
+        "augmentation epoch ('shared': ciscr before the fix, half the views duplicated)",
+    )
     pair_loss_norm: Literal["pair", "image"] = Field(
         "pair",
         description="stage-1 loss per PAIR as the paper writes it (CE_i + CE_j + L_CISC: twice "

@@ -291,7 +291,7 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
     if m.stage1_cisc_loss:
         masks = [read_mask(s.mask, ctx.info.num_classes, d.ignore_index) for s in ctx.labeled]
         present = class_presence(masks, ctx.info.num_classes)
-        pairs = PairDataset(ds, present, ctx.background, ctx.cfg.seed)
+        pairs = PairDataset(ds, present, ctx.background, ctx.cfg.seed, m.pair_views)
         streams = {"pairs": Stream(pairs, max(1, t.batch_size // 2), rep, images_per_item=2)}
         step = pair_step(True, m.cisc_weight, d.ignore_index, m.pair_loss_norm)
         epoch_stream = "pairs"

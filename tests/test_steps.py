@@ -1,5 +1,6 @@
 """Stage-1 pair step: the loss the paper writes per pair, and its per-image normalisation."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -47,3 +48,34 @@ def test_pair_loss_is_ce_i_plus_ce_j_plus_cisc_and_image_norm_halves_it():
     assert scalars["ce"] == pytest.approx(float(want - scalars["cisc"]) / 2, rel=1e-5)
     with pytest.raises(ValueError, match="norm"):
         pair_step(True, norm="batch")
+
+
+class Views(torch.utils.data.Dataset):
+    """A labeled set whose item says which (index, augmentation epoch) produced it."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return 4
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.tensor([i, self.epoch]), "mask": torch.zeros(1)}
+
+
+def test_pair_partner_gets_its_own_augmentation_not_a_copy_of_its_anchor_view():
+    from ciscr.data.pairs import PARTNER_EPOCHS, PairDataset
+
+    present = np.ones((4, 2), bool)
+    for views, offset in (("independent", PARTNER_EPOCHS), ("shared", 0)):
+        ds = PairDataset(Views(), present, None, seed=0, views=views)
+        ds.set_epoch(3)
+        item = ds[1]
+        assert item["image"].tolist() == [1, 3]
+        j = int(item["index2"])
+        assert j != 1 and item["image2"].tolist() == [j, offset + 3]
+    with pytest.raises(ValueError, match="views"):
+        PairDataset(Views(), present, None, seed=0, views="same")

@@ -41,6 +41,9 @@ def pick_partner(
     return j, -1
 
 
+PARTNER_EPOCHS = 2**62  # partner views use augmentation epochs disjoint from the anchors'
+
+
 class PairDataset(Dataset):
     """Item i = (labeled image i, a partner sharing class ``cls``), both with weak augmentation.
 
@@ -48,9 +51,17 @@ class PairDataset(Dataset):
     """
 
     def __init__(
-        self, labeled: Dataset, present: np.ndarray, background: int | None, seed: int
+        self,
+        labeled: Dataset,
+        present: np.ndarray,
+        background: int | None,
+        seed: int,
+        views: str = "independent",
     ) -> None:
+        if views not in ("independent", "shared"):
+            raise ValueError(f"views must be 'independent' or 'shared', got {views!r}")
         self.labeled, self.present, self.background, self.seed = labeled, present, background, seed
+        self.partner_offset = PARTNER_EPOCHS if views == "independent" else 0
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -65,6 +76,11 @@ class PairDataset(Dataset):
         j, k = pick_partner(i, self.present, self.background, g)
         self.labeled.set_epoch(self.epoch)
         a = self.labeled[i]
+        # WHY a separate epoch: the stream visits every (image, epoch) once as an anchor, so a
+        # partner drawn with the anchor's epoch would be an exact copy (same crop, flip, scale)
+        # of that image's own anchor sample: half the views of stage 1 were duplicates
+        # (views="shared" keeps that old behaviour, to reproduce results made with it).
+        self.labeled.set_epoch(self.partner_offset + self.epoch)
         b = self.labeled[j]
         return {
             "image": a["image"], "mask": a["mask"], "image2": b["image"], "mask2": b["mask"],
