@@ -37,10 +37,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from ciscr.utils.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("suponly", "st", "stpp", "ciscr", "ciscr_bank")
 LABELS = {
     "suponly": "SupOnly",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ciscr.data.io import read_image, read_mask  # noqa: E402
+from ciscr.report import spread  # noqa: E402
 from ciscr.selection import image_miou  # noqa: E402
 from ciscr.visualize import cisc_map_of, colorize, figure_png, highlight, predict_label  # noqa: E402
 
 CELL = 2.6  # inches per panel
-
-
-def spread(items: Sequence[Any], n: int) -> list[Any]:
-    """n items evenly spaced over ``items`` (all of them if there are fewer)."""
-    if len(items) <= n:
-        return list(items)
-    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else [items[0]]
 
 
 def smallest_class(label: np.ndarray, k: int, min_ratio: float) -> int:
@@ -87,11 +80,16 @@ class RunView:
         self.cfg = load_config(run_dir / "config.yaml")
         self.info, self.labeled, self.unlabeled, self.val = load_dataset(self.cfg.data, self.cfg.seed)
         self.k, self.ign = self.info.num_classes, self.cfg.data.ignore_index
+        self._models: dict[str, tuple[Any, dict]] = {}
 
     def model(self, stage: str) -> tuple[Any, dict]:
+        """(model, checkpoint meta) of a stage, loaded once."""
         from ciscr.predict import load_model_from_checkpoint
 
-        return load_model_from_checkpoint(self.dir / stage / "checkpoint.pt", "cpu")
+        if stage not in self._models:
+            path = self.dir / stage / "checkpoint.pt"
+            self._models[stage] = load_model_from_checkpoint(path, "cpu")
+        return self._models[stage]
 
     def pseudo(self, stage: str, sid: str) -> np.ndarray:
         return read_mask(self.dir / stage / "labels" / f"{sid}.png", self.k, self.ign)
@@ -99,14 +97,15 @@ class RunView:
     def gt(self, sample) -> np.ndarray:
         return read_mask(sample.mask, self.k, self.ign)
 
-    def split_ids(self) -> list[str]:
-        """Unlabeled ids for the figures: reliable and unreliable alternating."""
+    def figure_ids(self) -> list[tuple[str, str]]:
+        """(id, half) of the unlabeled images in the figures: reliable and unreliable alternating."""
         import json
 
         split = json.loads((self.dir / "selection" / "unlabeled_split.json").read_text())
-        rel = spread(sorted(e["id"] for e in split["reliable"]), 2)
-        unrel = spread(sorted(e["id"] for e in split["unreliable"]), 2)
-        return [x for pair in zip(rel, unrel, strict=False) for x in pair]
+        rel, unrel = (spread(sorted(e["id"] for e in split[h]), 2)
+                      for h in ("reliable", "unreliable"))  # fmt: skip
+        pairs = zip([(i, "reliable") for i in rel], [(i, "unreliable") for i in unrel], strict=False)
+        return [x for pair in pairs for x in pair]
 
 
 def _label_panel(lab: np.ndarray, gt: np.ndarray, pal, name: str, k: int, ign: int) -> tuple:
@@ -122,23 +121,21 @@ def cisc_maps_figure(run: RunView, stem: str):
     queries = json.loads((run.dir / "selection" / "queries.json").read_text())
     by_id = {s.id: s for s in run.labeled}
     unl = {s.id: s for s in run.unlabeled}
-    half = {}
-    split = json.loads((run.dir / "selection" / "unlabeled_split.json").read_text())
-    for h in ("reliable", "unreliable"):
-        half.update({e["id"]: h for e in split[h]})
     rows = []
-    for uid in run.split_ids():
+    for uid, half in run.figure_ids():
         pl = run.pseudo("pseudo0", uid)
         cls = smallest_class(pl, run.k, run.cfg.method.min_class_ratio)
+        if cls < 0:
+            continue
         qids = [e["id"] for e in queries.get(names[cls], []) if e.get("id") in by_id]
-        if cls < 0 or not qids:
+        if not qids:
             continue
         q = by_id[qids[0]]
         qimg, qgt, img = read_image(q.image), run.gt(q), read_image(unl[uid].image)
         cmap, _ = cisc_map_of(m0, img, qimg, qgt, cls, meta["mean"], meta["std"])
         region = qgt == cls
         rows.append([
-            (img, f"{uid} ({half.get(uid, '')})", {}),
+            (img, f"{uid} ({half})", {}),
             (colorize(pl, pal, run.ign), "pseudo label (M0)", {}),
             (highlight(qimg, region, pal[cls]), f"query {q.id}: '{names[cls]}' {region.mean():.0%}", {}),
             (cmap, f"CISC map '{names[cls]}'", {"cmap": "inferno", "vmin": 0, "vmax": 1}),
@@ -154,7 +151,7 @@ def pseudo_figure(run: RunView, stem: str):
     pal, names = meta["palette"], meta["class_names"]
     unl = {s.id: s for s in run.unlabeled}
     rows = []
-    for uid in run.split_ids():
+    for uid, _ in run.figure_ids():
         gt = run.gt(unl[uid])
         rows.append([
             (read_image(unl[uid].image), uid, {}),
@@ -184,23 +181,23 @@ def predictions_figure(models: dict[str, tuple[Any, dict]], run: RunView, stem: 
 def write_figures(runs: Path, out: Path, stem: str = "camvid", labeled: str = "0.125",
                   seed: int = 0) -> list[Path]:
     """The three PNGs from the seed's runs; figures whose runs are missing are skipped."""
+    from ciscr.predict import load_model_from_checkpoint
     from ciscr.utils.io import atomic_write_bytes
 
     d = {m: runs / f"{m}_l{labeled}_s{seed}" for m in ("st", "stpp", "ciscr")}
+    if not (d["ciscr"] / "pseudo_final" / "done.json").exists():
+        return []
+    run = RunView(d["ciscr"])
+    figs = {"cisc_maps": cisc_maps_figure(run, stem), "pseudo_labels": pseudo_figure(run, stem)}
+    ckpts = {"SupOnly": d["st"] / "stage1", "ST++": d["stpp"] / "stage3",
+             "CISC-R": d["ciscr"] / "stage3"}  # fmt: skip
+    if all((c / "checkpoint.pt").exists() for c in ckpts.values()):
+        models = {k: load_model_from_checkpoint(c / "checkpoint.pt", "cpu") for k, c in ckpts.items()}
+        figs["predictions"] = predictions_figure(models, run, stem)
     written = []
-    if (d["ciscr"] / "pseudo_final" / "done.json").exists():
-        run = RunView(d["ciscr"])
-        for name, fig in (("cisc_maps", cisc_maps_figure(run, stem)),
-                          ("pseudo_labels", pseudo_figure(run, stem))):
-            atomic_write_bytes(out / f"{stem}_{name}.png", figure_png(fig, dpi=70))
-            written.append(out / f"{stem}_{name}.png")
-        stages = {"SupOnly": (d["st"], "stage1"), "ST++": (d["stpp"], "stage3"),
-                  "CISC-R": (d["ciscr"], "stage3")}
-        if all((p / s / "checkpoint.pt").exists() for p, s in stages.values()):
-            models = {k: RunView(p).model(s) for k, (p, s) in stages.items()}
-            fig = predictions_figure(models, run, stem)
-            atomic_write_bytes(out / f"{stem}_predictions.png", figure_png(fig, dpi=70))
-            written.append(out / f"{stem}_predictions.png")
+    for name, fig in figs.items():
+        written.append(out / f"{stem}_{name}.png")
+        atomic_write_bytes(written[-1], figure_png(fig, dpi=70))
     return written
 
 

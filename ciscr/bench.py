@@ -1129,7 +1129,8 @@ METHOD_NOTES = """\
   `MALLOC_TRIM_THRESHOLD_` = 128 KiB unless already set): every large block is mapped and
   unmapped on free, so the figure is the live peak and does not depend on earlier allocations
   (with glibc's default, identical runs differed by hundreds of MiB); every ST step is
-  measured twice to show the repeatability. On CUDA: `torch.cuda.max_memory_allocated` above the memory allocated before building.
+  measured twice to show the repeatability. On CUDA: `torch.cuda.max_memory_allocated`
+  above the memory allocated before building.
   The target compares it with ST's peak + the teacher alone, measured the same way (its
   weights and two no-grad forwards of the unlabeled batch: `teacher peak MiB`).
 - FLOPs: one fp32 step per method under `torch.utils.flop_counter.FlopCounterMode`

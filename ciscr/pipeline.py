@@ -381,7 +381,7 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
     kw = _eval_kwargs(ctx)
     protos, present = compute_labeled_prototypes(m0, ctx.labeled, **kw)
     anchors = class_anchors(protos, present)
-    d_lab, frac = image_distances(m0, ctx.labeled, "gt", anchors, return_present=True, **kw)
+    d_lab, frac = image_distances(m0, ctx.labeled, "gt", anchors, return_fractions=True, **kw)
     eligible = query_eligible(frac, ctx.cfg.method.query_min_class_ratio)
     queries = _query_lists(ctx, m0, lab_ids, eligible, d_lab)
     for k in range(ctx.info.num_classes):
@@ -430,8 +430,8 @@ def _split_unlabeled(ctx: RunContext, m0: nn.Module, pseudo0: Path, anchors: tor
     if m.crop_selection:
         scores = crop_level_scores(m0, ctx.unlabeled, pseudo0, anchors, m.crop_selection, **kw)
         return (*split_by_score(ids, scores, ascending=True), scores)
-    d_unl, present = image_distances(m0, ctx.unlabeled, pseudo0, anchors, return_present=True, **kw)
-    return split_unlabeled_cisc(ids, d_unl, present)
+    d_unl, frac = image_distances(m0, ctx.unlabeled, pseudo0, anchors, return_fractions=True, **kw)
+    return split_unlabeled_cisc(ids, d_unl, frac > 0)
 
 
 def _write_half_quality(ctx, out: Path, pseudo0: Path, reliable, unreliable) -> None:

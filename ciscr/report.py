@@ -219,7 +219,7 @@ def _fig_img(fig: Any, alt: str, dpi: int = 80) -> str:
     return _img(figure_png(fig, dpi=dpi), alt)
 
 
-def _spread(items: Sequence[Any], n: int) -> list[Any]:
+def spread(items: Sequence[Any], n: int) -> list[Any]:
     """``n`` items evenly spaced through ``items`` (first and last included), in order."""
     if n <= 0 or not items:
         return []
@@ -614,9 +614,9 @@ def _gallery_ids(run: _Run, unlabeled: list, n: int) -> list[tuple[str, str]]:
     rel = [e["id"] for e in split.get("reliable", [])]
     unrel = [e["id"] for e in split.get("unreliable", [])]
     if not rel and not unrel:
-        return [(s.id, "") for s in _spread(unlabeled, n)]
-    a = [(i, "reliable") for i in _spread(rel, n - min(len(unrel), n // 2))]
-    b = [(i, "unreliable") for i in _spread(unrel, n - len(a))]
+        return [(s.id, "") for s in spread(unlabeled, n)]
+    a = [(i, "reliable") for i in spread(rel, n - min(len(unrel), n // 2))]
+    b = [(i, "unreliable") for i in spread(unrel, n - len(a))]
     return [x for pair in zip(a, b, strict=False) for x in pair] + a[len(b) :] + b[len(a) :]
 
 
@@ -757,7 +757,7 @@ def _section_labels(run: _Run, n: int) -> str:
     if "pseudo0" not in sets:
         return _note("skipped: no pseudo0 labels.")
     rows, labels = [], []
-    for s in _spread(
+    for s in spread(
         [u for u in unlabeled if (run.dir / "pseudo0/labels" / f"{u.id}.png").is_file()], n
     ):
         gt = _read_label(Path(s.mask), k, ign) if s.mask else None
@@ -797,7 +797,7 @@ def _section_predictions(run: _Run, n: int) -> str:
     if model is None:
         return _note(f"skipped: {meta} (final stage {final})", "warn")
     rows, labels = [], []
-    for s in _spread(val, n):
+    for s in spread(val, n):
         rows.append(
             _prediction_row(model, meta, read_image(s.image), s.mask, run.cfg.data.ignore_index)
         )

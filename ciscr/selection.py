@@ -260,13 +260,13 @@ def image_distances(
     device: torch.device | str = "cpu",
     amp: str = "none",
     ignore_index: int = 255,
-    return_present: bool = False,
+    return_fractions: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Distance D_k(x) of each image to each class anchor (Eq. 10), float32 (N, K) on CPU.
 
     Labels come from the ground truth (``label_source="gt"``, labeled images) or from a
     pseudo-label folder (a Path, unlabeled images). D is NaN where an anchor is all-zero (class
-    absent from the labeled set). With ``return_present`` also returns the (N, K) float64 share
+    absent from the labeled set). With ``return_fractions`` also returns the (N, K) float64 share
     of valid pixels each class covers in the labels used (> 0 where the class is present).
     """
     device = torch.device(device)
@@ -287,7 +287,7 @@ def image_distances(
         rows = _map_sharded(one, samples)
     k = anchors.shape[0]
     d = torch.from_numpy(np.stack([r[0] for r in rows]) if rows else np.zeros((0, k), np.float32))
-    if not return_present:
+    if not return_fractions:
         return d
     frac = np.stack([r[1] for r in rows]) if rows else np.zeros((0, num_classes))
     return d, torch.from_numpy(frac)

@@ -100,7 +100,7 @@ def test_prototypes_anchors_distances_and_selection_by_hand(world):
     assert torch.allclose(d, torch.tensor(want), atol=1e-5, equal_nan=True)
     assert sel.query_lists_cs(ids, present, d) == {0: ["C"], 1: ["A"], 2: []}
 
-    du, pres_u = sel.image_distances(model, unl, pdir, anchors, **KW, return_present=True)
+    du, pres_u = sel.image_distances(model, unl, pdir, anchors, **KW, return_fractions=True)
     assert (pres_u[:, 2] > 0).tolist() == [False, False, False, True]
     rel, unrel, scores = sel.split_unlabeled_cisc([s.id for s in unl], du, pres_u)
     assert rel == ["u3", "u1"] and unrel == ["u2", "u4"]
