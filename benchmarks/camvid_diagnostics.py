@@ -11,10 +11,17 @@ unlabeled pool, whose ground truth the benchmark has (it never enters training):
   against the prototype of a labeled image drawn from the class-k query list (CS lists of the
   run, one draw per image and class, seeded), so w(p) = m'(p) as in the all-class bank mode;
 - the same with a labeled image drawn from ALL labeled images containing k (the paper's RS);
+- the same with the CS lists built with the class-balanced Eq. 10 (``method.distance=balanced``);
 - and, as the reference every self-training paper thresholds on, M0's softmax confidence.
 
 Each signal is scored by the AUROC of separating correctly from wrongly pseudo-labelled pixels
 (0.5 = no information) and by its mean on both; pixels are read on a 1-in-4 grid.
+
+It also splits the unlabeled pool into reliable / unreliable halves by the CISC distance (Eq.
+10, summed over the pseudo classes, Algorithm 1) in both forms, the paper's pixel mean and the
+balanced one, and scores each half's pseudo labels against the ground truth (paper Fig. 10
+shape). The pixel-mean split is the run's own selection, recomputed: it must match
+``selection/half_quality.json``.
 """
 
 from __future__ import annotations
@@ -31,9 +38,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ciscr.cisc import cisc_map  # noqa: E402
+from ciscr.cisc import anchor_distance, cisc_map  # noqa: E402
+from ciscr.engine.evaluate import ConfusionMatrix  # noqa: E402
 from ciscr.pseudo import eval_mode, load_eval_image, read_labels  # noqa: E402
-from ciscr.selection import compute_labeled_prototypes  # noqa: E402
+from ciscr.selection import (  # noqa: E402
+    class_anchors,
+    compute_labeled_prototypes,
+    image_distances,
+    query_eligible,
+    query_lists_cs,
+    split_by_score,
+)
 from ciscr.utils.io import atomic_write_json  # noqa: E402
 from ciscr.utils.misc import autocast  # noqa: E402
 
@@ -90,8 +105,40 @@ def draw_prototypes(lists: dict[int, list[int]], bank: torch.Tensor, rng) -> dic
     return {k: bank[ids[rng.integers(len(ids))], k] for k, ids in lists.items() if ids}
 
 
+def balanced_cs_lists(run, m0, kw: dict, anchors: torch.Tensor) -> dict[int, list[int]]:
+    """The CS query lists (as indices into ``run.labeled``) that ``method.distance=balanced``
+    would build from this run's stage-1 model: same eligibility rule, balanced D_k."""
+    d, frac = image_distances(m0, run.labeled, "gt", anchors, return_fractions=True,
+                              balanced=True, **kw)
+    ids = [s.id for s in run.labeled]
+    lists = query_lists_cs(ids, query_eligible(frac, run.cfg.method.query_min_class_ratio), d)
+    index = {sid: i for i, sid in enumerate(ids)}
+    return {k: [index[i] for i in v] for k, v in lists.items()}
+
+
+def selection_score(feats: torch.Tensor, y: torch.Tensor, anchors: torch.Tensor, ign: int,
+                    balanced: bool) -> float:
+    """Algorithm 1's image score: D_k (Eq. 10) summed over the classes of the pseudo label."""
+    d = anchor_distance(feats, y.unsqueeze(0), anchors, ignore_index=ign, balanced=balanced)[0]
+    present = torch.zeros(anchors.shape[0], dtype=torch.bool)
+    present[y[(y != ign)].unique()] = True
+    vals = d[present & torch.isfinite(d)]
+    return float(vals.sum()) if vals.numel() else float("inf")
+
+
+def half_quality(scores: dict[str, float], conf: dict[str, torch.Tensor], k: int) -> dict:
+    """Pseudo-label mIoU of the reliable (smallest score) and unreliable halves."""
+    ids = sorted(scores)
+    out = {}
+    for name, half in zip(("reliable", "unreliable"), split_by_score(ids, scores), strict=True):
+        cm = ConfusionMatrix(k)
+        cm.mat = sum(conf[i] for i in half)
+        out[name] = cm.compute()["miou"]
+    return out
+
+
 def diagnose(run_dir: Path, max_images: int = 0) -> dict[str, Any]:
-    """The three signals' statistics over the run's unlabeled images (all, or ``max_images``)."""
+    """The signals' statistics over the run's unlabeled images (all, or ``max_images``)."""
     from camvid_figures import RunView
 
     run = RunView(run_dir)
@@ -99,13 +146,19 @@ def diagnose(run_dir: Path, max_images: int = 0) -> dict[str, Any]:
     d, amp = run.cfg.data, run.cfg.train.amp
     kw = {"num_classes": run.k, "mean": d.mean, "std": d.std, "amp": amp, "ignore_index": run.ign}
     bank, present = compute_labeled_prototypes(m0, run.labeled, **kw)
+    anchors = class_anchors(bank, present)
     index = {s.id: i for i, s in enumerate(run.labeled)}
-    names = meta["class_names"]
     queries = json.loads((run_dir / "selection" / "queries.json").read_text())
-    cs = {k: [index[e["id"]] for e in queries.get(n, []) if e.get("id") in index]
-          for k, n in enumerate(names)}
-    rs = {k: np.flatnonzero(present[:, k].numpy()).tolist() for k in range(run.k)}
-    tallies = {"cisc_cs": Tally(), "cisc_all_labeled": Tally(), "confidence": Tally()}
+    lists = {
+        "cisc_cs": {k: [index[e["id"]] for e in queries.get(n, []) if e.get("id") in index]
+                    for k, n in enumerate(meta["class_names"])},
+        "cisc_all_labeled": {k: np.flatnonzero(present[:, k].numpy()).tolist()
+                             for k in range(run.k)},
+        "cisc_cs_balanced": balanced_cs_lists(run, m0, kw, anchors),
+    }
+    tallies = {**{name: Tally() for name in lists}, "confidence": Tally()}
+    scores: dict[str, dict[str, float]] = {"pixel": {}, "balanced": {}}
+    conf: dict[str, torch.Tensor] = {}
     rng = np.random.default_rng(0)
     samples = run.unlabeled[:max_images] if max_images else run.unlabeled
     with eval_mode(m0), torch.no_grad():
@@ -122,20 +175,39 @@ def diagnose(run_dir: Path, max_images: int = 0) -> dict[str, Any]:
             sub = (slice(None, None, STEP), slice(None, None, STEP))
             valid = ((gt != run.ign) & (y != run.ign))[sub]
             correct = (y == gt)[sub][valid]
-            for name, lists in (("cisc_cs", cs), ("cisc_all_labeled", rs)):
-                w = own_class_map(feats, y, draw_prototypes(lists, bank, rng))
+            for name, ls in lists.items():
+                w = own_class_map(feats, y, draw_prototypes(ls, bank, rng))
                 tallies[name].add(w[sub][valid], correct)
             tallies["confidence"].add(prob[sub][valid], correct)
-    res = {name: t.summary() for name, t in tallies.items()}
+            for form in scores:
+                scores[form][s.id] = selection_score(feats, y, anchors, run.ign, form == "balanced")
+            cm = ConfusionMatrix(run.k, ignore_index=run.ign)
+            cm.update(y, gt)  # as the run scores its halves (pseudo labels have no void)
+            conf[s.id] = cm.mat
+    res: dict[str, Any] = {name: t.summary() for name, t in tallies.items()}
+    res["halves"] = {form: half_quality(sc, conf, run.k) for form, sc in scores.items()}
     res["images"] = len(samples)
+    if not max_images:
+        res["same_split_as_run"] = same_side_share(run_dir, scores["pixel"])
     return res
+
+
+def same_side_share(run_dir: Path, scores: dict[str, float]) -> float:
+    """Share of the images that the recomputed pixel-mean split puts on the same side as the
+    run's own selection did (1.0 = this script reproduces Algorithm 1 exactly)."""
+    split = json.loads((run_dir / "selection" / "unlabeled_split.json").read_text())
+    theirs = {e["id"] for e in split["reliable"]}
+    ours = set(split_by_score(sorted(scores), scores)[0])
+    return sum((i in ours) == (i in theirs) for i in scores) / len(scores)
 
 
 def cached(run_dir: Path) -> dict[str, Any]:
     """diagnose(), stored in RUN/diagnostics.json (computed once; delete the file to redo)."""
     path = run_dir / "diagnostics.json"
     if path.exists():
-        return json.loads(path.read_text())
+        res = json.loads(path.read_text())
+        if all(key in res for key in (*LABELS, "halves")):  # else: from an older version
+            return res
     res = diagnose(run_dir)
     atomic_write_json(path, res)
     return res
@@ -144,6 +216,8 @@ def cached(run_dir: Path) -> dict[str, Any]:
 LABELS = {
     "cisc_cs": "CISC weight, query from the CS list (as trained)",
     "cisc_all_labeled": "CISC weight, query from any labeled image with the class (RS-like)",
+    "cisc_cs_balanced": "CISC weight, query from the CS list of the balanced Eq. 10 "
+                        "(`method.distance=balanced`)",
     "confidence": "M0 softmax confidence (reference)",
 }
 
@@ -166,9 +240,30 @@ def markdown(results: list[dict[str, Any]], run_dirs: list[Path]) -> list[str]:
                                                    + r["confidence"]["pixels_correct"], 1)
              for r in results]
     runs = ", ".join(f"`{Path(d).name}`" for d in run_dirs)
+    halves = ["| Eq. 10 distance | reliable half | unreliable half | gap |", "|---|---|---|---|"]
+    for form, label in (("pixel", "pixel mean (the paper; the runs' own selection)"),
+                        ("balanced", "class-balanced (`method.distance=balanced`)")):
+        rel = [100 * r["halves"][form]["reliable"] for r in results]
+        unrel = [100 * r["halves"][form]["unreliable"] for r in results]
+        gap = [a - b for a, b in zip(rel, unrel, strict=True)]
+        halves.append(f"| {label} | {pm(rel)} | {pm(unrel)} | {pm(gap)} |")
     return [f"Over {len(results)} run(s) ({runs}; {results[0]['images']} unlabeled images each, "
             f"{100 * statistics.fmean(wrong):.1f}% of the sampled pixels wrongly pseudo-labelled "
-            "on average):", "", *rows]
+            "on average):", "", *rows, "",
+            "Pseudo-label mIoU (%) of the reliable / unreliable halves of the unlabeled pool when "
+            "Algorithm 1 ranks images by each form of the Eq. 10 distance (stage-1 model and "
+            "labels of the same runs; the pixel-mean split recomputed here puts "
+            f"{pm([100 * r.get('same_split_as_run', float('nan')) for r in results])}% of the "
+            "images on the same side as the runs' own selection did):", "", *halves]
+
+
+def pm(xs: list[float]) -> str:
+    """mean ± std (plain mean for one value), two decimals."""
+    import statistics
+
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:

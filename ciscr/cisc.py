@@ -287,8 +287,15 @@ def anchor_distance(
     anchors: torch.Tensor,
     ignore_index: int = 255,
     chunk: int = 8,
+    balanced: bool = False,
 ) -> torch.Tensor:
     """Eq. 10 per class: ``D[b, k] = mean_valid BCE(cisc_map(F_b, a_k), 1[labels_b == k])``.
+
+    ``balanced=True`` (ours, ``method.distance=balanced``): the mean of the BCE over class-k
+    pixels and the BCE over the other valid pixels, so the class's own pixels weigh as much as
+    everything else whatever its area (WHY: the paper's pixel mean is dominated by the correct
+    negatives, so the smaller class k is in an image, the smaller D_k). Where one of the two
+    groups is empty, D is the mean over the other (= the paper's D).
 
     The cosine maps of ``chunk`` anchors are computed at once ((B, chunk, h, w), then resized),
     which bounds memory to B * chunk * H * W floats (COCO has K = 81).
@@ -315,10 +322,24 @@ def anchor_distance(
         cmaps = _resize(cos, size).clamp(0.0, 1.0)  # (B, k, H, W)
         target = labels.unsqueeze(1) == ks.view(1, -1, 1, 1)
         bce = _bce(cmaps, target) * valid.unsqueeze(1)
-        out.append(bce.sum(dim=(2, 3)) / n_valid.unsqueeze(1))  # 0/0 = NaN for no valid pixel
+        if balanced:
+            out.append(_balanced_mean(bce, target.float() * valid.unsqueeze(1), valid))
+        else:
+            out.append(bce.sum(dim=(2, 3)) / n_valid.unsqueeze(1))  # 0/0 = NaN: no valid pixel
     dist = torch.cat(out, dim=1)
     absent = anchors.to(dist.device).abs().sum(dim=1) == 0
     return dist.masked_fill(absent.unsqueeze(0), float("nan"))
+
+
+def _balanced_mean(bce: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, k): mean of the positive-pixel mean and the negative-pixel mean of ``bce``
+    (B, k, H, W), already zero off ``valid`` (B, H, W); an empty group drops out (NaN if both)."""
+    neg = valid.unsqueeze(1) - pos
+    n_pos, n_neg = pos.sum(dim=(2, 3)), neg.sum(dim=(2, 3))
+    m_pos = (bce * pos).sum(dim=(2, 3)) / n_pos.clamp_min(1)
+    m_neg = (bce * neg).sum(dim=(2, 3)) / n_neg.clamp_min(1)
+    groups = (n_pos > 0).float() + (n_neg > 0).float()
+    return (m_pos + m_neg) / groups  # 0/0 = NaN for no valid pixel
 
 
 # --------------------------------------------------------------------------- query class

@@ -146,6 +146,11 @@ class MethodCfg(BaseModel):
         description="stage-1 partner image augmented on its own (default) or with the anchor's "
         "augmentation epoch ('shared': ciscr before the fix, half the views duplicated)",
     )
+    pair_partner: Literal["class", "random"] = Field(
+        "class",
+        description="stage-1 partner: another labeled image sharing a class (the method) or any "
+        "other image ('random': a control, CE only, no L_CISC)",
+    )
     pair_loss_norm: Literal["pair", "image"] = Field(
         "pair",
         description="stage-1 loss per PAIR as the paper writes it (CE_i + CE_j + L_CISC: twice "
@@ -177,6 +182,11 @@ class MethodCfg(BaseModel):
         lt=1,
         description="a labeled image may be queried for class k only if k covers this share of "
         "its valid pixels (0 = any pixel, as the paper)",
+    )
+    distance: Literal["pixel", "balanced"] = Field(
+        "pixel",
+        description="Eq. 10 distance D_k: BCE mean over all pixels (the paper) or the mean of the "
+        "class-k-pixel and other-pixel means ('balanced': does not favour images where k is small)",
     )
     tta_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0)
     tta_flip: bool = True

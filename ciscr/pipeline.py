@@ -291,7 +291,8 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
     if m.stage1_cisc_loss:
         masks = [read_mask(s.mask, ctx.info.num_classes, d.ignore_index) for s in ctx.labeled]
         present = class_presence(masks, ctx.info.num_classes)
-        pairs = PairDataset(ds, present, ctx.background, ctx.cfg.seed, m.pair_views)
+        pairs = PairDataset(ds, present, ctx.background, ctx.cfg.seed, m.pair_views,
+                            m.pair_partner)
         streams = {"pairs": Stream(pairs, max(1, t.batch_size // 2), rep, images_per_item=2)}
         step = pair_step(True, m.cisc_weight, d.ignore_index, m.pair_loss_norm)
         epoch_stream = "pairs"
@@ -381,7 +382,9 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
     kw = _eval_kwargs(ctx)
     protos, present = compute_labeled_prototypes(m0, ctx.labeled, **kw)
     anchors = class_anchors(protos, present)
-    d_lab, frac = image_distances(m0, ctx.labeled, "gt", anchors, return_fractions=True, **kw)
+    bal = ctx.cfg.method.distance == "balanced"
+    d_lab, frac = image_distances(m0, ctx.labeled, "gt", anchors, return_fractions=True,
+                                  balanced=bal, **kw)
     eligible = query_eligible(frac, ctx.cfg.method.query_min_class_ratio)
     queries = _query_lists(ctx, m0, lab_ids, eligible, d_lab)
     for k in range(ctx.info.num_classes):
@@ -393,6 +396,7 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
         write_selection(out, queries, reliable, unreliable, scores,
                         {"query_selection": ctx.cfg.method.query_selection,
                          "query_min_class_ratio": ctx.cfg.method.query_min_class_ratio,
+                         "distance": ctx.cfg.method.distance,
                          "selection": ctx.cfg.method.selection},
                         class_names=ctx.info.class_names,
                         query_scores=distance_table(lab_ids, d_lab))
@@ -421,6 +425,7 @@ def _split_unlabeled(ctx: RunContext, m0: nn.Module, pseudo0: Path, anchors: tor
     if m.selection == "random":
         return split_unlabeled_random(ids, ctx.cfg.seed)
     kw = _eval_kwargs(ctx)
+    bal = m.distance == "balanced"
     if m.selection == "stpp":
         paths = sorted((ctx.run_dir / "stage1").glob("snapshot_*.pt"))
         snaps = [load_model_file(ctx, p) for p in paths]
@@ -428,9 +433,11 @@ def _split_unlabeled(ctx: RunContext, m0: nn.Module, pseudo0: Path, anchors: tor
         scores = stability_scores(snaps, m0, ctx.unlabeled, **kw)
         return (*split_by_score(ids, scores, ascending=False), scores)
     if m.crop_selection:
-        scores = crop_level_scores(m0, ctx.unlabeled, pseudo0, anchors, m.crop_selection, **kw)
+        scores = crop_level_scores(m0, ctx.unlabeled, pseudo0, anchors, m.crop_selection,
+                                   balanced=bal, **kw)
         return (*split_by_score(ids, scores, ascending=True), scores)
-    d_unl, frac = image_distances(m0, ctx.unlabeled, pseudo0, anchors, return_fractions=True, **kw)
+    d_unl, frac = image_distances(m0, ctx.unlabeled, pseudo0, anchors, return_fractions=True,
+                                  balanced=bal, **kw)
     return split_unlabeled_cisc(ids, d_unl, frac > 0)
 
 

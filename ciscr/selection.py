@@ -261,6 +261,7 @@ def image_distances(
     amp: str = "none",
     ignore_index: int = 255,
     return_fractions: bool = False,
+    balanced: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Distance D_k(x) of each image to each class anchor (Eq. 10), float32 (N, K) on CPU.
 
@@ -268,6 +269,7 @@ def image_distances(
     pseudo-label folder (a Path, unlabeled images). D is NaN where an anchor is all-zero (class
     absent from the labeled set). With ``return_fractions`` also returns the (N, K) float64 share
     of valid pixels each class covers in the labels used (> 0 where the class is present).
+    ``balanced``: the class-balanced D of :func:`ciscr.cisc.anchor_distance`.
     """
     device = torch.device(device)
     anchors = anchors.to(device)
@@ -280,6 +282,7 @@ def image_distances(
             _labels_tensor(lab, device),
             anchors,
             ignore_index=ignore_index,
+            balanced=balanced,
         )
         return d[0].float().cpu().numpy(), class_fractions(lab, num_classes)
 
@@ -318,6 +321,7 @@ def _crop_scores(
     num_classes: int,
     amp: str,
     ignore_index: int,
+    balanced: bool = False,
 ) -> list[float]:
     """Score of every crop window of one image (1, 3, H, W) with labels (H, W)."""
     h, w = lab.shape
@@ -327,7 +331,7 @@ def _crop_scores(
             lc = np.ascontiguousarray(lab[y0 : y0 + crop, x0 : x0 + crop])
             feats = _features(model, img[..., y0 : y0 + crop, x0 : x0 + crop], amp)
             lt = _labels_tensor(lc, img.device)
-            d = anchor_distance(feats, lt, anchors, ignore_index=ignore_index)
+            d = anchor_distance(feats, lt, anchors, ignore_index=ignore_index, balanced=balanced)
             scores.append(_presence_score(d[0].float().cpu().numpy(), _presence(lc, num_classes)))
     return scores
 
@@ -345,6 +349,7 @@ def crop_level_scores(
     device: torch.device | str = "cpu",
     amp: str = "none",
     ignore_index: int = 255,
+    balanced: bool = False,
 ) -> dict[str, float]:
     """Crop-level CISC score per image (Table 8 option, ``method.crop_selection``).
 
@@ -360,7 +365,8 @@ def crop_level_scores(
     def one(s: Sample) -> float:
         img = load_eval_image(s, mean, std, device)
         lab = read_labels(s, label_source, tuple(img.shape[-2:]), num_classes, ignore_index)
-        scores = _crop_scores(model, img, lab, anchors, crop, num_classes, amp, ignore_index)
+        scores = _crop_scores(model, img, lab, anchors, crop, num_classes, amp, ignore_index,
+                              balanced)
         finite = [v for v in scores if math.isfinite(v)]
         return float(np.median(finite)) if finite else math.inf
 

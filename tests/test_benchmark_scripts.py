@@ -14,16 +14,33 @@ import camvid_diagnostics as diag  # noqa: E402
 import camvid_figures as figs  # noqa: E402
 
 
+def test_stage1_cells_come_from_main_runs_where_they_exist_else_from_checks():
+    main = [0, 1, 2]
+    assert camvid.stage1_source("suponly", 1, main) == "st"  # SupOnly = stage 1 of ST
+    assert camvid.stage1_source("suponly", 4, main) == "stage1_suponly"
+    assert camvid.stage1_source("paper", 0, main) == "ciscr"
+    assert camvid.stage1_source("paper", 5, main) == "stage1_paper"
+    assert camvid.stage1_source("random_pairs", 0, main) == "stage1_random_pairs"
+    assert camvid.stage1_source("double_ce", 2, main) == "stage1_double_ce"
+    assert camvid.stage1_source("double_ce", 3, main) is None  # shared-view rows: main seeds only
+    for row in camvid.STAGE1_ROWS:  # every cell is a run the benchmark knows how to make
+        for seed in range(6):
+            src = camvid.stage1_source(row, seed, main)
+            assert src is None or src in camvid.CHECKS or src in camvid.METHODS
+
+
 def test_chains_keep_shared_runs_after_their_source_and_go_seed_by_seed():
     plan = [(m, f, s) for f, seeds in (("0.125", (0, 1)), ("0.25", (0,)))
             for s in seeds for m in camvid.METHODS]  # fmt: skip
     chains = camvid.chains(plan)
     flat = [r for c in chains for r in c]
-    assert len(flat) == len(set(flat)) == 12  # suponly is the st run: 4 runs x 3 (f, s)
+    assert len(flat) == len(set(flat)) == 15  # suponly is the st run: 5 runs x 3 (f, s)
     assert ("suponly", "0.125", 0) not in flat
     for c in chains:
         if any(m == "ciscr_bank" for m, _, _ in c):
             assert [m for m, _, _ in c] == ["ciscr", "ciscr_bank"] and len({r[1:] for r in c}) == 1
+        if any(m == "ciscr_bank_sup1" for m, _, _ in c):  # after the ST run it copies from
+            assert [m for m, _, _ in c] == ["st", "ciscr_bank_sup1"] and len({r[1:] for r in c}) == 1
     seeds = [c[0][2] for c in chains]
     assert seeds == sorted(seeds)  # every method of seed 0 before any of seed 1
     assert chains[0][0][0] == "ciscr"  # the longest chain of a seed first
@@ -63,3 +80,31 @@ def test_figure_helpers():
     assert figs.smallest_class(lab, 3, 0.1) == 2
     assert figs.smallest_class(lab, 3, 0.2) == 1
     assert figs.smallest_class(np.full((2, 2), 255, np.uint8), 3, 0.0) == -1
+
+
+def test_half_quality_splits_by_ascending_score_and_pools_each_half():
+    # 2 classes; images a, b perfect, c, d all wrong. Smallest scores a, c -> reliable half.
+    right = torch.tensor([[5, 0], [0, 5]])
+    wrong = torch.tensor([[0, 5], [5, 0]])
+    conf = {"a": right, "b": right, "c": wrong, "d": wrong}
+    q = diag.half_quality({"a": 0.1, "c": 0.2, "b": 0.3, "d": float("inf")}, conf, 2)
+    # each half pools one right and one wrong image: per class 5 / (10 + 10 - 5) = 1/3
+    assert q["reliable"] == pytest.approx(1 / 3) and q["unreliable"] == pytest.approx(1 / 3)
+    q = diag.half_quality({"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}, conf, 2)
+    assert q == {"reliable": pytest.approx(1.0), "unreliable": pytest.approx(0.0)}
+
+
+def test_selection_score_sums_distances_of_the_pseudo_classes_only():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # left e0, right e1
+    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # class 2 absent from y
+    y = torch.tensor([[0, 1]])
+    # anchors 0 and 1 match their pixels exactly and are orthogonal to the other: D = 0 each
+    assert diag.selection_score(feats, y, anchors, 255, balanced=False) == pytest.approx(0, abs=1e-4)
+    assert diag.selection_score(feats, torch.tensor([[255, 255]]), anchors, 255, False) == float("inf")
+
+
+def test_paired_difference_uses_seeds_both_rows_have():
+    xs, ref = [0.30, 0.32, None, 0.28], [0.31, 0.30, 0.35, 0.29]
+    # differences in points: -1, +2, (skipped), -1 -> mean 0, sd sqrt(3), se 1
+    assert camvid.paired_difference(xs, ref) == "+0.00 ± 1.00 (n=3)"
+    assert camvid.paired_difference([0.3, None], [0.3, 0.2]) == "n/a"

@@ -289,6 +289,40 @@ def test_anchor_distance_by_hand_and_nan():
     assert math.isnan(d[0, 2].item())
 
 
+def test_balanced_anchor_distance_by_hand():
+    # Pixels (1,0) [0], (0,1) [0], (1,1) [1], (2,2) [void]. Anchor a1 = (1,1): cos = R2, R2, 1.
+    # class 1, pixel mean: (bce(R2,0) + bce(R2,0) + 0) / 3; balanced: (0 + bce(R2,0)) / 2.
+    # Anchor a2 = (1,0) for a class absent from the image: no positive pixel, so balanced = the
+    # negative mean = the pixel mean.
+    f = feats((1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (2.0, 2.0))
+    lab = torch.tensor([[[0, 0, 1, IGN]]])
+    anchors = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    plain = cisc.anchor_distance(f, lab, anchors)
+    bal = cisc.anchor_distance(f, lab, anchors, balanced=True)
+    assert plain[0, 1].item() == pytest.approx(2 * bce(R2, 0) / 3, rel=1e-5)
+    assert bal[0, 1].item() == pytest.approx(bce(R2, 0) / 2, rel=1e-5)
+    # class 2 absent from the labels: negatives only, both forms agree
+    assert bal[0, 2].item() == pytest.approx(plain[0, 2].item(), rel=1e-6)
+
+
+def test_balanced_distance_does_not_favour_images_where_the_class_is_small():
+    # Same features everywhere except the class-k pixels, which the anchor matches poorly
+    # (cos = R2). With the pixel mean, the image with ONE such pixel out of 10 looks closer to
+    # the anchor than the image with five; balanced, both get the same distance.
+    def image(n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        px = [(1.0, 1.0) if i < n_pos else (0.0, 1.0) for i in range(10)]
+        lab = torch.tensor([[[1 if i < n_pos else 0 for i in range(10)]]])
+        return feats(*px), lab
+
+    anchor = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # class 1's anchor; class 0 unused
+    (f1, l1), (f5, l5) = image(1), image(5)
+    plain = [cisc.anchor_distance(f, lab, anchor)[0, 1].item() for f, lab in ((f1, l1), (f5, l5))]
+    bal = [cisc.anchor_distance(f, lab, anchor, balanced=True)[0, 1].item()
+           for f, lab in ((f1, l1), (f5, l5))]
+    assert plain[0] < plain[1]
+    assert bal[0] == pytest.approx(bal[1], rel=1e-5)
+
+
 def test_anchor_distance_matches_loop_over_cisc_map_for_any_chunk():
     gen = torch.Generator().manual_seed(5)
     f = torch.rand(2, 4, 3, 3, generator=gen)

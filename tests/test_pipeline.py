@@ -35,6 +35,7 @@ def read(path):
     [
         (["method.name=suponly"], ["stage1"]),
         (["method.name=suponly_cisc"], ["stage1"]),
+        (["method.name=suponly_cisc", "method.pair_partner=random"], ["stage1"]),
         (["method.name=st"], ["stage1", "pseudo0", "stage2"]),
         (["method.name=stpp", "method.stpp_snapshots=1"],
          ["stage1", "pseudo0", "selection", "stage2", "pseudo1", "stage3"]),
@@ -45,11 +46,16 @@ def read(path):
         (["method.name=ciscr", "method.query_selection=as"], ["stage3"]),
         (["method.name=ciscr", "method.num_prototypes=2"], ["stage3"]),
         (["method.name=ciscr", "method.crop_selection=16"], ["stage3"]),
+        (["method.name=ciscr", "method.distance=balanced"], ["stage3"]),
+        (["method.name=ciscr", "method.distance=balanced", "method.crop_selection=16"],
+         ["stage3"]),
         (["method.name=ciscr", "method.retrain=one"], ["stage2"]),
         (["method.name=ciscr", "method.selection=stpp", "method.stpp_snapshots=1"], ["stage3"]),
         (["method.name=ciscr_bank", "method.rectify_classes=one", "method.bank_views=2"],
          ["stage3"]),
     ],
+    # readable test ids: "name=ciscr distance=balanced" rather than "overrides14-stages14"
+    ids=lambda v: " ".join(o.removeprefix("method.") for o in v) if "=" in v[0] else "",
 )
 def test_every_switch_runs(tmp_path, overrides, stages):
     results, rd = tiny_run(tmp_path, *overrides)

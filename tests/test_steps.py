@@ -72,12 +72,41 @@ def test_pair_partner_gets_its_own_augmentation_not_a_copy_of_its_anchor_view():
     from ciscr.data.pairs import PARTNER_EPOCHS, PairDataset
 
     present = np.ones((4, 2), bool)
-    for views, offset in (("independent", PARTNER_EPOCHS), ("shared", 0)):
+    # anchor 1 in epoch 3 of a 4-image set: its partner's view is keyed on (epoch, anchor)
+    for views, epoch in (("independent", PARTNER_EPOCHS + 3 * 4 + 1), ("shared", 3)):
         ds = PairDataset(Views(), present, None, seed=0, views=views)
         ds.set_epoch(3)
         item = ds[1]
         assert item["image"].tolist() == [1, 3]
         j = int(item["index2"])
-        assert j != 1 and item["image2"].tolist() == [j, offset + 3]
+        assert j != 1 and item["image2"].tolist() == [j, epoch]
     with pytest.raises(ValueError, match="views"):
         PairDataset(Views(), present, None, seed=0, views="same")
+
+
+def test_partner_views_differ_when_one_image_partners_several_anchors_in_an_epoch():
+    from ciscr.data.pairs import PairDataset
+
+    present = np.ones((4, 2), bool)
+    ds = PairDataset(Views(), present, None, seed=0)
+    ds.set_epoch(5)
+    views = [tuple(ds[i]["image2"].tolist()) for i in range(4)]
+    assert len(set(views)) == 4  # even where two anchors drew the same partner image
+
+
+def test_random_partners_share_nothing_and_are_never_self():
+    from ciscr.data.pairs import PairDataset
+
+    present = np.zeros((5, 3), bool)
+    present[:, 1] = True  # every image shares class 1: "class" partners would set cls = 1
+    ds = PairDataset(Views(), present, None, seed=0, partners="random")
+    seen = set()
+    for epoch in range(20):
+        ds.set_epoch(epoch)
+        for i in range(5):
+            item = ds[i]
+            assert int(item["cls"]) == -1 and int(item["index2"]) != i
+            seen.add(int(item["index2"]))
+    assert seen == set(range(5))
+    with pytest.raises(ValueError, match="partners"):
+        PairDataset(Views(), present, None, seed=0, partners="same")

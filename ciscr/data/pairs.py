@@ -37,17 +37,38 @@ def pick_partner(
         if partners:
             j = partners[int(torch.randint(len(partners), (1,), generator=g))]
             return int(j), k
-    j = (i + 1 + int(torch.randint(max(n - 1, 1), (1,), generator=g))) % n
-    return j, -1
+    return pick_random_partner(i, n, g)
+
+
+def pick_random_partner(i: int, n: int, g: torch.Generator) -> tuple[int, int]:
+    """Any other image ``j != i``, uniformly; ``k = -1`` (no shared class: CE only).
+
+    The control for :func:`pick_partner`: same pair-shaped batches, no class sharing.
+    """
+    return (i + 1 + int(torch.randint(max(n - 1, 1), (1,), generator=g))) % n, -1
 
 
 PARTNER_EPOCHS = 2**62  # partner views use augmentation epochs disjoint from the anchors'
+
+
+def partner_epoch(epoch: int, anchor: int, n: int, views: str) -> int:
+    """The augmentation epoch of the partner drawn for ``anchor`` in ``epoch``.
+
+    WHY keyed on the anchor: a partner is drawn at random, so one image is often the partner of
+    several anchors in the same epoch; keyed on the epoch alone, those draws would be exact
+    copies of each other (and with ``views="shared"`` of that image's own anchor view: the
+    behaviour before the fix, kept to reproduce results made with it).
+    """
+    if views == "shared":
+        return epoch
+    return PARTNER_EPOCHS + epoch * n + anchor
 
 
 class PairDataset(Dataset):
     """Item i = (labeled image i, a partner sharing class ``cls``), both with weak augmentation.
 
     Keys of an item: ``image``, ``mask`` (image i), ``image2``, ``mask2`` (partner), ``cls``.
+    ``partners="random"``: any other image, ``cls = -1`` (a control without class sharing).
     """
 
     def __init__(
@@ -57,11 +78,14 @@ class PairDataset(Dataset):
         background: int | None,
         seed: int,
         views: str = "independent",
+        partners: str = "class",
     ) -> None:
         if views not in ("independent", "shared"):
             raise ValueError(f"views must be 'independent' or 'shared', got {views!r}")
+        if partners not in ("class", "random"):
+            raise ValueError(f"partners must be 'class' or 'random', got {partners!r}")
         self.labeled, self.present, self.background, self.seed = labeled, present, background, seed
-        self.partner_offset = PARTNER_EPOCHS if views == "independent" else 0
+        self.views, self.partners = views, partners
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -73,14 +97,14 @@ class PairDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         # Partner choice is keyed on (seed, epoch, i) like the augmentation: resumable.
         g = make_generator(self.seed + 7, self.epoch, i)
-        j, k = pick_partner(i, self.present, self.background, g)
+        n = len(self.present)
+        if self.partners == "random":
+            j, k = pick_random_partner(i, n, g)
+        else:
+            j, k = pick_partner(i, self.present, self.background, g)
         self.labeled.set_epoch(self.epoch)
         a = self.labeled[i]
-        # WHY a separate epoch: the stream visits every (image, epoch) once as an anchor, so a
-        # partner drawn with the anchor's epoch would be an exact copy (same crop, flip, scale)
-        # of that image's own anchor sample: half the views of stage 1 were duplicates
-        # (views="shared" keeps that old behaviour, to reproduce results made with it).
-        self.labeled.set_epoch(self.partner_offset + self.epoch)
+        self.labeled.set_epoch(partner_epoch(self.epoch, i, n, self.views))
         b = self.labeled[j]
         return {
             "image": a["image"], "mask": a["mask"], "image2": b["image"], "mask2": b["mask"],
