@@ -169,11 +169,16 @@ def ciscr_command(args: argparse.Namespace, method: str, labeled: str, seed: int
     ]
 
 
+def find_row(rows: list[dict], method: str, labeled: str, seed: int) -> dict | None:
+    """The collected result of one run of the comparison, or None if it has none yet."""
+    return next((r for r in rows if (r["method"], r["labeled"], r["seed"])
+                 == (method, labeled, seed)), None)  # fmt: skip
+
+
 def amp_check(args: argparse.Namespace, rows: list[dict], labeled: str, seed: int) -> list[str]:
     """The bf16-vs-fp32 line of the report: SupOnly (stage 1) trained both ways, same seed."""
     fp32 = read(run_dir(args, FP32_CHECK, labeled, seed) / "stage1" / "done.json")
-    bf16 = next((r for r in rows if (r["method"], r["labeled"], r["seed"])
-                 == ("suponly", labeled, seed)), None)  # fmt: skip
+    bf16 = find_row(rows, "suponly", labeled, seed)
     if not fp32 or not bf16:
         return []
     amp = "bf16" if "train.amp=none" not in args.overrides else "fp32"
@@ -185,8 +190,7 @@ def amp_check(args: argparse.Namespace, rows: list[dict], labeled: str, seed: in
 def budget_check(args: argparse.Namespace, rows: list[dict], labeled: str, seed: int) -> list[str]:
     """The budget line of the report: SupOnly with the protocol's iterations vs 3x as many."""
     long = read(run_dir(args, BUDGET_CHECK, labeled, seed) / "stage1" / "metrics.json")
-    base = next((r for r in rows if (r["method"], r["labeled"], r["seed"])
-                 == ("suponly", labeled, seed)), None)  # fmt: skip
+    base = find_row(rows, "suponly", labeled, seed)
     if not long or not base:
         return []
 
