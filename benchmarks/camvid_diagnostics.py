@@ -43,11 +43,12 @@ from ciscr.engine.evaluate import ConfusionMatrix  # noqa: E402
 from ciscr.pseudo import eval_mode, load_eval_image, read_labels  # noqa: E402
 from ciscr.selection import (  # noqa: E402
     class_anchors,
+    class_fractions,
     compute_labeled_prototypes,
     image_distances,
     query_eligible,
     query_lists_cs,
-    split_by_score,
+    split_unlabeled_cisc,
 )
 from ciscr.utils.io import atomic_write_json  # noqa: E402
 from ciscr.utils.misc import autocast  # noqa: E402
@@ -116,21 +117,11 @@ def balanced_cs_lists(run, m0, kw: dict, anchors: torch.Tensor) -> dict[int, lis
     return {k: [index[i] for i in v] for k, v in lists.items()}
 
 
-def selection_score(feats: torch.Tensor, y: torch.Tensor, anchors: torch.Tensor, ign: int,
-                    balanced: bool) -> float:
-    """Algorithm 1's image score: D_k (Eq. 10) summed over the classes of the pseudo label."""
-    d = anchor_distance(feats, y.unsqueeze(0), anchors, ignore_index=ign, balanced=balanced)[0]
-    present = torch.zeros(anchors.shape[0], dtype=torch.bool)
-    present[y[(y != ign)].unique()] = True
-    vals = d[present & torch.isfinite(d)]
-    return float(vals.sum()) if vals.numel() else float("inf")
-
-
-def half_quality(scores: dict[str, float], conf: dict[str, torch.Tensor], k: int) -> dict:
-    """Pseudo-label mIoU of the reliable (smallest score) and unreliable halves."""
-    ids = sorted(scores)
+def half_quality(halves: tuple[list[str], list[str]], conf: dict[str, torch.Tensor],
+                 k: int) -> dict:
+    """Pseudo-label mIoU of each half (reliable, unreliable), pooling its images' confusion."""
     out = {}
-    for name, half in zip(("reliable", "unreliable"), split_by_score(ids, scores), strict=True):
+    for name, half in zip(("reliable", "unreliable"), halves, strict=True):
         cm = ConfusionMatrix(k)
         cm.mat = sum(conf[i] for i in half)
         out[name] = cm.compute()["miou"]
@@ -157,7 +148,8 @@ def diagnose(run_dir: Path, max_images: int = 0) -> dict[str, Any]:
         "cisc_cs_balanced": balanced_cs_lists(run, m0, kw, anchors),
     }
     tallies = {**{name: Tally() for name in lists}, "confidence": Tally()}
-    scores: dict[str, dict[str, float]] = {"pixel": {}, "balanced": {}}
+    dists: dict[str, list[np.ndarray]] = {"pixel": [], "balanced": []}  # Eq. 10, per image
+    pseudo_present: list[np.ndarray] = []
     conf: dict[str, torch.Tensor] = {}
     rng = np.random.default_rng(0)
     samples = run.unlabeled[:max_images] if max_images else run.unlabeled
@@ -179,26 +171,31 @@ def diagnose(run_dir: Path, max_images: int = 0) -> dict[str, Any]:
                 w = own_class_map(feats, y, draw_prototypes(ls, bank, rng))
                 tallies[name].add(w[sub][valid], correct)
             tallies["confidence"].add(prob[sub][valid], correct)
-            for form in scores:
-                scores[form][s.id] = selection_score(feats, y, anchors, run.ign, form == "balanced")
+            for form, rows in dists.items():
+                rows.append(anchor_distance(feats, y.unsqueeze(0), anchors, ignore_index=run.ign,
+                                            balanced=form == "balanced")[0].numpy())
+            pseudo_present.append(class_fractions(pl, run.k) > 0)
             cm = ConfusionMatrix(run.k, ignore_index=run.ign)
             cm.update(y, gt)  # as the run scores its halves (pseudo labels have no void)
             conf[s.id] = cm.mat
     res: dict[str, Any] = {name: t.summary() for name, t in tallies.items()}
-    res["halves"] = {form: half_quality(sc, conf, run.k) for form, sc in scores.items()}
+    # Algorithm 1's split, by the library's own function, once per form of the distance.
+    ids = [s.id for s in samples]
+    halves = {form: split_unlabeled_cisc(ids, np.stack(rows), np.stack(pseudo_present))[:2]
+              for form, rows in dists.items()}
+    res["halves"] = {form: half_quality(h, conf, run.k) for form, h in halves.items()}
     res["images"] = len(samples)
     if not max_images:
-        res["same_split_as_run"] = same_side_share(run_dir, scores["pixel"])
+        res["same_split_as_run"] = same_side_share(run_dir, halves["pixel"][0], ids)
     return res
 
 
-def same_side_share(run_dir: Path, scores: dict[str, float]) -> float:
+def same_side_share(run_dir: Path, reliable: list[str], ids: list[str]) -> float:
     """Share of the images that the recomputed pixel-mean split puts on the same side as the
     run's own selection did (1.0 = this script reproduces Algorithm 1 exactly)."""
     split = json.loads((run_dir / "selection" / "unlabeled_split.json").read_text())
-    theirs = {e["id"] for e in split["reliable"]}
-    ours = set(split_by_score(sorted(scores), scores)[0])
-    return sum((i in ours) == (i in theirs) for i in scores) / len(scores)
+    theirs, ours = {e["id"] for e in split["reliable"]}, set(reliable)
+    return sum((i in ours) == (i in theirs) for i in ids) / len(ids)
 
 
 def cached(run_dir: Path) -> dict[str, Any]:

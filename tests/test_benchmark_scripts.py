@@ -82,29 +82,13 @@ def test_figure_helpers():
     assert figs.smallest_class(np.full((2, 2), 255, np.uint8), 3, 0.0) == -1
 
 
-def test_half_quality_splits_by_ascending_score_and_pools_each_half():
-    # 2 classes; images a, b perfect, c, d all wrong. Smallest scores a, c -> reliable half.
+def test_half_quality_pools_the_confusion_of_each_half():
+    # 2 classes; images a, b perfect, c, d all wrong.
     right = torch.tensor([[5, 0], [0, 5]])
     wrong = torch.tensor([[0, 5], [5, 0]])
     conf = {"a": right, "b": right, "c": wrong, "d": wrong}
-    q = diag.half_quality({"a": 0.1, "c": 0.2, "b": 0.3, "d": float("inf")}, conf, 2)
+    q = diag.half_quality((["a", "c"], ["b", "d"]), conf, 2)
     # each half pools one right and one wrong image: per class 5 / (10 + 10 - 5) = 1/3
     assert q["reliable"] == pytest.approx(1 / 3) and q["unreliable"] == pytest.approx(1 / 3)
-    q = diag.half_quality({"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}, conf, 2)
+    q = diag.half_quality((["a", "b"], ["c", "d"]), conf, 2)
     assert q == {"reliable": pytest.approx(1.0), "unreliable": pytest.approx(0.0)}
-
-
-def test_selection_score_sums_distances_of_the_pseudo_classes_only():
-    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)  # left e0, right e1
-    anchors = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # class 2 absent from y
-    y = torch.tensor([[0, 1]])
-    # anchors 0 and 1 match their pixels exactly and are orthogonal to the other: D = 0 each
-    assert diag.selection_score(feats, y, anchors, 255, balanced=False) == pytest.approx(0, abs=1e-4)
-    assert diag.selection_score(feats, torch.tensor([[255, 255]]), anchors, 255, False) == float("inf")
-
-
-def test_paired_difference_uses_seeds_both_rows_have():
-    xs, ref = [0.30, 0.32, None, 0.28], [0.31, 0.30, 0.35, 0.29]
-    # differences in points: -1, +2, (skipped), -1 -> mean 0, sd sqrt(3), se 1
-    assert camvid.paired_difference(xs, ref) == "+0.00 ± 1.00 (n=3)"
-    assert camvid.paired_difference([0.3, None], [0.3, 0.2]) == "n/a"
