@@ -92,3 +92,10 @@ def test_half_quality_pools_the_confusion_of_each_half():
     assert q["reliable"] == pytest.approx(1 / 3) and q["unreliable"] == pytest.approx(1 / 3)
     q = diag.half_quality((["a", "b"], ["c", "d"]), conf, 2)
     assert q == {"reliable": pytest.approx(1.0), "unreliable": pytest.approx(0.0)}
+
+
+def test_paired_difference_uses_seeds_both_rows_have():
+    xs, ref = [0.30, 0.32, None, 0.28], [0.31, 0.30, 0.35, 0.29]
+    # differences in points: -1, +2, (skipped), -1 -> mean 0, sd sqrt(3), se 1
+    assert camvid.paired_difference(xs, ref) == "+0.00 ± 1.00 (n=3)"
+    assert camvid.paired_difference([0.3, None], [0.3, 0.2]) == "n/a"
