@@ -169,6 +169,18 @@ def ciscr_command(args: argparse.Namespace, method: str, labeled: str, seed: int
     ]
 
 
+def wall_line(args: argparse.Namespace, plan: list, checks: list) -> list[str]:
+    """Total run time of the methods and of the checks (each run's wall.json, summed, divided by
+    the runs at once): what the whole command costs on this machine."""
+    def hours(runs: list) -> float:
+        dirs = {run_dir(args, m, f, s) for m, f, s in runs}  # SupOnly and ST share one run
+        secs = sum((read(d / "wall.json") or {}).get("seconds", 0.0) for d in dirs)
+        return secs / 3600 / args.jobs
+
+    return [f"- run time ({args.jobs} runs at a time): methods {hours(plan):.1f} h, checks "
+            f"{60 * hours(checks):.0f} min (each run's own wall time, summed, / {args.jobs})"]
+
+
 def find_row(rows: list[dict], method: str, labeled: str, seed: int) -> dict | None:
     """The collected result of one run of the comparison, or None if it has none yet."""
     return next((r for r in rows if (r["method"], r["labeled"], r["seed"])
@@ -580,13 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     every_seed = set(args.extra_seeds_labeled.split(","))
     plan = [(m, f, s) for f in fractions for s in (seeds if f in every_seed else seeds[:1])
             for m in methods]
+    checks = [(FP32_CHECK, fractions[0], seeds[0]), (BUDGET_CHECK, fractions[0], seeds[0])] + [
+        (src, fractions[0], s) for s in stage1_seeds for row in STAGE1_ROWS
+        if (src := stage1_source(row, s, seeds)) in CHECKS]
     if not args.report_only:
-        checks = [(FP32_CHECK, fractions[0], seeds[0]), (BUDGET_CHECK, fractions[0], seeds[0])] + [
-            (src, fractions[0], s) for s in stage1_seeds for row in STAGE1_ROWS
-            if (src := stage1_source(row, s, seeds)) in CHECKS]
         run_all(args, [*plan, *(checks if args.checks else [])])
     rows = [r for m, f, s in plan if (r := collect_run(args, m, f, s)) is not None]
     args.header = missing_runs(plan, rows)
+    args.header += wall_line(args, plan, checks)
     args.header += amp_check(args, rows, fractions[0], seeds[0])
     args.header += budget_check(args, rows, fractions[0], seeds[0])
     extra = stage1_ablation(args, fractions[0], stage1_seeds, seeds) + diagnostics(args, plan)
