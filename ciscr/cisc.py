@@ -42,6 +42,7 @@ __all__ = [
 
 PROTO_EPS = 5e-4  # Eq. 5 denominator guard, as in the released code
 COS_EPS = 1e-8  # norm floor of the cosine: a zero prototype gives a map of zeros
+DISTANCE_EPS = 1e-4  # Eq. 10 maps are clamped to [eps, 1 - eps] (see anchor_distance)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -117,6 +118,7 @@ def rectified_ce(
     cmap: torch.Tensor,
     cls: torch.Tensor,
     ignore_index: int = 255,
+    pixel_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 7: pseudo-label CE weighted per pixel by ``w = 1 - |1[target == cls] - cmap|``.
 
@@ -129,6 +131,8 @@ def rectified_ce(
         target: (B, H, W) pseudo labels, ``ignore_index`` for void.
         cmap: (B, H, W) CISC maps in [0, 1] (rows with cls == -1 are not read).
         cls: (B,) long, the queried class per image or -1.
+        pixel_weight: optional (B, H, W) constant multiplier of ``w`` (e.g. a confidence mask;
+            a pixel with weight 0 still counts in the denominator, as in FixMatch).
 
     Returns:
         Scalar: sum of ``w * CE`` over non-ignored pixels / their number (whole batch pooled);
@@ -140,6 +144,8 @@ def rectified_ce(
         in_class = (target == k).to(cmap.dtype)
         w = 1.0 - (in_class - cmap).abs()
         w = torch.where(k >= 0, w, torch.ones_like(w)).float()
+        if pixel_weight is not None:
+            w = w * pixel_weight.float()
     ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
     return _valid_mean(w * ce.float(), target != ignore_index)
 
@@ -149,6 +155,7 @@ def rectified_ce_all(
     target: torch.Tensor,
     cmaps: torch.Tensor,
     ignore_index: int = 255,
+    pixel_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every-class variant of Eq. 7 (ours): each pixel is weighted by the map of its own class.
 
@@ -162,6 +169,7 @@ def rectified_ce_all(
 
     Args:
         logits: (B, K, H, W); target: (B, H, W) pseudo labels; cmaps: (B, K, H, W).
+        pixel_weight: optional (B, H, W) constant multiplier (see :func:`rectified_ce`).
 
     Returns:
         Scalar, averaged over the non-ignored pixels of the batch (0 with graph if none).
@@ -173,6 +181,8 @@ def rectified_ce_all(
         idx = torch.where((target >= 0) & (target < num_classes), target, 0)
         m = cmaps.gather(1, idx.unsqueeze(1)).squeeze(1).float()
         w = torch.where(torch.isnan(m) | (m < 0), torch.ones_like(m), m)
+        if pixel_weight is not None:
+            w = w * pixel_weight.float()
     ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
     return _valid_mean(w * ce.float(), target != ignore_index)
 
@@ -288,8 +298,14 @@ def anchor_distance(
     ignore_index: int = 255,
     chunk: int = 8,
     balanced: bool = False,
+    eps: float = DISTANCE_EPS,
 ) -> torch.Tensor:
     """Eq. 10 per class: ``D[b, k] = mean_valid BCE(cisc_map(F_b, a_k), 1[labels_b == k])``.
+
+    The maps are clamped to [eps, 1 - eps] inside the BCE. WHY: torch clamps log(0) to -100, so
+    one exact-zero cosine on a class-k pixel (non-negative features sharing no active channel
+    with the anchor) would weigh as much as ~200 ordinary pixels; with eps = 1e-4 it costs
+    -log(1e-4) = 9.2. ``eps=0`` gives the unclamped form.
 
     ``balanced=True`` (ours, ``method.distance=balanced``): the mean of the BCE over class-k
     pixels and the BCE over the other valid pixels, so the class's own pixels weigh as much as
@@ -319,7 +335,7 @@ def anchor_distance(
     for start in range(0, anchors.shape[0], chunk):
         ks = torch.arange(start, min(start + chunk, anchors.shape[0]), device=labels.device)
         cos = torch.einsum("bchw,kc->bkhw", f_unit, a_unit[ks])
-        cmaps = _resize(cos, size).clamp(0.0, 1.0)  # (B, k, H, W)
+        cmaps = _resize(cos, size).clamp(eps, 1.0 - eps)  # (B, k, H, W)
         target = labels.unsqueeze(1) == ks.view(1, -1, 1, 1)
         bce = _bce(cmaps, target) * valid.unsqueeze(1)
         if balanced:

@@ -95,11 +95,22 @@ class ModelCfg(BaseModel):
 
 
 class TrainCfg(BaseModel):
-    """One training stage (every stage of a pipeline uses the same settings)."""
+    """Optimisation of every training stage; each stage's length follows its own data."""
 
     model_config = _STRICT
-    epochs: int = Field(80, ge=1)
-    iters_per_epoch: int = Field(0, ge=0, description="0 = one pass over the labeled set")
+    epochs: int = Field(80, ge=1, description="epochs of stage 1 (the labeled stage)")
+    unlabeled_epochs: int = Field(
+        0,
+        ge=0,
+        description="epochs of every stage that trains on unlabeled images (retraining stages "
+        "2/3, online methods), each a pass over that stage's own list; 0 = train.epochs",
+    )
+    iters_per_epoch: int = Field(
+        0,
+        ge=0,
+        description="0 (default) = derived from each stage's own data: ceil(items of the "
+        "stage's epoch list / batch); > 0 forces this many iterations per epoch in EVERY stage",
+    )
     batch_size: int = Field(16, ge=1)
     unlabeled_batch_size: int = Field(0, ge=0, description="0 = same as batch_size")
     crop_size: int = Field(321, ge=16)
@@ -136,10 +147,16 @@ class MethodCfg(BaseModel):
     """The semi-supervised method. ``name`` is a preset; explicit keys override it."""
 
     model_config = _STRICT
-    name: Literal["suponly", "suponly_cisc", "st", "stpp", "ciscr", "ciscr_bank", "custom"] = (
-        "ciscr"
-    )
+    name: str = Field("ciscr", description="a registered method (ciscr.methods.RECIPES)")
     stage1_cisc_loss: bool = Field(True, description="add L_CISC on labeled pairs in stage 1")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if v not in METHOD_PRESETS:
+            raise ValueError(f"unknown method '{v}'; valid: {', '.join(METHOD_PRESETS)}")
+        return v
+
     cisc_weight: float = Field(1.0, ge=0)
     pair_views: Literal["independent", "shared"] = Field(
         "independent",
@@ -190,7 +207,70 @@ class MethodCfg(BaseModel):
     )
     tta_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0)
     tta_flip: bool = True
-    stpp_snapshots: int = Field(3, ge=1, description="stage-1 checkpoints used by ST++ stability")
+    stpp_snapshots: int = Field(
+        2,
+        ge=1,
+        description="earlier stage-1 checkpoints used by ST++ stability, at evenly spaced "
+        "epochs (ST++: 2, at E/3 and 2E/3; the final model is always the last)",
+    )
+    # ---- the retraining stages (stage-wise family)
+    retrain_batches: Literal["split", "mixed"] = Field(
+        "split",
+        description="'mixed' (ST++): one list of the labeled ids repeated ceil(N_u/N_l) times + "
+        "the pseudo-labelled ids, batch B, one CE mean; 'split' (CISC-R): a labeled and an "
+        "unlabeled stream, B each, loss_l + loss_u",
+    )
+    cutout: bool = Field(
+        False, description="cutout (p=0.5, image random / label ignored) in the strong "
+        "augmentation of pseudo-labelled images (ST++)"
+    )
+    init: Literal["fresh", "previous"] = Field(
+        "fresh",
+        description="stages 2/3 start from ImageNet like stage 1 (the paper) or from the "
+        "previous stage's model ('previous', ours)",
+    )
+    unlabeled_weight: float = Field(1.0, ge=0, description="lambda of the unlabeled loss")
+    unlabeled_rampup: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of a stage's iterations over which lambda ramps up (sigmoid "
+        "exp(-5 (1 - t)^2)); 0 = full weight from the start",
+    )
+    confidence_threshold: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="pixels whose teacher confidence (TTA softmax max; online: the weak view's) "
+        "is below this are ignored in the unlabeled loss (0 = off)",
+    )
+    confidence_weighting: bool = Field(
+        False, description="multiply the unlabeled loss weight by the teacher's confidence"
+    )
+    image_score: Literal["present", "all"] = Field(
+        "present",
+        description="Algorithm 1 image distance: sum of D_k over the classes in the pseudo label "
+        "(present) or over every class, as Eq. 10 / Algorithm 1 write it (all)",
+    )
+    # ---- the online family (FixMatch, UniMatch)
+    strong_views: int = Field(2, ge=1, le=2, description="online: strongly augmented views")
+    feature_perturbation: bool = Field(
+        True, description="online: UniMatch's FP branch (Dropout2d on the encoder features)"
+    )
+    fp_dropout: float = Field(0.5, ge=0, lt=1, description="online: dropout of the FP branch")
+    cutmix_p: float = Field(0.5, ge=0, le=1, description="online: CutMix probability per view")
+    online_cisc: Literal["none", "alone", "mask"] = Field(
+        "none",
+        description="online CISC rectification: 'mask' = CISC weight x confidence mask, 'alone' "
+        "= CISC weight instead of the confidence mask, 'none' = off",
+    )
+    prototype_momentum: float = Field(
+        0.9,
+        ge=0,
+        lt=1,
+        description="online CISC: EMA momentum of the class prototypes taken from each step's "
+        "labeled batch",
+    )
     crop_selection: int = Field(0, ge=0, description="select on crops of this side (0 = whole)")
     bank_views: int = Field(1, ge=1, description="augmented views averaged into the bank")
     score_final_pseudo: bool = Field(
@@ -200,12 +280,18 @@ class MethodCfg(BaseModel):
     )
 
 
-# What each preset means (METHOD.md section 8). Keys given explicitly by the user win.
+# What each preset means (METHOD.md section 8). Keys given explicitly by the user win. The run
+# of each name (its stages and steps) is registered in ciscr.methods.RECIPES.
+_ONLINE = {"retrain": "none", "rectify": "none", "stage1_cisc_loss": False,
+           "confidence_threshold": 0.95}
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "suponly": {"stage1_cisc_loss": False, "retrain": "none", "rectify": "none"},
     "suponly_cisc": {"stage1_cisc_loss": True, "retrain": "none", "rectify": "none"},
-    "st": {"stage1_cisc_loss": False, "retrain": "one", "rectify": "none"},
-    "stpp": {"stage1_cisc_loss": False, "retrain": "two", "selection": "stpp", "rectify": "none"},
+    # ST / ST++ as ST++ trains them: one mixed list, cutout, stability from 2 snapshots.
+    "st": {"stage1_cisc_loss": False, "retrain": "one", "rectify": "none",
+           "retrain_batches": "mixed", "cutout": True},
+    "stpp": {"stage1_cisc_loss": False, "retrain": "two", "selection": "stpp", "rectify": "none",
+             "retrain_batches": "mixed", "cutout": True},
     "ciscr": {"stage1_cisc_loss": True, "retrain": "two", "selection": "cisc", "rectify": "query"},
     "ciscr_bank": {
         "stage1_cisc_loss": True,
@@ -214,8 +300,16 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
         "rectify": "bank",
         "rectify_classes": "all",
     },
+    "fixmatch": {**_ONLINE, "strong_views": 1, "feature_perturbation": False},
+    "unimatch": {**_ONLINE},
+    "unimatch_cisc": {**_ONLINE, "online_cisc": "mask"},
     "custom": {},
 }
+
+
+def method_names() -> list[str]:
+    """Every valid ``method.name``."""
+    return list(METHOD_PRESETS)
 
 
 class Config(BaseModel):

@@ -15,31 +15,41 @@ every artefact is written atomically, so a killed run is finished by rerunning t
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset
 
 from ciscr import dist
-from ciscr.config import Config, config_to_dict, save_config
+from ciscr.config import Config, TrainCfg, config_to_dict, from_dict, save_config
 from ciscr.data.check import validate_samples
-from ciscr.data.datasets import SegDataset, UnlabeledDataset, WorkerSafeLoader
+from ciscr.data.datasets import MixedDataset, SegDataset, UnlabeledDataset, WorkerSafeLoader
 from ciscr.data.formats import DatasetInfo, Sample, load_dataset
 from ciscr.data.io import read_mask
 from ciscr.data.pairs import PairDataset, class_presence
 from ciscr.engine.evaluate import ConfusionMatrix, evaluate
-from ciscr.engine.steps import Rectifier, pair_step, retrain_step, supervised_step
+from ciscr.engine.steps import (
+    Rectifier,
+    UnlabeledLoss,
+    mixed_step,
+    pair_step,
+    retrain_step,
+    supervised_step,
+)
 from ciscr.engine.train import Stream, train_stage
 from ciscr.errors import ConfigError, DataError
 from ciscr.models import SegOutput, build_backbone, build_model
-from ciscr.pseudo import pseudo_label
+from ciscr.pseudo import CONF_DIR, pseudo_label
 from ciscr.selection import (
     Selection,
     class_anchors,
+    class_fractions,
     compute_labeled_prototypes,
     crop_level_scores,
     distance_table,
@@ -108,7 +118,7 @@ def setup_run(cfg: Config, run_dir: Path, device: torch.device) -> RunContext:
     info, labeled, unlabeled, val = load_dataset(cfg.data, cfg.seed)
     if not labeled:
         raise DataError("the labeled split is empty: set data.labeled or data.split")
-    if cfg.method.retrain != "none" and not unlabeled:
+    if uses_unlabeled(cfg) and not unlabeled:
         raise DataError(
             f"the unlabeled split is empty but method.name={cfg.method.name} self-trains on "
             "unlabeled images: label fewer images (data.labeled) or use method.name=suponly"
@@ -129,6 +139,13 @@ def setup_run(cfg: Config, run_dir: Path, device: torch.device) -> RunContext:
             save_config(cfg, saved)
     dist.barrier()
     return RunContext(cfg, run_dir, device, info, labeled, unlabeled, val)
+
+
+def uses_unlabeled(cfg: Config) -> bool:
+    """Whether the configured method trains on unlabeled images at all."""
+    from ciscr.methods import get_recipe
+
+    return get_recipe(cfg.method.name).family == "online" or cfg.method.retrain != "none"
 
 
 def _remove_stale_temporaries(run_dir: Path) -> None:
@@ -169,12 +186,23 @@ def _check_same_config(cfg: Config, saved: Path) -> None:
         for k in ("progress", "log_every"):
             old.get(section, {}).pop(k, None)
             new.get(section, {}).pop(k, None)
+    _drop_new_defaults(old, new, config_to_dict(from_dict({"method": {"name": cfg.method.name}})))
     if old != new:
         diff = _first_difference(old, new)
         raise ConfigError(
             f"{saved}: this run directory was made with a different config ({diff}); "
             "use a new --out directory or the same settings"
         )
+
+
+def _drop_new_defaults(old: dict, new: dict, defaults: dict) -> None:
+    """Forget keys a newer ciscr added (absent from the saved config) that hold their default:
+    WHY, a run started before a setting existed used what is now its default, so it resumes."""
+    for k in list(new):
+        if isinstance(new[k], dict) and isinstance(old.get(k), dict):
+            _drop_new_defaults(old[k], new[k], defaults.get(k, {}))
+        elif k not in old and new[k] == defaults.get(k, object()):
+            del new[k]
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
@@ -204,6 +232,17 @@ def fresh_model(ctx: RunContext) -> nn.Module:
     return build_model(ctx.cfg.model, ctx.info.num_classes).to(ctx.device)
 
 
+def stage_start_model(ctx: RunContext, previous: Path) -> nn.Module:
+    """A retraining stage's starting point: ImageNet init (``method.init=fresh``, the paper)
+    or the previous stage's final model (``previous``, ours)."""
+    model = fresh_model(ctx)
+    if ctx.cfg.method.init == "previous":
+        from ciscr.engine.checkpoint import load_checkpoint
+
+        model.load_state_dict(load_checkpoint(previous / "checkpoint.pt")["model"])
+    return model
+
+
 def load_stage_model(ctx: RunContext, stage_dir: Path) -> nn.Module:
     """The last checkpoint of a stage, in eval mode."""
     return load_model_file(ctx, stage_dir / "checkpoint.pt")
@@ -217,22 +256,34 @@ def load_model_file(ctx: RunContext, path: Path) -> nn.Module:
     return model.to(ctx.device).eval()
 
 
-def labeled_dataset(ctx: RunContext, train: bool = True) -> SegDataset:
+def labeled_dataset(ctx: RunContext, train: bool = True, repeat: int = 1) -> SegDataset:
     d, t = ctx.cfg.data, ctx.cfg.train
     return SegDataset(
         ctx.labeled, num_classes=ctx.info.num_classes, ignore_index=d.ignore_index,
         mean=d.mean, std=d.std, train=train, crop_size=t.crop_size,
-        scale_range=t.scale_range, seed=ctx.cfg.seed,
+        scale_range=t.scale_range, seed=ctx.cfg.seed, repeat=repeat,
     )
 
 
-def unlabeled_dataset(ctx: RunContext, samples: list[Sample], pseudo_dir: Path) -> UnlabeledDataset:
-    d, t = ctx.cfg.data, ctx.cfg.train
+def unlabeled_dataset(ctx: RunContext, samples: list[Sample], pseudo_dir: Path,
+                      part: int = 0) -> UnlabeledDataset:
+    """Pseudo-labelled images of one part of a retraining list. Each part (stage 3: the
+    reliable and the unreliable half) draws its own augmentation stream (seed + 1 + part):
+    with one seed, item i of both parts got the same crop and colours every epoch."""
+    d, t, m = ctx.cfg.data, ctx.cfg.train, ctx.cfg.method
+    conf = pseudo_dir / CONF_DIR if needs_confidence(ctx) else None
     return UnlabeledDataset(
         samples, pseudo_dir, num_classes=ctx.info.num_classes, ignore_index=d.ignore_index,
         mean=d.mean, std=d.std, crop_size=t.crop_size,
-        scale_range=t.scale_range, seed=ctx.cfg.seed + 1, strong=True,
+        scale_range=t.scale_range, seed=ctx.cfg.seed + 1 + part, strong=True,
+        conf_dir=conf, cutout=m.cutout,
     )
+
+
+def needs_confidence(ctx: RunContext) -> bool:
+    """Whether pseudo-labelling keeps the teacher's confidence maps (``<stage>/conf``)."""
+    m = ctx.cfg.method
+    return m.confidence_threshold > 0 or m.confidence_weighting
 
 
 def labeled_repeat(ctx: RunContext) -> int:
@@ -292,7 +343,7 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
         masks = [read_mask(s.mask, ctx.info.num_classes, d.ignore_index) for s in ctx.labeled]
         present = class_presence(masks, ctx.info.num_classes)
         pairs = PairDataset(ds, present, ctx.background, ctx.cfg.seed, m.pair_views,
-                            m.pair_partner)
+                            m.pair_partner, m.min_class_ratio, d.ignore_index)
         streams = {"pairs": Stream(pairs, max(1, t.batch_size // 2), rep, images_per_item=2)}
         step = pair_step(True, m.cisc_weight, d.ignore_index, m.pair_loss_norm)
         epoch_stream = "pairs"
@@ -308,13 +359,22 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
     return _finish_stage(ctx, out, model, t0)
 
 
+def stpp_snapshot_iters(per_epoch: int, epochs: int, n: int) -> list[int]:
+    """ST++ keeps stage-1 checkpoints at the ends of epochs floor(E*i/(n+1)), i = 1..n (ST++:
+    n = 2, at E/3 and 2E/3); the last one, M0 itself, is not a snapshot. Iterations."""
+    total = per_epoch * epochs
+    if epochs > n:
+        its = {per_epoch * (epochs * (i + 1) // (n + 1)) for i in range(n)}
+    else:  # too few epochs for n distinct ones (tiny runs): evenly spaced iterations
+        its = {max(1, total * (i + 1) // (n + 1)) for i in range(n)}
+    return sorted(its - {total})
+
+
 def _stpp_snapshot_iters(ctx: RunContext, stream: Stream) -> list[int]:
-    """ST++ keeps checkpoints at evenly spaced points of stage 1 (the last one is M0 itself)."""
     from ciscr.engine.train import iters_per_epoch
 
-    total = iters_per_epoch(stream, ctx.cfg.train) * ctx.cfg.train.epochs
-    n = ctx.cfg.method.stpp_snapshots
-    return sorted({max(1, total * (i + 1) // (n + 1)) for i in range(n)} - {total})
+    t = ctx.cfg.train
+    return stpp_snapshot_iters(iters_per_epoch(stream, t), t.epochs, ctx.cfg.method.stpp_snapshots)
 
 
 def _epoch_eval(ctx: RunContext):
@@ -355,7 +415,7 @@ def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Samp
         model, samples, labels, num_classes=ctx.info.num_classes, mean=d.mean, std=d.std,
         scales=m.tta_scales, flip=m.tta_flip, device=ctx.device, amp=ctx.cfg.train.amp,
         palette=[tuple(c) for c in ctx.info.palette], progress=ctx.cfg.train.progress,
-        score=True, ignore_index=d.ignore_index,
+        score=True, ignore_index=d.ignore_index, confidence=needs_confidence(ctx),
     )
     if dist.is_main():
         atomic_write_json(out / "quality.json", quality)
@@ -438,7 +498,7 @@ def _split_unlabeled(ctx: RunContext, m0: nn.Module, pseudo0: Path, anchors: tor
         return (*split_by_score(ids, scores, ascending=True), scores)
     d_unl, frac = image_distances(m0, ctx.unlabeled, pseudo0, anchors, return_fractions=True,
                                   balanced=bal, **kw)
-    return split_unlabeled_cisc(ids, d_unl, frac > 0)
+    return split_unlabeled_cisc(ids, d_unl, frac > 0, all_classes=m.image_score == "all")
 
 
 def _write_half_quality(ctx, out: Path, pseudo0: Path, reliable, unreliable) -> None:
@@ -510,7 +570,16 @@ def build_rectifier(ctx: RunContext, teacher_dir: Path, sel: Selection, lab_ds, 
         ignore_index=ctx.cfg.data.ignore_index, labeled=lab_ds,
         bank=bank.to(ctx.device) if bank is not None else None,
         bank_present=present, anchors=anchors, num_prototypes=m.num_prototypes,
+        min_query_ratio=m.min_class_ratio,
     )
+
+
+def _covers(ctx: RunContext, ratio: float) -> torch.Tensor:
+    """(N_l, K) bool: class k covers >= ``ratio`` of labeled image n's valid pixels. The bank
+    keeps no prototype from fewer pixels (the authors' >= 3 % rule)."""
+    k, ign = ctx.info.num_classes, ctx.cfg.data.ignore_index
+    rows = [class_fractions(read_mask(s.mask, k, ign), k) for s in ctx.labeled]
+    return torch.from_numpy(np.stack(rows) >= ratio)
 
 
 def _stage_bank(ctx: RunContext, teacher: nn.Module, out: Path):
@@ -522,60 +591,102 @@ def _stage_bank(ctx: RunContext, teacher: nn.Module, out: Path):
             return protos, present
     kw = _eval_kwargs(ctx)
     protos, present = compute_labeled_prototypes(teacher, ctx.labeled, views=ctx.cfg.method.bank_views, **kw)
+    present = present & _covers(ctx, ctx.cfg.method.min_class_ratio)
     if dist.is_main():
         save_bank(path, protos, present, [s.id for s in ctx.labeled])
     return protos, present
 
 
+def unlabeled_stage_cfg(ctx: RunContext) -> TrainCfg:
+    """The optimisation settings of a stage that trains on unlabeled images: its epochs are
+    ``train.unlabeled_epochs`` (0 = ``train.epochs``), each one pass over its own list."""
+    t = ctx.cfg.train
+    return t.model_copy(update={"epochs": t.unlabeled_epochs or t.epochs})
+
+
+def unlabeled_loss(ctx: RunContext, total_iters: int) -> UnlabeledLoss:
+    m = ctx.cfg.method
+    return UnlabeledLoss(weight=m.unlabeled_weight,
+                         rampup_iters=round(m.unlabeled_rampup * total_iters),
+                         threshold=m.confidence_threshold, by_confidence=m.confidence_weighting)
+
+
+def _retrain_streams(ctx: RunContext, parts: list[tuple[list[Sample], Path]]):
+    """The streams and step of a retraining stage: ST++'s ONE mixed list (``mixed``) or a
+    labeled and an unlabeled stream of B each (``split``, CISC-R)."""
+    t = ctx.cfg.train
+    unl = [unlabeled_dataset(ctx, s, p, part=i) for i, (s, p) in enumerate(parts) if s]
+    if ctx.cfg.method.retrain_batches == "mixed":
+        n_u = sum(len(u) for u in unl)
+        lab = labeled_dataset(ctx, repeat=max(1, math.ceil(n_u / len(ctx.labeled))))
+        return {"mixed": Stream(MixedDataset(lab, unl), t.batch_size)}, "mixed"
+    streams = {"labeled": Stream(labeled_dataset(ctx), t.batch_size, labeled_repeat(ctx)),
+               "unlabeled": Stream(_ConcatWithEpoch(unl), t.unlabeled_batch_size or t.batch_size)}
+    return streams, "unlabeled"
+
+
 def retrain_stage(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Path]],
                   teacher_dir: Path, sel: Selection | None) -> dict[str, Any]:
-    """A fresh model on labeled + pseudo-labeled images, rectified by the frozen teacher."""
+    """A model trained on labeled + pseudo-labeled images, rectified by the frozen teacher."""
     out = ctx.run_dir / name
     if is_done(out):
         return read_json(out / "done.json")
-    t, d = ctx.cfg.train, ctx.cfg.data
+    from ciscr.engine.train import iters_per_epoch
+
+    d, t = ctx.cfg.data, unlabeled_stage_cfg(ctx)
     t0 = time.perf_counter()
-    model = fresh_model(ctx)
-    lab = labeled_dataset(ctx)
-    unl = _ConcatWithEpoch([unlabeled_dataset(ctx, s, p) for s, p in parts if s])
-    rectifier = build_rectifier(ctx, teacher_dir, sel, labeled_dataset(ctx), out) if sel else None
-    streams = {"labeled": Stream(lab, t.batch_size, labeled_repeat(ctx)),
-               "unlabeled": Stream(unl, t.unlabeled_batch_size or t.batch_size)}
-    train_stage(out, model, streams, retrain_step(rectifier, d.ignore_index), t,
-                seed=ctx.cfg.seed, device=ctx.device, epoch_stream="unlabeled",
-                meta={**ctx.meta, "stage": name}, num_workers=d.num_workers, desc=name,
-                on_epoch_end=_epoch_eval(ctx))
+    model = stage_start_model(ctx, teacher_dir)
+    streams, epoch_stream = _retrain_streams(ctx, parts)
+    unl = unlabeled_loss(ctx, iters_per_epoch(streams[epoch_stream], t) * t.epochs)
+    if epoch_stream == "mixed":
+        if sel is not None:
+            raise ConfigError("method.retrain_batches=mixed trains ST / ST++ without "
+                              "rectification: set method.rectify=none or retrain_batches=split")
+        step = mixed_step(d.ignore_index, unl)
+    else:
+        rect = build_rectifier(ctx, teacher_dir, sel, labeled_dataset(ctx), out) if sel else None
+        step = retrain_step(rect, d.ignore_index, unl)
+    train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
+                epoch_stream=epoch_stream, meta={**ctx.meta, "stage": name},
+                num_workers=d.num_workers, desc=name, on_epoch_end=_epoch_eval(ctx))
     return _finish_stage(ctx, out, model, t0)
 
 
 # --------------------------------------------------------------------------- Algorithm 2
 
 
-def run_pipeline(ctx: RunContext) -> dict[str, Any]:
-    """Run (or finish) every stage the configured method needs; returns the summary."""
+def run_stagewise(ctx: RunContext) -> tuple[dict[str, dict[str, Any]], str]:
+    """The stage-wise family (SupOnly, ST, ST++, CISC-R): run or finish every stage the method
+    needs; returns (each stage's summary, the final training stage)."""
     m, rd = ctx.cfg.method, ctx.run_dir
     stages: dict[str, dict[str, Any]] = {"stage1": stage1(ctx)}
-    final = "stage1"
-    if m.retrain != "none":
-        if not ctx.unlabeled:
-            raise DataError("the unlabeled split is empty: nothing to self-train on")
-        pseudo0 = pseudo_stage(ctx, "pseudo0", rd / "stage1", ctx.unlabeled)
-        stages["pseudo0"] = read_json(rd / "pseudo0" / "done.json")
-        needs_sel = m.rectify != "none" or m.retrain == "two"
-        sel = selection_stage(ctx, pseudo0) if needs_sel else None
-        rect = sel if m.rectify != "none" else None
-        if m.retrain == "one":
-            stages["stage2"] = retrain_stage(ctx, "stage2", [(ctx.unlabeled, pseudo0)], rd / "stage1", rect)
-            final = "stage2"
-        else:
-            by_id = {s.id: s for s in ctx.unlabeled}
-            rel = [by_id[i] for i in sel.reliable]
-            unrel = [by_id[i] for i in sel.unreliable]
-            stages["stage2"] = retrain_stage(ctx, "stage2", [(rel, pseudo0)], rd / "stage1", rect)
-            pseudo1 = pseudo_stage(ctx, "pseudo1", rd / "stage2", unrel) if unrel else pseudo0
-            stages["stage3"] = retrain_stage(
-                ctx, "stage3", [(rel, pseudo0), (unrel, pseudo1)], rd / "stage2", rect)
-            final = "stage3"
+    if m.retrain == "none":
+        return stages, "stage1"
+    if not ctx.unlabeled:
+        raise DataError("the unlabeled split is empty: nothing to self-train on")
+    pseudo0 = pseudo_stage(ctx, "pseudo0", rd / "stage1", ctx.unlabeled)
+    stages["pseudo0"] = read_json(rd / "pseudo0" / "done.json")
+    needs_sel = m.rectify != "none" or m.retrain == "two"
+    sel = selection_stage(ctx, pseudo0) if needs_sel else None
+    rect = sel if m.rectify != "none" else None
+    if m.retrain == "one":
+        stages["stage2"] = retrain_stage(ctx, "stage2", [(ctx.unlabeled, pseudo0)], rd / "stage1",
+                                         rect)
+        return stages, "stage2"
+    by_id = {s.id: s for s in ctx.unlabeled}
+    rel = [by_id[i] for i in sel.reliable]
+    unrel = [by_id[i] for i in sel.unreliable]
+    stages["stage2"] = retrain_stage(ctx, "stage2", [(rel, pseudo0)], rd / "stage1", rect)
+    pseudo1 = pseudo_stage(ctx, "pseudo1", rd / "stage2", unrel) if unrel else pseudo0
+    stages["stage3"] = retrain_stage(
+        ctx, "stage3", [(rel, pseudo0), (unrel, pseudo1)], rd / "stage2", rect)
+    return stages, "stage3"
+
+
+def finish_run(ctx: RunContext, stages: dict[str, dict[str, Any]], final: str) -> dict[str, Any]:
+    """Score the final model's labels of the unlabeled pool (where ground truth exists) and
+    write ``results.json``: the same ending for every method."""
+    m, rd = ctx.cfg.method, ctx.run_dir
     if m.score_final_pseudo and any(s.mask is not None for s in ctx.unlabeled):
         pseudo_stage(ctx, "pseudo_final", rd / final, ctx.unlabeled)
         stages["pseudo_final"] = read_json(rd / "pseudo_final" / "done.json")

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 
+CONF_DIR = "_confidence"  # sub-folder of a label folder with the teacher's confidence maps
+GRAY_PALETTE = [(v, v, v) for v in range(256)]
+
+
 def pseudo_path(label_dir: str | Path, sample_id: str) -> Path:
     """Where the pseudo label of ``sample_id`` lives inside a pseudo-label folder."""
     return Path(label_dir) / f"{sample_id}.png"
@@ -83,8 +87,10 @@ def _predict(
     scales: Sequence[float],
     flip: bool,
     amp: str,
-) -> torch.Tensor:
-    """int64 (B, H, W) argmax of the TTA-averaged softmax at input size."""
+    with_confidence: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """int64 (B, H, W) argmax of the TTA-averaged softmax at input size (and, with
+    ``with_confidence``, its max probability (B, H, W) float)."""
     whole = tuple(scales) == (1.0,) and not flip
     probs = predict_logits(
         model,
@@ -95,6 +101,9 @@ def _predict(
         flip=flip,
         amp=amp,
     )
+    if with_confidence:
+        conf, pred = probs.max(dim=1)
+        return pred, conf
     return probs.argmax(dim=1)
 
 
@@ -128,6 +137,7 @@ def predict_dataset(
     sharding: the caller passes its part. The model is in eval mode while the generator runs.
     """
     batch_size = kw.pop("batch_size", PREDICT_BATCH)
+    with_conf = kw.pop("with_confidence", False)
     with eval_mode(model):
         for group in _same_size_batches(
             samples, kw["mean"], kw["std"], kw.get("device", "cpu"), batch_size
@@ -140,8 +150,16 @@ def predict_dataset(
                 scales=kw.get("scales", (1.0,)),
                 flip=kw.get("flip", False),
                 amp=kw.get("amp", "none"),
+                with_confidence=with_conf,
             )
-            yield from zip(ids, pred.to(torch.uint8).cpu().numpy(), strict=True)
+            if with_conf:
+                # Confidence travels as uint8 (255 = 1.0): 1/255 resolution is plenty for a
+                # threshold or a weight, and a PNG per image keeps the set atomic and small.
+                pred, conf = pred
+                conf8 = (conf.float() * 255).round().to(torch.uint8).cpu().numpy()
+                yield from zip(ids, pred.to(torch.uint8).cpu().numpy(), conf8, strict=True)
+            else:
+                yield from zip(ids, pred.to(torch.uint8).cpu().numpy(), strict=True)
 
 
 # Images of equal size are predicted together: a batch of 8 small images runs several times
@@ -200,11 +218,16 @@ def _label_part(
     scored = 0
     bar = tqdm(total=len(samples), desc="pseudo-labelling", unit="img", dynamic_ncols=True,
                disable=not (progress and dist.is_main()))
-    for i, (sid, pred) in enumerate(predict_dataset(model, samples, **pred_kw)):
+    with_conf = pred_kw.get("with_confidence", False)
+    for i, (sid, pred, *conf) in enumerate(predict_dataset(model, samples, **pred_kw)):
         s = samples[i]
         path = pseudo_path(work, sid)
         path.parent.mkdir(parents=True, exist_ok=True)  # ids may contain '/' (Cityscapes)
         save_mask_png(path, pred, palette)  # no per-file temp: the whole folder is atomic
+        if with_conf:
+            cpath = pseudo_path(work / CONF_DIR, sid)
+            cpath.parent.mkdir(parents=True, exist_ok=True)
+            save_mask_png(cpath, conf[0], GRAY_PALETTE)
         if cm is not None and s.mask is not None:
             # Ground truth of unlabeled images is used ONLY to score the pseudo labels (Table 5);
             # it never reaches training.
@@ -236,8 +259,12 @@ def pseudo_label(
     progress: bool = True,
     score: bool = True,
     ignore_index: int = 255,
+    confidence: bool = False,
 ) -> dict[str, Any]:
     """Write the TTA pseudo label of every sample to ``out_dir/<id>.png``, atomically as a set.
+
+    ``confidence``: also write the TTA softmax maximum of every pixel as a uint8 PNG (255 =
+    1.0) to ``out_dir/_confidence/<id>.png``, inside the same atomic folder.
 
     Under torchrun every rank labels whole chunks of ``samples`` (:func:`shard_chunks`) into rank 0's temporary folder
     (which must be on a shared filesystem); rank 0 renames it into place after a barrier. The
@@ -259,6 +286,7 @@ def pseudo_label(
         amp=amp,
         scales=scales,
         flip=flip,
+        with_confidence=confidence,
     )
     ctx = atomic_dir(out_dir) if dist.is_main() else contextlib.nullcontext(None)
     with ctx as work:

@@ -40,14 +40,15 @@ from ciscr.errors import CiscrError, DataError
 log = logging.getLogger("ciscr")
 
 REPORT_NAME = "report.html"
-TRAIN_STAGES = ("stage1", "stage2", "stage3")
+TRAIN_STAGES = ("stage1", "stage2", "stage3", "online")
 PSEUDO_SETS = ("pseudo0", "pseudo1", "pseudo_final")
 PSEUDO_ABOUT = {
     "pseudo0": "by M0 (stage 1), every unlabeled image",
     "pseudo1": "by M1 (stage 2), unreliable half only",
     "pseudo_final": "by the final model, every unlabeled image",
 }
-ALL_STAGES = ("stage1", "pseudo0", "selection", "stage2", "pseudo1", "stage3", "pseudo_final")
+ALL_STAGES = ("stage1", "pseudo0", "selection", "stage2", "pseudo1", "stage3", "online",
+              "pseudo_final")
 NO_GALLERY = "galleries disabled (max_gallery = 0)."
 LOSS_KEYS = ("loss", "ce", "cisc", "ce_labeled", "ce_unlabeled")
 
@@ -121,16 +122,12 @@ def _read_run(run_dir: Path, device: str) -> _Run:
 
 
 def expected_stages(run: _Run) -> list[str]:
-    """The stage folders the configured method makes (pipeline.run_pipeline), in order."""
+    """The stage folders the configured method makes (its recipe's), in order."""
     if run.cfg is None:
         return [s for s in ALL_STAGES if (run.dir / s).is_dir()]
-    m = run.cfg.method
-    names = ["stage1"]
-    if m.retrain != "none":
-        names.append("pseudo0")
-        if m.rectify != "none" or m.retrain == "two":
-            names.append("selection")
-        names += ["stage2"] if m.retrain == "one" else ["stage2", "pseudo1", "stage3"]
+    from ciscr.methods import stage_names
+
+    names = stage_names(run.cfg.method)
     # pseudo_final exists only where the unlabeled images have ground truth: expected only
     # when a finished run lists it, or the folder was started.
     done = (run.results or {}).get("stages", {})
@@ -151,7 +148,9 @@ def _final_stage(run: _Run) -> str:
     if run.results and run.results.get("final_stage"):
         return str(run.results["final_stage"])
     if run.cfg is not None:
-        return {"none": "stage1", "one": "stage2"}.get(run.cfg.method.retrain, "stage3")
+        from ciscr.methods import stage_names
+
+        return [s for s in stage_names(run.cfg.method) if s in TRAIN_STAGES][-1]
     done = [s for s in TRAIN_STAGES if (run.dir / s).is_dir()]
     return done[-1] if done else "stage1"
 

@@ -34,7 +34,8 @@ check_writable = check_writable_dir
 
 def run_training(cfg: Config, out: Path) -> dict[str, Any]:
     """``ciscr train`` / ``ciscr run``: every stage the method needs, resumable."""
-    from ciscr.pipeline import run_pipeline, setup_run
+    from ciscr.methods import run_method
+    from ciscr.pipeline import setup_run
 
     info = dist.init_distributed(cfg.device)
     if not dist.is_main():
@@ -60,7 +61,7 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
         except CiscrError:
             setup_failed = True
             raise
-        results = run_pipeline(ctx)
+        results = run_method(ctx)
         if dist.is_main():
             print(format_results(results, list(ctx.info.class_names)))
             _write_report(out)

@@ -483,12 +483,16 @@ def split_by_score(
 
 
 def split_unlabeled_cisc(
-    ids: Sequence[str], D: Any, present_in_pseudo: Any
+    ids: Sequence[str], D: Any, present_in_pseudo: Any, all_classes: bool = False
 ) -> tuple[list[str], list[str], dict[str, float]]:
     """CISC split (Algorithm 1): score = sum of D_k over the classes present in the image's
-    pseudo label (NaN skipped; inf when none has a distance). The ceil(N/2) smallest scores are
-    reliable. ``D``, ``present_in_pseudo``: (N, K). Returns (reliable, unreliable, scores)."""
+    pseudo label (NaN skipped; inf when none has a distance); ``all_classes``: over every class
+    with a distance, as Eq. 10 / Algorithm 1 write it (``method.image_score=all``). The
+    ceil(N/2) smallest scores are reliable. ``D``, ``present_in_pseudo``: (N, K).
+    Returns (reliable, unreliable, scores)."""
     D, pres = _as_numpy(D), _as_numpy(present_in_pseudo).astype(bool)
+    if all_classes:
+        pres = np.ones_like(pres)
     _check_rows(ids, D, pres)
     scores = {sid: _presence_score(D[i], pres[i]) for i, sid in enumerate(ids)}
     rel, unrel = split_by_score(ids, scores, ascending=True)

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ciscr.data.io import read_image, read_mask
-from ciscr.data.transforms import TrainTransform, normalize, strong_photometric, to_tensor
+from ciscr.data.transforms import (
+    TrainTransform,
+    cutout,
+    normalize,
+    random_box,
+    strong_photometric,
+    to_tensor,
+)
 from ciscr.errors import CiscrError, DataError
 
 if TYPE_CHECKING:
@@ -171,12 +178,15 @@ class UnlabeledDataset(_Base):
         seed: int = 0,
         strong: bool = True,
         repeat: int = 1,
+        conf_dir: str | Path | None = None,
+        cutout: bool = False,
     ) -> None:
         super().__init__(
             samples, num_classes, ignore_index, mean, std, crop_size, scale_range, seed, repeat
         )
         self.pseudo_dir = Path(pseudo_dir) if pseudo_dir is not None else None
-        self.strong = strong
+        self.conf_dir = Path(conf_dir) if conf_dir is not None else None
+        self.strong, self.cutout = strong, cutout
 
     def pseudo_path(self, sample_id: str) -> Path:
         """Where the pseudo label of ``sample_id`` is read from: ``pseudo_dir/<id>.png``."""
@@ -194,16 +204,102 @@ class UnlabeledDataset(_Base):
         if self.pseudo_dir is None:
             return {"image": normalize(img, self.mean, self.std), "gt": gt, "id": s.id, "index": i}
         pseudo = _mask_tensor(self._read_mask(self.pseudo_path(s.id), image))
-        img, (pseudo, gt) = self.weak(img, [pseudo, gt], g)
+        # The teacher's confidence travels as a uint8 map (255 = 1.0) through the same geometry;
+        # padding reads 255 (its pseudo label is void anyway).
+        conf = self._confidence(s.id, image)
+        img, (pseudo, gt, conf) = self.weak(img, [pseudo, gt, conf], g)
         if self.strong:
             img = strong_photometric(img, g)
+        if self.cutout:
+            img, pseudo = cutout(img, pseudo, g, ignore_index=self.ignore_index)
         return {
             "image": normalize(img, self.mean, self.std),
             "pseudo": pseudo,
+            "conf": conf.float() / 255.0,
             "gt": gt,
             "id": s.id,
             "index": i,
         }
+
+    def _confidence(self, sample_id: str, image: np.ndarray) -> torch.Tensor:
+        if self.conf_dir is None:
+            return torch.full(image.shape[:2], 255, dtype=torch.long)
+        path = self.conf_dir / f"{sample_id}.png"
+        return _mask_tensor(read_mask(path, 256, self.ignore_index, expect_size=image.shape[:2]))
+
+
+class MixedDataset(Dataset):
+    """ST++'s retraining list: the labeled items, then the pseudo-labelled items, all as
+    ``{image, mask, conf, is_pseudo}`` so that one batch mixes them.
+
+    ``labeled``: a training :class:`SegDataset` (built with ``repeat = ceil(N_u / N_l)`` as
+    ST++ does; each repetition is its own index, so its own augmentation); ``pseudo``: datasets
+    of :class:`UnlabeledDataset` items, whose ``pseudo`` becomes ``mask``. The ground truth of
+    unlabeled images is dropped here: it must never reach a loss.
+    """
+
+    def __init__(self, labeled: Dataset, pseudo: Sequence[Dataset]) -> None:
+        self.parts = [labeled, *pseudo]
+        self.offsets = np.cumsum([0] + [len(d) for d in self.parts])  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.parts:
+            d.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        it = self.parts[part][index - int(self.offsets[part])]
+        if part == 0:
+            return {"image": it["image"], "mask": it["mask"],
+                    "conf": torch.ones(it["mask"].shape), "is_pseudo": False}
+        return {"image": it["image"], "mask": it["pseudo"], "conf": it["conf"], "is_pseudo": True}
+
+
+class UnlabeledViews(_Base):
+    """Unlabeled images for the online family (FixMatch / UniMatch), no pseudo labels on disk.
+
+    Item: ``image_w`` the weak view (scale / crop / flip), ``image_s1`` .. ``image_s{views}``
+    strong photometric views of the same crop (each its own draw), ``box1`` .. ``box{views}``
+    (crop, crop) uint8 CutMix boxes (1 = take the mixing image there; all 0 with probability
+    1 - ``cutmix_p``), ``valid`` (crop, crop) bool (False on padding), ``gt`` (ONLY to score the
+    online pseudo labels, never a loss), ``index``.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        num_classes: int,
+        ignore_index: int = 255,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        crop_size: int = 321,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        seed: int = 0,
+        views: int = 2,
+        cutmix_p: float = 0.5,
+    ) -> None:
+        super().__init__(
+            samples, num_classes, ignore_index, mean, std, crop_size, scale_range, seed, 1
+        )
+        self.views, self.cutmix_p = views, cutmix_p
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i, g = self._locate(index)
+        s = self.samples[i]
+        image = read_image(s.image)
+        gt_np = self._read_mask(s.mask, image) if s.mask is not None else self._ignore_mask(image)
+        valid = torch.zeros(image.shape[:2], dtype=torch.long)  # 0 = image, ignore = padding
+        img, (gt, valid) = self.weak(to_tensor(image), [_mask_tensor(gt_np), valid], g)
+        item: dict[str, Any] = {"image_w": normalize(img, self.mean, self.std), "gt": gt,
+                                "valid": valid == 0, "index": i}
+        h, w = img.shape[-2:]
+        for v in range(1, self.views + 1):
+            item[f"image_s{v}"] = normalize(strong_photometric(img, g), self.mean, self.std)
+            item[f"box{v}"] = random_box(h, w, g, self.cutmix_p)
+        return item
 
 
 def pad_collate(batch: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:

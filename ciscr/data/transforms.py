@@ -155,6 +155,47 @@ def strong_photometric(
     return out[0].clamp_(0.0, 1.0)
 
 
+def random_box(
+    h: int,
+    w: int,
+    g: torch.Generator,
+    p: float = 0.5,
+    area: tuple[float, float] = (0.02, 0.4),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+) -> Tensor:
+    """A random rectangle, as ST++'s cutout and UniMatch's CutMix boxes draw it.
+
+    With probability ``p``: area share in ``area``, aspect ratio in ``ratio``, re-drawn until it
+    fits inside the image. Returns an (h, w) uint8 mask, 1 inside the box (all 0 otherwise).
+    """
+    box = torch.zeros(h, w, dtype=torch.uint8)
+    if float(torch.rand(1, generator=g)) >= p:
+        return box
+    size = _uniform(area[0], area[1], g) * h * w
+    for _ in range(1000):  # bounded: the sampled box almost always fits within a few tries
+        r = _uniform(ratio[0], ratio[1], g)
+        bw, bh = int((size / r) ** 0.5), int((size * r) ** 0.5)
+        x = int(torch.randint(0, w, (1,), generator=g))
+        y = int(torch.randint(0, h, (1,), generator=g))
+        if x + bw <= w and y + bh <= h:
+            box[y : y + bh, x : x + bw] = 1
+            return box
+    return box
+
+
+def cutout(
+    img: Tensor, mask: Tensor, g: torch.Generator, p: float = 0.5, ignore_index: int = 255
+) -> tuple[Tensor, Tensor]:
+    """ST++'s cutout: with probability ``p`` a random box of the image (3, H, W) in [0, 1] is
+    filled with uniform noise per pixel and the same box of the label (H, W) is ignored."""
+    box = random_box(img.shape[-2], img.shape[-1], g, p).bool()
+    if not bool(box.any()):
+        return img, mask
+    noise = torch.rand(img.shape, generator=g, dtype=img.dtype)
+    img = torch.where(box, noise, img)
+    return img, mask.masked_fill(box, ignore_index)
+
+
 class TrainTransform:
     """Weak, geometric augmentation: random scale -> pad + random crop -> horizontal flip.
 

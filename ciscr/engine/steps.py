@@ -11,6 +11,7 @@ Each factory returns ``step(model, batches, iteration) -> (loss, scalars)`` for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 
 from ciscr import cisc
 from ciscr.data.datasets import make_generator
+from ciscr.data.pairs import PARTNERS, TRIES, crop_class_shares
 from ciscr.engine.losses import ce_loss
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -28,6 +30,8 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 # prototype; torch's BCE backward then divides by 1e-12 and one such pixel yields a 1e11-size
 # gradient. Keeping the map inside [eps, 1 - eps] bounds it and changes the loss by < 1e-4.
 PAIR_BCE_EPS = 1e-4
+
+QUERY_EPOCHS = 1_000_000  # augmentation epochs of queried labeled crops (disjoint from training)
 
 
 def supervised_step(ignore_index: int = 255):
@@ -104,6 +108,7 @@ class Rectifier:
     bank_present: torch.Tensor | None = None  # (N, K) bool
     anchors: torch.Tensor | None = None  # (K, C)
     num_prototypes: int = 1  # > 1: k-means prototypes of the queried mask ("query" mode only)
+    min_query_ratio: float = 0.03  # the queried crop must show the class on this share
     _has_query: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -155,12 +160,37 @@ class Rectifier:
             return protos, cls
         return self._query_prototypes(picks, protos, cls, it, device)
 
+    def _query_view(self, k: int, j: int, it: int, g: torch.Generator) -> dict[str, Any] | None:
+        """A crop of a query image for class ``k`` in which k covers >= ``min_query_ratio`` of
+        the valid pixels: query image ``j`` re-cropped up to TRIES times, then other query
+        images of the list (PARTNERS in all); None if every try fails (-> weight 1)."""
+        for attempt in range(PARTNERS * TRIES):
+            if attempt and attempt % TRIES == 0:
+                j = self._random_query(k, g)
+            # Own augmentation draws per (iteration, attempt), still resumable; attempt 0 keeps
+            # the keys of the single crop drawn before this rule existed.
+            self.labeled.set_epoch(QUERY_EPOCHS + it + attempt * 1_000_000_000)
+            item = self.labeled[j]
+            if self.min_query_ratio <= 0:
+                return item
+            if crop_class_shares(item["mask"], self.num_classes, self.ignore_index)[k] >= (
+                self.min_query_ratio
+            ):
+                return item
+        return None
+
     def _query_prototypes(self, picks, protos, cls, it: int, device) -> tuple:
         """Paper mode: run the teacher on the queried labeled images (weak augmentation)."""
+        g = make_generator(self.seed + 17, it, 0)
+        views = [(b, k, self._query_view(k, j, it, g)) for b, k, j in picks]
+        cls = cls.clone()
+        for b, _, v in views:
+            if v is None:
+                cls[b] = -1
+        picks = [(b, k, v) for b, k, v in views if v is not None]
         if not picks:
             return protos, cls
-        self.labeled.set_epoch(1_000_000 + it)  # its own augmentation draws, still resumable
-        items = [self.labeled[j] for _, _, j in picks]
+        items = [v for _, _, v in picks]
         x = torch.stack([d["image"] for d in items]).to(device)
         y = torch.stack([d["mask"] for d in items]).to(device)
         feats = self.features(x).float()
@@ -175,8 +205,7 @@ class Rectifier:
             p = cisc.prototype(feats, mask)
             empty = p.norm(dim=1) == 0
         protos[rows] = p
-        cls = cls.clone()
-        cls[rows[empty]] = -1  # the class was cropped out of the query image
+        cls[rows[empty]] = -1  # the class was cropped out of the query image (rule off)
         return protos, cls
 
     def _all_class_maps(self, feats, y_u, size, g) -> torch.Tensor:
@@ -197,8 +226,41 @@ class Rectifier:
         return cmaps
 
 
-def retrain_step(rectifier: Rectifier | None, ignore_index: int = 255):
-    """Stages 2/3: CE(labeled) + L'_u(pseudo-labeled); plain CE on both if no rectifier."""
+@dataclass(frozen=True)
+class UnlabeledLoss:
+    """How much each pseudo-labelled pixel counts: ``lambda(t) * mask * weight``.
+
+    ``weight``: lambda; ``rampup_iters``: lambda ramps up as exp(-5 (1 - t/T)^2) over the first
+    T iterations (Laine & Aila's sigmoid ramp); ``threshold``: pixels whose teacher confidence
+    is below it count 0 (they stay in the denominator, as in FixMatch); ``by_confidence``:
+    multiply by the confidence itself.
+    """
+
+    weight: float = 1.0
+    rampup_iters: int = 0
+    threshold: float = 0.0
+    by_confidence: bool = False
+
+    def lam(self, it: int) -> float:
+        if self.rampup_iters <= 0 or it >= self.rampup_iters:
+            return self.weight
+        return self.weight * math.exp(-5.0 * (1.0 - it / self.rampup_iters) ** 2)
+
+    def pixel_weights(self, conf: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, H, W) weights from the teacher confidence (B, H, W), or None when all are 1."""
+        if conf is None or (self.threshold <= 0 and not self.by_confidence):
+            return None
+        w = torch.ones_like(conf)
+        if self.threshold > 0:
+            w = w * (conf >= self.threshold).to(w.dtype)
+        return w * conf if self.by_confidence else w
+
+
+def retrain_step(
+    rectifier: Rectifier | None, ignore_index: int = 255, unl: UnlabeledLoss = UnlabeledLoss()
+):
+    """Stages 2/3 on separate streams: CE(labeled) + lambda(t) * L'_u(pseudo-labeled), with L'_u
+    the rectified CE (Eq. 7), or plain CE without a rectifier (ST / ST++ in 'split' form)."""
 
     def step(model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
         lb, ub = batches["labeled"], batches["unlabeled"]
@@ -206,15 +268,35 @@ def retrain_step(rectifier: Rectifier | None, ignore_index: int = 255):
         n = lb["image"].shape[0]
         logits = model(torch.cat([lb["image"], ub["image"]])).logits
         loss_l = ce_loss(logits[:n], lb["mask"], ignore_index)
+        pw = unl.pixel_weights(ub.get("conf"))
         if weights is None:
-            loss_u = ce_loss(logits[n:], ub["pseudo"], ignore_index)
+            loss_u = ce_loss(logits[n:], ub["pseudo"], ignore_index, weight_map=pw)
         elif "cmaps" in weights:
-            loss_u = cisc.rectified_ce_all(logits[n:], ub["pseudo"], weights["cmaps"], ignore_index)
+            loss_u = cisc.rectified_ce_all(logits[n:], ub["pseudo"], weights["cmaps"],
+                                           ignore_index, pixel_weight=pw)
         else:
-            loss_u = cisc.rectified_ce(
-                logits[n:], ub["pseudo"], weights["cmap"], weights["cls"], ignore_index
-            )
-        scalars = {"ce_labeled": float(loss_l.detach()), "ce_unlabeled": float(loss_u.detach())}
-        return loss_l + loss_u, scalars
+            loss_u = cisc.rectified_ce(logits[n:], ub["pseudo"], weights["cmap"], weights["cls"],
+                                       ignore_index, pixel_weight=pw)
+        lam = unl.lam(it)
+        scalars = {"ce_labeled": float(loss_l.detach()), "ce_unlabeled": float(loss_u.detach()),
+                   "lambda": lam}
+        return loss_l + lam * loss_u, scalars
+
+    return step
+
+
+def mixed_step(ignore_index: int = 255, unl: UnlabeledLoss = UnlabeledLoss()):
+    """ST++'s retraining step on ONE mixed batch (labeled and pseudo-labelled items together):
+    one CE mean over every valid pixel; pseudo-labelled rows weighted by ``unl`` (all 1 by
+    default, i.e. exactly ST++'s loss)."""
+
+    def step(model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
+        b = batches["mixed"]
+        is_pseudo = b["is_pseudo"].view(-1, 1, 1).to(b["conf"].dtype)
+        pw = unl.pixel_weights(b["conf"])
+        w_pseudo = unl.lam(it) * (pw if pw is not None else torch.ones_like(b["conf"]))
+        w = (1.0 - is_pseudo) + is_pseudo * w_pseudo
+        loss = ce_loss(model(b["image"]).logits, b["mask"], ignore_index, weight_map=w)
+        return loss, {"ce": float(loss.detach()), "lambda": unl.lam(it)}
 
     return step

@@ -170,6 +170,7 @@ class StageState:
     scaler: Any
     iteration: int
     total: int
+    step: Any = None  # the step function; its state_dict() (if any) goes into the checkpoint
 
 
 def _save(path: Path, st: StageState, meta: dict[str, Any]) -> None:
@@ -188,6 +189,8 @@ def _save(path: Path, st: StageState, meta: dict[str, Any]) -> None:
             "total_iters": st.total,
             "rng": get_rng_state(),
             "rng_ranks": rngs,
+            # A stateful step (the online CISC prototype memory) resumes where it was.
+            "step_state": st.step.state_dict() if hasattr(st.step, "state_dict") else None,
             "meta": meta,
         },
     )
@@ -210,6 +213,8 @@ def _resume(path: Path, st: StageState) -> None:
     # Otherwise (different world size) every rank takes rank 0's: resumable, not bit-identical.
     same_world = bool(ranks) and len(ranks) == dist.world_size()
     set_rng_state(ranks[dist.rank()] if same_world else ckpt["rng"])
+    if ckpt.get("step_state") is not None and hasattr(st.step, "load_state_dict"):
+        st.step.load_state_dict(ckpt["step_state"])
     st.iteration = int(ckpt["iteration"])
 
 
@@ -281,7 +286,7 @@ def train_stage(
     opt = build_optimizer(model, cfg)
     st = StageState(
         model, opt, build_scheduler(opt, total, cfg.poly_power),
-        make_grad_scaler(device, cfg.amp), 0, total,
+        make_grad_scaler(device, cfg.amp), 0, total, step_fn,
     )
     ckpt_path = out_dir / CKPT_NAME
     if ckpt_path.exists():

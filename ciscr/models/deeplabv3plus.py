@@ -36,6 +36,7 @@ class SegOutput(NamedTuple):
 
     logits: Tensor
     features: Tensor
+    fp_logits: Tensor | None = None  # UniMatch's feature-perturbation branch (forward(fp_last=n))
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -155,14 +156,30 @@ class DeepLabV3Plus(nn.Module):
         """(B,3,H,W) -> the backbone's high-level map (B,high_channels,~H/os,~W/os)."""
         return self.backbone.forward_features(x)[1]
 
-    def forward(self, x: Tensor) -> SegOutput:
-        """(B,3,H,W) -> SegOutput(logits (B,K,H,W), features (B,256,ceil(H/4),ceil(W/4)))."""
-        low, high = self.backbone.forward_features(x)
+    def _decode(self, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder maps -> (features (B,C,h/4,w/4), logits at feature resolution)."""
         high = self.head(high)
         # align_corners=False everywhere: matches F.interpolate's default and the evaluation
         # code; the decoder is trained with it, so the choice only has to be consistent.
         high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
         features = self.fuse(torch.cat([self.reduce(low), high], dim=1))
-        logits = self.classifier(self.dropout(features))
+        return features, self.classifier(self.dropout(features))
+
+    def forward(self, x: Tensor, fp_last: int = 0, fp_p: float = 0.5) -> SegOutput:
+        """(B,3,H,W) -> SegOutput(logits (B,K,H,W), features (B,C,ceil(H/4),ceil(W/4))).
+
+        ``fp_last = n > 0`` (UniMatch's feature perturbation): the encoder maps of the LAST n
+        images are decoded a second time with ``Dropout2d(fp_p)`` on them, in the same decoder
+        batch as the clean maps (as UniMatch does, so BatchNorm sees both); their logits are
+        ``fp_logits`` (n,K,H,W). Only those images are perturbed (the unlabeled ones).
+        """
+        low, high = self.backbone.forward_features(x)
+        b = x.shape[0]
+        if fp_last > 0:
+            low = torch.cat([low, F.dropout2d(low[b - fp_last :], fp_p, training=True)])
+            high = torch.cat([high, F.dropout2d(high[b - fp_last :], fp_p, training=True)])
+        features, logits = self._decode(low, high)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if fp_last > 0:
+            return SegOutput(logits[:b], features[:b], logits[b:])
         return SegOutput(logits=logits, features=features)

@@ -1,0 +1,270 @@
+"""The online weak-to-strong family: FixMatch, UniMatch and UniMatch + CISC rectification.
+
+One training run; every step sees a labeled batch, an unlabeled batch and a second unlabeled
+batch to CutMix with. Read :meth:`OnlineStep.__call__` top to bottom for the whole method:
+
+1. the mixing images' weak views -> the current model in eval mode, no gradient -> pseudo label
+   and confidence (UniMatch predicts them in eval mode);
+2. labeled + unlabeled weak views in one forward (train mode), with UniMatch's feature
+   perturbation (FP) on the unlabeled rows -> CE on the labeled part; the weak predictions
+   (detached) are the pseudo labels;
+3. each strong view, CutMixed with the mixing image's strong view inside its box, supervised
+   by the pseudo label mixed by the same box (labels, confidence, validity and CISC weight);
+4. loss = w_l * CE_l + lambda * sum_v w_v * L_v, each L_v = sum(CE * mask) / #valid pixels
+   (pixels under the threshold count 0 but stay in the denominator, as FixMatch / UniMatch).
+
+FixMatch = one strong view, no FP, loss (CE_l + L_s) / 2 (UniMatch's fixmatch.py); UniMatch =
+two strong views + FP, (CE_l + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 (its paper and code).
+With ``cisc`` (ours) each unlabeled pixel's mask is multiplied by (``mask``) or replaced by
+(``alone``) its CISC weight: the cosine of its feature with the prototype of its pseudo class,
+taken from a class-prototype memory fed by every step's labeled batch (see :class:`ProtoMemory`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ciscr import cisc, dist
+from ciscr.engine.losses import ce_loss
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def cutmix(x: torch.Tensor, x_mix: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Paste ``x_mix`` into ``x`` inside ``box``.
+
+    Args:
+        x, x_mix: (B, ...) with the box's (H, W) as their last two dims (images (B, 3, H, W)
+            or per-pixel maps (B, H, W)).
+        box: (B, H, W), 1 / True where ``x_mix`` is taken.
+    Returns:
+        Tensor shaped like ``x``.
+    """
+    b = box.bool()
+    if x.dim() == 4:
+        b = b.unsqueeze(1)
+    return torch.where(b, x_mix, x)
+
+
+def masked_ce(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """``sum(CE * weight * valid) / #valid`` (UniMatch's unlabeled loss).
+
+    Args:
+        logits: (B, K, H, W); target: (B, H, W) int64 in [0, K); weight: (B, H, W) float
+            (the confidence mask, or a CISC weight); valid: (B, H, W) bool (False on padding).
+    Returns:
+        Scalar; 0 (attached to the graph) when no pixel is valid.
+    """
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    v = valid.to(ce.dtype)
+    return (ce * weight.to(ce.dtype) * v).sum() / v.sum().clamp_min(1.0)
+
+
+def confidence_and_label(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, H, W) logits -> (max softmax probability (B, H, W) float32, argmax (B, H, W))."""
+    conf, label = logits.detach().float().softmax(dim=1).max(dim=1)
+    return conf, label
+
+
+def class_weights(
+    features: torch.Tensor,
+    protos: torch.Tensor,
+    known: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """The CISC weight of every pixel: cosine of its feature with its class's prototype.
+
+    Args:
+        features: (B, C, h, w); protos: (K, C); known: (K,) bool, classes that have a
+            prototype; labels: (B, H, W) in [0, K).
+    Returns:
+        (B, H, W) float32 in [0, 1] (the map resized bilinearly, as Eq. 6); 1 where the pixel's
+        class has no prototype yet (it cannot be checked: plain weight, METHOD.md 3).
+    """
+    f = F.normalize(features.float(), dim=1, eps=cisc.COS_EPS)
+    p = F.normalize(protos.float(), dim=1, eps=cisc.COS_EPS)
+    cos = torch.einsum("bchw,kc->bkhw", f, p)
+    cos = F.interpolate(cos, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    w = cos.gather(1, labels.long().unsqueeze(1)).squeeze(1).clamp(0.0, 1.0)
+    return torch.where(known.to(labels.device)[labels.long()], w, torch.ones_like(w))
+
+
+def batch_prototypes(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    min_ratio: float,
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of the class prototypes (Eq. 5) of a labeled batch over the images where the class
+    covers >= ``min_ratio`` of the valid pixels (the 3 % rule: no prototype from a sliver).
+
+    Sums and counts, not means, so that processes can add theirs (all_reduce) before dividing.
+
+    Args:
+        features: (B, C, h, w); labels: (B, H, W).
+    Returns:
+        sums (K, C) float32 and counts (K,) float32 (images that qualified per class).
+    """
+    protos, present = cisc.class_prototypes(features.float(), labels, num_classes, ignore_index)
+    lab = labels.long().flatten(1)
+    valid = (lab != ignore_index).sum(1).clamp_min(1).float()  # (B,)
+    counts = torch.stack([(lab == k).sum(1) for k in range(num_classes)], dim=1).float()
+    ok = (present & (counts / valid.unsqueeze(1) >= min_ratio)).float()  # (B, K)
+    return (protos * ok.unsqueeze(-1)).sum(0), ok.sum(0)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+@dataclass
+class ProtoMemory:
+    """Class prototypes of the labeled images under the CURRENT model, kept as an EMA.
+
+    WHY this design (``method.online_cisc``): each step already computes the labeled batch's
+    features in its training forward, so refreshing the prototypes costs nothing (a bank
+    refreshed by extra passes over the labeled set every N steps, or an EMA teacher, costs
+    forward passes); the prototypes then live in the student's current feature space, the space
+    the unlabeled features being weighted come from. The EMA (momentum m) smooths over the few
+    images of one batch. Saved in the checkpoint, so a resumed run continues identically.
+    """
+
+    num_classes: int
+    momentum: float
+    protos: torch.Tensor | None = None  # (K, C)
+    known: torch.Tensor | None = None  # (K,) bool
+
+    def update(self, protos: torch.Tensor, found: torch.Tensor) -> None:
+        protos, found = protos.detach().float(), found.detach()
+        if self.protos is None:
+            self.protos = torch.zeros_like(protos)
+            self.known = torch.zeros_like(found)
+        # A class seen for the first time takes the batch prototype as it is.
+        m = torch.where(self.known, self.momentum, 0.0).to(protos.dtype).unsqueeze(1)
+        new = m * self.protos + (1.0 - m) * protos
+        self.protos = torch.where(found.unsqueeze(1), new, self.protos)
+        self.known = self.known | found
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"protos": self.protos, "known": self.known}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.protos, self.known = state.get("protos"), state.get("known")
+
+
+@dataclass(frozen=True)
+class OnlineRecipe:
+    """What an online method computes (``ciscr.config.MethodCfg`` resolves into this)."""
+
+    strong_views: int = 2
+    fp: bool = True
+    fp_p: float = 0.5
+    threshold: float = 0.95
+    cisc: str = "none"  # none | mask | alone
+    weight_labeled: float = 0.5  # UniMatch: (CE_l + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2
+    weight_views: tuple[float, ...] = (0.125, 0.125)
+    weight_fp: float = 0.25
+    unlabeled_weight: float = 1.0  # lambda, times everything unlabeled
+    min_ratio: float = 0.03
+    ignore_index: int = 255
+
+
+def recipe_weights(strong_views: int, fp: bool) -> tuple[float, tuple[float, ...], float]:
+    """Loss weights (labeled, each strong view, FP) as FixMatch / UniMatch use them: the
+    unlabeled half is split 1:1 between the strong views and the FP branch when FP is on."""
+    views = (0.5 if fp else 1.0) / strong_views
+    return 0.5, tuple(0.5 * views for _ in range(strong_views)), 0.25 if fp else 0.0
+
+
+class OnlineStep:
+    """``step(model, batches, it) -> (loss, scalars)`` for the online family."""
+
+    def __init__(self, recipe: OnlineRecipe, num_classes: int, momentum: float = 0.9) -> None:
+        self.r, self.num_classes = recipe, num_classes
+        self.memory = ProtoMemory(num_classes, momentum) if recipe.cisc != "none" else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory": self.memory.state_dict() if self.memory is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.memory is not None and state.get("memory"):
+            self.memory.load_state_dict(state["memory"])
+
+    def __call__(self, model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
+        r, lb, ub, mb = self.r, batches["labeled"], batches["unlabeled"], batches["mix"]
+        with torch.no_grad():  # 1. the mixing images' pseudo labels, eval mode as UniMatch
+            model.eval()
+            out_mix = model(mb["image_w"])
+            model.train()
+        conf_mix, label_mix = confidence_and_label(out_mix.logits)
+        n_l, n_u = lb["image"].shape[0], ub["image_w"].shape[0]
+        out = model(torch.cat([lb["image"], ub["image_w"]]), fp_last=n_u if r.fp else 0,
+                    fp_p=r.fp_p)  # 2. labeled + weak (+ FP on the weak rows)
+        loss_l = ce_loss(out.logits[:n_l], lb["mask"], r.ignore_index)
+        conf_w, label_w = confidence_and_label(out.logits[n_l:])
+        w_w, w_mix = self._pixel_weights(out, n_l, lb, conf_w, label_w, out_mix, conf_mix,
+                                         label_mix)
+        strong = torch.cat([cutmix(ub[f"image_s{v}"], mb[f"image_s{v}"], ub[f"box{v}"])
+                            for v in range(1, r.strong_views + 1)])
+        logits_s = model(strong).logits.chunk(r.strong_views)  # 3. the strong views
+        loss_u, scalars = torch.zeros((), device=loss_l.device), {}
+        for v, logits in enumerate(logits_s, start=1):
+            box = ub[f"box{v}"]
+            lv = masked_ce(logits, cutmix(label_w, label_mix, box), cutmix(w_w, w_mix, box),
+                           cutmix(ub["valid"], mb["valid"], box))
+            loss_u = loss_u + r.weight_views[v - 1] * lv
+            scalars[f"loss_s{v}"] = float(lv.detach())
+        if r.fp:
+            lfp = masked_ce(out.fp_logits, label_w, w_w, ub["valid"])
+            loss_u = loss_u + r.weight_fp * lfp
+            scalars["loss_fp"] = float(lfp.detach())
+        loss = r.weight_labeled * loss_l + r.unlabeled_weight * loss_u  # 4.
+        scalars.update(self._monitor(loss_l, label_w, w_w, ub, r.ignore_index))
+        return loss, scalars
+
+    def _pixel_weights(self, out, n_l, lb, conf_w, label_w, out_mix, conf_mix, label_mix):
+        """Per-pixel weights of the weak and the mixing images: the confidence mask, times
+        (``mask``) or instead of it (``alone``) the CISC weight."""
+        r = self.r
+        w_w = (conf_w >= r.threshold).float()
+        w_mix = (conf_mix >= r.threshold).float()
+        if self.memory is None:
+            return w_w, w_mix
+        sums, counts = batch_prototypes(out.features[:n_l].detach(), lb["mask"],
+                                        self.num_classes, r.min_ratio, r.ignore_index)
+        # Every process adds its share of the labeled batch: identical memories on all ranks.
+        sums, counts = dist.all_reduce_sum(sums), dist.all_reduce_sum(counts)
+        self.memory.update(sums / counts.clamp_min(1.0).unsqueeze(1), counts > 0)
+        m = self.memory
+        c_w = class_weights(out.features[n_l:].detach(), m.protos, m.known, label_w)
+        c_mix = class_weights(out_mix.features, m.protos, m.known, label_mix)
+        if r.cisc == "alone":
+            return c_w, c_mix
+        return w_w * c_w, w_mix * c_mix
+
+    @staticmethod
+    def _monitor(loss_l, label_w, w_w, ub, ignore_index: int) -> dict[str, float]:
+        """What the report plots: the share of unlabeled pixels that pass, and (only where
+        ground truth exists, never used for training) the accuracy of the online labels."""
+        valid = ub["valid"]
+        n = valid.sum().clamp_min(1)
+        out = {"ce_labeled": float(loss_l.detach()),
+               "mask_ratio": float(((w_w > 0) & valid).sum() / n),
+               "weight_mean": float((w_w * valid).sum() / n)}
+        gt = ub.get("gt")
+        if gt is not None:
+            scored = valid & (gt != ignore_index)
+            if bool(scored.any()):
+                hit = (label_w == gt) & scored
+                out["pseudo_acc"] = float(hit.sum() / scored.sum())
+                sel = scored & (w_w > 0)
+                if bool(sel.any()):
+                    out["pseudo_acc_selected"] = float((hit & sel).sum() / sel.sum())
+        return out

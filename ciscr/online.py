@@ -1,0 +1,83 @@
+"""The online family's one stage over a run directory (FixMatch, UniMatch, UniMatch + CISC).
+
+    online/   the model, trained on labeled + unlabeled images in every step -> the result
+              (checkpoint.pt, metrics.json, train.jsonl with mask_ratio / pseudo_acc, tb/)
+
+The step's maths is :class:`ciscr.engine.online.OnlineStep`; this module only builds its
+streams (labeled, unlabeled, and a second unlabeled stream to CutMix with) and runs
+:func:`ciscr.engine.train.train_stage`, so resume, DDP, bf16 and logging are the shared ones.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ciscr.data.datasets import UnlabeledViews
+from ciscr.engine.online import OnlineRecipe, OnlineStep, recipe_weights
+from ciscr.engine.train import Stream, train_stage
+from ciscr.errors import DataError
+from ciscr.pipeline import (
+    RunContext,
+    _epoch_eval,
+    _finish_stage,
+    fresh_model,
+    is_done,
+    labeled_dataset,
+    labeled_repeat,
+    unlabeled_stage_cfg,
+)
+from ciscr.utils.io import read_json
+
+STAGE = "online"
+
+
+def online_recipe(ctx: RunContext) -> OnlineRecipe:
+    """The method's settings (``method.*``) as the step reads them."""
+    m = ctx.cfg.method
+    w_l, w_views, w_fp = recipe_weights(m.strong_views, m.feature_perturbation)
+    return OnlineRecipe(
+        strong_views=m.strong_views, fp=m.feature_perturbation, fp_p=m.fp_dropout,
+        threshold=m.confidence_threshold, cisc=m.online_cisc, weight_labeled=w_l,
+        weight_views=w_views, weight_fp=w_fp, unlabeled_weight=m.unlabeled_weight,
+        min_ratio=m.min_class_ratio, ignore_index=ctx.cfg.data.ignore_index,
+    )
+
+
+def _views(ctx: RunContext, seed: int) -> UnlabeledViews:
+    d, t, m = ctx.cfg.data, ctx.cfg.train, ctx.cfg.method
+    return UnlabeledViews(
+        ctx.unlabeled, num_classes=ctx.info.num_classes, ignore_index=d.ignore_index,
+        mean=d.mean, std=d.std, crop_size=t.crop_size, scale_range=t.scale_range, seed=seed,
+        views=m.strong_views, cutmix_p=m.cutmix_p,
+    )
+
+
+def online_stage(ctx: RunContext) -> dict[str, Any]:
+    """Train the model of an online method; one epoch = one pass over the unlabeled images
+    (UniMatch's), the labeled stream cycling alongside."""
+    out = ctx.run_dir / STAGE
+    if is_done(out):
+        return read_json(out / "done.json")
+    if not ctx.unlabeled:
+        raise DataError(f"the unlabeled split is empty but method.name={ctx.cfg.method.name} "
+                        "trains on unlabeled images: label fewer images or use suponly")
+    t = unlabeled_stage_cfg(ctx)
+    t0 = time.perf_counter()
+    model = fresh_model(ctx)
+    b_u = t.unlabeled_batch_size or t.batch_size
+    # The mixing stream is the same pool in another order with other augmentations, as
+    # UniMatch's second unlabeled loader; both are keyed on the seed, so identical on all ranks.
+    streams = {"labeled": Stream(labeled_dataset(ctx), t.batch_size, labeled_repeat(ctx)),
+               "unlabeled": Stream(_views(ctx, ctx.cfg.seed + 1), b_u),
+               "mix": Stream(_views(ctx, ctx.cfg.seed + 2), b_u)}
+    step = OnlineStep(online_recipe(ctx), ctx.info.num_classes, ctx.cfg.method.prototype_momentum)
+    train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
+                epoch_stream="unlabeled", meta={**ctx.meta, "stage": STAGE},
+                num_workers=ctx.cfg.data.num_workers, desc=STAGE, on_epoch_end=_epoch_eval(ctx))
+    return _finish_stage(ctx, out, model, t0)
+
+
+def run_online(ctx: RunContext) -> tuple[dict[str, dict[str, Any]], str]:
+    """The online family's stages: one training stage; returns (summaries, final stage)."""
+    return {STAGE: online_stage(ctx)}, STAGE
