@@ -281,7 +281,8 @@ def unlabeled_dataset(ctx: RunContext, samples: list[Sample], pseudo_dir: Path,
 
 
 def needs_confidence(ctx: RunContext) -> bool:
-    """Whether pseudo-labelling keeps the teacher's confidence maps (``<stage>/conf``)."""
+    """Whether training reads the teacher's confidence maps (``labels/_confidence``, always
+    written by pseudo-labelling, so runs that differ only here can share pseudo labels)."""
     m = ctx.cfg.method
     return m.confidence_threshold > 0 or m.confidence_weighting
 
@@ -415,7 +416,7 @@ def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Samp
         model, samples, labels, num_classes=ctx.info.num_classes, mean=d.mean, std=d.std,
         scales=m.tta_scales, flip=m.tta_flip, device=ctx.device, amp=ctx.cfg.train.amp,
         palette=[tuple(c) for c in ctx.info.palette], progress=ctx.cfg.train.progress,
-        score=True, ignore_index=d.ignore_index, confidence=needs_confidence(ctx),
+        score=True, ignore_index=d.ignore_index, confidence=True,
     )
     if dist.is_main():
         atomic_write_json(out / "quality.json", quality)

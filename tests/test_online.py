@@ -1,0 +1,179 @@
+"""The online family (FixMatch, UniMatch, UniMatch + CISC): losses against hand values,
+threshold masking, CutMix alignment, the FP branch, the prototype memory, and real tiny runs."""
+
+import math
+
+import pytest
+import torch
+
+from ciscr.config import ModelCfg
+from ciscr.data.transforms import random_box
+from ciscr.engine.online import (
+    OnlineRecipe,
+    OnlineStep,
+    ProtoMemory,
+    batch_prototypes,
+    class_weights,
+    confidence_and_label,
+    cutmix,
+    masked_ce,
+    recipe_weights,
+)
+from ciscr.models import build_model
+
+
+def test_cutmix_keeps_image_label_and_confidence_aligned():
+    box = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    box[0, 1:3, 2:4] = 1
+    x, x_mix = torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)
+    lab, lab_mix = torch.zeros(1, 4, 4, dtype=torch.long), torch.full((1, 4, 4), 5)
+    conf, conf_mix = torch.full((1, 4, 4), 0.1), torch.full((1, 4, 4), 0.9)
+    img = cutmix(x, x_mix, box)
+    for mixed in (img[:, 0] == 1, cutmix(lab, lab_mix, box) == 5,
+                  cutmix(conf, conf_mix, box) == 0.9):
+        assert torch.equal(mixed, box.bool())  # every channel and map switches in the box only
+
+
+def test_random_box_is_inside_and_sized_and_absent_with_p_zero():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        box = random_box(40, 30, g, p=1.0)
+        area = int(box.sum())
+        assert 0 < area <= 0.4 * 40 * 30 + 1
+        rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+        assert int(box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].min()) == 1
+    assert int(random_box(40, 30, g, p=0.0).sum()) == 0
+
+
+def test_masked_ce_by_hand_counts_masked_pixels_in_the_denominator():
+    # Two pixels: logits (0, ln 3) -> p(class 1) = 3/4. Pixel 0 target 1, pixel 1 target 0.
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]]).T.reshape(1, 2, 1, 2)
+    target = torch.tensor([[[1, 0]]])
+    valid = torch.ones(1, 1, 2, dtype=torch.bool)
+    ce0, ce1 = -math.log(0.75), -math.log(0.25)
+    both = masked_ce(logits, target, torch.ones(1, 1, 2), valid)
+    assert float(both) == pytest.approx((ce0 + ce1) / 2)
+    only0 = masked_ce(logits, target, torch.tensor([[[1.0, 0.0]]]), valid)
+    assert float(only0) == pytest.approx(ce0 / 2)  # masked pixel counts 0, still in the mean
+    pad = masked_ce(logits, target, torch.ones(1, 1, 2), torch.tensor([[[True, False]]]))
+    assert float(pad) == pytest.approx(ce0)  # padding is out of the denominator
+
+
+def test_confidence_threshold_masks_exactly_the_unconfident_pixels():
+    logits = torch.tensor([[5.0, 0.0], [0.1, 0.0]]).T.reshape(1, 2, 1, 2)
+    conf, label = confidence_and_label(logits)
+    assert label.tolist() == [[[0, 0]]]
+    assert ((conf >= 0.95).tolist()) == [[[True, False]]]
+
+
+def test_class_weights_are_cosines_with_own_class_prototype_and_one_when_unknown():
+    feats = torch.tensor([[1.0, 0.0], [1.0, 1.0]]).T.reshape(1, 2, 1, 2)  # pixel 0 e0, pixel 1
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    known = torch.tensor([True, True, False])
+    w = class_weights(feats, protos, known, torch.tensor([[[1, 0]]]))
+    assert w[0, 0].tolist() == pytest.approx([0.0, 1 / math.sqrt(2)])  # cos(e0,e1), cos(1,1;e0)
+    w2 = class_weights(feats, protos, known, torch.tensor([[[2, 2]]]))
+    assert w2.tolist() == [[[1.0, 1.0]]]  # class 2 has no prototype yet
+
+
+def test_batch_prototypes_apply_the_share_rule_and_memory_is_an_ema():
+    feats = torch.ones(2, 2, 1, 10)
+    feats[1] = 3.0
+    labels = torch.zeros(2, 1, 10, dtype=torch.long)
+    labels[0, 0, :1] = 1  # 10 % of image 0 is class 1
+    labels[1, 0, :] = 1  # image 1 is all class 1
+    sums, counts = batch_prototypes(feats, labels, 2, min_ratio=0.2)
+    assert counts.tolist() == [1.0, 1.0]  # class 1 of image 0 covers 10 % < 20 %: skipped
+    assert sums[1].tolist() == pytest.approx([3.0, 3.0], rel=1e-3)
+    mem = ProtoMemory(2, momentum=0.5)
+    mem.update(torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.tensor([True, False]))
+    mem.update(torch.tensor([[4.0, 0.0], [1.0, 1.0]]), torch.tensor([True, True]))
+    assert mem.protos.tolist() == [[3.0, 0.0], [1.0, 1.0]]  # EMA; a new class taken as is
+    assert mem.known.tolist() == [True, True]
+
+
+def test_recipe_weights_match_fixmatch_and_unimatch():
+    assert recipe_weights(1, False) == (0.5, (0.5,), 0.0)  # (CE_l + L_s) / 2
+    assert recipe_weights(2, True) == (0.5, (0.125, 0.125), 0.25)  # UniMatch's
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = ModelCfg(backbone="resnet18", output_stride=16, channels=16)
+    return build_model(cfg, 3)
+
+
+def test_fp_branch_perturbs_only_the_last_rows():
+    model = _model().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        clean = model(x)
+        out = model(x, fp_last=2, fp_p=0.5)
+        same = model(x, fp_last=2, fp_p=0.0)
+    assert out.fp_logits.shape == (2, 3, 32, 32)
+    assert torch.allclose(out.logits, clean.logits, atol=1e-5)  # clean rows untouched
+    assert torch.allclose(same.fp_logits, clean.logits[1:], atol=1e-5)  # p=0: no perturbation
+    assert not torch.allclose(out.fp_logits, clean.logits[1:], atol=1e-3)
+
+
+def _batches(n=2, size=32, views=2):
+    g = torch.Generator().manual_seed(0)
+
+    def unl():
+        d = {"image_w": torch.randn(n, 3, size, size, generator=g),
+             "valid": torch.ones(n, size, size, dtype=torch.bool),
+             "gt": torch.randint(0, 3, (n, size, size), generator=g)}
+        for v in range(1, views + 1):
+            d[f"image_s{v}"] = torch.randn(n, 3, size, size, generator=g)
+            d[f"box{v}"] = torch.stack([random_box(size, size, g, 1.0) for _ in range(n)])
+        return d
+
+    lab = {"image": torch.randn(n, 3, size, size, generator=g),
+           "mask": torch.randint(0, 3, (n, size, size), generator=g)}
+    return {"labeled": lab, "unlabeled": unl(), "mix": unl()}
+
+
+def test_threshold_one_leaves_only_the_labeled_loss():
+    model, b = _model(), _batches()
+    step = OnlineStep(OnlineRecipe(threshold=1.01), 3)
+    torch.manual_seed(1)
+    loss, scalars = step(model, b, 0)
+    assert scalars["mask_ratio"] == 0.0
+    assert float(loss.detach()) == pytest.approx(0.5 * scalars["ce_labeled"], rel=1e-5)
+
+
+def test_unimatch_loss_is_the_weighted_sum_of_its_parts():
+    model, b = _model(), _batches()
+    step = OnlineStep(OnlineRecipe(threshold=0.0), 3)
+    loss, s = step(model, b, 0)
+    want = 0.5 * s["ce_labeled"] + 0.125 * (s["loss_s1"] + s["loss_s2"]) + 0.25 * s["loss_fp"]
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+    assert s["mask_ratio"] == 1.0 and 0.0 <= s["pseudo_acc"] <= 1.0
+
+
+def test_cisc_step_keeps_its_memory_in_the_state_dict():
+    model, b = _model(), _batches()
+    step = OnlineStep(OnlineRecipe(threshold=0.0, cisc="mask"), 3)
+    _, s = step(model, b, 0)
+    state = step.state_dict()["memory"]
+    assert state["known"].any() and 0.0 < s["weight_mean"] <= 1.0
+    fresh = OnlineStep(OnlineRecipe(threshold=0.0, cisc="mask"), 3)
+    fresh.load_state_dict(step.state_dict())
+    assert torch.equal(fresh.memory.protos, step.memory.protos)
+
+
+def test_cisc_alone_replaces_the_mask_by_the_weight():
+    model, b = _model(), _batches()
+    step = OnlineStep(OnlineRecipe(threshold=1.01, cisc="alone"), 3)
+    _, s = step(model, b, 0)
+    assert s["mask_ratio"] > 0  # threshold ignored: the CISC weight decides
+
+
+def test_fixmatch_loss_is_half_labeled_half_strong_view():
+    # FixMatch: one strong view, no FP: loss = (CE_l + L_s1) / 2
+    model, b = _model(), _batches(views=1)
+    step = OnlineStep(OnlineRecipe(strong_views=1, fp=False, threshold=0.0,
+                                   weight_views=(0.5,), weight_fp=0.0), 3)
+    loss, s = step(model, b, 0)
+    assert "loss_fp" not in s and "loss_s2" not in s
+    assert float(loss.detach()) == pytest.approx(0.5 * (s["ce_labeled"] + s["loss_s1"]), rel=1e-5)
