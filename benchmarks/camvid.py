@@ -143,18 +143,20 @@ def add_wall_time(rd: Path, seconds: float) -> None:
 
 
 def chains(rows: list[str], seeds: list[int]) -> list[list[tuple[str, int]]]:
-    """Independent sequences of runs, seed by seed (a cut-short benchmark still compares the
-    first rows on the same seeds); a run that shares stages follows its source."""
+    """Independent sequences of runs: the comparison seed by seed (a cut-short benchmark still
+    compares its first rows on the same seeds), then the options; a comparison run that shares
+    stages follows its source, an option (queued after every source) runs on its own."""
+    wanted = [r for r in ORDER if r in rows or (r == "st" and "suponly" in rows)]
     out: list[list[tuple[str, int]]] = []
     for s in seeds:
-        for r in [r for r in ORDER if r in rows or (r == "st" and "suponly" in rows)]:
+        for r in [r for r in wanted if r not in OPTIONS]:
             src = SHARED_WITH.get(r, (None,))[0]
             head = next((c for c in out if (src, s) in c), None)
             if head is None:
                 out.append([(r, s)])
             else:
                 head.append((r, s))
-    return out
+    return out + [[(r, s)] for s in seeds for r in wanted if r in OPTIONS]
 
 
 def run_all(args: argparse.Namespace, rows: list[str], seeds: list[int]) -> None:
