@@ -50,7 +50,10 @@ PSEUDO_ABOUT = {
 ALL_STAGES = ("stage1", "pseudo0", "selection", "stage2", "pseudo1", "stage3", "online",
               "pseudo_final")
 NO_GALLERY = "galleries disabled (max_gallery = 0)."
-LOSS_KEYS = ("loss", "ce", "cisc", "ce_labeled", "ce_unlabeled")
+LOSS_KEYS = ("loss", "ce", "cisc", "ce_labeled", "ce_unlabeled", "loss_s1", "loss_s2", "loss_fp")
+# The online family's share of unlabeled pixels that pass the threshold, and the accuracy of its
+# online pseudo labels (where ground truth exists; scoring only), plotted beside val mIoU.
+ONLINE_KEYS = ("mask_ratio", "pseudo_acc", "pseudo_acc_selected")
 
 
 # --------------------------------------------------------------------------- reading the run
@@ -404,6 +407,10 @@ def _curve_figure(stage: str, series: dict[str, list[tuple[int, float]]], final:
     if series.get("val_miou"):
         xs, ys = zip(*series["val_miou"], strict=True)
         ax_val.plot(xs, [100 * y for y in ys], marker="o", label="val mIoU (per epoch)")
+    for k in ONLINE_KEYS:
+        if series.get(k):
+            xs, ys = zip(*series[k], strict=True)
+            ax_val.plot(xs, [100 * y for y in ys], ls="--", lw=1.0, label=f"{k} (%)")
     if final is not None:
         last = max((p[0] for p in series.get("loss", [])), default=0)
         ax_val.plot(

@@ -159,3 +159,21 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(single, tmp_path: Path) ->
     assert ckpt["iteration"] == 3
     # autocast computes in bf16 but the weights (and so the checkpoint) stay float32.
     assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float32}
+
+
+@pytest.mark.parametrize("method", ["unimatch_cisc"])
+def test_online_method_trains_under_two_process_ddp(single, tmp_path: Path, method: str) -> None:
+    """UniMatch + CISC (two strong views, FP, the all-reduced prototype memory) under torchrun:
+    runs to the end, every rank agrees (one checkpoint, rank 0 writes), and the CutMix partners
+    come from streams keyed on the seed alone."""
+    _, data = single
+    out = tmp_path / "run"
+    res = subprocess.run([*TORCHRUN, *ciscr_run(out, data), f"method.name={method}",
+                          "method.score_final_pseudo=false"], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    ckpt = load_checkpoint(out / "online" / "checkpoint.pt")
+    assert ckpt["iteration"] == 3 and len(ckpt["rng_ranks"]) == 2
+    assert ckpt["step_state"]["memory"]["known"].any()
+    recs = [json.loads(x) for x in (out / "online" / "train.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs if "loss" in r] == [1, 2, 3]

@@ -226,3 +226,29 @@ def test_nan_loss_stops_with_stage_and_iteration_and_keeps_last_checkpoint(
     assert state["iteration"] == 1  # the checkpoint of the last finite step, still loadable
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (out / "stage1" / "done.json").exists()
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "unimatch", "unimatch_cisc"])
+def test_online_method_sigkilled_between_checkpoints_resumes_identically(
+    method: str, data_root: Path, tmp_path: Path
+) -> None:
+    """2-iteration checkpoints of a 6-iteration online run: kill after iteration 3, rerun; the
+    model (and, for + CISC, the prototype memory in the checkpoint) must end as uninterrupted."""
+    extra = [f"method.name={method}", "method.score_final_pseudo=false",
+             "method.confidence_threshold=0.5"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    res = subprocess.run(run_cmd(ref, data_root, *extra), cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert logged(ref / "online") == 6
+    kill_when(run_cmd(run, data_root, *extra), lambda: logged(run / "online") >= 3)
+    res = subprocess.run(run_cmd(run, data_root, *extra), cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_checkpoint(ref / "online" / "checkpoint.pt"), load_checkpoint(
+        run / "online" / "checkpoint.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    if method == "unimatch_cisc":
+        assert torch.equal(a["step_state"]["memory"]["protos"], b["step_state"]["memory"]["protos"])
+    assert (ref / "online" / "train.jsonl").read_text() == (run / "online" / "train.jsonl").read_text()
