@@ -187,3 +187,22 @@ def test_no_test_can_reach_the_internet(cache, monkeypatch):
     with pytest.raises(pytest.fail.Exception, match="tests must stay on this machine"):
         weights.resolve_pretrained("tiny", "imagenet")
     assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_offline_train_exits_2_with_one_line_and_leaves_no_run_folder(served, cache, monkeypatch,
+                                                                      tmp_path, capsys):
+    from ciscr.cli import main
+
+    server, _, prefix = served
+    server.close()
+    url = f"{server.url}/resnet18-{prefix}.pth"
+    monkeypatch.setitem(weights.IMAGENET_WEIGHTS, "resnet18", WeightFile(url))
+    out = tmp_path / "run"
+    rc = main(["train", "synthetic", "--out", str(out), "model.pretrained=imagenet",
+               "data.synthetic.num_train=12", "data.synthetic.num_val=3",
+               "data.synthetic.size=32", "data.labeled=4", "train.progress=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: model.pretrained=imagenet: cannot download {url} (")
+    assert str(cache / f"resnet18-{prefix}.pth") in err
+    assert not out.exists()
