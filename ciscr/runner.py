@@ -60,13 +60,14 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
         _set_threads(cfg.threads)
         if dist.is_main():
             _warn_at_start(cfg, info.device)
+        resumed = (out / "config.yaml").exists()  # setup_run writes it for a new run
         try:
             ctx = setup_run(cfg, out, info.device)
         except CiscrError:
             setup_failed = True
             raise
         if dist.is_main():
-            log.info(run_summary(ctx))
+            log.info(run_summary(ctx, resumed))
         results = run_pipeline(ctx)
         if dist.is_main():
             print(format_results(results, list(ctx.info.class_names)))
@@ -199,23 +200,24 @@ def _precision(cfg: Config) -> str:
     return {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.train.amp]
 
 
-def run_summary(ctx: RunContext) -> str:
+def run_summary(ctx: RunContext, resumed: bool = False) -> str:
     """What a run is about to do: data, classes, device, threads, precision, run directory.
 
-    A resumed run also says which stages are already done (they are skipped).
+    A resumed run also says which stages are already done (they are skipped); the stage that
+    was interrupted says where it resumes when it starts (engine/train.py).
     """
     cfg, info = ctx.cfg, ctx.info
     names = ", ".join(info.class_names)
     weights = cfg.model.pretrained or "random init"
+    done = _done_stages(ctx.run_dir)
     lines = [
-        f"run directory: {ctx.run_dir}",
+        f"run: {ctx.run_dir} ({'resumed' if resumed else 'new'})",
         f"data: {len(ctx.labeled)} labeled / {len(ctx.unlabeled)} unlabeled / {len(ctx.val)} "
         f"val images, {info.num_classes} classes ({names})",
         f"model: {cfg.model.backbone} ({weights}), method {cfg.method.name}; device {ctx.device}"
         f", {torch.get_num_threads()} thread(s) x {dist.world_size()} process(es), "
         f"precision {_precision(cfg)}",
     ]
-    done = _done_stages(ctx.run_dir)
     if done:
         lines.append(f"resuming: {', '.join(done)} already done (skipped)")
     return "\n".join(lines)

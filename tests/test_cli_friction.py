@@ -37,13 +37,14 @@ def test_start_summary_then_resume_messages(tmp_path, logs, quiet_machine):
     args = ["train", "synthetic", "--out", str(out), *TINY, "train.ckpt_every=1", "threads=1"]
     assert main(args) == 0
     text = logs.text
-    assert f"run directory: {out}" in text
+    assert f"run: {out} (new)" in text
     assert "data: 4 labeled / 8 unlabeled / 3 val images, 4 classes (background, disc" in text
     assert "device cpu, 1 thread(s) x 1 process(es), precision fp32" in text
     assert "resuming" not in text
     logs.clear()
     (out / "stage1" / "done.json").unlink()  # as if killed after the last checkpoint
     assert main(args) == 0
+    assert f"run: {out} (resumed)" in logs.text
     assert "stage1: resuming at iteration 2/2" in logs.text
     logs.clear()
     assert main(args) == 0
