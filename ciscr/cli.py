@@ -26,6 +26,31 @@ def command(name: str):
     return register
 
 
+_TRAIN_EXAMPLES = """examples:
+  ciscr {cmd} synthetic --out runs/synth
+  ciscr {cmd} camvid --out runs/mine data.root=my_data data.labeled=0.1 model.pretrained=imagenet
+  ciscr {cmd} pascal --out runs/voc data.root=/data/VOC2012 data.split=1_8 threads=8
+Rerun the same command to resume an interrupted run."""
+
+_EVAL_EXAMPLES = """examples:
+  ciscr eval runs/synth/stage3/checkpoint.pt
+  ciscr eval runs/synth/stage3/checkpoint.pt eval.mode=sliding data.root=/elsewhere"""
+
+
+def _add_verbose_everywhere(sub: argparse._SubParsersAction) -> None:
+    """Accept -v after the sub-command too (``ciscr run cfg --out d -v``).
+
+    The sub-parsers' flag defaults to SUPPRESS, so leaving it out there does not reset a -v
+    given before the command.
+    """
+    for p in sub.choices.values():
+        try:
+            p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                           help="debug logging of ciscr (other libraries: warnings only)")
+        except argparse.ArgumentError:  # the command defines its own -v
+            pass
+
+
 def _config_args(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("config", help="YAML file or packaged config name (synthetic, camvid, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -43,21 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="supervised training on the labeled split (SupOnly)")
+    raw = argparse.RawDescriptionHelpFormatter  # keeps the examples' line breaks
+    p = sub.add_parser("train", help="supervised training on the labeled split (SupOnly)",
+                       epilog=_TRAIN_EXAMPLES.format(cmd="train"), formatter_class=raw)
     _config_args(p)
-    p = sub.add_parser("run", help="the whole CISC-R pipeline (or a baseline) in stages")
+    p = sub.add_parser("run", help="the whole CISC-R pipeline (or a baseline) in stages",
+                       epilog=_TRAIN_EXAMPLES.format(cmd="run"), formatter_class=raw)
     _config_args(p)
-    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation split")
-    p.add_argument("checkpoint", type=Path)
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the validation split",
+                       epilog=_EVAL_EXAMPLES, formatter_class=raw)
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                   help="checkpoint.pt written by ciscr train/run (it carries its config, so "
+                   "no config file is needed)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="e.g. data.root=/elsewhere eval.mode=sliding")
-    p.add_argument("--out", type=Path, help="JSON file (default: next to the checkpoint)")
+                   help="changes to the checkpoint's config, e.g. data.root=/elsewhere "
+                   "eval.mode=sliding")
+    p.add_argument("--out", type=Path, help="JSON file (default: next to the checkpoint, "
+                   "<stem>_eval_<mode>[_<other data root>].json)")
     p = sub.add_parser("demo", help="SupOnly vs ST vs CISC-R on the built-in synthetic data")
     p.add_argument("--out", type=Path, default=Path("ciscr-demo"), help="run directory")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("info", help="versions, device, threads, bf16/CUDA/DDP availability")
     for extra in _EXTRA_PARSERS:
         extra(sub)
+    _add_verbose_everywhere(sub)
     return parser
 
 
@@ -129,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(message)s" if not args.verbose else "%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(getattr(args, "verbose", False))
     try:
         return COMMANDS[args.command](args)
     except CiscrError as err:
@@ -145,11 +176,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def setup_logging(verbose: bool) -> None:
+    """ciscr logs INFO (DEBUG with -v); every other library only WARNING and above.
+
+    The root logger stays at WARNING, so -v never floods the output with PIL's or
+    matplotlib's debug lines; ciscr's own records pass through the same handler.
+    """
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
+    )
+    logging.getLogger("ciscr").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def _register_optional_commands() -> None:
     """Import modules that add commands (each calls ``register_cli`` at import)."""
     import importlib
 
-    for mod in ("ciscr.predict", "ciscr.report", "ciscr.bench", "ciscr.visualize"):
+    for mod in ("ciscr.predict", "ciscr.export", "ciscr.report", "ciscr.bench", "ciscr.visualize"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as err:

@@ -83,7 +83,11 @@ class ModelCfg(BaseModel):
 
     model_config = _STRICT
     backbone: str = Field("resnet101", description="resnet18 | resnet50 | resnet101 | mobilenet_v2")
-    pretrained: str = Field("", description="local path of ImageNet weights; '' = random init")
+    pretrained: str = Field(
+        "",
+        description="'imagenet' (torchvision's file for the backbone: torch hub cache, else "
+        "downloaded there), a local state_dict path, or '' = random init",
+    )
     output_stride: Literal[8, 16] = 8
     aspp_dilations: tuple[int, int, int] | None = Field(
         None, description="None = (12, 24, 36) at output stride 8, (6, 12, 18) at 16"
@@ -319,6 +323,12 @@ class Config(BaseModel):
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     deterministic: bool = True
+    threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads torch uses per process; 0 = torch's default (all cores, or "
+        "OMP_NUM_THREADS / MKL_NUM_THREADS when set), cores / processes under torchrun on CPU",
+    )
     data: DataCfg = DataCfg()
     model: ModelCfg = ModelCfg()
     train: TrainCfg = TrainCfg()
@@ -403,25 +413,74 @@ def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _section_model(loc: list[str]) -> type[BaseModel] | None:
+    """The pydantic model that holds the last key of *loc* (None if the path leaves the tree)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _closest_key(loc: list[str]) -> str | None:
+    """``train.epochs`` for ``train.epoch``: the nearest valid key of the same section."""
+    import difflib
+
+    model = _section_model(loc)
+    if model is None or not loc:
+        return None
+    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return ".".join([*loc[:-1], match[0]]) if match else None
+
+
+def _override_for(loc: list[str], overrides: list[str]) -> str | None:
+    """The last ``key=value`` override that set *loc* (or a section above it), if any."""
+    dotted = ".".join(loc)
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."):
+            return item
+    return None
+
+
+def _format_error(err: ValidationError, source: str, overrides: list[str] = ()) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"] if not str(x).startswith("function-"))
+    parts = [str(x) for x in first["loc"] if not str(x).startswith("function-")]
+    loc = ".".join(parts)
     msg = first["msg"]
+    if msg.startswith("Value error, "):  # pydantic's prefix for a validator's ValueError
+        msg = msg[len("Value error, "):]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+        hint = _closest_key(parts)
+        if hint:
+            msg += f" (did you mean {hint}?)"
     elif first["type"] == "literal_error":
         msg = f"invalid value {first.get('input')!r}: {msg}"
     elif "input" in first and not isinstance(first["input"], dict):
         msg = f"invalid value {first['input']!r}: {msg}"
+    override = _override_for(parts, list(overrides))
+    if override is not None:
+        # The user typed it on the command line: blame the override, not the YAML file.
+        return f"override {override}: {loc or 'config'}: {msg}"
     return f"{source}: {loc or 'config'}: {msg}"
 
 
-def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
-    """Validate a nested dict into a :class:`Config` (one-line :class:`ConfigError` on failure)."""
+def from_dict(
+    raw: dict[str, Any], source: str = "config", overrides: list[str] | None = None
+) -> Config:
+    """Validate a nested dict into a :class:`Config` (one-line :class:`ConfigError` on failure).
+
+    ``overrides``: the ``key=value`` strings applied to *raw*, so that an error in one of them
+    names the override rather than *source*.
+    """
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(_format_error(err, source, overrides or [])) from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
@@ -439,7 +498,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         raw = loaded or {}
     raw = apply_overrides(raw, overrides or [])
-    return from_dict(raw, source)
+    return from_dict(raw, source, overrides)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -27,3 +27,7 @@ class CheckpointError(CiscrError):
 
 class TrainingError(CiscrError):
     """Training cannot go on (e.g. the loss became NaN/inf)."""
+
+
+class DependencyError(CiscrError):
+    """An optional dependency (a pip extra such as ``ciscr[onnx]``) is not installed."""

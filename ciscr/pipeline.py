@@ -179,7 +179,7 @@ def _check_same_config(cfg: Config, saved: Path) -> None:
     old = yaml.safe_load(saved.read_text())
     new = config_to_dict(cfg)
     # Settings that do not change results may differ between an interrupted run and its rerun.
-    for volatile in ("device",):
+    for volatile in ("device", "threads"):
         old.pop(volatile, None)
         new.pop(volatile, None)
     for section in ("train",):

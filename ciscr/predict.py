@@ -15,10 +15,12 @@ sub-command, which must stay instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -123,7 +125,7 @@ def _normalise_meta(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     if pal.size and (pal.min() < 0 or pal.max() > 255):
         raise CheckpointError(f"{path}: meta palette has values outside 0-255")
     full = default_palette(max(k, 1)).astype(np.int64)
-    full[: min(len(pal), k)] = pal[:k]  # missing colours fall back to the VOC colour map
+    full[: min(len(pal), k)] = pal[:k]  # missing colours fall back to the default palette
     return {
         **meta,
         "config": config_to_dict(cfg),
@@ -183,6 +185,23 @@ def load_model_from_checkpoint(
             f"{len(missing)} missing / {len(unexpected)} unexpected keys)"
         )
     return model.to(dev).eval(), meta
+
+
+def is_onnx(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def load_model(
+    path: str | os.PathLike, device: torch.device
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A checkpoint / safetensors file (PyTorch) or an ``.onnx`` file from ``ciscr export``
+    (onnxruntime, the optional extra ``ciscr[onnx]``): (callable model, normalised meta)."""
+    if not is_onnx(path):
+        return load_model_from_checkpoint(path, device)
+    from ciscr.export import load_onnx_model
+
+    model, raw = load_onnx_model(path, str(device))
+    return model, _normalise_meta(raw, Path(path))  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -607,7 +626,8 @@ def predict_paths(
     """Segment images with a trained checkpoint; write masks, overlays and predictions.json.
 
     Args:
-        checkpoint: see :func:`load_model_from_checkpoint`.
+        checkpoint: see :func:`load_model_from_checkpoint`, or an ``.onnx`` file written by
+            ``ciscr export`` (run with onnxruntime; ``amp`` must be ``none``).
         inputs: image files, folders, glob patterns (see :func:`collect_inputs`).
         out: output folder (created).
         mode: ``whole`` | ``sliding`` (square windows of side ``window``) | ``multiscale``
@@ -634,25 +654,47 @@ def predict_paths(
     dev = resolve_device(device)
     if amp == "fp16" and dev.type != "cuda":
         raise ConfigError(f"--amp fp16 needs a CUDA device (device is {dev}); use bf16 or none")
+    if amp != "none" and is_onnx(checkpoint):
+        raise ConfigError(f"--amp {amp}: an ONNX model runs in the precision it was exported "
+                          "in; use --amp none")
     skipped: list[dict[str, str]] = []
     items = _scan(paths, names, skip_bad, skipped)  # a non-image fails before the model loads
     if not items:
         raise DataError(f"none of the {len(paths)} input image(s) could be read")
-    model, meta = load_model_from_checkpoint(checkpoint, dev)
+    model, meta = load_model(checkpoint, dev)
     st = _settings(meta, mode, window, scales, flip, amp, alpha, batch_size)
-    _prepare_out(out)
-    records = _run(model, meta, items, st, out, dev, skip_bad, skipped, progress)
-    if not records:  # every image failed to decode (with skip_bad)
-        raise DataError(f"none of the {len(paths)} input image(s) could be read")
-    summary = {
-        "checkpoint": str(checkpoint),
-        "meta": meta,
-        "settings": {**asdict(st), "device": str(dev)},
-        "predictions": records,
-        "skipped": skipped,
-    }
-    atomic_write_json(out / "predictions.json", summary)
+    with _removed_on_failure(out):
+        _prepare_out(out)
+        records = _run(model, meta, items, st, out, dev, skip_bad, skipped, progress)
+        if not records:  # every image failed to decode (with skip_bad)
+            raise DataError(f"none of the {len(paths)} input image(s) could be read")
+        summary = {
+            "checkpoint": str(checkpoint),
+            "meta": meta,
+            "settings": {**asdict(st), "device": str(dev)},
+            "predictions": records,
+            "skipped": skipped,
+        }
+        atomic_write_json(out / "predictions.json", summary)
     return records
+
+
+@contextlib.contextmanager
+def _removed_on_failure(out: Path) -> Iterator[None]:
+    """A failed predict leaves nothing behind: the output folder goes if this call made it.
+
+    A folder that existed before is left alone (it may hold an earlier run's results).
+    """
+    created = out
+    while not created.parent.exists() and created.parent != created.parent.parent:
+        created = created.parent  # the topmost folder that mkdir(parents=True) will create
+    fresh = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if fresh:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 # --------------------------------------------------------------------------- CLI
@@ -685,7 +727,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="CHECKPOINT",
         help="checkpoint.pt from ciscr train/run (its meta holds classes, palette, "
-        "normalisation and model config), or a .safetensors file written by "
+        "normalisation and model config), an .onnx file from ciscr export (run with "
+        "onnxruntime: pip install 'ciscr[onnx]'), or a .safetensors file written by "
         "export_weights(path, model, ciscr.predict.export_metadata(meta))",
     )
     p.add_argument(
@@ -753,6 +796,7 @@ __all__ = [
     "blend_overlay",
     "collect_inputs",
     "export_metadata",
+    "load_model",
     "load_model_from_checkpoint",
     "output_names",
     "predict_paths",

@@ -6,7 +6,7 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,6 +14,9 @@ from ciscr import dist
 from ciscr.config import Config, from_dict
 from ciscr.errors import CheckpointError, CiscrError, ConfigError
 from ciscr.utils.io import atomic_write_json, check_writable_dir
+
+if TYPE_CHECKING:
+    from ciscr.pipeline import RunContext
 
 log = logging.getLogger("ciscr")
 
@@ -55,12 +58,17 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
         problem = dist.broadcast_object(problem)
         if problem:
             raise ConfigError(problem)
-        _set_threads()
+        _set_threads(cfg.threads)
+        if dist.is_main():
+            _warn_at_start(cfg, info.device)
+        resumed = (out / "config.yaml").exists()  # setup_run writes it for a new run
         try:
             ctx = setup_run(cfg, out, info.device)
         except CiscrError:
             setup_failed = True
             raise
+        if dist.is_main():
+            log.info(run_summary(ctx, resumed))
         results = run_method(ctx)
         if dist.is_main():
             print(format_results(results, list(ctx.info.class_names)))
@@ -123,10 +131,103 @@ def _write_report(out: Path) -> None:
         log.warning("could not write the report (%s); rebuild it with: ciscr report %s", err, out)
 
 
-def _set_threads() -> None:
-    # Under torchrun on a CPU box every process would otherwise use all cores.
-    if dist.world_size() > 1 and not torch.cuda.is_available():
+def _set_threads(threads: int = 0) -> None:
+    """``threads`` > 0 wins; 0 keeps torch's default (which honours OMP_NUM_THREADS)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    elif dist.world_size() > 1 and not torch.cuda.is_available():
+        # Under torchrun on a CPU box every process would otherwise use all cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size()))
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects taskset / container CPU sets
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def oversubscription_warning(threads: int, processes: int = 1) -> str | None:
+    """A warning when other work already keeps the cores busy, or None.
+
+    Two jobs that each start one torch thread per core slow each other down many times over
+    (threads spin waiting for a core that the other job holds): the 1-minute load average,
+    before this run has started working, shows the other jobs.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return None
+    cores = _usable_cores()
+    wanted = threads * processes
+    free = max(1, round(cores - load))  # cores the other work leaves idle (at least one)
+    if load < 1.0 or wanted <= free:
+        return None
+    free = max(1, free // max(processes, 1))  # per process
+    return (
+        f"WARNING: this machine is busy (load average {load:.1f} on {cores} core(s)) and "
+        f"torch will start {wanted} thread(s): sharing cores can slow training 10x or more; "
+        f"set threads={free} (or OMP_NUM_THREADS={free}), see README > Troubleshooting"
+    )
+
+
+def random_init_warning(cfg: Config) -> str | None:
+    """The loud warning for a backbone trained from random initialisation, or None.
+
+    The synthetic config does this on purpose (its YAML says so); anywhere else it usually means
+    a forgotten ``model.pretrained`` and far lower mIoU than an ImageNet start.
+    """
+    if cfg.model.pretrained or cfg.data.format == "synthetic":
+        return None
+    return (
+        f"WARNING: model.pretrained is empty: the {cfg.model.backbone} backbone trains from "
+        "RANDOM initialisation (expect far lower mIoU than with ImageNet weights); set "
+        "model.pretrained=imagenet or model.pretrained=PATH"
+    )
+
+
+def _warn_at_start(cfg: Config, device: torch.device) -> None:
+    from ciscr.engine.evaluate import eval_warning
+
+    warnings = [random_init_warning(cfg), eval_warning(cfg.eval)]
+    if device.type == "cpu":
+        warnings.append(oversubscription_warning(torch.get_num_threads(), dist.world_size()))
+    for text in warnings:
+        if text:
+            log.warning(text)
+
+
+def _precision(cfg: Config) -> str:
+    return {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.train.amp]
+
+
+def run_summary(ctx: RunContext, resumed: bool = False) -> str:
+    """What a run is about to do: data, classes, device, threads, precision, run directory.
+
+    A resumed run also says which stages are already done (they are skipped); the stage that
+    was interrupted says where it resumes when it starts (engine/train.py).
+    """
+    cfg, info = ctx.cfg, ctx.info
+    names = ", ".join(info.class_names)
+    weights = cfg.model.pretrained or "random init"
+    done = _done_stages(ctx.run_dir)
+    lines = [
+        f"run: {ctx.run_dir} ({'resumed' if resumed else 'new'})",
+        f"data: {len(ctx.labeled)} labeled / {len(ctx.unlabeled)} unlabeled / {len(ctx.val)} "
+        f"val images, {info.num_classes} classes ({names})",
+        f"model: {cfg.model.backbone} ({weights}), method {cfg.method.name}; device {ctx.device}"
+        f", {torch.get_num_threads()} thread(s) x {dist.world_size()} process(es), "
+        f"precision {_precision(cfg)}",
+    ]
+    if done:
+        lines.append(f"resuming: {', '.join(done)} already done (skipped)")
+    return "\n".join(lines)
+
+
+def _done_stages(run_dir: Path) -> list[str]:
+    """Stage folders with a done.json, in the order they finished."""
+    marks = [p for p in run_dir.glob("*/done.json") if p.is_file()]
+    return [p.parent.name for p in sorted(marks, key=lambda p: p.stat().st_mtime_ns)]
 
 
 def format_results(results: dict[str, Any], class_names: list[str]) -> str:
@@ -153,7 +254,7 @@ def evaluate_checkpoint(ckpt_path: Path, overrides: list[str], out: Path | None)
     from ciscr.config import apply_overrides
     from ciscr.data.formats import load_dataset
     from ciscr.engine.checkpoint import load_checkpoint
-    from ciscr.engine.evaluate import format_miou_table
+    from ciscr.engine.evaluate import eval_settings, eval_warning, format_miou_table
     from ciscr.models import build_model
     from ciscr.pipeline import RunContext, evaluate_model
 
@@ -161,8 +262,13 @@ def evaluate_checkpoint(ckpt_path: Path, overrides: list[str], out: Path | None)
     meta = ckpt.get("meta") or {}
     if "config" not in meta:
         raise CheckpointError(f"{ckpt_path}: has no embedded config (not written by ciscr train/run)")
-    cfg = from_dict(apply_overrides(meta["config"], overrides), f"{ckpt_path} config")
+    cfg = from_dict(apply_overrides(meta["config"], overrides), f"{ckpt_path} config",
+                    overrides)
     info = dist.init_distributed(cfg.device)
+    _set_threads(cfg.threads)
+    warning = eval_warning(cfg.eval)
+    if warning and dist.is_main():
+        log.warning(warning)
     try:
         model_cfg = cfg.model.model_copy(update={"pretrained": ""})
         model = build_model(model_cfg, meta["num_classes"])
@@ -172,15 +278,39 @@ def evaluate_checkpoint(ckpt_path: Path, overrides: list[str], out: Path | None)
         ctx = RunContext(cfg, ckpt_path.parent, info.device, dinfo, labeled, unlabeled, val)
         metrics = evaluate_model(ctx, model)
         metrics.update(checkpoint=str(ckpt_path), iteration=ckpt.get("iteration"),
-                       eval_mode=cfg.eval.mode)
+                       eval_mode=cfg.eval.mode, eval=eval_settings(cfg.eval, cfg.train.crop_size),
+                       data={"format": cfg.data.format, "root": _abs_root(cfg.data.root),
+                             "val_split": cfg.data.val_split,
+                             "max_val_images": cfg.data.max_val_images})
         if dist.is_main():
-            dest = out or ckpt_path.with_name(f"{ckpt_path.stem}_eval_{cfg.eval.mode}.json")
+            dest = out or default_eval_path(ckpt_path, cfg, meta["config"])
             atomic_write_json(dest, metrics)
             print(format_miou_table(metrics, list(dinfo.class_names)))
             print(f"written: {dest}")
         return metrics
     finally:
         dist.cleanup()
+
+
+def _abs_root(root: str) -> str:
+    return str(Path(root).expanduser().resolve()) if root else ""
+
+
+def default_eval_path(ckpt_path: Path, cfg: Config, trained: dict[str, Any]) -> Path:
+    """``<stem>_eval_<mode>.json`` next to the checkpoint, for the data it was trained on.
+
+    Evaluating on another ``data.root`` adds that root's name and a short hash of its absolute
+    path, so that it never overwrites the result on the original data.
+    """
+    import hashlib
+    import re
+
+    name = f"{ckpt_path.stem}_eval_{cfg.eval.mode}"
+    if cfg.data.root != (trained.get("data") or {}).get("root", ""):
+        root = _abs_root(cfg.data.root)
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(root).name)[:40] or "root"
+        name += f"_{slug}-{hashlib.sha256(root.encode()).hexdigest()[:6]}"
+    return ckpt_path.with_name(f"{name}.json")
 
 
 def print_info() -> None:
@@ -192,7 +322,7 @@ def print_info() -> None:
         ("python", platform.python_version()),
         ("torch", torch.__version__),
         ("platform", platform.platform()),
-        ("cpu threads", f"{torch.get_num_threads()} (of {os.cpu_count()} cores)"),
+        ("cpu threads", _threads_line()),
         ("cuda", _cuda_line()),
         ("bf16 autocast (cpu)", _bf16_cpu()),
         ("distributed", _dist_line()),
@@ -202,6 +332,12 @@ def print_info() -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+def _threads_line() -> str:
+    env = [f"{v}={os.environ[v]}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ]
+    source = ", ".join(env) if env else "OMP_NUM_THREADS unset"
+    return f"{torch.get_num_threads()} (of {_usable_cores()} cores; {source}; set with threads=N)"
 
 
 def _version(mod: str) -> str:

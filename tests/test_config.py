@@ -66,3 +66,40 @@ def test_config_file_errors(tmp_path):
 def test_split_names_are_not_yaml_integers():
     assert load_config("pascal", ["data.split=1_8"]).data.split == "1_8"
     assert load_config("cityscapes").data.split == "1_30"
+
+
+def test_an_override_typo_names_the_override_and_the_closest_key():
+    with pytest.raises(ConfigError) as err:
+        load_config("synthetic", ["train.epoch=3"])
+    assert str(err.value) == (
+        "override train.epoch=3: train.epoch: unknown key (did you mean train.epochs?)"
+    )
+    with pytest.raises(ConfigError, match=r"^override trian\.epochs=3: trian: .*did you mean train\?"):
+        load_config("synthetic", ["trian.epochs=3"])
+    with pytest.raises(ConfigError, match=r"^override model\.pretrianed=x: .*model\.pretrained\?"):
+        load_config("synthetic", ["model.pretrianed=x"])
+
+
+def test_a_yaml_typo_names_the_file_and_pydantics_prefix_is_gone(tmp_path):
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("train: {epoch: 3}\ndata: {labeled: 0.5}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert str(err.value) == f"{cfg}: train.epoch: unknown key (did you mean train.epochs?)"
+    with pytest.raises(ConfigError) as err:
+        load_config("synthetic", ["data.labeled=1.5"])
+    assert "Value error" not in str(err.value)
+    assert str(err.value).endswith("data.labeled: invalid value 1.5: a labeled fraction must lie in (0, 1)")
+
+
+def test_paper_configs_default_to_imagenet_weights():
+    for name in ("pascal", "cityscapes", "coco"):
+        assert load_config(name).model.pretrained == "imagenet"
+    assert load_config("synthetic").model.pretrained == ""
+
+
+def test_threads_setting():
+    assert load_config("synthetic").threads == 0
+    assert load_config("synthetic", ["threads=3"]).threads == 3
+    with pytest.raises(ConfigError, match="threads"):
+        load_config("synthetic", ["threads=-1"])

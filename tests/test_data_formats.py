@@ -22,6 +22,7 @@ from ciscr.data.io import (
     read_image,
     read_mask,
     read_palette,
+    voc_palette,
     write_mask_png,
 )
 from ciscr.data.partition import (
@@ -94,7 +95,7 @@ def test_read_image_and_errors(tmp_path):
 
 def test_mask_roundtrip_palette_indices(tmp_path):
     mask = np.array([[0, 1, 2], [255, 20, 1]], dtype=np.uint8)
-    write_mask_png(tmp_path / "m.png", mask, default_palette(21))
+    write_mask_png(tmp_path / "m.png", mask, voc_palette(21))
     img = Image.open(tmp_path / "m.png")
     assert img.mode == "P"
     # P mode gives the indices (not grey levels of the palette colours)
@@ -125,7 +126,10 @@ def test_mask_validation_errors(tmp_path):
 
 
 def test_palette_classes_files(tmp_path):
-    assert default_palette(4).tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
+    assert voc_palette(4).tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
+    assert len({tuple(c) for c in voc_palette(256).tolist()}) == 256
+    # A dataset without palette.txt: class 0 (often "other") is not drawn black.
+    assert default_palette(4).tolist() == [[128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128]]
     assert len({tuple(c) for c in default_palette(256).tolist()}) == 256
     (tmp_path / "p.txt").write_text("# colours\n1 2 3\n\n4,5,6\n")
     assert read_palette(tmp_path / "p.txt").tolist() == [[1, 2, 3], [4, 5, 6]]
@@ -348,3 +352,26 @@ def test_partition_list_file(tmp_path):
     (tmp_path / "lab.txt").write_text("b\nzz\n")
     with pytest.raises(DataError, match=r"lab\.txt:2: labeled id 'zz' is not in the training pool"):
         partition_ids(ids, str(tmp_path / "lab.txt"), seed=0)
+
+
+def test_a_labeled_id_without_mask_says_so_and_where_it_looked(tmp_path):
+    root = _folder_tree(tmp_path / "data")  # d.jpg has no mask
+    (tmp_path / "ids.txt").write_text("a\nd\n")
+    cfg = DataCfg(format="folder", root=str(root), labeled=str(tmp_path / "ids.txt"))
+    expected = root / "masks" / "train" / "d.png"
+    with pytest.raises(DataError) as info:
+        load_dataset(cfg, seed=0)
+    assert str(info.value) == (
+        f"{tmp_path / 'ids.txt'}:2: labeled id 'd' has no mask (looked for {expected})"
+    )
+    (tmp_path / "ids.txt").write_text("a\nzz\n")  # a real typo is still "not in the pool"
+    with pytest.raises(DataError, match="labeled id 'zz' is not in the training pool"):
+        load_dataset(cfg, seed=0)
+
+
+def test_a_folder_dataset_without_palette_draws_class_0_visibly(tmp_path):
+    root = _folder_tree(tmp_path / "data")
+    (root / "palette.txt").unlink()
+    info, *_ = load_dataset(DataCfg(format="folder", root=str(root), labeled=2), seed=0)
+    assert info.palette[0] != (0, 0, 0)
+    assert info.palette == tuple(tuple(int(v) for v in c) for c in default_palette(3))

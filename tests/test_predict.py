@@ -321,8 +321,12 @@ def test_truncated_image_fails_at_decode(ckpt: Path, tmp_path: Path, capsys) -> 
     _write(tmp_path / "full.png", 40, 40)
     data = (tmp_path / "full.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # header fine, pixels missing
-    rc, _, err = _cli(capsys, ckpt, tmp_path / "cut.png", "--out", tmp_path / "o")
+    rc, _, err = _cli(capsys, ckpt, tmp_path / "cut.png", "--out", tmp_path / "o" / "p")
     assert rc == 2 and "cut.png" in err
+    assert not (tmp_path / "o").exists()  # a failed predict leaves no (empty) folder behind
+    (tmp_path / "kept").mkdir()
+    rc, _, _ = _cli(capsys, ckpt, tmp_path / "cut.png", "--out", tmp_path / "kept")
+    assert rc == 2 and (tmp_path / "kept").is_dir()  # a folder that existed stays
 
 
 def test_skip_bad_continues(ckpt: Path, tmp_path: Path, capsys) -> None:

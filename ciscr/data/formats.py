@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ciscr.config import DataCfg
-from ciscr.data.io import default_palette, read_classes, read_palette
+from ciscr.data.io import default_palette, read_classes, read_palette, voc_palette
 from ciscr.data.partition import (
     POOL_LISTS,
     VAL_LISTS,
@@ -70,9 +70,10 @@ COCO_CLASSES = ("background",) + (
 )  # fmt: skip
 # format -> (name of its packaged lists, class names, palette or None = VOC colour map, bg)
 STANDARD = {
-    "voc": ("pascal", PASCAL_CLASSES, None, 0),
+    # VOC and COCO masks are drawn with the VOC colour map (background black) by convention.
+    "voc": ("pascal", PASCAL_CLASSES, voc_palette(len(PASCAL_CLASSES)), 0),
     "cityscapes": ("cityscapes", CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, None),
-    "coco": ("coco", COCO_CLASSES, None, 0),
+    "coco": ("coco", COCO_CLASSES, voc_palette(len(COCO_CLASSES)), 0),
 }
 
 
@@ -350,6 +351,16 @@ def _read_source(cfg: DataCfg) -> _Source:
     raise ConfigError(f"data.format={cfg.format!r} is not supported")
 
 
+def _expected_mask(cfg: DataCfg, sample: Sample) -> str:
+    """Where the mask of a pool image without one was looked for (for error messages)."""
+    if cfg.format in ("folder", "synthetic"):
+        img = sample.image  # root/images/<split>/<name> -> root/masks/<split>/<stem>.png
+        return str(img.parents[2] / "masks" / img.parent.name / f"{img.stem}.png")
+    if cfg.format == "coco":
+        return str(_root(cfg) / "masks" / f"{sample.image.stem}.png")
+    return f"a mask path on its line of the {cfg.format} pool list"
+
+
 def load_dataset(
     cfg: DataCfg, seed: int
 ) -> tuple[DatasetInfo, list[Sample], list[Sample], list[Sample]]:
@@ -370,7 +381,8 @@ def load_dataset(
         if not with_mask:
             raise DataError(f"{cfg.root or src.info.name}: no training image has a mask")
         spec = cfg.labeled if cfg.labeled is not None else DEFAULT_LABELED_FRACTION
-        lab_ids, _ = partition_ids(with_mask, spec, seed)
+        no_mask = {s.id: _expected_mask(cfg, s) for s in src.pool if s.mask is None}
+        lab_ids, _ = partition_ids(with_mask, spec, seed, no_mask)
     else:
         lab_ids = src.labeled_ids
     chosen = set(lab_ids)

@@ -173,11 +173,11 @@ def _read_text(path: PathLike) -> str:
         raise DataError(f"{path}: cannot read ({err})") from None
 
 
-def default_palette(num_classes: int) -> np.ndarray:
+def voc_palette(num_classes: int) -> np.ndarray:
     """The PASCAL VOC colour map: deterministic and distinct for up to 256 classes.
 
     Returns:
-        uint8 array (K, 3); class 0 is black.
+        uint8 array (K, 3); class 0 is black (VOC's background colour).
     """
     ids = np.arange(num_classes)
     pal = np.zeros((num_classes, 3), dtype=np.int64)
@@ -188,3 +188,16 @@ def default_palette(num_classes: int) -> np.ndarray:
             pal[:, ch] |= ((c >> ch) & 1) << shift
         c >>= 3
     return pal.astype(np.uint8)
+
+
+def default_palette(num_classes: int) -> np.ndarray:
+    """Colours for a dataset that gives none: the VOC colour map shifted by one class.
+
+    Class k gets VOC colour k + 1, so class 0 (often the user's "background" or "other") is
+    dark red, not black: a black class 0 makes overlays of it look burnt. Still distinct for
+    up to 256 classes (VOC ids 1..256 map to distinct colours).
+
+    Returns:
+        uint8 array (K, 3).
+    """
+    return voc_palette(num_classes + 1)[1:]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gzip
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -134,12 +134,19 @@ def _parse_number(text: str) -> float | int | None:
         return None
 
 
-def _ids_from_file(path: Path, pool: Sequence[str]) -> list[str]:
-    """Ids named in a list file: exact ids, or file names / paths whose stem is a pool id stem."""
+def _ids_from_file(
+    path: Path, pool: Sequence[str], no_mask: Mapping[str, str] | None = None
+) -> list[str]:
+    """Ids named in a list file: exact ids, or file names / paths whose stem is a pool id stem.
+
+    ``no_mask``: images of the pool that have no mask (id -> where it was looked for); naming
+    one of them is reported as a missing mask, not as an unknown image.
+    """
+    no_mask = no_mask or {}
     by_stem: dict[str, str] = {}
-    for i in pool:
+    for i in [*pool, *no_mask]:
         by_stem.setdefault(Path(i).name, i)
-    pool_set = set(pool)
+    known = set(pool) | set(no_mask)
     wanted: list[str] = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         fields = line.split("#", 1)[0].split()
@@ -147,9 +154,13 @@ def _ids_from_file(path: Path, pool: Sequence[str]) -> list[str]:
             continue
         token = fields[0]
         name = Path(token).name
-        found = token if token in pool_set else by_stem.get(name, by_stem.get(Path(name).stem))
+        found = token if token in known else by_stem.get(name, by_stem.get(Path(name).stem))
         if found is None:
             raise DataError(f"{path}:{lineno}: labeled id '{token}' is not in the training pool")
+        if found in no_mask:
+            raise DataError(
+                f"{path}:{lineno}: labeled id '{token}' has no mask (looked for {no_mask[found]})"
+            )
         wanted.append(found)
     if not wanted:
         raise DataError(f"{path}: labeled list is empty")
@@ -168,7 +179,10 @@ def _labeled_count(labeled: float | int, n: int) -> int:
 
 
 def partition_ids(
-    ids: Sequence[str], labeled: float | int | str, seed: int
+    ids: Sequence[str],
+    labeled: float | int | str,
+    seed: int,
+    no_mask: Mapping[str, str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Split a pool of image ids into labeled and unlabeled ids.
 
@@ -177,6 +191,8 @@ def partition_ids(
         labeled: a fraction in (0, 1) (rounded, at least 1, at most len-1), a count, a string
             holding either ('0.125', '20', '1/8'), or the path of a file of ids (one per line).
         seed: the draw is a deterministic function of (sorted ids, labeled, seed).
+        no_mask: other pool images, which have no mask (id -> where the mask was looked for):
+            a list file naming one gets a "has no mask" error.
 
     Returns:
         (labeled ids, unlabeled ids), both in pool order, disjoint and covering the pool.
@@ -192,7 +208,7 @@ def partition_ids(
                 raise ConfigError(
                     f"data.labeled='{labeled}' is neither a fraction, a count nor a list file"
                 )
-            chosen = set(_ids_from_file(path, pool))
+            chosen = set(_ids_from_file(path, pool, no_mask))
             lab = [i for i in pool if i in chosen]
             return lab, [i for i in pool if i not in chosen]
         labeled = num

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ciscr.config import SyntheticCfg
-from ciscr.data.io import default_palette, save_mask_png
+from ciscr.data.io import save_mask_png, voc_palette
 from ciscr.errors import DataError
 
 # Bump whenever the generated pixels change, so cached datasets are not reused by mistake.
@@ -291,7 +291,7 @@ def _write_split(out: Path, split: str, split_id: int, n: int, cfg: SyntheticCfg
     img_dir, mask_dir = out / "images" / split, out / "masks" / split
     img_dir.mkdir(parents=True)
     mask_dir.mkdir(parents=True)
-    palette = default_palette(cfg.num_classes)
+    palette = voc_palette(cfg.num_classes)
     for i in range(n):
         rng = np.random.default_rng([seed, split_id, i])
         image, mask = render_scene(
@@ -310,7 +310,8 @@ def _generate(out: Path, cfg: SyntheticCfg, seed: int) -> None:
     _write_split(out, "train", 0, cfg.num_train, cfg, seed)
     _write_split(out, "val", 1, cfg.num_val, cfg, seed)
     (out / "classes.txt").write_text("\n".join(class_names(cfg.num_classes)) + "\n")
-    pal = default_palette(cfg.num_classes)
+    # The generated files are pinned by GENERATOR_VERSION: keep the colours they always had.
+    pal = voc_palette(cfg.num_classes)
     (out / "palette.txt").write_text("".join(f"{r} {g} {b}\n" for r, g, b in pal.tolist()))
     manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, **cfg.model_dump()}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last

@@ -273,6 +273,35 @@ def evaluate(
     return cm.compute()
 
 
+def eval_settings(eval_cfg: EvalCfg, crop_size: int) -> dict[str, Any]:
+    """What an evaluation actually did, for its JSON record (window 0 resolved to the crop)."""
+    window = eval_cfg.window or crop_size
+    return {
+        "mode": eval_cfg.mode,
+        "scales": list(eval_cfg.scales) if eval_cfg.mode == "multiscale" else [1.0],
+        "window": window if eval_cfg.mode != "whole" else None,
+        "stride_ratio": eval_cfg.stride_ratio if eval_cfg.mode != "whole" else None,
+        "flip": eval_cfg.flip,
+    }
+
+
+def eval_warning(eval_cfg: EvalCfg) -> str | None:
+    """A warning when the settings do not do what their name says, or None.
+
+    ``multiscale`` with a single scale is not multi-scale: it predicts at that scale, by
+    sliding window wherever the image exceeds the window (so at scale 1 it equals
+    ``sliding``), and the JSON would call it multiscale.
+    """
+    if eval_cfg.mode == "multiscale" and len(set(eval_cfg.scales)) < 2:
+        scale = eval_cfg.scales[0] if eval_cfg.scales else 1.0
+        return (
+            f"warning: eval.mode=multiscale with eval.scales=[{scale}] is single-scale (the same "
+            "as eval.mode=sliding at scale 1); give several scales, e.g. "
+            "eval.scales=[0.75,1.0,1.25]"
+        )
+    return None
+
+
 def format_miou_table(metrics: dict[str, Any], class_names: Sequence[str] = ()) -> str:
     """Plain-text table: one row per class (IoU % or 'absent'), then mIoU and pixel accuracy."""
     ious = metrics["iou"]

@@ -8,6 +8,7 @@ iteration *t* draws exactly the batches an uninterrupted run would have drawn fr
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -291,6 +292,7 @@ def train_stage(
     ckpt_path = out_dir / CKPT_NAME
     if ckpt_path.exists():
         _resume(ckpt_path, st)
+        logging.getLogger("ciscr").info("%s: resuming at iteration %d/%d", desc, st.iteration, total)
     if st.iteration >= total:
         return model
     _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch, meta or {},

@@ -3,12 +3,15 @@
 from ciscr.models.backbones import load_pretrained
 from ciscr.models.deeplabv3plus import DeepLabV3Plus, SegOutput
 from ciscr.models.factory import BACKBONES, build_backbone, build_model
+from ciscr.models.weights import IMAGENET_WEIGHTS, resolve_pretrained
 
 __all__ = [
     "BACKBONES",
+    "IMAGENET_WEIGHTS",
     "DeepLabV3Plus",
     "SegOutput",
     "build_backbone",
     "build_model",
     "load_pretrained",
+    "resolve_pretrained",
 ]

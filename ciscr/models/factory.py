@@ -10,6 +10,7 @@ from ciscr.config import ModelCfg
 from ciscr.errors import ConfigError
 from ciscr.models.backbones import load_pretrained, mobilenet_v2, resnet18, resnet50, resnet101
 from ciscr.models.deeplabv3plus import DeepLabV3Plus
+from ciscr.models.weights import resolve_pretrained
 
 __all__ = ["BACKBONES", "build_backbone", "build_model", "default_aspp_dilations"]
 
@@ -30,9 +31,13 @@ def default_aspp_dilations(output_stride: int) -> tuple[int, int, int]:
 
 
 def build_backbone(name: str, output_stride: int, pretrained: str = "") -> nn.Module:
-    """Construct backbone *name* and load *pretrained* (a local state_dict path) strictly.
+    """Construct backbone *name* and load *pretrained* strictly.
 
-    Raises ConfigError for an unknown name or stride, WeightsError for a bad weight file.
+    *pretrained* is '' (random init), a local state_dict path, or a name such as ``imagenet``
+    (see :mod:`ciscr.models.weights`: found in torch's hub cache or downloaded there).
+
+    Raises ConfigError for an unknown name or stride, WeightsError for a bad weight file or a
+    failed download.
     """
     if name not in BACKBONES:
         raise ConfigError(
@@ -41,7 +46,7 @@ def build_backbone(name: str, output_stride: int, pretrained: str = "") -> nn.Mo
     if output_stride not in (8, 16):
         raise ConfigError(f"model.output_stride must be 8 or 16, got {output_stride}")
     backbone = BACKBONES[name](output_stride=output_stride)
-    load_pretrained(backbone, pretrained)
+    load_pretrained(backbone, resolve_pretrained(name, pretrained))
     return backbone
 
 

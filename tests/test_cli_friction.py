@@ -1,0 +1,146 @@
+"""What a new user meets first: run-start summary and warnings, resume messages, threads,
+eval records, -v anywhere, help examples (issue #14, section 3)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from ciscr import runner
+from ciscr.cli import main
+from ciscr.config import load_config
+
+TINY = [
+    "data.synthetic.num_train=12", "data.synthetic.num_val=3", "data.synthetic.size=32",
+    "data.labeled=4", "train.epochs=1", "train.iters_per_epoch=2", "train.batch_size=4",
+    "train.crop_size=32", "train.progress=false", "model.channels=16",
+]
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="ciscr")
+    return caplog
+
+
+@pytest.fixture
+def quiet_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+
+
+def test_start_summary_then_resume_messages(tmp_path, logs, quiet_machine):
+    out = tmp_path / "run"
+    args = ["train", "synthetic", "--out", str(out), *TINY, "train.ckpt_every=1", "threads=1"]
+    assert main(args) == 0
+    text = logs.text
+    assert f"run: {out} (new)" in text
+    assert "data: 4 labeled / 8 unlabeled / 3 val images, 4 classes (background, disc" in text
+    assert "device cpu, 1 thread(s) x 1 process(es), precision fp32" in text
+    assert "resuming" not in text
+    logs.clear()
+    (out / "stage1" / "done.json").unlink()  # as if killed after the last checkpoint
+    assert main(args) == 0
+    assert f"run: {out} (resumed)" in logs.text
+    assert "stage1: resuming at iteration 2/2" in logs.text
+    logs.clear()
+    assert main(args) == 0
+    assert "resuming: stage1 already done (skipped)" in logs.text
+
+
+def test_random_init_warning_is_loud_and_names_the_setting():
+    cfg = load_config("camvid", ["model.pretrained="])
+    text = runner.random_init_warning(cfg)
+    assert text.startswith("WARNING: model.pretrained is empty") and "RANDOM" in text
+    assert "model.pretrained=imagenet" in text and "mobilenet_v2" in text
+    assert runner.random_init_warning(load_config("synthetic")) is None  # documented there
+    assert runner.random_init_warning(load_config("pascal")) is None  # imagenet
+
+
+def test_oversubscription_warning(monkeypatch):
+    monkeypatch.setattr(runner, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (1.9, 1.5, 1.0))
+    text = runner.oversubscription_warning(threads=2)
+    assert "load average 1.9 on 2 core(s)" in text and "threads=1" in text
+    assert "OMP_NUM_THREADS=1" in text
+    assert runner.oversubscription_warning(threads=1) is None  # nothing left to lower
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (0.3, 0.3, 0.3))
+    assert runner.oversubscription_warning(threads=2) is None
+
+
+def test_threads_setting_is_applied_and_may_change_on_resume(tmp_path, quiet_machine):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        out = tmp_path / "r"
+        assert main(["train", "synthetic", "--out", str(out), *TINY, "threads=2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main(["train", "synthetic", "--out", str(out), *TINY, "threads=1"]) == 0
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_eval_records_its_settings_and_another_root_gets_its_own_file(tmp_path, logs,
+                                                                      quiet_machine):
+    out = tmp_path / "run"
+    assert main(["train", "synthetic", "--out", str(out), *TINY]) == 0
+    ckpt = out / "stage1" / "checkpoint.pt"
+    logs.clear()
+    assert main(["eval", str(ckpt), "eval.mode=multiscale", "eval.scales=[1.0]"]) == 0
+    assert "eval.mode=multiscale with eval.scales=[1.0] is single-scale" in logs.text
+    first = out / "stage1" / "checkpoint_eval_multiscale.json"
+    rec = json.loads(first.read_text())
+    assert rec["eval"] == {"mode": "multiscale", "scales": [1.0], "window": 32,
+                           "stride_ratio": pytest.approx(2 / 3), "flip": True}
+    assert rec["data"]["format"] == "synthetic" and rec["data"]["root"] == ""
+    other = tmp_path / "elsewhere"
+    assert main(["eval", str(ckpt), "eval.mode=multiscale", f"data.root={other}"]) == 0
+    written = sorted(p.name for p in (out / "stage1").glob("checkpoint_eval_*.json"))
+    assert len(written) == 2 and written[0] == "checkpoint_eval_multiscale.json"
+    assert written[1].startswith("checkpoint_eval_multiscale_elsewhere-")
+    assert json.loads(first.read_text()) == rec  # the first result is untouched
+    again = json.loads((out / "stage1" / written[1]).read_text())
+    assert again["data"]["root"] == str(other) and again["eval"]["scales"] != [1.0]
+
+
+def test_verbose_is_accepted_after_the_command(capsys):
+    assert main(["info", "-v"]) == 0
+    assert logging.getLogger("ciscr").level == logging.DEBUG
+    assert main(["-v", "info"]) == 0
+    assert main(["info"]) == 0
+    assert logging.getLogger("ciscr").level == logging.INFO
+
+
+def test_verbose_keeps_third_party_debug_lines_out(tmp_path):
+    # A fresh interpreter: logging is configured by ciscr alone (pytest installs its own).
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "x.png")
+    code = (
+        "import logging, sys; from ciscr.cli import setup_logging; setup_logging(True);"
+        "from PIL import Image; Image.open(sys.argv[1]).load();"
+        "logging.getLogger('ciscr').debug('ciscr debug line')"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.png")],
+                         capture_output=True, text=True, check=True)
+    assert "ciscr debug line" in res.stderr
+    assert "PIL" not in res.stderr and "STREAM" not in res.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_train_and_run_help_show_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"ciscr {command} synthetic --out runs/synth" in out
+
+
+def test_eval_help_explains_the_checkpoint(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "checkpoint.pt written by ciscr train/run" in capsys.readouterr().out
