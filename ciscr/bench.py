@@ -1305,7 +1305,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``ciscr bench`` to the CLI (called by ciscr.cli while it builds its parser)."""
-    from ciscr.cli import command
+    from ciscr.commands import command
 
     p = sub.add_parser(
         "bench",

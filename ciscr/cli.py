@@ -13,18 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ciscr.commands import COMMANDS, command
 from ciscr.errors import CiscrError
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
-
-
-def command(name: str):
-    def register(fn: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = fn
-        return fn
-
-    return register
-
 
 _TRAIN_EXAMPLES = """examples:
   ciscr {cmd} synthetic --out runs/synth
@@ -205,7 +195,4 @@ def _register_optional_commands() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # Re-import so commands registered by optional modules land in the same module object.
-    from ciscr.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

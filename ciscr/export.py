@@ -259,7 +259,7 @@ def load_onnx_model(path: str | os.PathLike, device: str = "cpu") -> tuple[OnnxS
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``ciscr export`` to the CLI (called by ciscr.cli while it builds its parser)."""
-    from ciscr.cli import command
+    from ciscr.commands import command
 
     p = sub.add_parser(
         "export",

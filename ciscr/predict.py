@@ -714,7 +714,7 @@ def _parse_scales(text: str) -> tuple[float, ...]:
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``ciscr predict`` to the CLI (called by ciscr.cli while it builds its parser)."""
-    from ciscr.cli import command
+    from ciscr.commands import command
 
     p = sub.add_parser(
         "predict",

@@ -942,7 +942,7 @@ def _write_readable(tmp: Path, page: str) -> None:
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``ciscr report`` to the CLI (called by ciscr.cli while it builds its parser)."""
-    from ciscr.cli import command
+    from ciscr.commands import command
 
     p = sub.add_parser(
         "report",

@@ -318,7 +318,7 @@ def visualize(
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
     """Add ``ciscr visualize`` to the CLI (called by ciscr.cli while it builds its parser)."""
-    from ciscr.cli import command
+    from ciscr.commands import command
 
     p = sub.add_parser(
         "visualize",

@@ -13,37 +13,34 @@ import camvid  # noqa: E402
 import camvid_diagnostics as diag  # noqa: E402
 import camvid_figures as figs  # noqa: E402
 
-
-def test_stage1_cells_come_from_main_runs_where_they_exist_else_from_checks():
-    main = [0, 1, 2]
-    assert camvid.stage1_source("suponly", 1, main) == "st"  # SupOnly = stage 1 of ST
-    assert camvid.stage1_source("suponly", 4, main) == "stage1_suponly"
-    assert camvid.stage1_source("paper", 0, main) == "ciscr"
-    assert camvid.stage1_source("paper", 5, main) == "stage1_paper"
-    assert camvid.stage1_source("random_pairs", 0, main) == "stage1_random_pairs"
-    assert camvid.stage1_source("double_ce", 2, main) == "stage1_double_ce"
-    assert camvid.stage1_source("double_ce", 3, main) is None  # shared-view rows: main seeds only
-    for row in camvid.STAGE1_ROWS:  # every cell is a run the benchmark knows how to make
-        for seed in range(6):
-            src = camvid.stage1_source(row, seed, main)
-            assert src is None or src in camvid.CHECKS or src in camvid.METHODS
+from ciscr.methods import RECIPES  # noqa: E402
 
 
-def test_chains_keep_shared_runs_after_their_source_and_go_seed_by_seed():
-    plan = [(m, f, s) for f, seeds in (("0.125", (0, 1)), ("0.25", (0,)))
-            for s in seeds for m in camvid.METHODS]  # fmt: skip
-    chains = camvid.chains(plan)
+def test_chains_run_the_comparison_seed_by_seed_then_the_options():
+    chains = camvid.chains(camvid.MAIN + camvid.OPTIONS, [0, 1])
     flat = [r for c in chains for r in c]
-    assert len(flat) == len(set(flat)) == 15  # suponly is the st run: 5 runs x 3 (f, s)
-    assert ("suponly", "0.125", 0) not in flat
+    assert len(flat) == len(set(flat))
+    assert ("suponly", 0) not in flat and ("st", 0) in flat  # SupOnly is the ST run's stage 1
     for c in chains:
-        if any(m == "ciscr_bank" for m, _, _ in c):
-            assert [m for m, _, _ in c] == ["ciscr", "ciscr_bank"] and len({r[1:] for r in c}) == 1
-        if any(m == "ciscr_bank_sup1" for m, _, _ in c):  # after the ST run it copies from
-            assert [m for m, _, _ in c] == ["st", "ciscr_bank_sup1"] and len({r[1:] for r in c}) == 1
-    seeds = [c[0][2] for c in chains]
-    assert seeds == sorted(seeds)  # every method of seed 0 before any of seed 1
-    assert chains[0][0][0] == "ciscr"  # the longest chain of a seed first
+        if ("ciscr_bank", 0) in c:  # the bank row copies CISC-R's stages: it follows it
+            assert c == [("ciscr", 0), ("ciscr_bank", 0)]
+    main = [r for r in flat if r[0] not in camvid.OPTIONS]
+    assert [s for _, s in main] == sorted(s for _, s in main)  # all of seed 0 before seed 1
+    first_option = min(i for i, r in enumerate(flat) if r[0] in camvid.OPTIONS)
+    assert all(r[0] in camvid.OPTIONS for r in flat[first_option:])
+    for row in camvid.ROWS:  # every row is a registered method, its base row too
+        assert camvid.ROWS[row][1] in RECIPES
+        assert camvid.BASE.get(row, "suponly") in camvid.ROWS
+
+
+def test_targets_are_paired_means_and_say_when_unmeasured():
+    runs = {(r, s): {"val_miou": v} for r, s, v in [
+        ("ciscr", 0, 0.40), ("ciscr", 1, 0.42), ("suponly", 0, 0.36), ("suponly", 1, 0.40),
+        ("unimatch", 0, 0.50)]}
+    lines = camvid.targets(runs, [0, 1])
+    assert lines[0] == "- CISC-R >= SupOnly + 3: MET (+3.00 points, paired mean)"
+    assert lines[1] == "- CISC-R >= ST++: not measured yet"
+    assert lines[2].startswith("- UniMatch >= SupOnly + 5: MET (+14.00")
 
 
 def test_auroc_from_histograms_by_hand():
@@ -98,4 +95,5 @@ def test_paired_difference_uses_seeds_both_rows_have():
     xs, ref = [0.30, 0.32, None, 0.28], [0.31, 0.30, 0.35, 0.29]
     # differences in points: -1, +2, (skipped), -1 -> mean 0, sd sqrt(3), se 1
     assert camvid.paired_difference(xs, ref) == "+0.00 ± 1.00 (n=3)"
-    assert camvid.paired_difference([0.3, None], [0.3, 0.2]) == "n/a"
+    assert camvid.paired_difference([0.3, None], [0.3, 0.2]) == "+0.00 (n=1)"
+    assert camvid.paired_difference([None], [0.3]) == "n/a"
