@@ -112,7 +112,12 @@ class TrainCfg(BaseModel):
     repeat_small_labeled: int = Field(
         200, ge=0, description="labeled sets smaller than this are repeated twice per epoch"
     )
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    amp: Literal["auto", "none", "bf16", "fp16"] = Field(
+        "auto",
+        description="autocast for training, pseudo-labelling and evaluation: auto = bf16 where "
+        "it is fast (CUDA with bf16, a CPU with AVX512-BF16 / AMX), else none (fp32); "
+        "fp16 is CUDA only",
+    )
     channels_last: bool = False
     ckpt_every: int = Field(200, ge=1, description="checkpoint every N iterations (and at the end)")
     log_every: int = Field(10, ge=1)
