@@ -331,13 +331,16 @@ def _epoch_eval(ctx: RunContext):
 
 
 def _finish_stage(ctx: RunContext, out: Path, model: nn.Module, t0: float) -> dict[str, Any]:
+    t_eval = time.perf_counter()
     metrics = evaluate_model(ctx, model)
+    t_end = time.perf_counter()
     if dist.is_main():
         atomic_write_json(out / "metrics.json", metrics)
     # Wall time of the invocation that finished the stage (a resumed stage counts only its
     # last part), training and evaluation included.
     summary = {"val_miou": metrics["miou"], "checkpoint": str(out / "checkpoint.pt"),
-               "wall_seconds": round(time.perf_counter() - t0, 1)}
+               "wall_seconds": round(t_end - t0, 1),
+               "eval_seconds": round(t_end - t_eval, 2)}  # the final evaluation alone
     mark_done(out, summary)
     log.info("%s: val mIoU %.2f", out.name, 100 * metrics["miou"])
     return summary
@@ -350,6 +353,7 @@ def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Samp
     if is_done(out):
         return labels
     m, d = ctx.cfg.method, ctx.cfg.data
+    t0 = time.perf_counter()
     model = load_stage_model(ctx, model_dir)
     quality = pseudo_label(
         model, samples, labels, num_classes=ctx.info.num_classes, mean=d.mean, std=d.std,
@@ -359,7 +363,8 @@ def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Samp
     )
     if dist.is_main():
         atomic_write_json(out / "quality.json", quality)
-    mark_done(out, {"num_images": len(samples), "pseudo_miou": quality.get("miou")})
+    mark_done(out, {"num_images": len(samples), "pseudo_miou": quality.get("miou"),
+                    "wall_seconds": round(time.perf_counter() - t0, 2)})
     score = quality.get("miou")
     log.info("%s: %d images pseudo-labelled%s", name, len(samples),
              "" if score is None else f", pseudo-label mIoU {100 * score:.2f} (vs ground truth)")
@@ -378,6 +383,7 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
     lab_ids, unl_ids = [s.id for s in ctx.labeled], [s.id for s in ctx.unlabeled]
     if is_done(out):
         return read_selection(out, labeled_ids=lab_ids, unlabeled_ids=unl_ids)
+    t0 = time.perf_counter()
     m0 = load_stage_model(ctx, ctx.run_dir / "stage1")
     kw = _eval_kwargs(ctx)
     protos, present = compute_labeled_prototypes(m0, ctx.labeled, **kw)
@@ -401,7 +407,8 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
                         class_names=ctx.info.class_names,
                         query_scores=distance_table(lab_ids, d_lab))
         _write_half_quality(ctx, out, pseudo0, reliable, unreliable)
-    mark_done(out, {"reliable": len(reliable), "unreliable": len(unreliable)})
+    mark_done(out, {"reliable": len(reliable), "unreliable": len(unreliable),
+                    "wall_seconds": round(time.perf_counter() - t0, 2)})
     log.info("selection: %d reliable / %d unreliable unlabeled images (%s); query lists: %s",
              len(reliable), len(unreliable), ctx.cfg.method.selection,
              ", ".join(f"{ctx.info.class_names[k]} {len(v)}" for k, v in sorted(queries.items())))

@@ -103,8 +103,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path
 def _without_paths(obj: object) -> object:
     """done.json / results.json name their own run directory and time: drop those entries."""
     if isinstance(obj, dict):
-        drop = ("checkpoint", "run_dir", "wall_seconds")  # paths and timings differ by nature
-        return {k: _without_paths(v) for k, v in obj.items() if k not in drop}
+        drop = ("checkpoint", "run_dir")  # paths and timings (*_seconds) differ by nature
+        return {k: _without_paths(v) for k, v in obj.items()
+                if k not in drop and not k.endswith("_seconds")}
     return obj
 
 
