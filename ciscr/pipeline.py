@@ -31,7 +31,7 @@ from ciscr.data.datasets import SegDataset, UnlabeledDataset, WorkerSafeLoader
 from ciscr.data.formats import DatasetInfo, Sample, load_dataset
 from ciscr.data.io import read_mask
 from ciscr.data.pairs import PairDataset, class_presence
-from ciscr.engine.evaluate import ConfusionMatrix, evaluate
+from ciscr.engine.evaluate import ConfusionMatrix, eval_chunk_indices, evaluate
 from ciscr.engine.steps import Rectifier, pair_step, retrain_step, supervised_step
 from ciscr.engine.train import Stream, train_stage
 from ciscr.errors import ConfigError, DataError
@@ -246,7 +246,8 @@ def evaluate_model(ctx: RunContext, model: nn.Module) -> dict[str, Any]:
     ds = SegDataset(val, num_classes=ctx.info.num_classes, ignore_index=d.ignore_index,
                     mean=d.mean, std=d.std, train=False, crop_size=ctx.cfg.train.crop_size,
                     scale_range=(1.0, 1.0), seed=0)
-    idx = list(range(len(ds)))[dist.rank() :: dist.world_size()]  # no padding duplicates
+    # whole chunks of eval.batch_size images per rank, no padding duplicates (evaluate batches them)
+    idx = eval_chunk_indices(len(ds), ctx.cfg.eval.batch_size, dist.rank(), dist.world_size())
     loader = WorkerSafeLoader(torch.utils.data.Subset(ds, idx), batch_size=1,
                               num_workers=d.num_workers)
     metrics = evaluate(model, loader, ctx.info.num_classes, ctx.cfg.eval, ctx.device,
