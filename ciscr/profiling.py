@@ -283,8 +283,10 @@ def training_categories() -> list[Category]:
         ("train step", 0, [(code_key(tr._one_step), None)]),
         ("rectifier (teacher forward, CISC maps)", 1, [(code_key(steps.Rectifier.__call__), None)]),
         ("query mode: teacher on queried images", 1, [(qp, None)]),
+        # read in a list comprehension: its own frame before Python 3.12, inlined after
         ("query mode: load + augment queried images", 1,
-         [(code_key(ds.SegDataset.__getitem__), qp)]),
+         [(code_key(ds.SegDataset.__getitem__), c)
+          for c in (qp, code_key(steps.Rectifier._query_prototypes, "<listcomp>")) if c]),
         ("logging (jsonl, TensorBoard)", 0,
          [(code_key(tr._Logger.step), None), (code_key(tr._Logger.__init__), None),
           (code_key(tr._Logger.close), None), (code_key(tr._Logger.record), loop)]),
