@@ -599,6 +599,97 @@ def select_cases(spec: BenchSpec, device: torch.device, root: Path) -> dict[str,
     return cases
 
 
+# --------------------------------------------------------------------------- data loading
+
+LOADER_WORKERS = (0, 1)  # data.num_workers: the default, then the alternative
+
+
+def _loader_overrides(spec: BenchSpec, iters: int) -> list[str]:
+    """A realistic ST stage at the bench's sizes on generated (synthetic) images of
+    ``image_h`` pixels: ``iters`` iterations, the default ``train.amp``, one checkpoint."""
+    n = max(16, 4 * spec.batch)
+    return [
+        "method.name=st", f"model.backbone={spec.backbone}", "model.pretrained=",
+        f"model.channels={spec.channels}", f"train.crop_size={spec.crop}",
+        f"train.batch_size={spec.batch}", "train.epochs=1", f"train.iters_per_epoch={iters}",
+        f"train.ckpt_every={iters}", "train.progress=false", f"data.labeled={2 * spec.batch}",
+        f"data.synthetic.num_train={n}", "data.synthetic.num_val=2",
+        f"data.synthetic.size={max(32, spec.image_h)}",
+        f"data.synthetic.num_classes={min(20, max(2, spec.classes))}",
+        "data.max_val_images=2", f"seed={spec.seed}",
+    ]  # fmt: skip
+
+
+def loader_cases(spec: BenchSpec, device: torch.device, root: Path,
+                 iters: int) -> dict[str, Callable[[], Any]]:
+    """One ST re-training stage (``ciscr.pipeline.retrain_stage``: fresh model, real datasets
+    read from files with their augmentations, train loop, checkpoint, final evaluation) per
+    ``data.num_workers`` value; each call trains a new stage folder. Pseudo labels are the
+    ground truth, copied (their content does not change the cost)."""
+    import shutil
+
+    from ciscr.config import load_config
+    from ciscr.pipeline import retrain_stage, setup_run
+
+    cfg = load_config("synthetic", [*_loader_overrides(spec, iters), f"data.root={root / 'data'}"])
+    ctx = setup_run(cfg, root / "run", device)
+    pseudo = root / "pseudo"
+    pseudo.mkdir(exist_ok=True)
+    for smp in ctx.unlabeled:
+        shutil.copyfile(smp.mask, pseudo / f"{smp.id}.png")
+    calls = {"n": 0}
+
+    def case(workers: int) -> Callable[[], Any]:
+        def run() -> None:
+            calls["n"] += 1
+            data = cfg.data.model_copy(update={"num_workers": workers})
+            ctx.cfg = cfg.model_copy(update={"data": data})
+            retrain_stage(ctx, f"stage_w{workers}_{calls['n']}", [(ctx.unlabeled, pseudo)],
+                          root / "none", None)
+
+        return run
+
+    return {f"loader/workers{w}/{_amp_name(_resolved_amp(device))}": case(w)
+            for w in LOADER_WORKERS}  # fmt: skip
+
+
+def _resolved_amp(device: torch.device) -> str:
+    from ciscr.utils.misc import resolve_amp
+
+    return resolve_amp(TrainCfg().amp, device)
+
+
+LOADER_ITERS = 10  # iterations of each timed loader stage
+
+
+def bench_loader(spec: BenchSpec, device: torch.device, iters: int) -> list[dict[str, Any]]:
+    """Time a real ST stage with each ``data.num_workers`` value, round-robin (no warm-up
+    round beyond one: every call builds its model and loaders anew, as a stage does)."""
+    import logging
+
+    quiet = logging.getLogger("ciscr")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # one "val mIoU" line per timed stage is noise here
+    try:
+        with tempfile.TemporaryDirectory(prefix="ciscr-bench-loader-") as tmp:
+            (Path(tmp) / "run").mkdir()
+            cases = loader_cases(spec, device, Path(tmp), iters)
+            times = time_round_robin(cases, spec.repeats, min(spec.warmup, 1), _sync(device))
+    finally:
+        quiet.setLevel(level)
+    return loader_rows(times, spec, iters)
+
+
+def loader_rows(times: dict[str, list[float]], spec: BenchSpec, iters: int) -> list[dict]:
+    """Rows of the loader group: images/s counts the labeled + unlabeled images trained."""
+    med = {n: median(v) for n, v in times.items()}
+    base = next(iter(med.values()))
+    return [{"name": n, "median_s": m, "times_s": times[n],
+             "spread": (max(times[n]) - min(times[n])) / m,
+             "images_per_s": 2 * spec.batch * iters / m, "ratio_to_workers0": m / base,
+             "bf16_speedup": None} for n, m in med.items()]  # fmt: skip
+
+
 # --------------------------------------------------------------------------- profiling
 
 
@@ -737,6 +828,50 @@ def simple_rows(times: dict[str, list[float]], images: int, base: str) -> list[d
             }
         )
     return rows
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def _median_of(rows: list[dict[str, Any]], name: str) -> float | None:
+    return next((r["median_s"] for r in rows if r["name"] == name), None)
+
+
+def defaults_rows(res: dict[str, Any], amp: str) -> list[dict[str, Any]]:
+    """Each CPU-facing default next to its alternative, from the groups that ran: train.amp
+    (its resolved value here vs the other precision) on the train step, TTA pseudo-labelling
+    and whole-image evaluation; train.channels_last on the train step; data.num_workers on a
+    real stage. ``speedup`` = alternative time / default time (> 1: the default is faster)."""
+    prec = _amp_name(amp)
+    other = "fp32" if prec == "bf16" else "bf16"
+    tr, ps, ld = res.get("train", []), res.get("pseudo", []), res.get("loader", [])
+    specs = [
+        ("train.amp", f"auto ({prec})", other, "train step (ST)",
+         _median_of(tr, f"st/{prec}/nchw"), _median_of(tr, f"st/{other}/nchw")),
+        ("train.amp", f"auto ({prec})", other, "pseudo-labelling (TTA)",
+         _median_of(ps, f"pseudo/tta/{prec}"), _median_of(ps, f"pseudo/tta/{other}")),
+        ("train.amp", f"auto ({prec})", other, "evaluation (whole image)",
+         _median_of(ps, f"pseudo/single/{prec}"), _median_of(ps, f"pseudo/single/{other}")),
+        ("train.channels_last", "false", "true", f"train step (ST, {prec})",
+         _median_of(tr, f"st/{prec}/nchw"), _median_of(tr, f"st/{prec}/cl")),
+    ]  # fmt: skip
+    if len(ld) == len(LOADER_WORKERS):
+        specs.append(("data.num_workers", str(LOADER_WORKERS[0]), str(LOADER_WORKERS[1]),
+                      f"ST stage, {res.get('loader_iters')} iterations",
+                      ld[0]["median_s"], ld[1]["median_s"]))  # fmt: skip
+    return [{"setting": k, "default": d, "alternative": a, "measured_on": on,
+             "default_s": ds, "alternative_s": as_, "speedup": as_ / ds}
+            for k, d, a, on, ds, as_ in specs if ds and as_]  # fmt: skip
+
+
+def _defaults_table(res: dict[str, Any]) -> list[str]:
+    rows = [[r["setting"], r["default"], r["alternative"], r["measured_on"],
+             _f(r["default_s"]), _f(r["alternative_s"]), _f(r["speedup"], ".2f"),
+             "default" if r["speedup"] >= 1 else "ALTERNATIVE"]
+            for r in res.get("defaults", [])]  # fmt: skip
+    head = ["setting", "default", "alternative", "measured on", "default s", "alternative s",
+            "alternative / default", "faster"]
+    return _table(head, rows)
 
 
 # --------------------------------------------------------------------------- targets
@@ -931,6 +1066,7 @@ def run_bench(
     memory: bool = True,
     profile: bool | None = None,
     command: str = "",
+    loader_iters: int = LOADER_ITERS,
 ) -> dict[str, Any]:
     """Run the requested groups and return the result (what the JSON file holds).
 
@@ -948,6 +1084,8 @@ def run_bench(
         "train": [],
         "pseudo": [],
         "select": [],
+        "loader": [],
+        "loader_iters": loader_iters,
         "targets": [],
         "findings": [],
         "profiles": {},
@@ -972,6 +1110,9 @@ def run_bench(
             cases = select_cases(spec, device, Path(tmp))
             times = time_round_robin(cases, spec.repeats, spec.warmup, sync)
         result["select"] = simple_rows(times, spec.select_images, "prototypes")
+    if "loader" in groups:
+        result["loader"] = bench_loader(spec, device, loader_iters)
+    result["defaults"] = defaults_rows(result, _resolved_amp(device))
     result["machine"]["load_avg_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t0
     return result
@@ -1140,12 +1281,21 @@ METHOD_NOTES = """\
   decoding and PNG writing excluded); TTA = scales 0.5, 0.75, 1.0, 1.5, 2.0 x horizontal flip.
 - Selection: the real `compute_labeled_prototypes` (one view) and `image_distances` over
   image files written to a temporary folder (decoding included).
+- Data loading: a real ST re-training stage (`ciscr.pipeline.retrain_stage`: fresh model,
+  datasets read from generated image files with their augmentations, the training loop, one
+  checkpoint, the final evaluation on 2 images) with `data.num_workers` 0 and 1, round-robin;
+  images/s counts the labeled + unlabeled images trained.
+- Defaults vs their alternatives: read off the groups above (`train.amp` auto, resolved on
+  this machine, vs the other precision; `train.channels_last`; `data.num_workers`);
+  `alternative / default` > 1 means the default is the faster one.
 """
 
 
 def format_report(res: dict[str, Any]) -> str:
     """The markdown report (also what is printed on stdout)."""
     out = _header(res)
+    if res.get("defaults"):
+        out += ["", "## Defaults vs their alternatives", "", *_defaults_table(res)]
     if res["train"]:
         out += [
             "",
@@ -1168,6 +1318,9 @@ def format_report(res: dict[str, Any]) -> str:
             "",
             *_simple_table(res["select"], "prototypes"),
         ]
+    if res.get("loader"):
+        out += ["", f"## Data loading (a real ST stage, {res['loader_iters']} iterations)", "",
+                *_simple_table(res["loader"], "workers0")]
     if res["targets"]:
         n_pass = sum(t["pass"] for t in res["targets"])
         out += ["", f"## Targets: {n_pass} of {len(res['targets'])} pass", "", *_target_table(res)]
@@ -1204,7 +1357,7 @@ def write_results(res: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
 
 # --------------------------------------------------------------------------- CLI
 
-GROUPS = ("train", "pseudo", "select")
+GROUPS = ("train", "pseudo", "select", "loader")
 _SIZE_ARGS = ("batch", "crop", "classes", "channels", "repeats", "warmup")
 
 
@@ -1267,6 +1420,8 @@ def command_line(args: argparse.Namespace, spec: BenchSpec) -> str:
         "--only",
         args.only,
     ]
+    if "loader" in args.only:
+        parts += ["--loader-iters", str(args.loader_iters)]
     if args.threads:
         parts += ["--threads", str(args.threads)]
     if args.peak_tflops is not None:
@@ -1284,6 +1439,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``ciscr bench``: run, print the report, write it under ``--out`` if given."""
     spec = spec_from_args(args)
     groups = _parse_only(args.only)
+    if args.loader_iters < 1:
+        raise ConfigError(f"--loader-iters {args.loader_iters}: must be >= 1")
     peak = args.peak_tflops
     if peak is None and spec.device.startswith("cuda"):
         peak = DEFAULT_PEAK_TFLOPS
@@ -1295,6 +1452,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         memory=not args.no_memory,
         profile=profile,
         command=command_line(args, spec),
+        loader_iters=args.loader_iters,
     )
     print(format_report(res))
     if args.out is not None:
@@ -1326,7 +1484,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--out", type=Path, help="write speed_<device>.md/.json here")
-    p.add_argument("--only", default=",".join(GROUPS), help="comma list of train,pseudo,select")
+    p.add_argument("--only", default=",".join(GROUPS),
+                   help="comma list of train,pseudo,select,loader")
+    p.add_argument("--loader-iters", type=int, default=LOADER_ITERS,
+                   help=f"iterations of each timed loader stage (default {LOADER_ITERS})")
     p.add_argument(
         "--peak-tflops",
         type=float,

@@ -127,7 +127,12 @@ class TrainCfg(BaseModel):
     repeat_small_labeled: int = Field(
         200, ge=0, description="labeled sets smaller than this are repeated twice per epoch"
     )
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    amp: Literal["auto", "none", "bf16", "fp16"] = Field(
+        "auto",
+        description="autocast for training, pseudo-labelling and evaluation: auto = bf16 where "
+        "it is fast (CUDA with bf16, a CPU with AVX512-BF16 / AMX), else none (fp32); "
+        "fp16 is CUDA only",
+    )
     channels_last: bool = False
     ckpt_every: int = Field(200, ge=1, description="checkpoint every N iterations (and at the end)")
     log_every: int = Field(10, ge=1)
@@ -144,7 +149,10 @@ class EvalCfg(BaseModel):
     stride_ratio: float = Field(2 / 3, gt=0, le=1)
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     flip: bool = True
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(
+        8, ge=1, description="validation images of one size predicted together (a CPU runs a "
+        "batch several times faster per image than single images)"
+    )
 
 
 class MethodCfg(BaseModel):

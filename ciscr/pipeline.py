@@ -33,7 +33,7 @@ from ciscr.data.datasets import MixedDataset, SegDataset, UnlabeledDataset, Work
 from ciscr.data.formats import DatasetInfo, Sample, load_dataset
 from ciscr.data.io import read_mask
 from ciscr.data.pairs import PairDataset, class_presence
-from ciscr.engine.evaluate import ConfusionMatrix, evaluate
+from ciscr.engine.evaluate import ConfusionMatrix, eval_chunk_indices, evaluate
 from ciscr.engine.steps import (
     Rectifier,
     UnlabeledLoss,
@@ -182,10 +182,11 @@ def _check_same_config(cfg: Config, saved: Path) -> None:
     for volatile in ("device", "threads"):
         old.pop(volatile, None)
         new.pop(volatile, None)
-    for section in ("train",):
-        for k in ("progress", "log_every"):
-            old.get(section, {}).pop(k, None)
-            new.get(section, {}).pop(k, None)
+    # eval.batch_size only groups validation images into forwards (same predictions up to
+    # float rounding); its default changed from 1 to 8, which must not strand older runs.
+    for section, k in (("train", "progress"), ("train", "log_every"), ("eval", "batch_size")):
+        old.get(section, {}).pop(k, None)
+        new.get(section, {}).pop(k, None)
     _drop_new_defaults(old, new, config_to_dict(from_dict({"method": {"name": cfg.method.name}})))
     if old != new:
         diff = _first_difference(old, new)
@@ -298,7 +299,8 @@ def evaluate_model(ctx: RunContext, model: nn.Module) -> dict[str, Any]:
     ds = SegDataset(val, num_classes=ctx.info.num_classes, ignore_index=d.ignore_index,
                     mean=d.mean, std=d.std, train=False, crop_size=ctx.cfg.train.crop_size,
                     scale_range=(1.0, 1.0), seed=0)
-    idx = list(range(len(ds)))[dist.rank() :: dist.world_size()]  # no padding duplicates
+    # whole chunks of eval.batch_size images per rank, no padding duplicates (evaluate batches them)
+    idx = eval_chunk_indices(len(ds), ctx.cfg.eval.batch_size, dist.rank(), dist.world_size())
     loader = WorkerSafeLoader(torch.utils.data.Subset(ds, idx), batch_size=1,
                               num_workers=d.num_workers)
     metrics = evaluate(model, loader, ctx.info.num_classes, ctx.cfg.eval, ctx.device,
@@ -392,13 +394,16 @@ def _epoch_eval(ctx: RunContext):
 
 
 def _finish_stage(ctx: RunContext, out: Path, model: nn.Module, t0: float) -> dict[str, Any]:
+    t_eval = time.perf_counter()
     metrics = evaluate_model(ctx, model)
+    t_end = time.perf_counter()
     if dist.is_main():
         atomic_write_json(out / "metrics.json", metrics)
     # Wall time of the invocation that finished the stage (a resumed stage counts only its
     # last part), training and evaluation included.
     summary = {"val_miou": metrics["miou"], "checkpoint": str(out / "checkpoint.pt"),
-               "wall_seconds": round(time.perf_counter() - t0, 1)}
+               "wall_seconds": round(t_end - t0, 1),
+               "eval_seconds": round(t_end - t_eval, 2)}  # the final evaluation alone
     mark_done(out, summary)
     log.info("%s: val mIoU %.2f", out.name, 100 * metrics["miou"])
     return summary
@@ -411,6 +416,7 @@ def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Samp
     if is_done(out):
         return labels
     m, d = ctx.cfg.method, ctx.cfg.data
+    t0 = time.perf_counter()
     model = load_stage_model(ctx, model_dir)
     quality = pseudo_label(
         model, samples, labels, num_classes=ctx.info.num_classes, mean=d.mean, std=d.std,
@@ -420,7 +426,8 @@ def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Samp
     )
     if dist.is_main():
         atomic_write_json(out / "quality.json", quality)
-    mark_done(out, {"num_images": len(samples), "pseudo_miou": quality.get("miou")})
+    mark_done(out, {"num_images": len(samples), "pseudo_miou": quality.get("miou"),
+                    "wall_seconds": round(time.perf_counter() - t0, 2)})
     score = quality.get("miou")
     log.info("%s: %d images pseudo-labelled%s", name, len(samples),
              "" if score is None else f", pseudo-label mIoU {100 * score:.2f} (vs ground truth)")
@@ -439,6 +446,7 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
     lab_ids, unl_ids = [s.id for s in ctx.labeled], [s.id for s in ctx.unlabeled]
     if is_done(out):
         return read_selection(out, labeled_ids=lab_ids, unlabeled_ids=unl_ids)
+    t0 = time.perf_counter()
     m0 = load_stage_model(ctx, ctx.run_dir / "stage1")
     kw = _eval_kwargs(ctx)
     protos, present = compute_labeled_prototypes(m0, ctx.labeled, **kw)
@@ -462,7 +470,8 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
                         class_names=ctx.info.class_names,
                         query_scores=distance_table(lab_ids, d_lab))
         _write_half_quality(ctx, out, pseudo0, reliable, unreliable)
-    mark_done(out, {"reliable": len(reliable), "unreliable": len(unreliable)})
+    mark_done(out, {"reliable": len(reliable), "unreliable": len(unreliable),
+                    "wall_seconds": round(time.perf_counter() - t0, 2)})
     log.info("selection: %d reliable / %d unreliable unlabeled images (%s); query lists: %s",
              len(reliable), len(unreliable), ctx.cfg.method.selection,
              ", ".join(f"{ctx.info.class_names[k]} {len(v)}" for k, v in sorted(queries.items())))

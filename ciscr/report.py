@@ -11,6 +11,7 @@ figure is an inline base64 PNG, so it can be mailed or archived as one file. Sec
     pseudo      pseudo-label quality vs ground truth, pseudo0 -> pseudo1 -> pseudo_final
     selection   scores of the unlabeled images (reliable vs unreliable), their pseudo-label
                 mIoU, query list sizes per class
+    time        seconds per stage: training, evaluation, pseudo-labelling, selection
     cisc        CISC maps of a few unlabeled images, computed now with the stage-1 model (M0)
     labels      pseudo labels before / after (pseudo0 vs later sets, with ground truth)
     predictions the final model on a few validation images vs ground truth
@@ -841,6 +842,18 @@ def _prediction_row(model, meta, image: np.ndarray, mask_path, ignore: int):
 
 # --------------------------------------------------------------------------- the page
 
+def _section_time(run: _Run) -> str:
+    """Training / evaluation / pseudo-labelling / selection seconds of every finished stage."""
+    from ciscr.timing import NOTE, stage_time_rows, time_table
+
+    rows = stage_time_rows(run.dir)
+    if not rows:
+        return _note("no stage has a time record yet (done.json without wall_seconds).")
+    header, body = time_table(rows)
+    cells = [[_esc(c) for c in r] for r in body]
+    return _table([_esc(h) for h in header], cells, "num") + _note(f"Seconds {NOTE}.")
+
+
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;
  color:#1d2433;background:#f6f7f9}
@@ -867,6 +880,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("iou", "Per-class IoU"),
     ("pseudo", "Pseudo-label quality"),
     ("selection", "Selection"),
+    ("time", "Time per stage"),
     ("cisc", "CISC maps"),
     ("labels", "Pseudo labels before / after"),
     ("predictions", "Predictions vs ground truth"),
@@ -892,6 +906,7 @@ def build_html(run_dir: Path, *, max_gallery: int = 6, device: str = "cpu") -> s
         "iou": lambda: _section_iou(run),
         "pseudo": lambda: _section_pseudo_quality(run),
         "selection": lambda: _section_selection(run),
+        "time": lambda: _section_time(run),
         "cisc": lambda: _section_cisc(run, n) if n else _note(NO_GALLERY),
         "labels": lambda: _section_labels(run, n) if n else _note(NO_GALLERY),
         "predictions": lambda: _section_predictions(run, n) if n else _note(NO_GALLERY),

@@ -231,8 +231,10 @@ def _done_stages(run_dir: Path) -> list[str]:
 
 
 def format_results(results: dict[str, Any], class_names: list[str]) -> str:
-    """The end-of-run summary: per-stage val mIoU and pseudo-label quality."""
+    """The end-of-run summary: per-stage val mIoU and pseudo-label quality, the per-class IoU
+    of the result and the time per stage (training, evaluation, pseudo-labelling, selection)."""
     from ciscr.engine.evaluate import format_miou_table
+    from ciscr.timing import format_time_table, stage_time_rows
 
     lines = [f"method: {results['method']}    result: {results['final_stage']} (last checkpoint)"]
     for name, s in results["stages"].items():
@@ -245,6 +247,9 @@ def format_results(results: dict[str, Any], class_names: list[str]) -> str:
             lines.append(f"  {name:<8}{extra}")
     lines.append("")
     lines.append(format_miou_table(results["final_metrics"], class_names))
+    times = format_time_table(stage_time_rows(results["run_dir"]))
+    if times:
+        lines += ["", times]
     lines.append(f"run directory: {results['run_dir']}")
     return "\n".join(lines)
 

@@ -81,6 +81,36 @@ def _map_sharded(fn: Callable[[Sample], Any], samples: Sequence[Sample]) -> list
     return list(out)
 
 
+# Images of one size whose teacher features are computed in one forward: on a CPU a batch of
+# 8 is several times faster per image than single images (the profile of a synthetic run had
+# the Eq. 10 distances of the unlabeled pool at 81% of the selection stage, one image at a time).
+FEATURE_BATCH = 8
+
+
+def _map_chunked(fn: Callable[[list[Sample]], list[Any]], samples: Sequence[Sample],
+                 batch: int | None = None) -> list[Any]:
+    """``fn`` over fixed chunks ``samples[i : i + batch]`` (one result per sample), rank-sharded
+    by whole chunks; every rank gets the full list in input order. Fixed chunks make every
+    image's batch the same whatever the number of processes (bit-identical results)."""
+    batch = batch or FEATURE_BATCH
+    chunks = [list(samples[i : i + batch]) for i in range(0, len(samples), batch)]
+    mine = [fn(c) for c in dist.shard(chunks)]
+    out = [r for part in dist.unshard(dist.all_gather_object(mine)) for r in part]
+    assert len(out) == len(samples), "sharded results do not cover the sample list"
+    return out
+
+
+def _equal_size_runs(images: list[torch.Tensor]) -> list[list[int]]:
+    """Positions of consecutive images of one size: [[0, 1, 2], [3], [4, 5]]."""
+    runs: list[list[int]] = []
+    for i, img in enumerate(images):
+        if runs and images[runs[-1][0]].shape == img.shape:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def _labels_tensor(labels: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(labels.astype(np.int64)).unsqueeze(0).to(device)
 
@@ -274,20 +304,21 @@ def image_distances(
     device = torch.device(device)
     anchors = anchors.to(device)
 
-    def one(s: Sample) -> tuple[np.ndarray, np.ndarray]:
-        img = load_eval_image(s, mean, std, device)
-        lab = read_labels(s, label_source, tuple(img.shape[-2:]), num_classes, ignore_index)
-        d = anchor_distance(
-            _features(model, img, amp),
-            _labels_tensor(lab, device),
-            anchors,
-            ignore_index=ignore_index,
-            balanced=balanced,
-        )
-        return d[0].float().cpu().numpy(), class_fractions(lab, num_classes)
+    def chunk(part: list[Sample]) -> list[tuple[np.ndarray, np.ndarray]]:
+        imgs = [load_eval_image(s, mean, std, device) for s in part]
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        for run in _equal_size_runs(imgs):
+            feats = _features(model, torch.cat([imgs[i] for i in run]), amp)
+            for j, i in enumerate(run):
+                size = tuple(imgs[i].shape[-2:])
+                lab = read_labels(part[i], label_source, size, num_classes, ignore_index)
+                d = anchor_distance(feats[j : j + 1], _labels_tensor(lab, device), anchors,
+                                    ignore_index=ignore_index, balanced=balanced)
+                out.append((d[0].float().cpu().numpy(), class_fractions(lab, num_classes)))
+        return out
 
     with eval_mode(model):
-        rows = _map_sharded(one, samples)
+        rows = _map_chunked(chunk, samples)
     k = anchors.shape[0]
     d = torch.from_numpy(np.stack([r[0] for r in rows]) if rows else np.zeros((0, k), np.float32))
     if not return_fractions:

@@ -30,6 +30,8 @@ def quick_run(tmp_path_factory):
                 "--no-memory",
                 "--threads",
                 "1",
+                "--loader-iters",
+                "2",
                 "--out",
                 str(out),
             ]
@@ -197,3 +199,42 @@ def test_memory_server_env_pins_glibc_mmap_threshold(monkeypatch):
     assert env["MALLOC_MMAP_THRESHOLD_"] == str(128 * 1024)
     assert env["MALLOC_TRIM_THRESHOLD_"] == "4096"
     assert str(Path(bench.__file__).resolve().parents[1]) in env["PYTHONPATH"]
+
+
+def test_quick_run_shows_each_default_beside_its_alternative(quick_run):
+    res, stdout, _ = quick_run
+    names = [r["name"].rsplit("/", 1)[0] for r in res["loader"]]
+    assert names == ["loader/workers0", "loader/workers1"]
+    assert res["loader"][0]["images_per_s"] == pytest.approx(
+        2 * bench.QUICK["batch"] * 2 / res["loader"][0]["median_s"]
+    )
+    settings = [(r["setting"], r["measured_on"].split(" (")[0]) for r in res["defaults"]]
+    assert ("train.amp", "train step") in settings and ("data.num_workers", "ST stage, 2 "
+                                                        "iterations") in settings
+    assert ("train.channels_last", "train step") in settings
+    for r in res["defaults"]:
+        assert r["speedup"] == pytest.approx(r["alternative_s"] / r["default_s"])
+    assert "## Defaults vs their alternatives" in stdout and "| data.num_workers" in stdout
+
+
+def test_defaults_rows_hand_values():
+    def row(name, s):
+        return {"name": name, "median_s": s}
+
+    res = {
+        "train": [row("st/bf16/nchw", 1.0), row("st/fp32/nchw", 1.8), row("st/bf16/cl", 1.25)],
+        "pseudo": [row("pseudo/tta/bf16", 2.0), row("pseudo/tta/fp32", 2.5)],
+        "loader": [row("loader/workers0/bf16", 10.0), row("loader/workers1/bf16", 8.0)],
+        "loader_iters": 5,
+    }
+    got = {(r["setting"], r["measured_on"]): r for r in bench.defaults_rows(res, "bf16")}
+    amp = got["train.amp", "train step (ST)"]
+    assert (amp["default"], amp["alternative"], amp["speedup"]) == ("auto (bf16)", "fp32", 1.8)
+    assert got["train.amp", "pseudo-labelling (TTA)"]["speedup"] == pytest.approx(1.25)
+    assert got["train.channels_last", "train step (ST, bf16)"]["speedup"] == pytest.approx(1.25)
+    assert got["data.num_workers", "ST stage, 5 iterations"]["speedup"] == pytest.approx(0.8)
+    assert ("train.amp", "evaluation (whole image)") not in got  # not measured: no row
+    # on a CPU without fast bf16 the default is fp32 and bf16 is the alternative
+    fp32 = {r["measured_on"]: r for r in bench.defaults_rows(res, "none")}["train step (ST)"]
+    assert (fp32["default"], fp32["alternative"]) == ("auto (fp32)", "bf16")
+    assert fp32["speedup"] == pytest.approx(1.0 / 1.8)

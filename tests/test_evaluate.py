@@ -189,3 +189,38 @@ def test_ce_loss_hand_values_with_ignore_and_weights() -> None:
     assert w.grad is None and logits.grad is not None
     empty = ce_loss(logits, torch.full((1, 1, 3), 255))
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_eval_chunks_are_dealt_whole_to_ranks() -> None:
+    from ciscr.engine.evaluate import eval_chunk_indices
+
+    assert eval_chunk_indices(5, 2, 0, 1) == [0, 1, 2, 3, 4]
+    assert eval_chunk_indices(5, 2, 0, 2) == [0, 1, 4]  # chunks [0,1] [4]
+    assert eval_chunk_indices(5, 2, 1, 2) == [2, 3]
+    assert eval_chunk_indices(5, 8, 1, 2) == []  # one chunk: rank 1 has nothing to do
+    assert eval_chunk_indices(3, 1, 1, 2) == [1]  # batch 1: the plain strided shard
+
+
+def test_evaluate_batches_images_of_one_size_and_chunk() -> None:
+    from ciscr.engine.evaluate import _grouped
+
+    def item(i: int, h: int) -> dict:
+        return {"image": torch.full((1, 3, h, 4), float(i)), "mask": torch.zeros(1, h, 4).long(),
+                "index": torch.tensor([i])}
+
+    items = [item(0, 2), item(1, 2), item(2, 2), item(3, 3), item(4, 2)]
+    got = [b["image"][:, 0, 0, 0].tolist() for b in _grouped(items, 2)]
+    # 0,1 = chunk 0; 2 = chunk 1 (3 differs in size); 4 = chunk 2
+    assert got == [[0.0, 1.0], [2.0], [3.0], [4.0]]
+    assert [len(b["image"]) for b in _grouped(items, 8)] == [3, 1, 1]  # same chunk, size change
+    assert [len(b["image"]) for b in _grouped(items, 1)] == [1] * 5
+    # the metrics do not depend on the grouping (a pointwise model), and max_batches counts
+    # the loader's own batches
+    model = Conv1x1(3)
+    cfg = {"mode": "whole", "flip": False}
+    one = evaluate(model, items, 3, EvalCfg(**cfg, batch_size=1), "cpu", progress=False)
+    many = evaluate(model, items, 3, EvalCfg(**cfg, batch_size=8), "cpu", progress=False)
+    assert one == many and many["num_pixels"] == 4 * (2 * 4 + 3)
+    assert model.shapes[-3:] == [(3, 3, 2, 4), (1, 3, 3, 4), (1, 3, 2, 4)]
+    part = evaluate(model, items, 3, EvalCfg(mode="whole", batch_size=8), "cpu", max_batches=2)
+    assert part["num_pixels"] == 2 * 8

@@ -103,13 +103,21 @@ def reference(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path
 def _without_paths(obj: object) -> object:
     """done.json / results.json name their own run directory and time: drop those entries."""
     if isinstance(obj, dict):
-        drop = ("checkpoint", "run_dir", "wall_seconds")  # paths and timings differ by nature
-        return {k: _without_paths(v) for k, v in obj.items() if k not in drop}
+        drop = ("checkpoint", "run_dir")  # paths and timings (*_seconds) differ by nature
+        return {k: _without_paths(v) for k, v in obj.items()
+                if k not in drop and not k.endswith("_seconds")}
     return obj
 
 
 def _files(run: Path, pattern: str) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.glob(pattern))}
+    return {str(p.relative_to(run)): _content(p) for p in sorted(run.glob(pattern))}
+
+
+def _content(p: Path) -> bytes:
+    """The file's bytes; selection/done.json without its timings (*_seconds)."""
+    if p.name != "done.json":
+        return p.read_bytes()
+    return json.dumps(_without_paths(json.loads(p.read_text())), sort_keys=True).encode()
 
 
 def assert_same_run(a: Path, b: Path) -> None:

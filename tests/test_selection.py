@@ -268,3 +268,24 @@ def test_write_read_selection_roundtrip_and_leak_guard(tmp_path):
     (out / "selection_meta.json").unlink()
     with pytest.raises(DataError, match="missing"):
         sel.read_selection(out)
+
+
+def test_distances_are_batched_by_size_within_fixed_chunks(world, tmp_path, monkeypatch):
+    labeled, unl, pdir = world
+    # a fifth unlabeled image of another size splits its chunk's batch
+    png(pdir / "u5.png", np.full((4, 8), 1, np.uint8))
+    unl = [*unl, sample(tmp_path, "u5", flat(YELLOW, (4, 8)), None)]
+    model = Colour()
+    anchors = sel.class_anchors(*sel.compute_labeled_prototypes(model, labeled, **KW))
+    shapes = []
+    model.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    monkeypatch.setattr(sel, "FEATURE_BATCH", 3)
+    batched = sel.image_distances(model, unl, pdir, anchors, **KW)
+    assert shapes == [(3, 3, 8, 8), (1, 3, 8, 8), (1, 3, 4, 8)]  # chunks [u1-u3], [u4, u5]
+    monkeypatch.setattr(sel, "FEATURE_BATCH", 1)
+    shapes.clear()
+    single = sel.image_distances(model, unl, pdir, anchors, **KW)
+    assert len(shapes) == 5
+    assert torch.allclose(batched, single, equal_nan=True)
+    assert sel._equal_size_runs([torch.zeros(1, 3, 2, 2)] * 2 + [torch.zeros(1, 3, 3, 2)]) == [
+        [0, 1], [2]]

@@ -206,6 +206,50 @@ def eval_indices(n: int, rank: int, world: int) -> list[int]:
     return dist.shard(list(range(n)), rank, world)
 
 
+def eval_chunk_indices(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """Dataset indices rank ``rank`` evaluates: whole chunks ``[k * batch_size, (k + 1) *
+    batch_size)`` dealt round-robin to the ranks, WITHOUT padding.
+
+    Chunks (not single images) are dealt so that :func:`evaluate` predicts every image in the
+    same batch whatever the number of processes: a convolution's float result can depend on
+    the batch it runs in, and the mIoU of a torchrun job must equal a single process's.
+    """
+    chunks = [list(range(i, min(n, i + batch_size))) for i in range(0, n, max(1, batch_size))]
+    return [i for chunk in dist.shard(chunks, rank, world) for i in chunk]
+
+
+def _grouped(batches: Iterable[dict[str, Any]], batch_size: int) -> Iterable[dict[str, Any]]:
+    """Join consecutive single-image batches into batches of up to ``batch_size`` images of
+    one size and one chunk (dataset ``index // batch_size``, see :func:`eval_chunk_indices`).
+
+    WHY: on a CPU one image at a time is several times slower per image than a batch
+    (measured 120 vs 28 ms per 64x64 image in bf16, ResNet-18: the weights are converted to
+    bf16 on every call). Loaders of more than one image per batch are passed through.
+    """
+    group: list[dict[str, Any]] = []
+
+    def key(b: dict[str, Any]) -> tuple:
+        index = b.get("index")
+        chunk = int(index[0]) // batch_size if isinstance(index, torch.Tensor) else None
+        return tuple(b["image"].shape[-2:]), chunk
+
+    def flush() -> dict[str, Any]:
+        out = {"image": torch.cat([b["image"] for b in group]),
+               "mask": torch.cat([b["mask"] for b in group])}  # fmt: skip
+        group.clear()
+        return out
+
+    for b in batches:
+        if batch_size <= 1 or b["image"].shape[0] != 1:
+            yield b
+            continue
+        if group and (key(group[0]) != key(b) or len(group) >= batch_size):
+            yield flush()
+        group.append(b)
+    if group:
+        yield flush()
+
+
 def _progress(loader: Iterable, total: int | None, enabled: bool) -> Iterable:
     if not (enabled and dist.is_main()):
         return loader
@@ -251,9 +295,9 @@ def evaluate(
     model.eval()
     try:
         batches = _progress(loader, _loader_len(loader, max_batches), progress)
-        for i, batch in enumerate(batches):
-            if max_batches and i >= max_batches:
-                break
+        # max_batches counts the loader's batches, before they are grouped
+        limited = (b for i, b in enumerate(batches) if not max_batches or i < max_batches)
+        for batch in _grouped(limited, eval_cfg.batch_size):
             image = batch["image"].to(device, non_blocking=True)
             probs = predict_logits(
                 model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from collections.abc import Iterator
@@ -19,12 +20,20 @@ __all__ = [
     "autocast",
     "autocast_context",
     "count_parameters",
+    "cpu_has_fast_bf16",
     "make_grad_scaler",
+    "resolve_amp",
     "resolve_device",
     "seed_everything",
 ]
 
 AMP_MODES = ("none", "bf16", "fp16")
+# What ``train.amp`` accepts: the modes above, or "auto" (see :func:`resolve_amp`).
+AMP_SETTINGS = ("auto", *AMP_MODES)
+# /proc/cpuinfo flags of CPUs that execute bf16 matrix products natively (AVX512-BF16 dot
+# products, AMX tiles). Without them oneDNN emulates bf16 with fp32 maths plus conversions,
+# which is slower than plain fp32.
+FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def _as_device(device: torch.device | str) -> torch.device:
@@ -52,22 +61,75 @@ def seed_everything(
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The feature flags of the first CPU in ``/proc/cpuinfo`` (empty where it is unreadable,
+    e.g. macOS or Windows). ``cpuinfo``: the file's text, for tests."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / arm64
+            return set(value.split())
+    return set()
+
+
+def cpu_has_fast_bf16(flags: set[str] | None = None) -> bool:
+    """True when the CPU runs bf16 matmuls / convolutions natively (AVX512-BF16 or AMX) and
+    torch's oneDNN backend can use them. ``flags``: CPU flags (default: this machine's)."""
+    if flags is None:
+        return _this_cpu_fast_bf16()
+    if not any(f in flags for f in FAST_BF16_FLAGS):
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+@functools.cache
+def _this_cpu_fast_bf16() -> bool:
+    # Cached: autocast() resolves "auto" on every training step and every predicted image.
+    return cpu_has_fast_bf16(cpu_flags())
+
+
+def resolve_amp(amp: str, device: torch.device | str, *, fast_cpu_bf16: bool | None = None) -> str:
+    """The autocast mode ``amp`` means on ``device``: "auto" becomes "bf16" where bf16 is fast
+    (a CUDA device that supports it; a CPU with native bf16, see :func:`cpu_has_fast_bf16`)
+    and "none" elsewhere (MPS, older CPUs: emulated bf16 is slower than fp32). Explicit modes
+    are returned unchanged. ``fast_cpu_bf16`` overrides the CPU check (tests)."""
+    if amp != "auto":
+        return amp
+    dev = _as_device(device)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "none"
+    if dev.type == "cpu":
+        fast = cpu_has_fast_bf16() if fast_cpu_bf16 is None else fast_cpu_bf16
+        return "bf16" if fast else "none"
+    return "none"
+
+
 def _check_amp(device: torch.device, amp: str) -> None:
-    if amp not in AMP_MODES:
-        raise ConfigError(f"train.amp={amp}: must be one of {', '.join(AMP_MODES)}")
+    if amp not in AMP_SETTINGS:
+        raise ConfigError(f"train.amp={amp}: must be one of {', '.join(AMP_SETTINGS)}")
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
 
 
 @contextlib.contextmanager
 def autocast(device: torch.device | str, amp: str) -> Iterator[None]:
-    """``torch.autocast`` for ``amp`` in {'none', 'bf16', 'fp16'} on ``device``.
+    """``torch.autocast`` for ``amp`` in {'auto', 'none', 'bf16', 'fp16'} on ``device``.
 
-    'none' is a no-op; fp16 is refused off CUDA (CPU fp16 kernels are slow or missing and there
-    is no loss scaling there) with a ConfigError naming ``train.amp``.
+    'auto' is resolved by :func:`resolve_amp`; 'none' is a no-op; fp16 is refused off CUDA (CPU
+    fp16 kernels are slow or missing and there is no loss scaling there) with a ConfigError
+    naming ``train.amp``.
     """
     dev = _as_device(device)
     _check_amp(dev, amp)
+    amp = resolve_amp(amp, dev)
     if amp == "none":
         yield
         return
@@ -87,7 +149,7 @@ def make_grad_scaler(device: torch.device | str, amp: str) -> torch.amp.GradScal
     """
     dev = _as_device(device)
     _check_amp(dev, amp)
-    if amp == "fp16" and dev.type == "cuda":
+    if resolve_amp(amp, dev) == "fp16" and dev.type == "cuda":
         return torch.amp.GradScaler("cuda")
     return None
 

@@ -1,0 +1,779 @@
+"""``ciscr profile``: where the time of a real (synthetic) run goes, stage by stage.
+
+Two passes over the same config, each a real ``ciscr run`` (:func:`ciscr.runner.run_training`)
+of every method asked for (default ST and CISC-R) in a scratch directory:
+
+1. **timed**: no profiler. Every stage's wall time comes from the run's own records (the
+   ``done.json`` of each stage, :mod:`ciscr.timing`), plus the setup (dataset checks) and the
+   report, timed around the calls. These figures give the ST vs CISC-R comparison and the
+   issue's targets, free of profiler overhead.
+2. **profiled**: the same runs under ``cProfile``, one profile per stage, summed into fixed
+   categories (train-batch loading and augmentation on the main process, the student step,
+   the rectifier and its query-mode teacher passes, evaluation, checkpoints, TTA
+   pseudo-labelling, prototypes and distances, report building) plus the functions with the
+   most own time; and ``torch.profiler`` over a window of training iterations of each
+   training stage (ops by self CPU time).
+
+Stages are found by wrapping the pipeline's stage functions (:data:`STAGE_FUNCTIONS`) for the
+duration of a run, so the pipeline itself carries no profiling code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import datetime as _dt
+import io
+import os
+import pstats
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ciscr.errors import ConfigError
+from ciscr.timing import stage_time_rows
+
+STAGE_TARGET = 1.15  # a CISC-R training stage / the ST stage at the same settings (issue 13)
+METHODS = ("st", "ciscr")
+# (module, attribute, how the stage is named from the call's arguments)
+STAGE_FUNCTIONS: tuple[tuple[str, str, Callable[[tuple], str]], ...] = (
+    ("ciscr.pipeline", "setup_run", lambda a: "setup"),
+    ("ciscr.pipeline", "stage1", lambda a: "stage1"),
+    ("ciscr.pipeline", "pseudo_stage", lambda a: str(a[1])),
+    ("ciscr.pipeline", "selection_stage", lambda a: "selection"),
+    ("ciscr.pipeline", "retrain_stage", lambda a: str(a[1])),
+    ("ciscr.report", "write_report", lambda a: "report"),
+)
+TORCH_WINDOW = (5, 10)  # torch.profiler: skip 5 training iterations of a stage, record 10
+
+
+# --------------------------------------------------------------------------- instrumentation
+
+
+@dataclass
+class StageRecord:
+    """One stage call: its wall time and (profiled pass) its cProfile / torch.profiler data."""
+
+    name: str
+    seconds: float
+    stats: pstats.Stats | None = None
+    torch_ops: list[dict[str, Any]] = field(default_factory=list)
+    torch_window: dict[str, float] = field(default_factory=dict)
+
+
+class _TorchWindow:
+    """torch.profiler over iterations [skip, skip + n) of the current training stage, started
+    and stopped from a wrapper of ``ciscr.engine.train._one_step`` (the data loading between
+    two steps falls inside the window); the step and the rectifier are labelled."""
+
+    def __init__(self, skip: int, n: int, outer: cProfile.Profile | None = None) -> None:
+        self.skip, self.n, self.outer = skip, n, outer
+        self.paused = 0.0  # seconds spent in torch.profiler's own bookkeeping
+        self.calls, self.prof, self.t0 = 0, None, 0.0
+        self.ops: list[dict[str, Any]] = []
+        self.window: dict[str, float] = {}
+
+    def before_step(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if self.calls == self.skip:
+            with self._outer_paused():
+                self.prof = profile(activities=[ProfilerActivity.CPU])
+                self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif self.calls == self.skip + self.n and self.prof is not None:
+            with self._outer_paused():
+                self.finish()
+        self.calls += 1
+
+    @contextlib.contextmanager
+    def _outer_paused(self) -> Iterator[None]:
+        """Keep torch.profiler's own start-up and result parsing out of the stage's cProfile."""
+        t0 = time.perf_counter()
+        if self.outer is not None:
+            self.outer.disable()
+        try:
+            yield
+        finally:
+            if self.outer is not None:
+                self.outer.enable()
+            self.paused += time.perf_counter() - t0
+
+    def finish(self) -> None:
+        """Stop (at step skip + n + 1, or at the end of a shorter stage) and keep the figures.
+
+        A full window is n whole iterations: n steps and the n batch loads that follow them.
+        A stage that ends first leaves a shorter window whose tail holds the stage's final
+        evaluation and checkpoint (``complete`` False).
+        """
+        if self.prof is None:
+            return
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        events = self.prof.key_averages()
+        labels = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in ("step", "rectifier")}
+        done = self.calls - self.skip
+        self.window = {"iterations": done, "complete": done == self.n, "wall_s": wall,
+                       "step_s": labels.get("step", 0.0),
+                       "rectifier_s": labels.get("rectifier", 0.0)}  # fmt: skip
+        rows = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count}
+                for e in events if e.key not in ("step", "rectifier")]  # fmt: skip
+        self.ops = sorted(rows, key=lambda r: -r["self_s"])[:12]
+        self.prof = None
+
+
+@contextlib.contextmanager
+def _patched(module: Any, name: str, wrapper: Callable) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, wrapper(original))
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def instrument(records: list[StageRecord], profiled: bool) -> Iterator[None]:
+    """Record every stage call into ``records``; with ``profiled``, under cProfile and (for
+    training stages) a torch.profiler window."""
+    import importlib
+
+    state: dict[str, _TorchWindow | None] = {"window": None}
+
+    def stage_wrapper(namer: Callable[[tuple], str]) -> Callable:
+        def wrap(fn: Callable) -> Callable:
+            def run(*args: Any, **kw: Any) -> Any:
+                name = namer(args)
+                prof = cProfile.Profile() if profiled else None
+                train = profiled and name.startswith("stage")
+                win = _TorchWindow(*TORCH_WINDOW, outer=prof) if train else None
+                state["window"] = win
+                t0 = time.perf_counter()
+                try:
+                    if prof is not None:
+                        prof.enable()
+                    return fn(*args, **kw)
+                finally:
+                    if prof is not None:
+                        prof.disable()
+                    # the stage's time without torch.profiler's start-up and parsing
+                    wall = time.perf_counter() - t0 - (win.paused if win else 0.0)
+                    if win is not None:
+                        win.finish()
+                    rec = StageRecord(name, wall)
+                    rec.stats = pstats.Stats(prof, stream=io.StringIO()) if prof else None
+                    if win is not None:
+                        rec.torch_ops, rec.torch_window = win.ops, win.window
+                    records.append(rec)
+                    state["window"] = None
+
+            return run
+
+        return wrap
+
+    with contextlib.ExitStack() as stack:
+        for mod, attr, namer in STAGE_FUNCTIONS:
+            stack.enter_context(_patched(importlib.import_module(mod), attr, stage_wrapper(namer)))
+        if profiled:
+            stack.enter_context(_label_step_and_rectifier(state))
+        yield
+
+
+@contextlib.contextmanager
+def _label_step_and_rectifier(state: dict[str, Any]) -> Iterator[None]:
+    """Wrap the train step and the Rectifier call: torch.profiler labels and window control."""
+    from torch.profiler import record_function
+
+    import ciscr.engine.train as train
+    from ciscr.engine.steps import Rectifier
+
+    def step_wrapper(fn: Callable) -> Callable:
+        def one_step(*args: Any, **kw: Any) -> Any:
+            if state["window"] is not None:
+                state["window"].before_step()
+            with record_function("step"):
+                return fn(*args, **kw)
+
+        return one_step
+
+    def rect_wrapper(fn: Callable) -> Callable:
+        def call(self: Any, *args: Any, **kw: Any) -> Any:
+            with record_function("rectifier"):
+                return fn(self, *args, **kw)
+
+        return call
+
+    with _patched(train, "_one_step", step_wrapper), _patched(Rectifier, "__call__", rect_wrapper):
+        yield
+
+
+# --------------------------------------------------------------------------- cProfile categories
+
+Key = tuple[str, int, str]
+NEXT: Key = ("~", 0, "<built-in method builtins.next>")  # how cProfile names next()
+
+
+def code_key(fn: Any, nested: str = "") -> Key | None:
+    """The pstats key of a function (or of the function ``nested`` defined inside it)."""
+    import inspect
+
+    # unwrap: decorated functions (torch.no_grad) would otherwise give the decorator's code
+    code = getattr(inspect.unwrap(getattr(fn, "__func__", fn)), "__code__", None)
+    if code is None:
+        return None
+    if nested:
+        inner = [c for c in code.co_consts if getattr(c, "co_name", None) == nested]
+        if not inner:
+            return None
+        code = inner[0]
+    return (code.co_filename, code.co_firstlineno, code.co_name)
+
+
+def edge_seconds(stats: pstats.Stats, callee: Key | None, caller: Key | None = None) -> float:
+    """Cumulative seconds of ``callee`` (only the calls made by ``caller`` when given)."""
+    entry = stats.stats.get(callee) if callee else None  # type: ignore[attr-defined]
+    if entry is None:
+        return 0.0
+    if caller is None:
+        return float(entry[3])
+    edge = entry[4].get(caller)
+    return float(edge[3]) if edge else 0.0
+
+
+# A category: (label, depth, [(callee, caller or None), ...]); depth 0 rows are disjoint and
+# sum with "other" to the stage's time; depth 1 rows break down the row above them.
+Category = tuple[str, int, list[tuple[Key | None, Key | None]]]
+
+
+def training_categories() -> list[Category]:
+    """What a training stage spends its time on (see the module docstring)."""
+    from ciscr import pipeline as pl
+    from ciscr.data import datasets as ds
+    from ciscr.data import io as dio
+    from ciscr.data import pairs, transforms
+    from ciscr.engine import checkpoint as ck
+    from ciscr.engine import steps
+    from ciscr.engine import train as tr
+
+    get = code_key(tr._EpochIndexed.__getitem__)
+    loop = code_key(tr._run_iterations)
+    qp = code_key(steps.Rectifier._query_prototypes)
+    return [
+        ("build the student", 0, [(code_key(pl.fresh_model), None)]),
+        ("teacher + prototype bank", 0, [(code_key(pl.build_rectifier), None)]),
+        ("train batches: load + augment (main process)", 0,
+         # num_workers=0: the loader's generator only ever serves the training loop;
+         # otherwise the loop's next() on the worker loader (evaluation uses a for loop)
+         [(code_key(tr.stream_loader, "<genexpr>"), None),
+          (code_key(ds.WorkerSafeLoader.__iter__), NEXT)]),
+        ("labeled images / pairs", 1, [(code_key(ds.SegDataset.__getitem__), get),
+                                       (code_key(pairs.PairDataset.__getitem__), get)]),
+        # read through a ConcatDataset, and only ever by the training loop
+        ("unlabeled images + pseudo labels", 1,
+         [(code_key(ds.UnlabeledDataset.__getitem__), None)]),
+        ("of which strong augmentation", 1, [(code_key(transforms.strong_photometric), None)]),
+        ("of which image decoding (every caller)", 1, [(code_key(dio.read_image), None)]),
+        ("batches to device", 0, [(code_key(tr._to_device), None)]),
+        ("train step", 0, [(code_key(tr._one_step), None)]),
+        ("rectifier (teacher forward, CISC maps)", 1, [(code_key(steps.Rectifier.__call__), None)]),
+        ("query mode: teacher on queried images", 1, [(qp, None)]),
+        # read in a list comprehension: its own frame before Python 3.12, inlined after
+        ("query mode: load + augment queried images", 1,
+         [(code_key(ds.SegDataset.__getitem__), c)
+          for c in (qp, code_key(steps.Rectifier._query_prototypes, "<listcomp>")) if c]),
+        ("logging (jsonl, TensorBoard)", 0,
+         [(code_key(tr._Logger.step), None), (code_key(tr._Logger.__init__), None),
+          (code_key(tr._Logger.close), None), (code_key(tr._Logger.record), loop)]),
+        ("checkpoints (save, resume)", 0,
+         [(code_key(tr._save), None), (code_key(tr._resume), None),
+          (code_key(ck.save_checkpoint), loop)]),
+        ("evaluation", 0, [(code_key(pl.evaluate_model), None)]),
+    ]  # fmt: skip
+
+
+def pseudo_categories() -> list[Category]:
+    """What a pseudo-labelling stage spends its time on."""
+    from ciscr import pipeline as pl
+    from ciscr import pseudo as ps
+    from ciscr.data import io as dio
+    from ciscr.engine import evaluate as ev
+
+    part = code_key(ps._label_part)
+    return [
+        ("load the model", 0, [(code_key(pl.load_stage_model), None)]),
+        ("pseudo_label", 0, [(code_key(ps.pseudo_label), None)]),
+        ("read + normalise images", 1, [(code_key(ps.load_eval_image), None)]),
+        ("TTA forward passes", 1, [(code_key(ev.predict_logits), None)]),
+        ("write label PNGs", 1, [(code_key(dio.save_mask_png), None)]),
+        ("score against ground truth", 1, [(code_key(dio.read_mask), part),
+                                           (code_key(ev.ConfusionMatrix.update), part)]),
+    ]  # fmt: skip
+
+
+def selection_categories() -> list[Category]:
+    """What the selection stage spends its time on."""
+    from ciscr import cisc
+    from ciscr import pipeline as pl
+    from ciscr import pseudo as ps
+    from ciscr import selection as se
+
+    stage, split = code_key(pl.selection_stage), code_key(pl._split_unlabeled)
+    return [
+        ("load the model", 0, [(code_key(pl.load_stage_model), None)]),
+        ("labeled prototypes (anchors)", 0, [(code_key(se.compute_labeled_prototypes), None)]),
+        ("labeled distances (query lists)", 0, [(code_key(se.image_distances), stage)]),
+        ("unlabeled distances (halves)", 0, [(code_key(se.image_distances), split),
+                                             (code_key(se.crop_level_scores), None),
+                                             (code_key(se.stability_scores), None)]),
+        ("per-image mIoU (AS query lists)", 0, [(code_key(se.per_image_miou), None)]),
+        ("write selection files", 0, [(code_key(se.write_selection), None),
+                                      (code_key(pl._write_half_quality), None)]),
+        ("of which image reading (every caller)", 1, [(code_key(ps.load_eval_image), None)]),
+        ("of which teacher forward passes", 1, [(code_key(se._features), None)]),
+        ("of which Eq. 10 distances", 1, [(code_key(cisc.anchor_distance), None)]),
+    ]  # fmt: skip
+
+
+def other_categories(name: str) -> list[Category]:
+    """Setup (dataset checks) and report building."""
+    if name == "report":
+        from ciscr import report as rp
+
+        return [(f"section {n}", 0, [(code_key(getattr(rp, f"_section_{n}")), None)])
+                for n in ("header", "curves", "iou", "pseudo_quality", "selection", "time",
+                          "cisc", "labels", "predictions")]  # fmt: skip
+    from ciscr.data import check, formats
+
+    return [("load the dataset lists", 0, [(code_key(formats.load_dataset), None)]),
+            ("decode + check every image and mask", 0,
+             [(code_key(check.validate_samples), None)])]  # fmt: skip
+
+
+def categories_for(name: str) -> list[Category]:
+    if name.startswith("stage"):
+        return training_categories()
+    if name.startswith("pseudo"):
+        return pseudo_categories()
+    if name == "selection":
+        return selection_categories()
+    return other_categories(name)
+
+
+def breakdown(rec: StageRecord) -> list[dict[str, Any]]:
+    """Seconds per category of one profiled stage, then "other" (the rest of the stage)."""
+    if rec.stats is None:
+        return []
+    rows, top = [], 0.0
+    for label, depth, edges in categories_for(rec.name):
+        sec = sum(edge_seconds(rec.stats, callee, caller) for callee, caller in edges)
+        if depth == 0:
+            top += sec
+        rows.append({"label": label, "depth": depth, "seconds": sec})
+    rows.append({"label": "other", "depth": 0, "seconds": max(0.0, rec.seconds - top)})
+    return rows
+
+
+def top_functions(stats: pstats.Stats, n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` functions with the most own time (``tottime``), any module."""
+    rows = []
+    for (path, line, name), (_cc, calls, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        where = name if path == "~" else f"{_short(path)}:{line}({name})"
+        rows.append({"function": where, "calls": calls, "own_s": tt, "cumulative_s": ct})
+    return sorted(rows, key=lambda r: -r["own_s"])[:n]
+
+
+def top_cumulative(stats: pstats.Stats, n: int = 12) -> list[dict[str, Any]]:
+    """The ``n`` ciscr functions with the most cumulative time: what "other" is made of."""
+    rows = []
+    for (path, line, name), (_cc, calls, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if f"{os.sep}ciscr{os.sep}" in path and not path.endswith("profiling.py"):
+            rows.append({"function": f"{_short(path)}:{line}({name})", "calls": calls,
+                         "own_s": tt, "cumulative_s": ct})  # fmt: skip
+    return sorted(rows, key=lambda r: -r["cumulative_s"])[:n]
+
+
+def _short(path: str) -> str:
+    """A readable path: from the package folder on (ciscr/..., torch/...)."""
+    parts = Path(path).parts
+    for anchor in ("ciscr", "torch", "kornia", "PIL", "numpy", "tqdm", "tensorboard"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) :])
+    return Path(path).name
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+def run_method(cfg: Any, out: Path, profiled: bool) -> list[StageRecord]:
+    """One ``ciscr run`` of ``cfg`` into ``out`` (must not exist), instrumented; its printed
+    summary is swallowed (the profile prints its own)."""
+    from ciscr.runner import run_training
+
+    records: list[StageRecord] = []
+    with instrument(records, profiled), contextlib.redirect_stdout(io.StringIO()):
+        run_training(cfg, out)
+    return records
+
+
+def method_config(config: str, method: str, overrides: Sequence[str]) -> Any:
+    """The config of one method: the user's config and overrides with ``method.name``."""
+    from ciscr.config import load_config
+
+    return load_config(config, [f"method.name={method}", *overrides, "train.progress=false"])
+
+
+def timed_rows(run_dir: Path, records: Sequence[StageRecord]) -> list[dict[str, Any]]:
+    """The timed pass of one method: done.json rows, plus setup and report from the wrappers."""
+    rows = stage_time_rows(run_dir)
+    by = {r.name: r.seconds for r in records}
+    for name in ("setup", "report"):
+        if name in by:
+            rows.append({"stage": name, "kind": name, "seconds": {}, "total": by[name]})
+    return rows
+
+
+def profile_runs(config: str, overrides: Sequence[str], methods: Sequence[str], work: Path,
+                 passes: Sequence[str]) -> dict[str, Any]:
+    """Both passes for every method (see the module docstring); returns the JSON result."""
+    out: dict[str, Any] = {"timed": {}, "profiled": {}}
+    for method in methods:
+        cfg = method_config(config, method, overrides)
+        if "timed" in passes:
+            run_dir = work / f"{method}-timed"
+            out["timed"][method] = timed_rows(run_dir, run_method(cfg, run_dir, False))
+        if "profiled" in passes:
+            records = run_method(cfg, work / f"{method}-profiled", True)
+            out["profiled"][method] = [_profiled_stage(r) for r in records]
+    return out
+
+
+def _profiled_stage(rec: StageRecord) -> dict[str, Any]:
+    assert rec.stats is not None
+    return {"stage": rec.name, "seconds": rec.seconds, "categories": breakdown(rec),
+            "top_functions": top_functions(rec.stats),
+            "top_ciscr_cumulative": top_cumulative(rec.stats), "torch_window": rec.torch_window,
+            "torch_ops": rec.torch_ops}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- comparison, targets
+
+# Which ST stage a CISC-R stage is compared with: ST (retrain=one) has one retraining stage.
+ST_PARTNER = {"stage1": "stage1", "stage2": "stage2", "stage3": "stage2"}
+
+
+def _per_iteration(row: dict[str, Any]) -> float | None:
+    it, train = row.get("iterations"), row["seconds"].get("training")
+    return train / it if it and train is not None else None
+
+
+def compare_stages(timed: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """CISC-R training stages vs ST's at the same settings: training seconds per iteration
+    (the final evaluation excluded: it is the same work for both)."""
+    st = {r["stage"]: r for r in timed.get("st", [])}
+    out = []
+    for r in timed.get("ciscr", []):
+        partner = st.get(ST_PARTNER.get(r["stage"], ""))
+        if r["kind"] != "training" or partner is None:
+            continue
+        a, b = _per_iteration(r), _per_iteration(partner)
+        out.append({"stage": r["stage"], "st_stage": partner["stage"], "ciscr_s_per_it": a,
+                    "st_s_per_it": b, "ratio": a / b if a and b else None})  # fmt: skip
+    return out
+
+
+def targets(timed: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The issue's targets on the timed pass: every CISC-R training stage <= 1.15x ST's, and
+    CISC-R's pseudo-labelling (pseudo0, pseudo1) + selection < one training stage (the mean
+    of its training stages' training seconds)."""
+    out = [{"target": f"{c['stage']} / ST {c['st_stage']} (s per iteration)",
+            "value": c["ratio"], "limit": f"<= {STAGE_TARGET:.2f}",
+            "pass": c["ratio"] is not None and c["ratio"] <= STAGE_TARGET}
+           for c in compare_stages(timed)]  # fmt: skip
+    rows = timed.get("ciscr", [])
+    train = [r["seconds"]["training"] for r in rows if r["kind"] == "training"]
+    side = sum(r["total"] for r in rows if r["stage"] in ("pseudo0", "selection", "pseudo1"))
+    if train:
+        mean = sum(train) / len(train)
+        out.append({"target": "pseudo0 + selection + pseudo1 / mean training stage",
+                    "value": side / mean, "limit": "< 1.00", "pass": side < mean})  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _f(x: Any, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _header(res: dict[str, Any]) -> list[str]:
+    m = res["machine"]
+    la0, la1 = m["load_avg_start"][0], m.get("load_avg_end", [float("nan")])[0]
+    busy = max(la0, la1) > m["threads"] + 0.5  # the load average counts this run too
+    note = (("NOISY: other processes were using this machine " if busy else
+             "The machine looked idle ")
+            + f"(1-min load average {la0:.1f} at the start, {la1:.1f} at the end, "
+            f"{m['cores']} cores, {m['threads']} torch threads). "
+            + ("Rerun the same command on a quiet machine for final figures." if busy else ""))
+    return [f"# ciscr profile: {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads)",
+            "", "> " + note.strip(), "", f"- date: {res['date']}",
+            f"- command: `{res['command']}`",
+            f"- machine: {m['cpu']}, {m['cores']} cores, avx512_bf16 {m['avx512_bf16']}, "
+            f"torch {m['torch']}, python {m['python']}, {m['platform']}",
+            f"- device: {m['device']}; train.amp {res['amp']} (resolved: {res['amp_resolved']})",
+            f"- config: `{res['config']}` with `{' '.join(res['overrides']) or '(no overrides)'}`;"
+            f" methods {', '.join(res['methods'])}; wall time {res['wall_s']:.0f} s"]  # fmt: skip
+
+
+def _timed_table(res: dict[str, Any]) -> list[str]:
+    from ciscr.bench import _table
+
+    methods = list(res["timed"])
+    stages = [s for s in (*STAGE_ORDER_EXTRA,) if any(
+        r["stage"] == s for m in methods for r in res["timed"][m])]
+    by = {m: {r["stage"]: r for r in res["timed"][m]} for m in methods}
+    head = ["stage", *(f"{m} {c}" for m in methods for c in ("total s", "eval s", "s/it"))]
+    body = []
+    for s in stages:
+        cells = [s]
+        for m in methods:
+            r = by[m].get(s)
+            cells += ["-", "-", "-"] if r is None else [
+                _f(r["total"], ".1f"), _f(r["seconds"].get("evaluation"), ".1f"),
+                _f(_per_iteration(r), ".3f")]
+        body.append(cells)
+    body.append(["total", *(c for m in methods for c in (
+        _f(sum(r["total"] for r in res["timed"][m]), ".1f"), "", ""))])
+    return _table(head, body)
+
+
+STAGE_ORDER_EXTRA = ("setup", "stage1", "pseudo0", "selection", "stage2", "pseudo1", "stage3",
+                     "pseudo_final", "report")
+
+
+def _category_table(stages: list[dict[str, Any]]) -> list[str]:
+    """One column per stage of the same kind; seconds and share of the stage."""
+    from ciscr.bench import _table
+
+    labels = [(c["label"], c["depth"]) for c in stages[0]["categories"]]
+    head = ["", *(f"{s['stage']} s" for s in stages), *(f"{s['stage']} %" for s in stages)]
+    body = []
+    for i, (label, depth) in enumerate(labels):
+        secs = [s["categories"][i]["seconds"] for s in stages]
+        shares = [x / s["seconds"] if s["seconds"] else 0 for x, s in zip(secs, stages,
+                                                                            strict=True)]
+        body.append([("- " if depth else "") + label, *(_f(x, ".2f") for x in secs),
+                     *(f"{x:.0%}" for x in shares)])
+    body.append(["stage total", *(_f(s["seconds"], ".2f") for s in stages),
+                 *("100%" for _ in stages)])
+    return _table(head, body)
+
+
+def _profiled_sections(method: str, stages: list[dict[str, Any]]) -> list[str]:
+    from ciscr.bench import _table
+
+    out = []
+    groups = {"training stages": [s for s in stages if s["stage"].startswith("stage")],
+              "pseudo-labelling": [s for s in stages if s["stage"].startswith("pseudo")]}
+    groups.update({s["stage"]: [s] for s in stages if s["stage"] in ("selection", "setup",
+                                                                     "report")})
+    for title, group in groups.items():
+        if group:
+            out += ["", f"### {method}: {title} (cProfile, seconds per category)", "",
+                    *_category_table(group)]
+    for s in stages:
+        w = s.get("torch_window") or {}
+        if not s["torch_ops"]:
+            continue
+        out += ["", f"### {method} {s['stage']}: torch.profiler over {w.get('iterations')} "
+                f"iterations ({w.get('wall_s', 0):.2f} s; labelled step {w.get('step_s', 0):.2f}"
+                f" s, of which rectifier {w.get('rectifier_s', 0):.2f} s)", "",
+                *_table(["op", "self CPU s", "calls"],
+                        [[o["op"], _f(o["self_s"], ".3f"), str(o["calls"])]
+                         for o in s["torch_ops"][:8]])]
+    for s in stages:
+        if s["stage"] in ("setup", "report"):
+            continue
+        out += ["", f"### {method} {s['stage']}: functions with the most own time", "",
+                *_table(["function", "calls", "own s", "cumulative s"],
+                        [[f["function"], str(f["calls"]), _f(f["own_s"], ".3f"),
+                          _f(f["cumulative_s"], ".3f")] for f in s["top_functions"][:6]])]
+    return out
+
+
+HOW = """\
+## How it is measured
+
+- Timed pass: `ciscr run` of each method into a scratch folder, no profiler. Stage times are
+  the runs' own records (`wall_seconds`, `eval_seconds` in each stage's `done.json`: the
+  figures `report.html` shows); `setup` (dataset lists and image checks) and `report`
+  (report.html) are timed around their calls. `s/it` = training seconds (the final
+  evaluation excluded) / iterations. CISC-R's stage 3 is compared with ST's stage 2 (ST
+  retrains once), with the same iterations and batch sizes.
+- Profiled pass: the same runs again, each stage under its own `cProfile` profile; a category
+  is the cumulative time of the functions that do that work (named in `ciscr/profiling.py`),
+  `- ` rows break down the row above them, and `other` is the rest of the stage. cProfile
+  slows Python-heavy code (data loading) more than torch kernels, so read shares here and
+  absolute times in the timed pass.
+- torch.profiler: iterations 6-15 of each training stage (fewer if the stage is shorter, then
+  with its final evaluation), ops by self CPU time; `step` and `rectifier` are labelled.
+"""
+
+
+def format_report(res: dict[str, Any]) -> str:
+    """The markdown report (also printed)."""
+    from ciscr.bench import _table
+
+    out = _header(res)
+    if res["timed"]:
+        out += ["", "## Time per stage (timed pass)", "", *_timed_table(res)]
+        comp = compare_stages(res["timed"])
+        if comp:
+            out += ["", "CISC-R training stages vs ST (training seconds per iteration):", "",
+                    *_table(["CISC-R stage", "ST stage", "CISC-R s/it", "ST s/it", "ratio"],
+                            [[c["stage"], c["st_stage"], _f(c["ciscr_s_per_it"], ".4f"),
+                              _f(c["st_s_per_it"], ".4f"), _f(c["ratio"])] for c in comp])]
+        tg = targets(res["timed"])
+        if tg:
+            out += ["", f"## Targets: {sum(t['pass'] for t in tg)} of {len(tg)} pass", "",
+                    *_table(["target", "value", "limit", "result"],
+                            [[t["target"], _f(t["value"]), t["limit"],
+                              "PASS" if t["pass"] else "FAIL"] for t in tg])]
+    if res["profiled"]:
+        out += ["", "## Where the time goes (profiled pass)"]
+        for method, stages in res["profiled"].items():
+            out += _profiled_sections(method, stages)
+    return "\n".join([*out, "", HOW])
+
+
+def write_results(res: dict[str, Any], out_dir: Path, name: str) -> tuple[Path, Path]:
+    """``<name>.md`` and ``<name>.json`` in ``out_dir`` (atomic writes)."""
+    from ciscr.utils.io import atomic_write_json, atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
+    atomic_write_json(js, res)
+    atomic_write_text(md, format_report(res))
+    return md, js
+
+
+# --------------------------------------------------------------------------- CLI
+
+PASSES = ("timed", "profiled")
+
+
+def run_profile(config: str, overrides: Sequence[str], *, methods: Sequence[str] = METHODS,
+                passes: Sequence[str] = PASSES, work: Path | None = None,
+                command: str = "") -> dict[str, Any]:
+    """Profile ``methods`` on ``config`` (+ ``overrides``); runs go to ``work`` (kept) or to
+    a temporary folder (removed). Returns the result (what the JSON file holds)."""
+    import torch
+
+    from ciscr.bench import machine_info
+    from ciscr.dist import resolve_device
+    from ciscr.utils.misc import resolve_amp
+
+    cfg = method_config(config, methods[0], overrides)  # a bad override fails here, before any run
+    device = resolve_device(cfg.device)
+    res: dict[str, Any] = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command, "machine": machine_info(device), "config": config,
+        "overrides": list(overrides), "methods": list(methods), "passes": list(passes),
+        "amp": cfg.train.amp, "amp_resolved": resolve_amp(cfg.train.amp, device),
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    tmp = None if work is not None else Path(tempfile.mkdtemp(prefix="ciscr-profile-"))
+    try:
+        res.update(profile_runs(config, overrides, methods, work or tmp, passes))
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    res["machine"]["load_avg_end"] = list(os.getloadavg())
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("suponly", "st", "stpp", "ciscr", "ciscr_bank")]
+    if bad or not methods:
+        raise ConfigError(f"--methods {args.methods}: choose among suponly,st,stpp,ciscr,"
+                          "ciscr_bank")
+    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
+    if not passes or any(p not in PASSES for p in passes):
+        raise ConfigError(f"--passes {args.passes}: choose among {','.join(PASSES)}")
+    if args.work is not None and args.work.exists() and any(args.work.iterdir()):
+        raise ConfigError(f"--work {args.work}: exists and is not empty; profiles need new runs")
+    if args.threads < 0:
+        raise ConfigError(f"--threads {args.threads}: must be >= 0")
+    return methods, passes
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this profile."""
+    parts = ["ciscr", "profile", args.config, *args.overrides, "--methods", args.methods,
+             "--passes", args.passes]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    if args.out is not None:
+        parts += ["--out", str(args.out), "--name", args.name]
+    return shlex.join(parts)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """``ciscr profile``: run, print the report, write it under ``--out`` if given."""
+    import torch
+
+    methods, passes = _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = run_profile(args.config, list(args.overrides), methods=methods, passes=passes,
+                      work=args.work, command=command_line(args))
+    print(format_report(res))
+    if args.out is not None:
+        md, js = write_results(res, args.out, args.name)
+        print(f"wrote {md} and {js}")
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    """Add ``ciscr profile`` to the CLI (called by ciscr.cli while it builds its parser)."""
+    from ciscr.commands import command
+
+    p = sub.add_parser(
+        "profile",
+        help="where a run's time goes: ST vs CISC-R stage by stage, cProfile, torch.profiler",
+        description="Runs each method twice on CONFIG (default synthetic): once timed, once "
+        "under cProfile / torch.profiler; prints the time per stage, the targets and a "
+        "breakdown per stage, and (with --out) writes NAME.md and NAME.json.",
+    )
+    p.add_argument("config", nargs="?", default="synthetic", help="config (default synthetic)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list (default st,ciscr)")
+    p.add_argument("--passes", default=",".join(PASSES), help="timed,profiled (default both)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--work", type=Path, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--out", type=Path, help="write NAME.md / NAME.json here")
+    p.add_argument("--name", default="profile_cpu", help="file name stem (default profile_cpu)")
+    command("profile")(cmd_profile)
+
+
+__all__ = [
+    "breakdown",
+    "cmd_profile",
+    "compare_stages",
+    "edge_seconds",
+    "format_report",
+    "instrument",
+    "register_cli",
+    "run_profile",
+    "targets",
+    "write_results",
+]

@@ -1,0 +1,138 @@
+"""ciscr profile: caller-specific cProfile times, the ST vs CISC-R comparison and its targets
+(hand values), and a tiny end-to-end run of both passes."""
+
+import cProfile
+import io
+import json
+import pstats
+import time
+
+import pytest
+
+from ciscr import profiling
+from ciscr.cli import main
+from ciscr.profiling import code_key, compare_stages, edge_seconds, targets
+
+
+def _leaf(seconds):
+    time.sleep(seconds)
+
+
+def _calls_twice():
+    _leaf(0.02)
+    _leaf(0.02)
+
+
+def _calls_once():
+    _leaf(0.05)
+
+
+def test_edge_seconds_splits_a_function_by_caller():
+    prof = cProfile.Profile()
+    prof.enable()
+    _calls_twice()
+    _calls_once()
+    prof.disable()
+    stats = pstats.Stats(prof, stream=io.StringIO())
+    leaf = code_key(_leaf)
+    total = edge_seconds(stats, leaf)
+    twice = edge_seconds(stats, leaf, code_key(_calls_twice))
+    once = edge_seconds(stats, leaf, code_key(_calls_once))
+    assert twice == pytest.approx(0.04, abs=0.03) and once == pytest.approx(0.05, abs=0.03)
+    assert total == pytest.approx(twice + once)
+    assert edge_seconds(stats, leaf, code_key(test_edge_seconds_splits_a_function_by_caller)) == 0
+    assert edge_seconds(stats, None) == 0.0
+
+
+def test_code_key_sees_through_decorators_and_into_closures():
+    from ciscr.engine.steps import Rectifier
+    from ciscr.engine.train import stream_loader
+
+    assert code_key(Rectifier.__call__)[2] == "__call__"  # not torch.no_grad's wrapper
+    assert code_key(Rectifier.__call__)[0].endswith("steps.py")
+    assert code_key(stream_loader, "<genexpr>")[2] == "<genexpr>"
+    assert code_key(stream_loader, "no_such_function") is None
+
+
+def _train(stage, total, eval_s, iterations):
+    return {"stage": stage, "kind": "training", "total": total, "iterations": iterations,
+            "seconds": {"training": total - eval_s, "evaluation": eval_s}}
+
+
+def _other(stage, total):
+    return {"stage": stage, "kind": "x", "total": total, "seconds": {}}
+
+
+TIMED = {
+    "st": [_train("stage1", 11.0, 1.0, 100), _other("pseudo0", 2.0),
+           _train("stage2", 21.0, 1.0, 100)],
+    "ciscr": [_train("stage1", 12.0, 1.0, 100), _other("pseudo0", 2.0), _other("selection", 3.0),
+              _train("stage2", 25.0, 1.0, 100), _other("pseudo1", 1.0),
+              _train("stage3", 22.0, 1.0, 100), _other("pseudo_final", 2.0)],
+}  # fmt: skip
+
+
+def test_ciscr_stages_are_compared_per_iteration_with_st():
+    comp = {c["stage"]: c for c in compare_stages(TIMED)}
+    assert comp["stage1"]["st_stage"] == "stage1"
+    assert comp["stage1"]["ratio"] == pytest.approx(0.11 / 0.10)
+    assert comp["stage2"]["ratio"] == pytest.approx(0.24 / 0.20)
+    assert comp["stage3"]["st_stage"] == "stage2"  # ST retrains once
+    assert comp["stage3"]["ratio"] == pytest.approx(0.21 / 0.20)
+
+
+def test_targets_hand_values():
+    got = {t["target"]: t for t in targets(TIMED)}
+    assert got["stage1 / ST stage1 (s per iteration)"]["pass"]  # 1.10
+    assert not got["stage2 / ST stage2 (s per iteration)"]["pass"]  # 1.20 > 1.15
+    assert got["stage3 / ST stage2 (s per iteration)"]["pass"]  # 1.05
+    side = got["pseudo0 + selection + pseudo1 / mean training stage"]
+    # (2 + 3 + 1) / mean(11, 24, 21): pseudo_final (scoring only) is not counted
+    assert side["value"] == pytest.approx(6 / (56 / 3)) and side["pass"]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--methods", "st,bogus"], "--methods"),
+    (["--passes", "timed,slow"], "--passes"),
+])  # fmt: skip
+def test_bad_options_are_one_line_errors(capsys, args, match):
+    assert main(["profile", "synthetic", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --") and match in err and err.count("\n") == 1
+
+
+TINY = [
+    "data.synthetic.num_train=16", "data.synthetic.num_val=3", "data.synthetic.size=32",
+    "data.labeled=6", "train.epochs=1", "train.iters_per_epoch=2", "train.batch_size=4",
+    "train.crop_size=32", "method.tta_scales=[1.0]", "method.tta_flip=false",
+    "model.channels=16", "method.score_final_pseudo=false", "method.min_class_ratio=0.0",
+]
+
+
+def test_tiny_profile_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(profiling, "TORCH_WINDOW", (0, 1))  # the stages have 2 iterations
+    out = tmp_path / "results"
+    assert main(["profile", "synthetic", *TINY, "--threads", "1", "--work",
+                 str(tmp_path / "work"), "--out", str(out), "--name", "p"]) == 0
+    res = json.loads((out / "p.json").read_text())
+    assert res["command"].startswith("ciscr profile synthetic data.synthetic.num_train=16")
+    timed = {m: {r["stage"]: r for r in rows} for m, rows in res["timed"].items()}
+    assert set(timed["st"]) == {"setup", "stage1", "pseudo0", "stage2", "report"}
+    assert {"selection", "pseudo1", "stage3"} <= set(timed["ciscr"])
+    assert timed["ciscr"]["stage2"]["iterations"] == 2
+    prof = {s["stage"]: s for s in res["profiled"]["ciscr"]}
+    for s in prof.values():  # the top-level categories and "other" add up to the stage
+        top = sum(c["seconds"] for c in s["categories"] if c["depth"] == 0)
+        assert top == pytest.approx(s["seconds"], rel=0.05)
+    cat = {c["label"]: c["seconds"] for c in prof["stage2"]["categories"]}
+    assert cat["rectifier (teacher forward, CISC maps)"] > 0
+    batches = cat["train batches: load + augment (main process)"]
+    assert batches >= cat["unlabeled images + pseudo labels"] > 0  # the row breaks down batches
+    assert prof["stage2"]["torch_window"]["iterations"] == 1
+    assert prof["stage2"]["torch_window"]["rectifier_s"] > 0
+    st2 = {c["label"]: c["seconds"] for c in res["profiled"]["st"][3]["categories"]}
+    assert st2["rectifier (teacher forward, CISC maps)"] == 0  # ST has no rectifier
+    md = (out / "p.md").read_text()
+    assert "## Time per stage (timed pass)" in md and "## Targets" in md
+    assert "- command: `ciscr profile synthetic" in md
+    assert "ciscr: training stages (cProfile" in capsys.readouterr().out
