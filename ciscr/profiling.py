@@ -41,6 +41,9 @@ from ciscr.timing import stage_time_rows
 
 STAGE_TARGET = 1.15  # a CISC-R training stage / the ST stage at the same settings (issue 13)
 METHODS = ("st", "ciscr")
+# "At the same settings": ST trains on CISC-R's two streams here (a labeled and an unlabeled
+# batch per step), not on ST++'s mixed list of one batch, so a step of each sees as many images.
+SAME_SETTINGS = {"st": ["method.retrain_batches=split", "method.cutout=false"]}
 # (module, attribute, how the stage is named from the call's arguments)
 STAGE_FUNCTIONS: tuple[tuple[str, str, Callable[[tuple], str]], ...] = (
     ("ciscr.pipeline", "setup_run", lambda a: "setup"),
@@ -425,7 +428,8 @@ def method_config(config: str, method: str, overrides: Sequence[str]) -> Any:
     """The config of one method: the user's config and overrides with ``method.name``."""
     from ciscr.config import load_config
 
-    return load_config(config, [f"method.name={method}", *overrides, "train.progress=false"])
+    return load_config(config, [f"method.name={method}", *SAME_SETTINGS.get(method, []),
+                                *overrides, "train.progress=false"])
 
 
 def timed_rows(run_dir: Path, records: Sequence[StageRecord]) -> list[dict[str, Any]]:

@@ -197,8 +197,13 @@ def _warn_at_start(cfg: Config, device: torch.device) -> None:
             log.warning(text)
 
 
-def _precision(cfg: Config) -> str:
-    return {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.train.amp]
+def _precision(cfg: Config, device: torch.device) -> str:
+    """What ``train.amp`` means on this device (``auto`` resolved), in words."""
+    from ciscr.utils.misc import resolve_amp
+
+    amp = resolve_amp(cfg.train.amp, device)
+    words = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[amp]
+    return f"{words} (train.amp=auto)" if cfg.train.amp == "auto" else words
 
 
 def run_summary(ctx: RunContext, resumed: bool = False) -> str:
@@ -217,7 +222,7 @@ def run_summary(ctx: RunContext, resumed: bool = False) -> str:
         f"val images, {info.num_classes} classes ({names})",
         f"model: {cfg.model.backbone} ({weights}), method {cfg.method.name}; device {ctx.device}"
         f", {torch.get_num_threads()} thread(s) x {dist.world_size()} process(es), "
-        f"precision {_precision(cfg)}",
+        f"precision {_precision(cfg, ctx.device)}",
     ]
     if done:
         lines.append(f"resuming: {', '.join(done)} already done (skipped)")
