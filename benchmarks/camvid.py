@@ -129,17 +129,23 @@ def run_one(args: argparse.Namespace, row: str, seed: int) -> None:
     rd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(rd / "run.log", "a") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    add_wall_time(rd, time.perf_counter() - t0)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # wait4: this child's own CPU time (user + sys), which another job sharing the cores
+        # does not inflate the way it inflates wall time.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    add_wall_time(rd, time.perf_counter() - t0, usage.ru_utime + usage.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(f"run failed ({proc.returncode}), log in {rd}/run.log")
     print(f"done: {rd.name} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def add_wall_time(rd: Path, seconds: float) -> None:
+def add_wall_time(rd: Path, seconds: float, cpu_seconds: float) -> None:
+    """Add one invocation's wall and CPU seconds to RUN/wall.json (a resumed run has several)."""
     path = rd / "wall.json"
-    total = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
-    atomic_write_json(path, {"seconds": total + seconds})
+    old = json.loads(path.read_text()) if path.exists() else {}
+    atomic_write_json(path, {"seconds": old.get("seconds", 0.0) + seconds,
+                             "cpu_seconds": old.get("cpu_seconds", 0.0) + cpu_seconds})
 
 
 def chains(rows: list[str], seeds: list[int]) -> list[list[tuple[str, int]]]:
@@ -206,6 +212,7 @@ def collect(args: argparse.Namespace, row: str, seed: int) -> dict | None:
             return None
         final, stages = res["final_metrics"], res["stages"]
         wall = (read(rd / "wall.json") or {}).get("seconds")
+    cpu = (read(rd / "wall.json") or {}).get("cpu_seconds") if row != "suponly" else None
     half = read(rd / "selection" / "half_quality.json") if row in ("stpp", "ciscr") else None
     return {
         "row": row, "seed": seed, "run_dir": str(rd), "val_miou": final["miou"],
@@ -214,7 +221,7 @@ def collect(args: argparse.Namespace, row: str, seed: int) -> dict | None:
         "pseudo_after": (stages.get("pseudo0", {}) if row == "suponly"
                          else stages.get("pseudo_final", {})).get("pseudo_miou"),
         "half_quality": {k: (v or {}).get("miou") for k, v in (half or {}).items()} or None,
-        "wall_seconds": wall, "online": online_curve(rd),
+        "wall_seconds": wall, "cpu_seconds": cpu, "online": online_curve(rd),
         "stage_val_miou": {k: v.get("val_miou") for k, v in stages.items()
                            if v and v.get("val_miou") is not None},
         "bn_recalibrated": read(rd / "bn_recalibration.json"),
@@ -281,7 +288,7 @@ def values(runs: dict, row: str, seeds: list[int], key: str = "val_miou") -> lis
 
 def table_main(runs: dict, rows: list[str], seeds: list[int]) -> list[str]:
     out = ["| method | val mIoU (%), mean ± std | per seed | minus SupOnly (paired, ± SE) "
-           "| minus its base row | wall time per run (min) |", "|---|---|---|---|---|---|"]
+           "| minus its base row | cost per run: wall min / CPU h |", "|---|---|---|---|---|---|"]
     sup = values(runs, "suponly", seeds)
     for r in rows:
         xs = values(runs, r, seeds)
@@ -293,7 +300,9 @@ def table_main(runs: dict, rows: list[str], seeds: list[int]) -> list[str]:
         each = " / ".join("-" if x is None else f"{100 * x:.1f}" for x in xs)
         base = paired_difference(xs, values(runs, BASE[r], seeds)) if r in BASE else ""
         walls = [w for w in values(runs, r, seeds, "wall_seconds") if w]
+        cpus = [c for c in values(runs, r, seeds, "cpu_seconds") if c]
         wall = f"{statistics.fmean(walls) / 60:.0f}" if walls else "n/a"
+        wall += f" / {statistics.fmean(cpus) / 3600:.2f}" if cpus else " / n/a"
         vs_sup = paired_difference(xs, sup) if r != "suponly" else ""
         out.append(f"| {ROWS[r][0]} | {fmt(statistics.fmean(got), sd)} (n={len(got)}) | {each} "
                    f"| {vs_sup} | {base} | {wall} |")

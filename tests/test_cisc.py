@@ -284,7 +284,11 @@ def test_anchor_distance_by_hand_and_nan():
     anchors = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     d = cisc.anchor_distance(f, lab, anchors)
     assert d.shape == (1, 3)
-    assert d[0, 0].item() == pytest.approx(0.0, abs=1e-6)
+    # The maps are clamped to [eps, 1 - eps] (Eq. 10 form of ciscr): a perfect map costs
+    # -ln(1 - eps) per pixel instead of 0; eps=0 gives the paper's unclamped D.
+    assert d[0, 0].item() == pytest.approx(-math.log(1 - cisc.DISTANCE_EPS), rel=1e-3)
+    assert cisc.anchor_distance(f, lab, anchors, eps=0.0)[0, 0].item() == pytest.approx(
+        0.0, abs=1e-6)
     assert d[0, 1].item() == pytest.approx((bce(R2, 0) + bce(R2, 1)) / 2, rel=1e-5)
     assert math.isnan(d[0, 2].item())
 
@@ -297,8 +301,9 @@ def test_balanced_anchor_distance_by_hand():
     f = feats((1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (2.0, 2.0))
     lab = torch.tensor([[[0, 0, 1, IGN]]])
     anchors = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
-    plain = cisc.anchor_distance(f, lab, anchors)
-    bal = cisc.anchor_distance(f, lab, anchors, balanced=True)
+    # eps=0: the unclamped maps, so a perfect pixel costs exactly 0 in these hand values
+    plain = cisc.anchor_distance(f, lab, anchors, eps=0.0)
+    bal = cisc.anchor_distance(f, lab, anchors, balanced=True, eps=0.0)
     assert plain[0, 1].item() == pytest.approx(2 * bce(R2, 0) / 3, rel=1e-5)
     assert bal[0, 1].item() == pytest.approx(bce(R2, 0) / 2, rel=1e-5)
     # class 2 absent from the labels: negatives only, both forms agree
