@@ -7,6 +7,8 @@ import pytest
 from ciscr.cli import main
 from ciscr.demo import demo_table
 
+DEMO_BUDGET = (0, 0, 0, 0, 0)  # set below once measured
+
 TINY = [
     "data.synthetic.num_train=12", "data.synthetic.num_val=3", "data.synthetic.size=32",
     "data.labeled=4", "train.epochs=1", "train.iters_per_epoch=2", "train.batch_size=4",
@@ -55,14 +57,32 @@ def test_overrides_may_follow_options(tmp_path):
     assert (out / "stage1" / "done.json").exists()
 
 
-def test_demo_table_lines_up_the_three_methods():
-    st = {"stages": {"stage1": {"val_miou": 0.30}, "pseudo0": {"pseudo_miou": 0.25},
-                     "pseudo_final": {"pseudo_miou": 0.35}}, "final_metrics": {"miou": 0.40}}
-    ci = {"stages": {"pseudo_final": {"pseudo_miou": 0.45}}, "final_metrics": {"miou": 0.5}}
-    table = demo_table(st, ci, {"st": 12.0, "ciscr": 30.0}).splitlines()
-    assert table[2].split()[-2:] == ["30.00", "25.00"]  # SupOnly = stage 1 of ST
-    assert table[3].split()[-3:] == ["40.00", "35.00", "12"]
-    assert table[4].split()[-3:] == ["50.00", "45.00", "30"]
+def test_demo_table_shows_gains_per_class_ious_and_learned_classes():
+    def res(miou, iou):
+        return {"final_metrics": {"miou": miou, "iou": iou}}
+
+    rows = [("SupOnly", res(0.30, [0.9, 0.0, 0.0]), 12.0, False),
+            ("CISC-R", res(0.45, [0.9, 0.4, 0.04]), 30.0, False),
+            ("UniMatch", res(0.50, [0.9, 0.5, 0.1]), 40.0, True)]
+    table = demo_table(rows, ["background", "disc", "square"]).splitlines()
+    assert table[2].split()[-5:] == ["30.00", "90.00", "0.00", "0.00", "12"]  # no gain column
+    assert table[3].split()[1:3] == ["45.00", "+15.00"]
+    assert table[4].split()[-2:] == ["40", "(reused)"]
+    assert "3 of 3" in table[5]  # square is learned by UniMatch only (10 % >= 5 %)
+
+
+def test_demo_budget_is_pinned():
+    # The demo's cost is its iterations x images per stage; a change here changes the README's
+    # measured demo time, which must then be measured again (docs/results/demo_cpu.md).
+    from ciscr.config import load_config
+    from ciscr.demo import DEMO_ROWS
+
+    cfg = load_config("synthetic", [])
+    t, d = cfg.train, cfg.data.synthetic
+    assert [m for _, m in DEMO_ROWS] == ["suponly", "ciscr_bank", "unimatch"]
+    assert (cfg.data.labeled, d.num_train, d.num_val, d.size) == (10, 200, 50, 64)
+    assert (t.epochs, t.unlabeled_epochs, t.iters_per_epoch, t.batch_size, t.crop_size) == (
+        DEMO_BUDGET)
 
 
 def test_a_run_directory_is_used_by_one_process_at_a_time(tmp_path, capsys):

@@ -181,7 +181,7 @@ def test_unlabeled_pseudo_and_gt_aligned_with_image(data):
         ds.set_epoch(epoch)
         for i in range(3):
             item = ds[i]
-            assert set(item) == {"image", "pseudo", "gt", "id", "index"}
+            assert set(item) == {"image", "pseudo", "conf", "gt", "id", "index"}
             pseudo, gt = item["pseudo"], item["gt"]
             assert pseudo.shape == gt.shape == (24, 24) and pseudo.dtype == torch.int64
             inner = interior(pseudo)

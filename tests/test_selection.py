@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from ciscr import selection as sel
+from ciscr.cisc import DISTANCE_EPS
 from ciscr.data.formats import Sample
 from ciscr.errors import CheckpointError, ConfigError, DataError
 from ciscr.models import SegOutput
@@ -96,7 +97,9 @@ def test_prototypes_anchors_distances_and_selection_by_hand(world):
 
     ids = [s.id for s in labeled]
     d = sel.image_distances(model, labeled, "gt", anchors, **KW)
-    want = [[D0_YELLOW, D1_YELLOW, NAN], [0.0, D1_GREEN, NAN], [0.0, D1_RED, NAN]]
+    # A perfect map costs -ln(1 - eps) per pixel with Eq. 10's clamp (cisc.DISTANCE_EPS), not 0.
+    perfect = -math.log(1 - DISTANCE_EPS)
+    want = [[D0_YELLOW, D1_YELLOW, NAN], [perfect, D1_GREEN, NAN], [perfect, D1_RED, NAN]]
     assert torch.allclose(d, torch.tensor(want), atol=1e-5, equal_nan=True)
     assert sel.query_lists_cs(ids, present, d) == {0: ["C"], 1: ["A"], 2: []}
 
