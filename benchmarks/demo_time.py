@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
              "with an empty data cache)",
              f"- machine: {machine()}; load average before the run: {load:.2f}",
              f"- generated: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}", "",
-             f"**Wall time: {wall:.0f} s** (data generation, three training runs, their "
+             f"**Wall time: {wall:.0f} s** (data generation, every training run of the demo, their "
              "evaluation and reports).", "", "The demo's table:", "", "```", table.rstrip(), "```", ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

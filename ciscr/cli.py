@@ -75,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval.mode=sliding")
     p.add_argument("--out", type=Path, help="JSON file (default: next to the checkpoint, "
                    "<stem>_eval_<mode>[_<other data root>].json)")
-    p = sub.add_parser("demo", help="SupOnly vs ST vs CISC-R on the built-in synthetic data")
+    p = sub.add_parser("demo", help="SupOnly vs CISC-R (and more) on the built-in synthetic data")
     p.add_argument("--out", type=Path, default=Path("ciscr-demo"), help="run directory")
+    p.add_argument("--methods", default="suponly,ciscr_bank",
+                   help="comma list of rows, e.g. suponly,ciscr_bank,unimatch (default: "
+                        "suponly,ciscr_bank)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("info", help="versions, device, threads, bf16/CUDA/DDP availability")
     for extra in _EXTRA_PARSERS:
@@ -130,7 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ciscr.demo import run_demo
 
-    run_demo(args.out, list(args.overrides))
+    run_demo(args.out, list(args.overrides),
+             tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     return 0
 
 

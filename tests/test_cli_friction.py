@@ -16,7 +16,7 @@ from ciscr.config import load_config
 
 TINY = [
     "data.synthetic.num_train=12", "data.synthetic.num_val=3", "data.synthetic.size=32",
-    "data.labeled=4", "train.epochs=1", "train.iters_per_epoch=2", "train.batch_size=4",
+    "data.labeled=4", "train.epochs=1", "train.unlabeled_epochs=0", "train.iters_per_epoch=2", "train.batch_size=4",
     "train.crop_size=32", "train.progress=false", "model.channels=16",
 ]
 

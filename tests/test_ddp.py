@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # batch_size=4: 2 images per rank (BatchNorm needs >= 2); 3 iterations per stage.
 ARGS = [
-    "train.epochs=1", "train.iters_per_epoch=3", "train.batch_size=4", "train.crop_size=32",
+    "train.epochs=1", "train.unlabeled_epochs=0", "train.iters_per_epoch=3", "train.batch_size=4", "train.crop_size=32",
     "train.lr=0.05", "train.ckpt_every=2", "train.log_every=1", "train.progress=false",
     "data.synthetic.num_train=24", "data.synthetic.num_val=5", "data.synthetic.size=32",
     "data.labeled=7", "model.backbone=mobilenet_v2", "method.tta_scales=[1.0]", "device=cpu",

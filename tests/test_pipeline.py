@@ -14,7 +14,7 @@ from ciscr.runner import run_training
 
 TINY = [
     "data.synthetic.num_train=16", "data.synthetic.num_val=3", "data.synthetic.size=32",
-    "data.labeled=6", "train.epochs=1", "train.iters_per_epoch=2", "train.batch_size=4",
+    "data.labeled=6", "train.epochs=1", "train.unlabeled_epochs=0", "train.iters_per_epoch=2", "train.batch_size=4",
     "train.crop_size=32", "train.progress=false", "method.tta_scales=[1.0]",
     "method.tta_flip=false", "model.channels=16", "method.score_final_pseudo=false",
     "method.min_class_ratio=0.0",

@@ -83,10 +83,10 @@ def test_ciscr_stages_are_compared_per_iteration_with_st():
 
 def test_targets_hand_values():
     got = {t["target"]: t for t in targets(TIMED)}
-    assert got["stage1 / ST stage1 (s per iteration)"]["pass"]  # 1.10
-    assert not got["stage2 / ST stage2 (s per iteration)"]["pass"]  # 1.20 > 1.15
-    assert got["stage3 / ST stage2 (s per iteration)"]["pass"]  # 1.05
-    side = got["pseudo0 + selection + pseudo1 / mean training stage"]
+    assert got["ciscr stage1 / ST stage1 (s per iteration)"]["pass"]  # 1.10
+    assert not got["ciscr stage2 / ST stage2 (s per iteration)"]["pass"]  # 1.20 > 1.15
+    assert got["ciscr stage3 / ST stage2 (s per iteration)"]["pass"]  # 1.05
+    side = got["ciscr pseudo0 + selection + pseudo1 / mean training stage"]
     # (2 + 3 + 1) / mean(11, 24, 21): pseudo_final (scoring only) is not counted
     assert side["value"] == pytest.approx(6 / (56 / 3)) and side["pass"]
 
@@ -103,7 +103,7 @@ def test_bad_options_are_one_line_errors(capsys, args, match):
 
 TINY = [
     "data.synthetic.num_train=16", "data.synthetic.num_val=3", "data.synthetic.size=32",
-    "data.labeled=6", "train.epochs=1", "train.iters_per_epoch=2", "train.batch_size=4",
+    "data.labeled=6", "train.epochs=1", "train.unlabeled_epochs=0", "train.iters_per_epoch=2", "train.batch_size=4",
     "train.crop_size=32", "method.tta_scales=[1.0]", "method.tta_flip=false",
     "model.channels=16", "method.score_final_pseudo=false", "method.min_class_ratio=0.0",
 ]

@@ -21,7 +21,7 @@ from ciscr.errors import DataError
 from ciscr.report import SECTIONS, expected_stages, pick_class, read_train_log, write_report
 
 RUN_ARGS = [
-    "train.epochs=1",
+    "train.epochs=1", "train.unlabeled_epochs=0",
     "train.iters_per_epoch=2",
     "data.synthetic.num_train=24",
     "data.synthetic.num_val=4",

@@ -31,7 +31,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # 6 iterations per stage over 2 epochs, a checkpoint every 2: kills between checkpoints make
 # the rerun redo iterations, and the epoch-end evaluation is exercised too.
 ARGS = [
-    "train.epochs=2", "train.iters_per_epoch=3", "train.batch_size=4", "train.crop_size=32",
+    "train.epochs=2", "train.unlabeled_epochs=0", "train.iters_per_epoch=3", "train.batch_size=4", "train.crop_size=32",
     "train.lr=0.05", "train.ckpt_every=2", "train.log_every=1", "train.eval_every_epochs=1",
     "train.progress=false", "data.synthetic.num_train=24", "data.synthetic.num_val=4",
     "data.synthetic.size=32", "data.labeled=8", "model.backbone=mobilenet_v2",
