@@ -141,6 +141,13 @@ def setup_run(cfg: Config, run_dir: Path, device: torch.device) -> RunContext:
     return RunContext(cfg, run_dir, device, info, labeled, unlabeled, val)
 
 
+def uses_labeled_stage(cfg: Config) -> bool:
+    """Whether the configured method has a labeled-only stage 1 (``train.epochs``)."""
+    from ciscr.methods import get_recipe
+
+    return get_recipe(cfg.method.name).family != "online"
+
+
 def uses_unlabeled(cfg: Config) -> bool:
     """Whether the configured method trains on unlabeled images at all."""
     from ciscr.methods import get_recipe
@@ -184,7 +191,10 @@ def _check_same_config(cfg: Config, saved: Path) -> None:
         new.pop(volatile, None)
     # eval.batch_size only groups validation images into forwards (same predictions up to
     # float rounding); its default changed from 1 to 8, which must not strand older runs.
-    for section, k in (("train", "progress"), ("train", "log_every"), ("eval", "batch_size")):
+    ignored = [("train", "progress"), ("train", "log_every"), ("eval", "batch_size")]
+    if not uses_labeled_stage(cfg):
+        ignored.append(("train", "epochs"))  # online methods never read it (no labeled stage)
+    for section, k in ignored:
         old.get(section, {}).pop(k, None)
         new.get(section, {}).pop(k, None)
     _drop_new_defaults(old, new, config_to_dict(from_dict({"method": {"name": cfg.method.name}})))

@@ -210,3 +210,18 @@ def test_a_run_made_before_a_setting_existed_still_resumes(tmp_path):
     saved.write_text(yaml.safe_dump(old))
     with pytest.raises(ConfigError, match="unlabeled_epochs"):
         run_training(cfg, tmp_path / "r")
+
+
+def test_online_runs_resume_whatever_train_epochs_says(tmp_path):
+    # An online method has no labeled-only stage: train.epochs is never read, so a config that
+    # changes only it (a protocol's new stage-1 budget) resumes the online run; a stage-wise
+    # run is refused.
+    base = SMALL + ["train.iters_per_epoch=1", "method.score_final_pseudo=false"]
+    run_training(load_config("synthetic", base + ["method.name=fixmatch"]), tmp_path / "o")
+    again = run_training(load_config("synthetic", base + ["method.name=fixmatch",
+                                                          "train.epochs=7"]), tmp_path / "o")
+    assert again["final_stage"] == "online"
+    run_training(load_config("synthetic", base + ["method.name=suponly"]), tmp_path / "s")
+    with pytest.raises(ConfigError, match="train.epochs"):
+        run_training(load_config("synthetic", base + ["method.name=suponly", "train.epochs=7"]),
+                     tmp_path / "s")
