@@ -19,8 +19,8 @@ from ciscr.engine.train import Stream, train_stage
 from ciscr.errors import DataError
 from ciscr.pipeline import (
     RunContext,
-    _epoch_eval,
-    _finish_stage,
+    epoch_eval_hook,
+    finish_stage,
     fresh_model,
     is_done,
     labeled_dataset,
@@ -74,8 +74,8 @@ def online_stage(ctx: RunContext) -> dict[str, Any]:
     step = OnlineStep(online_recipe(ctx), ctx.info.num_classes, ctx.cfg.method.prototype_momentum)
     train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
                 epoch_stream="unlabeled", meta={**ctx.meta, "stage": STAGE},
-                num_workers=ctx.cfg.data.num_workers, desc=STAGE, on_epoch_end=_epoch_eval(ctx))
-    return _finish_stage(ctx, out, model, t0)
+                num_workers=ctx.cfg.data.num_workers, desc=STAGE, on_epoch_end=epoch_eval_hook(ctx))
+    return finish_stage(ctx, out, model, t0)
 
 
 def run_online(ctx: RunContext) -> tuple[dict[str, dict[str, Any]], str]:

@@ -368,8 +368,8 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
     train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
                 epoch_stream=epoch_stream, meta={**ctx.meta, "stage": "stage1"},
                 num_workers=d.num_workers, snapshot_iters=snaps, desc="stage1",
-                on_epoch_end=_epoch_eval(ctx))
-    return _finish_stage(ctx, out, model, t0)
+                on_epoch_end=epoch_eval_hook(ctx))
+    return finish_stage(ctx, out, model, t0)
 
 
 def stpp_snapshot_iters(per_epoch: int, epochs: int, n: int) -> list[int]:
@@ -390,7 +390,9 @@ def _stpp_snapshot_iters(ctx: RunContext, stream: Stream) -> list[int]:
     return stpp_snapshot_iters(iters_per_epoch(stream, t), t.epochs, ctx.cfg.method.stpp_snapshots)
 
 
-def _epoch_eval(ctx: RunContext):
+def epoch_eval_hook(ctx: RunContext):
+    """The per-epoch validation hook of ``train.eval_every_epochs`` (logged, never used to
+    select anything), or None when it is off."""
     every = ctx.cfg.train.eval_every_epochs
     if not every:
         return None
@@ -403,7 +405,8 @@ def _epoch_eval(ctx: RunContext):
     return hook
 
 
-def _finish_stage(ctx: RunContext, out: Path, model: nn.Module, t0: float) -> dict[str, Any]:
+def finish_stage(ctx: RunContext, out: Path, model: nn.Module, t0: float) -> dict[str, Any]:
+    """Evaluate a trained stage's model, write ``metrics.json`` and mark the stage done."""
     t_eval = time.perf_counter()
     metrics = evaluate_model(ctx, model)
     t_end = time.perf_counter()
@@ -668,8 +671,8 @@ def retrain_stage(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Pa
         step = retrain_step(rect, d.ignore_index, unl)
     train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
                 epoch_stream=epoch_stream, meta={**ctx.meta, "stage": name},
-                num_workers=d.num_workers, desc=name, on_epoch_end=_epoch_eval(ctx))
-    return _finish_stage(ctx, out, model, t0)
+                num_workers=d.num_workers, desc=name, on_epoch_end=epoch_eval_hook(ctx))
+    return finish_stage(ctx, out, model, t0)
 
 
 # --------------------------------------------------------------------------- Algorithm 2
