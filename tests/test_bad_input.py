@@ -183,7 +183,7 @@ def test_empty_labeled_split(capsys, tmp_path: Path, data: Path) -> None:
 
 def test_empty_unlabeled_split(capsys, tmp_path: Path, data: Path) -> None:
     msg = assert_bad_run(capsys, tmp_path, data, extra=["data.labeled=16"])
-    assert msg.startswith("the unlabeled split is empty but method.name=ciscr self-trains")
+    assert msg.startswith("the unlabeled split is empty but method.name=ciscr_bank self-trains")
 
 
 # --------------------------------------------------------------------------- settings, weights
