@@ -162,13 +162,6 @@ class MethodCfg(BaseModel):
     name: str = Field("ciscr", description="a registered method (ciscr.methods.RECIPES)")
     stage1_cisc_loss: bool = Field(True, description="add L_CISC on labeled pairs in stage 1")
 
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, v: str) -> str:
-        if v not in METHOD_PRESETS:
-            raise ValueError(f"unknown method '{v}'; valid: {', '.join(METHOD_PRESETS)}")
-        return v
-
     cisc_weight: float = Field(1.0, ge=0)
     pair_views: Literal["independent", "shared"] = Field(
         "independent",
@@ -290,6 +283,22 @@ class MethodCfg(BaseModel):
         description="re-label the unlabeled pool with the final model to score it "
         "(only where its ground truth exists; reporting only, Table 5)",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if v not in METHOD_PRESETS:
+            raise ValueError(f"unknown method '{v}'; valid: {', '.join(METHOD_PRESETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_mixed_batches(self) -> MethodCfg:
+        # Checked here, not when stage 2 starts: the mixed list has no unlabeled stream to
+        # rectify, and the user should learn it before stage 1 is trained.
+        if self.retrain_batches == "mixed" and self.rectify != "none":
+            raise ValueError("method.retrain_batches=mixed trains ST / ST++ without "
+                             "rectification: set method.rectify=none or retrain_batches=split")
+        return self
 
 
 # What each preset means (METHOD.md section 8). Keys given explicitly by the user win. The run

@@ -113,7 +113,7 @@ def setup_run(cfg: Config, run_dir: Path, device: torch.device) -> RunContext:
     """
     saved = run_dir / "config.yaml"
     if saved.exists():
-        _check_same_config(cfg, saved)
+        check_same_config(cfg, saved)
     make_grad_scaler(device, cfg.train.amp)  # ConfigError now for fp16 off CUDA
     info, labeled, unlabeled, val = load_dataset(cfg.data, cfg.seed)
     if not labeled:
@@ -143,16 +143,16 @@ def setup_run(cfg: Config, run_dir: Path, device: torch.device) -> RunContext:
 
 def uses_labeled_stage(cfg: Config) -> bool:
     """Whether the configured method has a labeled-only stage 1 (``train.epochs``)."""
-    from ciscr.methods import get_recipe
+    from ciscr.methods import stage_names
 
-    return get_recipe(cfg.method.name).family != "online"
+    return "stage1" in stage_names(cfg.method)
 
 
 def uses_unlabeled(cfg: Config) -> bool:
-    """Whether the configured method trains on unlabeled images at all."""
-    from ciscr.methods import get_recipe
+    """Whether the configured method trains on unlabeled images at all (any stage but 1)."""
+    from ciscr.methods import stage_names
 
-    return get_recipe(cfg.method.name).family == "online" or cfg.method.retrain != "none"
+    return stage_names(cfg.method) != ["stage1"]
 
 
 def _remove_stale_temporaries(run_dir: Path) -> None:
@@ -180,7 +180,9 @@ def _warn_unlabeled_classes(info: DatasetInfo, present: list[int]) -> None:
                     "(plain CE on their pseudo labels) and cannot be learned from labels", names)
 
 
-def _check_same_config(cfg: Config, saved: Path) -> None:
+def check_same_config(cfg: Config, saved: Path) -> None:
+    """ConfigError unless ``cfg`` is the config a run directory was made with (``saved``), up
+    to the settings that do not change results."""
     import yaml
 
     old = yaml.safe_load(saved.read_text())
@@ -661,10 +663,7 @@ def retrain_stage(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Pa
     model = stage_start_model(ctx, teacher_dir)
     streams, epoch_stream = _retrain_streams(ctx, parts)
     unl = unlabeled_loss(ctx, iters_per_epoch(streams[epoch_stream], t) * t.epochs)
-    if epoch_stream == "mixed":
-        if sel is not None:
-            raise ConfigError("method.retrain_batches=mixed trains ST / ST++ without "
-                              "rectification: set method.rectify=none or retrain_batches=split")
+    if epoch_stream == "mixed":  # never rectified (MethodCfg refuses mixed + rectify)
         step = mixed_step(d.ignore_index, unl)
     else:
         rect = build_rectifier(ctx, teacher_dir, sel, labeled_dataset(ctx), out) if sel else None

@@ -225,3 +225,10 @@ def test_online_runs_resume_whatever_train_epochs_says(tmp_path):
     with pytest.raises(ConfigError, match="train.epochs"):
         run_training(load_config("synthetic", base + ["method.name=suponly", "train.epochs=7"]),
                      tmp_path / "s")
+
+
+def test_mixed_batches_with_rectification_is_refused_when_the_config_loads():
+    with pytest.raises(ConfigError, match="retrain_batches=mixed"):
+        load_config("synthetic", ["method.name=st", "method.rectify=bank"])
+    assert load_config("synthetic", ["method.name=st", "method.rectify=bank",
+                                     "method.retrain_batches=split"]).method.rectify == "bank"

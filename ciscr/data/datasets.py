@@ -154,8 +154,11 @@ class UnlabeledDataset(_Base):
 
     ``pseudo_dir`` given (rectified training): item = ``image`` float (3, crop, crop) after weak
     scale/crop/flip and, if ``strong``, strong photometric augmentation; ``pseudo`` int64
-    (crop, crop) read from ``pseudo_dir/<id>.png`` (``ignore_index`` where padded); ``gt``;
-    ``id``; ``index``. Image, pseudo and gt share the same geometric transform.
+    (crop, crop) read from ``pseudo_dir/<id>.png`` (``ignore_index`` where padded); ``conf``
+    float (crop, crop), the teacher's confidence from ``conf_dir/<id>.png`` (all 1 without a
+    ``conf_dir``); ``gt``; ``id``; ``index``. Image, pseudo, conf and gt share the same
+    geometric transform; ``cutout`` (ST++) voids a random box of the pseudo label after the
+    strong augmentation.
 
     ``pseudo_dir=None`` (pseudo-labelling / scoring pass): item = ``image`` normalised at full
     size with no augmentation, ``gt``, ``id``, ``index``.
@@ -204,10 +207,14 @@ class UnlabeledDataset(_Base):
         if self.pseudo_dir is None:
             return {"image": normalize(img, self.mean, self.std), "gt": gt, "id": s.id, "index": i}
         pseudo = _mask_tensor(self._read_mask(self.pseudo_path(s.id), image))
-        # The teacher's confidence travels as a uint8 map (255 = 1.0) through the same geometry;
-        # padding reads 255 (its pseudo label is void anyway).
-        conf = self._confidence(s.id, image)
-        img, (pseudo, gt, conf) = self.weak(img, [pseudo, gt, conf], g)
+        masks = [pseudo, gt]
+        if self.conf_dir is not None:
+            # The teacher's confidence travels as a uint8 map (255 = 1.0) through the same
+            # geometry; padding reads 255 (its pseudo label is void anyway).
+            masks.append(self._confidence(s.id, image))
+        img, (pseudo, gt, *conf) = self.weak(img, masks, g)
+        # Without confidence maps every pixel counts fully (no full-size map to resize).
+        conf = conf[0].float() / 255.0 if conf else torch.ones(pseudo.shape)
         if self.strong:
             img = strong_photometric(img, g)
         if self.cutout:
@@ -215,15 +222,14 @@ class UnlabeledDataset(_Base):
         return {
             "image": normalize(img, self.mean, self.std),
             "pseudo": pseudo,
-            "conf": conf.float() / 255.0,
+            "conf": conf,
             "gt": gt,
             "id": s.id,
             "index": i,
         }
 
     def _confidence(self, sample_id: str, image: np.ndarray) -> torch.Tensor:
-        if self.conf_dir is None:
-            return torch.full(image.shape[:2], 255, dtype=torch.long)
+        """The uint8 confidence map of ``sample_id`` (255 = 1.0) from ``conf_dir``."""
         path = self.conf_dir / f"{sample_id}.png"
         return _mask_tensor(read_mask(path, 256, self.ignore_index, expect_size=image.shape[:2]))
 

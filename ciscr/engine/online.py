@@ -115,8 +115,12 @@ def batch_prototypes(
     """
     protos, present = cisc.class_prototypes(features.float(), labels, num_classes, ignore_index)
     lab = labels.long().flatten(1)
+    inside = (lab >= 0) & (lab < num_classes)
     valid = (lab != ignore_index).sum(1).clamp_min(1).float()  # (B,)
-    counts = torch.stack([(lab == k).sum(1) for k in range(num_classes)], dim=1).float()
+    # Pixels per class in one pass (void -> an extra bin), not one comparison per class.
+    idx = torch.where(inside, lab, num_classes)
+    counts = torch.zeros(lab.shape[0], num_classes + 1, device=lab.device)
+    counts = counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=counts.dtype))[:, :-1]
     ok = (present & (counts / valid.unsqueeze(1) >= min_ratio)).float()  # (B, K)
     return (protos * ok.unsqueeze(-1)).sum(0), ok.sum(0)
 
