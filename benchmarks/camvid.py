@@ -68,8 +68,9 @@ BASE = {"bank_conf": "ciscr_bank", "bank_thr": "ciscr_bank", "bank_ramp": "ciscr
         "bank_warm": "ciscr_bank", "unimatch_cisc": "unimatch"}
 SHARED_WITH = {r: ("ciscr", ("stage1", "pseudo0", "selection"))
                for r in ("ciscr_bank", *OPTIONS)}
-# Order of the runs of one seed: the rows the targets need first.
-ORDER = ["st", "unimatch", "ciscr", "ciscr_bank", "stpp", "unimatch_cisc", "fixmatch", *OPTIONS]
+# Order of the runs of one seed: the rows the targets need first (SupOnly/ST, UniMatch and
+# UniMatch + CISC, CISC-R), then the other baselines.
+ORDER = ["st", "unimatch", "ciscr", "ciscr_bank", "unimatch_cisc", "stpp", "fixmatch", *OPTIONS]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

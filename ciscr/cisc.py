@@ -31,6 +31,7 @@ __all__ = [
     "anchors_from_prototypes",
     "cisc_map",
     "cisc_map_multi",
+    "cisc_maps",
     "cisc_pair_loss",
     "class_prototypes",
     "multi_prototypes",
@@ -82,10 +83,34 @@ def prototype(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, C): ``sum(F_up * m) / (sum(m) + 5e-4)``; an empty mask gives the zero vector.
     """
-    m = mask.to(features.dtype)
-    f_up = _resize(features, tuple(mask.shape[-2:]))
-    summed = torch.einsum("bchw,bhw->bc", f_up, m)
+    m = mask.float()
+    # sum(resize(F) * m) == sum(F * resize^T(m)): bilinear resizing is linear, so the mask is
+    # moved to feature resolution by the transposed resize instead of upsampling all C feature
+    # channels to label resolution (WHY: that upsample and its backward were most of what
+    # L_CISC added to a stage-1 step, and its memory at Cityscapes size). Exact up to rounding.
+    weights = _resize_transposed(m, tuple(features.shape[-2:])).to(features.dtype)
+    summed = torch.einsum("bchw,bhw->bc", features, weights)
     return summed / (m.sum(dim=(1, 2)) + PROTO_EPS).unsqueeze(1)
+
+
+def _interp_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in): the 1-D linear interpolation (align_corners=False) from n_in to n_out
+    points, i.e. column i is the resized unit vector e_i."""
+    eye = torch.eye(n_in, device=device).unsqueeze(0)  # (1, n_in channels, n_in points)
+    if n_in == n_out:
+        return eye[0]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
+
+
+def _resize_transposed(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., H, W) -> (..., *size): the adjoint of :func:`_resize` from ``size`` to (H, W).
+
+    Bilinear resizing is separable, ``up(F) = A_h F A_w^T``, so its adjoint is
+    ``A_h^T m A_w`` with the 1-D interpolation matrices A (tested against autograd)."""
+    (h, w), (big_h, big_w) = size, m.shape[-2:]
+    a_h = _interp_matrix(h, big_h, m.device)  # (H, h)
+    a_w = _interp_matrix(w, big_w, m.device)  # (W, w)
+    return torch.einsum("Hh,...HW,Ww->...hw", a_h, m, a_w)
 
 
 def cisc_map(features: torch.Tensor, proto: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -270,11 +295,12 @@ def class_prototypes(
     idx = torch.where(inside, labels, num_classes).unsqueeze(1)  # void -> an extra channel
     b, h, w = labels.shape
     # Float one-hot built by scatter (F.one_hot would allocate int64 first: 2x the memory).
-    onehot = features.new_zeros(b, num_classes + 1, h, w).scatter_(1, idx, 1.0)
+    onehot = torch.zeros(b, num_classes + 1, h, w, device=features.device).scatter_(1, idx, 1.0)
     onehot = onehot[:, :num_classes]  # (B, K, H, W)
-    f_up = _resize(features, (h, w))
-    summed = torch.einsum("bchw,bkhw->bkc", f_up, onehot)
     counts = onehot.sum(dim=(2, 3))  # (B, K)
+    # The masks go to feature resolution by the transposed resize (see prototype()).
+    weights = _resize_transposed(onehot, tuple(features.shape[-2:])).to(features.dtype)
+    summed = torch.einsum("bchw,bkhw->bkc", features, weights)
     return summed / (counts + PROTO_EPS).unsqueeze(-1), counts > 0
 
 
@@ -451,6 +477,22 @@ def multi_prototypes(
         if pixels.shape[0] > 0:
             out[i] = _kmeans(pixels, n, iters)
     return out
+
+
+def cisc_maps(features: torch.Tensor, protos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Eq. 6 for K prototypes per image at once: ``out[b, k] = cisc_map(features[b], protos[b, k])``.
+
+    Args:
+        features: (B, C, h, w); protos: (B, K, C); size: (H, W).
+
+    Returns:
+        (B, K, H, W) in [0, 1].
+    """
+    dtype = torch.promote_types(features.dtype, protos.dtype)
+    cos = torch.einsum(
+        "bchw,bkc->bkhw", _unit(features.to(dtype), dim=1), _unit(protos.to(dtype), dim=2)
+    )
+    return _resize(cos, size).clamp(0.0, 1.0)
 
 
 def cisc_map_multi(

@@ -44,6 +44,25 @@ def test_prototype_upsamples_bilinearly():
     assert torch.allclose(cisc.prototype(f, m2), torch.tensor([[7 / 2.0005]]))
 
 
+@pytest.mark.parametrize("h,w,H,W", [(16, 16, 64, 64), (8, 11, 33, 41), (13, 7, 40, 21),
+                                     (40, 30, 20, 15)])
+def test_prototype_equals_upsampling_the_features(h, w, H, W):
+    # prototype() moves the mask to feature resolution with the transposed resize instead of
+    # upsampling the features: the same Eq. 5 value, checked against the direct form and the
+    # transposed resize against autograd's adjoint of F.interpolate.
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(3, 6, h, w, generator=g, dtype=torch.float64)
+    m = torch.rand(3, H, W, generator=g) > 0.5
+    up = F.interpolate(f, size=(H, W), mode="bilinear", align_corners=False)
+    direct = torch.einsum("bchw,bhw->bc", up, m.double()) / (m.sum((1, 2)) + cisc.PROTO_EPS)[:, None]
+    assert torch.allclose(cisc.prototype(f, m), direct, atol=1e-6)
+    z = torch.zeros(3, 1, h, w, dtype=torch.float64, requires_grad=True)
+    (adj,) = torch.autograd.grad(F.interpolate(z, size=(H, W), mode="bilinear",
+                                               align_corners=False), z, m.double()[:, None])
+    assert torch.allclose(cisc._resize_transposed(m.float(), (h, w)).double(), adj[:, 0],
+                          atol=1e-6)
+
+
 def test_prototype_empty_mask_is_zero():
     f = torch.rand(2, 3, 2, 2) + 1
     m = torch.zeros(2, 4, 4, dtype=torch.long)
@@ -64,6 +83,16 @@ def test_cisc_map_by_hand_with_resize():
     expected = torch.tensor([[[1.0, 0.75 + 0.25 * R2, 0.25 + 0.75 * R2, R2]]])
     assert out.shape == (1, 1, 4)
     assert torch.allclose(out, expected)
+
+
+def test_cisc_maps_equal_one_cisc_map_per_class():
+    g = torch.Generator().manual_seed(1)
+    f, protos = torch.randn(2, 5, 4, 6, generator=g), torch.randn(2, 3, 5, generator=g)
+    protos[1, 2] = 0.0  # a zero prototype gives a zero map, as in cisc_map
+    maps = cisc.cisc_maps(f, protos, (8, 12))
+    assert maps.shape == (2, 3, 8, 12)
+    for k in range(3):
+        assert torch.allclose(maps[:, k], cisc.cisc_map(f, protos[:, k], (8, 12)), atol=1e-6)
 
 
 def test_cisc_map_clamps_and_zero_prototype():

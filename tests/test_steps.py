@@ -111,3 +111,23 @@ def test_random_partners_share_nothing_and_are_never_self():
     assert seen == set(range(5))
     with pytest.raises(ValueError, match="partners"):
         PairDataset(Views(), present, None, seed=0, partners="same")
+
+
+def test_bank_rectifier_every_class_maps_only_the_classes_present():
+    from ciscr import cisc
+    from ciscr.engine.steps import Rectifier
+
+    g = torch.Generator().manual_seed(2)
+    feats, bank = torch.rand(2, 5, 3, 3, generator=g), torch.rand(4, 3, 5, generator=g)
+    # Class 1 has no query image: never rectified. Image 0 shows classes 0 and 2 (and void),
+    # image 1 only class 2.
+    rect = Rectifier(features=lambda x: feats, mode="bank", classes="all", num_classes=3,
+                     query_lists={0: [0, 1], 1: [], 2: [3]}, seed=0, bank=bank,
+                     bank_present=torch.ones(4, 3, dtype=torch.bool))
+    y = torch.tensor([[[0, 0, 2], [2, 255, 1], [0, 0, 0]], [[2] * 3] * 3])
+    cmaps = rect(torch.zeros(2, 3, 6, 6), y, it=5)["cmaps"]
+    assert cmaps.shape == (2, 3, 3, 3)
+    assert (cmaps[:, 1] == -1).all() and (cmaps[1, 0] == -1).all()  # absent / no query
+    assert torch.allclose(cmaps[:, 2], cisc.cisc_map(feats, bank[[3, 3], 2], (3, 3)))
+    maps0 = [cisc.cisc_map(feats[:1], bank[j : j + 1, 0], (3, 3))[0] for j in (0, 1)]
+    assert any(torch.allclose(cmaps[0, 0], m) for m in maps0)  # a query of class 0's list

@@ -209,21 +209,26 @@ class Rectifier:
         return protos, cls
 
     def _all_class_maps(self, feats, y_u, size, g) -> torch.Tensor:
+        """(B, K, H, W): the map of every class present in each pseudo label, -1 elsewhere."""
         b, k = y_u.shape[0], self.num_classes
-        cmaps = torch.full((b, k, *size), -1.0, device=feats.device)
-        for c in range(k):
+        present = torch.zeros(b, k, dtype=torch.bool)
+        protos = torch.zeros(b, k, feats.shape[1], device=feats.device)
+        classes_in = [set(torch.unique(y_u[i]).tolist()) for i in range(b)]
+        for c in range(k):  # the queries drawn class by class, image by image (resumable order)
             if not bool(self._has_query[c]):
                 continue
-            rows = [i for i in range(b) if bool((y_u[i] == c).any())]
+            rows = [i for i in range(b) if c in classes_in[i]]
             if not rows:
                 continue
+            present[rows, c] = True
             if self.mode == "anchor":
-                protos = self.anchors[c].to(feats.device).float().expand(len(rows), -1)
+                protos[rows, c] = self.anchors[c].to(feats.device).float()
             else:
                 js = [self._random_query(c, g) for _ in rows]
-                protos = self.bank[js, c].to(feats.device).float()
-            cmaps[rows, c] = cisc.cisc_map(feats[rows], protos, size)
-        return cmaps
+                protos[rows, c] = self.bank[js, c].to(feats.device).float()
+        # All maps in one batched cosine + resize, not one per class (same values).
+        cmaps = cisc.cisc_maps(feats, protos, size)
+        return torch.where(present.to(feats.device)[:, :, None, None], cmaps, -1.0)
 
 
 @dataclass(frozen=True)
