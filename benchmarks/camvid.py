@@ -13,7 +13,8 @@ not finished yet said as such.
 
 The protocol: 1/8 labeled (46 of 367), seeds 0, 1, 2 (the seed also draws the labeled split, so
 differences are paired by seed); stage 1 = SupOnly's converged budget (``camvid_budget.py``);
-every stage on unlabeled images runs ``train.unlabeled_epochs`` passes over its own list.
+every stage on unlabeled images runs ``train.unlabeled_epochs`` passes over its own list, and at
+least stage 1's iterations (``ciscr.pipeline.unlabeled_stage_cfg``).
 
 Sharing, to spend the budget on what differs (exact: same config, same seed, deterministic CPU
 training): SupOnly is stage 1 of the ST run; CISC-R (bank) and the option rows built on it reuse

@@ -107,7 +107,8 @@ class TrainCfg(BaseModel):
         0,
         ge=0,
         description="epochs of every stage that trains on unlabeled images (retraining stages "
-        "2/3, online methods), each a pass over that stage's own list; 0 = train.epochs",
+        "2/3, online methods), each a pass over that stage's own list; 0 = train.epochs. Raised "
+        "where needed so that such a stage runs at least stage 1's iterations",
     )
     iters_per_epoch: int = Field(
         0,

@@ -15,7 +15,7 @@ from typing import Any
 
 from ciscr.data.datasets import UnlabeledViews
 from ciscr.engine.online import OnlineRecipe, OnlineStep, recipe_weights
-from ciscr.engine.train import Stream, train_stage
+from ciscr.engine.train import Stream, iters_per_epoch, train_stage
 from ciscr.errors import DataError
 from ciscr.pipeline import (
     RunContext,
@@ -62,15 +62,16 @@ def online_stage(ctx: RunContext) -> dict[str, Any]:
     if not ctx.unlabeled:
         raise DataError(f"the unlabeled split is empty but method.name={ctx.cfg.method.name} "
                         "trains on unlabeled images: label fewer images or use suponly")
-    t = unlabeled_stage_cfg(ctx)
     t0 = time.perf_counter()
     model = fresh_model(ctx)
+    t = ctx.cfg.train
     b_u = t.unlabeled_batch_size or t.batch_size
     # The mixing stream is the same pool in another order with other augmentations, as
     # UniMatch's second unlabeled loader; both are keyed on the seed, so identical on all ranks.
     streams = {"labeled": Stream(labeled_dataset(ctx), t.batch_size, labeled_repeat(ctx)),
                "unlabeled": Stream(_views(ctx, ctx.cfg.seed + 1), b_u),
                "mix": Stream(_views(ctx, ctx.cfg.seed + 2), b_u)}
+    t = unlabeled_stage_cfg(ctx, iters_per_epoch(streams["unlabeled"], t))
     step = OnlineStep(online_recipe(ctx), ctx.info.num_classes, ctx.cfg.method.prototype_momentum)
     train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
                 epoch_stream="unlabeled", meta={**ctx.meta, "stage": STAGE},

@@ -39,12 +39,19 @@ def total_iters(stage_dir):
             # ST++'s mixed list: 4 labeled x ceil(16 / 4) + 16 pseudo-labelled = 32 items
             "stage2": 1 * math.ceil((4 * 4 + 16) / 4)}),
     ("ciscr_bank", {"stage1": 2 * math.ceil(8 / 4),  # pairs: 2 images per item, 2 per batch
-                    "stage2": math.ceil(8 / 4),  # the reliable half, one pass
+                    # the reliable half, one pass = 2 iterations, raised to stage 1's 4
+                    "stage2": 2 * math.ceil(8 / 4),
                     "stage3": math.ceil(16 / 4)}),  # every unlabeled image, one pass
     ("unimatch", {"online": math.ceil(16 / 4)}),  # one pass over the unlabeled images
+    # 3 epochs of stage 1 = 6 iterations: one pass over the unlabeled images (4) is raised to
+    # 2 passes, so the labeled images are seen at least as often as by SupOnly.
+    ("fixmatch", {"online": 2 * math.ceil(16 / 4), "_epochs": 3}),
 ])
 def test_every_stage_derives_its_iterations_from_its_own_data(tmp_path, method, expected):
-    run_training(load_config("synthetic", SMALL + [f"method.name={method}"]), tmp_path / "r")
+    expected = dict(expected)
+    epochs = [f"train.epochs={expected.pop('_epochs')}"] if "_epochs" in expected else []
+    run_training(load_config("synthetic", SMALL + [f"method.name={method}", *epochs]),
+                 tmp_path / "r")
     assert {s: total_iters(tmp_path / "r" / s) for s in expected} == expected
 
 
@@ -212,19 +219,15 @@ def test_a_run_made_before_a_setting_existed_still_resumes(tmp_path):
         run_training(cfg, tmp_path / "r")
 
 
-def test_online_runs_resume_whatever_train_epochs_says(tmp_path):
-    # An online method has no labeled-only stage: train.epochs is never read, so a config that
-    # changes only it (a protocol's new stage-1 budget) resumes the online run; a stage-wise
-    # run is refused.
+def test_online_runs_read_train_epochs_as_the_floor_of_their_length(tmp_path):
+    # train.epochs sets stage 1's budget, and every stage on unlabeled images (an online run
+    # included) runs at least that long: a changed value is refused on resume, as for SupOnly.
     base = SMALL + ["train.iters_per_epoch=1", "method.score_final_pseudo=false"]
-    run_training(load_config("synthetic", base + ["method.name=fixmatch"]), tmp_path / "o")
-    again = run_training(load_config("synthetic", base + ["method.name=fixmatch",
-                                                          "train.epochs=7"]), tmp_path / "o")
-    assert again["final_stage"] == "online"
-    run_training(load_config("synthetic", base + ["method.name=suponly"]), tmp_path / "s")
-    with pytest.raises(ConfigError, match="train.epochs"):
-        run_training(load_config("synthetic", base + ["method.name=suponly", "train.epochs=7"]),
-                     tmp_path / "s")
+    for method in ("fixmatch", "suponly"):
+        run_training(load_config("synthetic", base + [f"method.name={method}"]), tmp_path / method)
+        with pytest.raises(ConfigError, match="train.epochs"):
+            run_training(load_config("synthetic", base + [f"method.name={method}",
+                                                          "train.epochs=7"]), tmp_path / method)
 
 
 def test_mixed_batches_with_rectification_is_refused_when_the_config_loads():
