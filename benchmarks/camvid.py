@@ -394,6 +394,28 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def table_superseded(args: argparse.Namespace) -> list[str]:
+    """Runs moved to ``RUNS-superseded/`` when the protocol changed under them: listed with the
+    reason written beside them (REASON.txt) and their own final figures, never in the tables."""
+    root = Path(str(args.runs).rstrip("/") + "-superseded")
+    rows = []
+    for rd in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        final = next((s for s in ("online", "stage3", "stage2", "stage1")
+                      if (rd / s / "done.json").exists()), None)
+        if final is None:
+            continue
+        why = (rd / "REASON.txt").read_text().strip() if (rd / "REASON.txt").exists() else "-"
+        log = (rd / final / "train.jsonl").read_text().splitlines()
+        its = json.loads(log[-1]).get("iteration", "?") if log else "?"
+        miou = read(rd / final / "done.json")["val_miou"]
+        rows.append(f"| `{rd.name}` | {why} | {final}: {its} | {100 * miou:.2f} |")
+    if not rows:
+        return []
+    return ["## Superseded runs (an earlier protocol; not in any table above)", "",
+            "| run | why superseded | final stage: last logged iteration | val mIoU |",
+            "|---|---|---|---|", *rows, ""]
+
+
 def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: list[int],
                  argv: list[str]) -> Path:
     out = Path(args.out)
@@ -424,6 +446,7 @@ def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: l
         "column: val mIoU of the final model as trained -> with BN statistics recomputed from "
         "the clean labeled images (no training).", "", *table_pseudo(runs, rows, seeds), "",
         "## Online methods over training", "", *table_online(runs, seeds), "",
+        *table_superseded(args),
     ]
     md = out / f"{args.name}.md"
     atomic_write_bytes(md, ("\n".join(lines) + "\n").encode())
