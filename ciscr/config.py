@@ -35,6 +35,10 @@ class SyntheticCfg(BaseModel):
         description="scales the texture-swap probability and hue spread (0 = colour and "
         "texture identify the class; 1 = hard with few labels)",
     )
+    max_distractors: int = Field(
+        3, ge=0, le=8, description="background blobs painted like objects, 0..N per image "
+        "(0 = none: the easier task the demo uses)"
+    )
 
 
 class DataCfg(BaseModel):

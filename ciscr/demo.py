@@ -11,6 +11,7 @@ resumes.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,14 @@ DEFAULT_METHODS = ("suponly", "ciscr_bank")
 LEARNED = 0.05  # a class counts as learned from 5 % IoU
 
 
+def row_label(method: str, cfg: Any) -> str:
+    """The table's name of a row, saying when a CISC-R row trains stage 1 without L_CISC."""
+    label = LABELS[method]
+    if method.startswith("ciscr") and not cfg.method.stage1_cisc_loss:
+        label += ", no stage-1 L_CISC"
+    return label
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
@@ -39,14 +48,14 @@ def demo_table(rows: list[tuple[str, dict[str, Any], float, bool]],
     """
     base = rows[0][1]["final_metrics"]["miou"]
     short = [n[:9] for n in class_names]
-    head = f"{'method':<30}{'val mIoU':>9}{'gain':>8}" + "".join(f"{n:>10}" for n in short)
+    head = f"{'method':<36}{'val mIoU':>9}{'gain':>8}" + "".join(f"{n:>10}" for n in short)
     lines = [head + f"{'wall s':>9}", "-" * (len(head) + 9)]
     for label, res, seconds, reused in rows:
         m = res["final_metrics"]
         gain = "" if res is rows[0][1] else f"{100 * (m['miou'] - base):+.2f}"
         ious = "".join(f"{_pct(x):>10}" for x in m["iou"])
         wall = f"{seconds:.0f}" + (" (reused)" if reused else "")
-        lines.append(f"{label:<30}{_pct(m['miou']):>9}{gain:>8}{ious} {wall:>8}")
+        lines.append(f"{label:<36}{_pct(m['miou']):>9}{gain:>8}{ious} {wall:>8}")
     learned = [any((r[1]["final_metrics"]["iou"][k] or 0) >= LEARNED for r in rows)
                for k in range(len(class_names))]
     lines.append(f"classes learned (IoU >= {100 * LEARNED:.0f} %) by at least one method: "
@@ -71,6 +80,30 @@ def _finished(run: Path, cfg: Any) -> tuple[dict[str, Any], float] | None:
     return json.loads(res.read_text()), json.loads(wall.read_text())["seconds"]
 
 
+def same_stage1(a: Any, b: Any) -> bool:
+    """Whether two configs train the same stage 1: the labeled-only SupOnly stage (no L_CISC,
+    no ST++ snapshots) with the same data, model, optimisation and seed. Deterministic CPU
+    training then gives the same model, so one run's stage 1 can stand in for the other's."""
+    from ciscr.methods import stage_names
+
+    def plain(c: Any) -> bool:
+        m = c.method
+        return ("stage1" in stage_names(m) and not m.stage1_cisc_loss
+                and m.selection != "stpp")
+
+    keys = ("seed", "data", "model", "train")
+    return plain(a) and plain(b) and all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def _share_stage1(source: Path, run: Path) -> bool:
+    """Copy a finished stage 1 into a run that has none yet; True if copied."""
+    if not (source / "stage1" / "done.json").exists() or (run / "stage1").exists():
+        return False
+    run.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source / "stage1", run / "stage1")
+    return True
+
+
 def run_demo(out: Path, overrides: list[str], methods: tuple[str, ...] = DEFAULT_METHODS,
              ) -> list[tuple[str, dict[str, Any], float, bool]]:
     """Run (or reuse) every row, print each row's progress and the final table."""
@@ -81,22 +114,28 @@ def run_demo(out: Path, overrides: list[str], methods: tuple[str, ...] = DEFAULT
         raise ConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; "
                           f"valid: {', '.join(LABELS)}")
     rows = []
+    first: tuple[Any, Path] | None = None  # the first row's config and run: its stage 1 is shared
     for i, method in enumerate(methods, start=1):
-        label = LABELS[method]
         cfg = load_config("synthetic", [f"method.name={method}", *overrides])
+        label = row_label(method, cfg)
         run = out / method
         done = _finished(run, cfg)
         if done is not None:
             print(f"=== [{i}/{len(methods)}] {label}: finished earlier in {run} (reused)")
             rows.append((label, done[0], done[1], True))
+            first = first or (cfg, run)
             continue
         print(f"\n=== [{i}/{len(methods)}] {label}: ciscr run synthetic "
               f"method.name={method} --out {run}", flush=True)
         t0 = time.perf_counter()
+        # WHY: a row whose stage 1 is SupOnly's (same config) would retrain the same model.
+        if first is not None and same_stage1(first[0], cfg) and _share_stage1(first[1], run):
+            print(f"stage1: the same as {first[1].name}'s (same config): copied, not retrained")
         res = run_training(cfg, run)
         seconds = time.perf_counter() - t0
         atomic_write_json(run / "demo_wall.json", {"seconds": seconds})
         rows.append((label, res, seconds, False))
+        first = first or (cfg, run)
     names = rows[0][1]["final_metrics"].get("class_names") or [
         str(k) for k in range(len(rows[0][1]["final_metrics"]["iou"]))]
     print("\n" + demo_table(rows, names))

@@ -9,7 +9,7 @@ from ciscr.demo import demo_table
 
 # (stage-1 epochs, unlabeled epochs, forced iterations per epoch (0: derived), batch, crop):
 # 180 stage-1 iterations; stages 2 / 3 of CISC-R: 8 passes over 95 / 190 images = 96 / 192.
-DEMO_BUDGET = (60, 8, 0, 8, 64)
+DEMO_BUDGET = (40, 6, 0, 8, 64)
 
 TINY = [
     "data.synthetic.num_train=12", "data.synthetic.num_val=3", "data.synthetic.size=32",
@@ -101,3 +101,30 @@ def test_a_run_directory_is_used_by_one_process_at_a_time(tmp_path, capsys):
         unlock_run_dir(held)
     assert main(["train", "synthetic", "--out", str(out), *TINY]) == 0
     assert not (out / ".lock").exists()
+
+
+def test_demo_shares_supOnlys_stage1_and_a_second_demo_reuses_every_row(tmp_path, capsys):
+    from ciscr.demo import run_demo
+
+    out = tmp_path / "demo"
+    rows = run_demo(out, list(TINY), ("suponly", "ciscr_bank"))
+    printed = capsys.readouterr().out
+    assert "stage1: the same as suponly's (same config): copied, not retrained" in printed
+    sup, bank = (json.loads((out / m / "stage1" / "metrics.json").read_text())
+                 for m in ("suponly", "ciscr_bank"))
+    assert sup == bank and rows[1][0] == "CISC-R (bank), no stage-1 L_CISC"
+    assert (out / "ciscr_bank" / "stage3" / "done.json").exists()
+    again = run_demo(out, list(TINY), ("suponly", "ciscr_bank"))
+    assert [r[3] for r in again] == [True, True]  # both rows read back, nothing retrained
+
+
+def test_only_a_plain_supervised_stage1_is_shared():
+    from ciscr.config import load_config
+    from ciscr.demo import same_stage1
+
+    sup = load_config("synthetic", ["method.name=suponly"])
+    assert same_stage1(sup, load_config("synthetic", ["method.name=ciscr_bank"]))
+    for other in (["method.name=ciscr_bank", "method.stage1_cisc_loss=true"],  # L_CISC
+                  ["method.name=stpp"],  # ST++ keeps snapshots of stage 1
+                  ["method.name=ciscr_bank", "seed=1"], ["method.name=unimatch"]):
+        assert not same_stage1(sup, load_config("synthetic", other)), other

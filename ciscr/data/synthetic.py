@@ -186,10 +186,13 @@ def _background(rng, size: int, xx, yy) -> np.ndarray:
     return img
 
 
-def _distractors(rng, img: np.ndarray, num_classes: int, xx, yy, spread: float) -> None:
-    """Irregular background blobs painted with object-like textures and colours (label 0)."""
+def _distractors(
+    rng, img: np.ndarray, num_classes: int, xx, yy, spread: float, max_n: int = 3
+) -> None:
+    """0..max_n irregular background blobs painted with object-like textures and colours
+    (label 0)."""
     size = img.shape[0]
-    for _ in range(int(rng.integers(0, 4))):
+    for _ in range(int(rng.integers(0, max_n + 1))):  # one draw whatever max_n: same stream
         cx, cy = rng.uniform(0, size, 2)
         r = rng.uniform(0.08, 0.2) * size
         wobble = _smooth_noise(rng, size, 4) - 0.5
@@ -261,6 +264,7 @@ def render_scene(
     num_classes: int,
     swap_p: float = TEXTURE_SWAP_P,
     spread: float = HUE_SPREAD,
+    max_distractors: int = 3,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One scene.
 
@@ -269,7 +273,7 @@ def render_scene(
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     img = _background(rng, size, xx, yy)
-    _distractors(rng, img, num_classes, xx, yy, spread)
+    _distractors(rng, img, num_classes, xx, yy, spread, max_distractors)
     label = np.zeros((size, size), dtype=np.uint8)
     ignore = _objects(rng, img, label, num_classes, xx, yy, swap_p, spread)
     label[ignore] = IGNORE
@@ -300,6 +304,7 @@ def _write_split(out: Path, split: str, split_id: int, n: int, cfg: SyntheticCfg
             cfg.num_classes,
             cfg.difficulty * TEXTURE_SWAP_P,
             cfg.difficulty * HUE_SPREAD,
+            cfg.max_distractors,
         )
         name = f"{split}_{i:05d}"
         Image.fromarray(image).save(img_dir / f"{name}.png", format="PNG", compress_level=1)
