@@ -609,7 +609,10 @@ def _loader_overrides(spec: BenchSpec, iters: int) -> list[str]:
     ``image_h`` pixels: ``iters`` iterations, the default ``train.amp``, one checkpoint."""
     n = max(16, 4 * spec.batch)
     return [
-        "method.name=st", f"model.backbone={spec.backbone}", "model.pretrained=",
+        # ST's own settings, whatever the synthetic config's method section says (its warm
+        # start would need a previous stage, its threshold confidence maps).
+        "method.name=st", "method.init=fresh", "method.confidence_threshold=0",
+        f"model.backbone={spec.backbone}", "model.pretrained=",
         f"model.channels={spec.channels}", f"train.crop_size={spec.crop}",
         f"train.batch_size={spec.batch}", "train.epochs=1", f"train.iters_per_epoch={iters}",
         f"train.ckpt_every={iters}", "train.progress=false", f"data.labeled={2 * spec.batch}",

@@ -9,7 +9,7 @@ from ciscr.demo import demo_table
 
 # (stage-1 epochs, unlabeled epochs, forced iterations per epoch (0: derived), batch, crop):
 # 180 stage-1 iterations; stages 2 / 3 of CISC-R: 8 passes over 95 / 190 images = 96 / 192.
-DEMO_BUDGET = (40, 6, 0, 8, 64)
+DEMO_BUDGET = (30, 4, 0, 8, 64)
 
 TINY = [
     "data.synthetic.num_train=12", "data.synthetic.num_val=3", "data.synthetic.size=32",
@@ -128,3 +128,14 @@ def test_only_a_plain_supervised_stage1_is_shared():
                   ["method.name=stpp"],  # ST++ keeps snapshots of stage 1
                   ["method.name=ciscr_bank", "seed=1"], ["method.name=unimatch"]):
         assert not same_stage1(sup, load_config("synthetic", other)), other
+
+
+def test_other_demo_rows_keep_their_own_recipe():
+    from ciscr.config import load_config
+    from ciscr.demo import preset_overrides
+
+    assert preset_overrides("ciscr_bank") == []  # the synthetic config's own method
+    uni = load_config("synthetic", ["method.name=unimatch", *preset_overrides("unimatch")])
+    st = load_config("synthetic", ["method.name=st", *preset_overrides("st")])
+    assert uni.method.confidence_threshold == 0.95 and st.method.init == "fresh"
+    assert st.method.confidence_threshold == 0.0

@@ -38,7 +38,7 @@ def test_start_summary_then_resume_messages(tmp_path, logs, quiet_machine):
     assert main(args) == 0
     text = logs.text
     assert f"run: {out} (new)" in text
-    assert "data: 4 labeled / 8 unlabeled / 3 val images, 4 classes (background, disc" in text
+    assert "data: 4 labeled / 8 unlabeled / 3 val images, 3 classes (background, disc, square)" in text
     assert "device cpu, 1 thread(s) x 1 process(es), precision " in text
     assert "(train.amp=auto)" in text  # auto is resolved and named
     assert "resuming" not in text

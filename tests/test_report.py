@@ -27,6 +27,7 @@ RUN_ARGS = [
     "data.synthetic.num_val=4",
     "train.progress=false",
     "method.tta_scales=[1.0]",
+    "method.score_final_pseudo=true",  # the demo config skips it; the report shows it
 ]
 IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
