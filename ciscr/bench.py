@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ciscr.config import ModelCfg, TrainCfg
+from ciscr.config import ModelCfg, TrainCfg, preset_overrides
 from ciscr.errors import ConfigError
 
 METHODS = ("st", "query", "bank_one", "bank_all")
@@ -609,9 +609,9 @@ def _loader_overrides(spec: BenchSpec, iters: int) -> list[str]:
     ``image_h`` pixels: ``iters`` iterations, the default ``train.amp``, one checkpoint."""
     n = max(16, 4 * spec.batch)
     return [
-        # ST's own settings, whatever the synthetic config's method section says (its warm
+        # ST's own recipe, whatever the synthetic config's method section says (its warm
         # start would need a previous stage, its threshold confidence maps).
-        "method.name=st", "method.init=fresh", "method.confidence_threshold=0",
+        "method.name=st", *preset_overrides("st"),
         f"model.backbone={spec.backbone}", "model.pretrained=",
         f"model.channels={spec.channels}", f"train.crop_size={spec.crop}",
         f"train.batch_size={spec.batch}", "train.epochs=1", f"train.iters_per_epoch={iters}",

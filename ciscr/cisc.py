@@ -488,11 +488,15 @@ def cisc_maps(features: torch.Tensor, protos: torch.Tensor, size: tuple[int, int
     Returns:
         (B, K, H, W) in [0, 1].
     """
+    return _resize(_cosines(features, protos), size).clamp(0.0, 1.0)
+
+
+def _cosines(features: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) x (B, n, C) -> (B, n, h, w): cosine of every pixel with each prototype."""
     dtype = torch.promote_types(features.dtype, protos.dtype)
-    cos = torch.einsum(
-        "bchw,bkc->bkhw", _unit(features.to(dtype), dim=1), _unit(protos.to(dtype), dim=2)
+    return torch.einsum(
+        "bchw,bnc->bnhw", _unit(features.to(dtype), dim=1), _unit(protos.to(dtype), dim=2)
     )
-    return _resize(cos, size).clamp(0.0, 1.0)
 
 
 def cisc_map_multi(
@@ -509,9 +513,5 @@ def cisc_map_multi(
     Returns:
         (B, H, W) in [0, 1].
     """
-    dtype = torch.promote_types(features.dtype, protos.dtype)
-    cos = torch.einsum(
-        "bchw,bnc->bnhw", _unit(features.to(dtype), dim=1), _unit(protos.to(dtype), dim=2)
-    )
-    best = cos.amax(dim=1, keepdim=True)  # (B, 1, h, w)
+    best = _cosines(features, protos).amax(dim=1, keepdim=True)  # (B, 1, h, w)
     return _resize(best, size).squeeze(1).clamp(0.0, 1.0)

@@ -523,6 +523,26 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     return from_dict(raw, source, overrides)
 
 
+# Method options a config may set for its own method (synthetic.yaml: CISC-R (bank)'s demo
+# recipe); preset_overrides gives any other method its own preset's values instead, so that
+# e.g. UniMatch run on that config keeps UniMatch's threshold.
+RECIPE_KEYS = ("stage1_cisc_loss", "init", "confidence_threshold")
+
+
+def preset_overrides(method: str, config: str = "synthetic") -> list[str]:
+    """``method.k=v`` overrides restoring ``method``'s preset for :data:`RECIPE_KEYS` where
+    the config's method section set them for another method ([] for the config's own)."""
+    own = load_config(config, []).method
+    if method == own.name:
+        return []
+    preset = Config.model_validate({"method": {"name": method}}).method
+    out = []
+    for k in RECIPE_KEYS:
+        v = getattr(preset, k)
+        out.append(f"method.{k}={str(v).lower() if isinstance(v, bool) else v}")
+    return out
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain, YAML/JSON-safe dict (tuples become lists)."""
     return cfg.model_dump(mode="json")

@@ -4,9 +4,9 @@ unlabeled), in a few minutes on a CPU.
 
 Each row is a plain ``ciscr run synthetic method.name=...`` in its own folder under ``--out``
 (printed in full), so ``ciscr run synthetic`` reproduces the CISC-R row; the config's method
-options chosen for CISC-R (:data:`RECIPE_KEYS`) are reset to each other row's own preset. A
-second ``ciscr demo`` reuses every run that finished (its table row is read back, with the wall
-time it took then); an interrupted one resumes.
+options chosen for CISC-R (``ciscr.config.RECIPE_KEYS``) are reset to each other row's own
+preset. A second ``ciscr demo`` reuses every run that finished (its table row is read back,
+with the wall time it took then); an interrupted one resumes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ciscr.config import load_config
+from ciscr.config import load_config, preset_overrides
 from ciscr.runner import run_training
 from ciscr.utils.io import atomic_write_json
 
@@ -27,27 +27,6 @@ LABELS = {"suponly": "SupOnly (labeled only)", "st": "ST (self-training)", "stpp
           "fixmatch": "FixMatch", "unimatch": "UniMatch", "unimatch_cisc": "UniMatch + CISC"}
 DEFAULT_METHODS = ("suponly", "ciscr_bank")
 LEARNED = 0.05  # a class counts as learned from 5 % IoU
-
-
-# Options the synthetic config sets for its own method (CISC-R (bank)); any other row gets its
-# own preset's values instead, so that e.g. UniMatch keeps UniMatch's threshold.
-RECIPE_KEYS = ("stage1_cisc_loss", "init", "confidence_threshold")
-
-
-def preset_overrides(method: str, config: str = "synthetic") -> list[str]:
-    """``method.k=v`` overrides restoring ``method``'s preset for :data:`RECIPE_KEYS` where
-    the config's method section set them for another method ([] for the config's own)."""
-    from ciscr.config import Config, load_config
-
-    own = load_config(config, []).method
-    if method == own.name:
-        return []
-    preset = Config.model_validate({"method": {"name": method}}).method
-    out = []
-    for k in RECIPE_KEYS:
-        v = getattr(preset, k)
-        out.append(f"method.{k}={str(v).lower() if isinstance(v, bool) else v}")
-    return out
 
 
 def row_label(method: str, cfg: Any) -> str:
@@ -138,8 +117,8 @@ def run_demo(out: Path, overrides: list[str], methods: tuple[str, ...] = DEFAULT
     rows = []
     first: tuple[Any, Path] | None = None  # the first row's config and run: its stage 1 is shared
     for i, method in enumerate(methods, start=1):
-        cfg = load_config("synthetic", [f"method.name={method}", *preset_overrides(method),
-                                        *overrides])
+        recipe = preset_overrides(method)
+        cfg = load_config("synthetic", [f"method.name={method}", *recipe, *overrides])
         label = row_label(method, cfg)
         run = out / method
         done = _finished(run, cfg)
@@ -148,7 +127,7 @@ def run_demo(out: Path, overrides: list[str], methods: tuple[str, ...] = DEFAULT
             rows.append((label, done[0], done[1], True))
             first = first or (cfg, run)
             continue
-        extra = " ".join([*preset_overrides(method), *overrides])
+        extra = " ".join([*recipe, *overrides])
         print(f"\n=== [{i}/{len(methods)}] {label}: ciscr run synthetic "
               f"method.name={method} {extra} --out {run}".replace("  ", " "), flush=True)
         t0 = time.perf_counter()

@@ -42,7 +42,7 @@ from ciscr.engine.steps import (
     retrain_step,
     supervised_step,
 )
-from ciscr.engine.train import Stream, train_stage
+from ciscr.engine.train import Stream, iters_per_epoch, train_stage
 from ciscr.errors import ConfigError, DataError
 from ciscr.models import SegOutput, build_backbone, build_model
 from ciscr.pseudo import CONF_DIR, pseudo_label
@@ -377,8 +377,6 @@ def stpp_snapshot_iters(per_epoch: int, epochs: int, n: int) -> list[int]:
 
 
 def _stpp_snapshot_iters(ctx: RunContext, stream: Stream) -> list[int]:
-    from ciscr.engine.train import iters_per_epoch
-
     t = ctx.cfg.train
     return stpp_snapshot_iters(iters_per_epoch(stream, t), t.epochs, ctx.cfg.method.stpp_snapshots)
 
@@ -617,8 +615,8 @@ def stage1_iterations(ctx: RunContext) -> int:
     """Iterations of the labeled-only stage 1 (SupOnly's budget): ``train.epochs`` passes over
     the labeled list (repeated when small), B images per step."""
     t = ctx.cfg.train
-    per_epoch = t.iters_per_epoch or math.ceil(len(ctx.labeled) * labeled_repeat(ctx) / t.batch_size)
-    return per_epoch * t.epochs
+    labeled = Stream(labeled_dataset(ctx), t.batch_size, labeled_repeat(ctx))
+    return iters_per_epoch(labeled, t) * t.epochs
 
 
 def unlabeled_stage_cfg(ctx: RunContext, per_epoch: int) -> TrainCfg:
@@ -666,14 +664,13 @@ def retrain_stage(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Pa
     out = ctx.run_dir / name
     if is_done(out):
         return read_json(out / "done.json")
-    from ciscr.engine.train import iters_per_epoch
-
     d = ctx.cfg.data
     t0 = time.perf_counter()
     model = stage_start_model(ctx, teacher_dir)
     streams, epoch_stream = _retrain_streams(ctx, parts)
-    t = unlabeled_stage_cfg(ctx, iters_per_epoch(streams[epoch_stream], ctx.cfg.train))
-    unl = unlabeled_loss(ctx, iters_per_epoch(streams[epoch_stream], t) * t.epochs)
+    per_epoch = iters_per_epoch(streams[epoch_stream], ctx.cfg.train)
+    t = unlabeled_stage_cfg(ctx, per_epoch)
+    unl = unlabeled_loss(ctx, per_epoch * t.epochs)
     if epoch_stream == "mixed":  # never rectified (MethodCfg refuses mixed + rectify)
         step = mixed_step(d.ignore_index, unl)
     else:

@@ -426,8 +426,7 @@ def run_method(cfg: Any, out: Path, profiled: bool) -> list[StageRecord]:
 
 def method_config(config: str, method: str, overrides: Sequence[str]) -> Any:
     """The config of one method: the user's config and overrides with ``method.name``."""
-    from ciscr.config import load_config
-    from ciscr.demo import preset_overrides
+    from ciscr.config import load_config, preset_overrides
 
     return load_config(config, [f"method.name={method}", *preset_overrides(method, config),
                                 *SAME_SETTINGS.get(method, []), *overrides,

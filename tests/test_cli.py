@@ -131,8 +131,7 @@ def test_only_a_plain_supervised_stage1_is_shared():
 
 
 def test_other_demo_rows_keep_their_own_recipe():
-    from ciscr.config import load_config
-    from ciscr.demo import preset_overrides
+    from ciscr.config import load_config, preset_overrides
 
     assert preset_overrides("ciscr_bank") == []  # the synthetic config's own method
     uni = load_config("synthetic", ["method.name=unimatch", *preset_overrides("unimatch")])
