@@ -9,6 +9,7 @@ time-per-stage table of the end-of-run summary (:func:`ciscr.runner.format_resul
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,21 +36,35 @@ def _read_done(run_dir: Path, name: str) -> dict[str, Any] | None:
         return None
 
 
-def last_iteration(run_dir: Path, name: str) -> int | None:
-    """The highest iteration a training stage logged (train.jsonl), or None."""
-    best = None
+def _log_records(run_dir: Path, name: str) -> list[dict[str, Any]]:
+    """A training stage's train.jsonl records (unreadable lines skipped; [] if none)."""
     try:
         lines = (run_dir / name / "train.jsonl").read_text().splitlines()
     except OSError:
-        return None
+        return []
+    out = []
     for line in lines:
         try:
-            it = json.loads(line).get("iteration")
+            rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(it, int):
-            best = it if best is None else max(best, it)
-    return best
+        if isinstance(rec, dict) and isinstance(rec.get("iteration"), int):
+            out.append(rec)
+    return out
+
+
+def last_iteration(run_dir: Path, name: str) -> int | None:
+    """The highest iteration a training stage logged (train.jsonl), or None."""
+    return max((r["iteration"] for r in _log_records(run_dir, name)), default=None)
+
+
+def median_step_seconds(run_dir: Path, name: str) -> float | None:
+    """Median over a training stage's log records of ``step_seconds`` (mean seconds of a
+    batch + step over the record's window, evaluations and checkpoints excluded); None for
+    logs written before the field existed."""
+    xs = [float(r["step_seconds"]) for r in _log_records(run_dir, name)
+          if isinstance(r.get("step_seconds"), (int, float))]
+    return statistics.median(xs) if xs else None
 
 
 def stage_time_rows(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -57,7 +72,8 @@ def stage_time_rows(run_dir: str | Path) -> list[dict[str, Any]]:
 
     Row: ``stage``, ``kind``, ``seconds`` per category (None where not recorded: a training
     stage of a run made before ``eval_seconds`` existed has its evaluation in ``training``),
-    ``total`` and, for training stages, ``iterations``.
+    ``total`` and, for training stages, ``iterations`` and ``step_median``
+    (:func:`median_step_seconds`).
     """
     run_dir = Path(run_dir)
     rows = []
@@ -76,6 +92,7 @@ def stage_time_rows(run_dir: str | Path) -> list[dict[str, Any]]:
         row = {"stage": name, "kind": kind, "seconds": secs, "total": wall}
         if kind == "training":
             row["iterations"] = last_iteration(run_dir, name)
+            row["step_median"] = median_step_seconds(run_dir, name)
         rows.append(row)
     return rows
 

@@ -66,14 +66,15 @@ def _other(stage, total):
 TIMED = {
     "st": [_train("stage1", 11.0, 1.0, 100), _other("pseudo0", 2.0),
            _train("stage2", 21.0, 1.0, 100)],
-    "ciscr": [_train("stage1", 12.0, 1.0, 100), _other("pseudo0", 2.0), _other("selection", 3.0),
-              _train("stage2", 25.0, 1.0, 100), _other("pseudo1", 1.0),
-              _train("stage3", 22.0, 1.0, 100), _other("pseudo_final", 2.0)],
+    "ciscr_bank": [_train("stage1", 12.0, 1.0, 100), _other("pseudo0", 2.0), _other("selection", 3.0),
+                   _train("stage2", 25.0, 1.0, 100), _other("pseudo1", 1.0),
+                   _train("stage3", 22.0, 1.0, 100), _other("pseudo_final", 2.0)],
+    "ciscr": [_train("stage1", 12.0, 1.0, 100), _train("stage2", 31.0, 1.0, 100)],
 }  # fmt: skip
 
 
 def test_ciscr_stages_are_compared_per_iteration_with_st():
-    comp = {c["stage"]: c for c in compare_stages(TIMED)}
+    comp = {c["stage"]: c for c in compare_stages(TIMED) if c["method"] == "ciscr_bank"}
     assert comp["stage1"]["st_stage"] == "stage1"
     assert comp["stage1"]["ratio"] == pytest.approx(0.11 / 0.10)
     assert comp["stage2"]["ratio"] == pytest.approx(0.24 / 0.20)
@@ -83,17 +84,40 @@ def test_ciscr_stages_are_compared_per_iteration_with_st():
 
 def test_targets_hand_values():
     got = {t["target"]: t for t in targets(TIMED)}
-    assert got["ciscr stage1 / ST stage1 (s per iteration)"]["pass"]  # 1.10
-    assert not got["ciscr stage2 / ST stage2 (s per iteration)"]["pass"]  # 1.20 > 1.15
-    assert got["ciscr stage3 / ST stage2 (s per iteration)"]["pass"]  # 1.05
-    side = got["ciscr pseudo0 + selection + pseudo1 / mean training stage"]
+    assert got["ciscr_bank stage1 / ST stage1 (s per step)"]["pass"]  # 1.10
+    assert not got["ciscr_bank stage2 / ST stage2 (s per step)"]["pass"]  # 1.20 > 1.15
+    assert got["ciscr_bank stage3 / ST stage2 (s per step)"]["pass"]  # 1.05
+    # the paper's query mode: stage 1 (L_CISC) is a target, its stage 2 (1.5x) is shown only
+    assert got["ciscr stage1 / ST stage1 (s per step)"]["pass"]
+    assert "ciscr stage2 / ST stage2 (s per step)" not in got
+    assert any(c["method"] == "ciscr" and c["stage"] == "stage2" for c in compare_stages(TIMED))
+    side = got["ciscr_bank pseudo0 + selection + pseudo1 / mean training stage"]
     # (2 + 3 + 1) / mean(11, 24, 21): pseudo_final (scoring only) is not counted
     assert side["value"] == pytest.approx(6 / (56 / 3)) and side["pass"]
+
+
+def test_step_median_is_compared_and_rounds_give_a_median_ratio():
+    timed = {m: [dict(r) for r in rows] for m, rows in TIMED.items()}
+    timed["ciscr_bank"][3]["step_median"] = 0.3  # ciscr stage2's log says 0.3 s per step
+    timed["st"][2]["step_median"] = 0.2
+    comp = {c["stage"]: c for c in compare_stages(timed) if c["method"] == "ciscr_bank"}
+    assert comp["stage2"]["ratio"] == pytest.approx(1.5)  # the log's median, not 0.24 / 0.20
+    slower = {m: [dict(r) for r in rows] for m, rows in timed.items()}
+    slower["ciscr_bank"][3]["step_median"] = 0.22
+    faster = {m: [dict(r) for r in rows] for m, rows in timed.items()}
+    faster["ciscr_bank"][3]["step_median"] = 0.21
+    comp = {c["stage"]: c for c in compare_stages(timed, [slower, faster])
+            if c["method"] == "ciscr_bank"}
+    assert comp["stage2"]["ratios"] == pytest.approx([1.5, 1.1, 1.05])
+    assert comp["stage2"]["ratio"] == pytest.approx(1.1)  # the median round
+    got = {t["target"]: t for t in targets(timed, [slower, faster])}
+    assert got["ciscr_bank stage2 / ST stage2 (s per step)"]["pass"]
 
 
 @pytest.mark.parametrize("args, match", [
     (["--methods", "st,bogus"], "--methods"),
     (["--passes", "timed,slow"], "--passes"),
+    (["--repeats", "0"], "--repeats"),
 ])  # fmt: skip
 def test_bad_options_are_one_line_errors(capsys, args, match):
     assert main(["profile", "synthetic", *args]) == 2
@@ -120,6 +144,7 @@ def test_tiny_profile_end_to_end(tmp_path, monkeypatch, capsys):
     assert set(timed["st"]) == {"setup", "stage1", "pseudo0", "stage2", "report"}
     assert {"selection", "pseudo1", "stage3"} <= set(timed["ciscr"])
     assert timed["ciscr"]["stage2"]["iterations"] == 2
+    assert timed["ciscr"]["stage2"]["step_median"] > 0  # from the stage's train.jsonl
     prof = {s["stage"]: s for s in res["profiled"]["ciscr"]}
     for s in prof.values():  # the top-level categories and "other" add up to the stage
         top = sum(c["seconds"] for c in s["categories"] if c["depth"] == 0)

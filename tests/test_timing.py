@@ -15,7 +15,9 @@ def _done(run, name, **summary):
 def fake_run(run):
     _done(run, "stage1", val_miou=0.5, wall_seconds=12.0, eval_seconds=2.0)
     (run / "stage1" / "train.jsonl").write_text(
-        '{"iteration": 10, "loss": 1}\n{"iteration": 20, "loss": 0.5}\n'
+        '{"iteration": 10, "loss": 1, "step_seconds": 0.3}\n'
+        '{"iteration": 20, "loss": 0.5, "step_seconds": 0.1}\n'
+        '{"iteration": 20, "val_miou": 0.4}\n{"iteration": 30, "loss": 0.4, "step_seconds": 0.2}\n'
     )
     _done(run, "pseudo0", num_images=4, wall_seconds=3.0)
     _done(run, "selection", reliable=2, unreliable=2, wall_seconds=1.0)
@@ -29,7 +31,9 @@ def test_rows_split_training_and_evaluation(tmp_path):
     assert [r["stage"] for r in rows] == ["stage1", "pseudo0", "selection", "stage2"]
     s1, p0, sel, s2 = rows
     assert s1["seconds"]["training"] == 10.0 and s1["seconds"]["evaluation"] == 2.0
-    assert s1["iterations"] == 20 and s1["total"] == 12.0
+    assert s1["iterations"] == 30 and s1["total"] == 12.0
+    assert s1["step_median"] == 0.2  # median of the step records; the val record has none
+    assert s2["step_median"] is None  # an older run's log: no step_seconds
     assert p0["seconds"]["pseudo-labelling"] == 3.0 and p0["seconds"]["training"] is None
     assert sel["seconds"]["selection"] == 1.0
     # without eval_seconds the evaluation stays inside training and is shown as unknown

@@ -65,6 +65,24 @@ def test_killed_run_resumes_exactly(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_step_seconds_time_the_steps_not_the_evaluations(tmp_path):
+    """step_seconds (what `ciscr profile` compares) leaves out the epoch-end evaluation."""
+    import time
+
+    def slow_eval(model, epoch):
+        time.sleep(1.0)
+        return {"val_miou": 0.5}
+
+    torch.manual_seed(0)
+    model = build_model(ModelCfg(backbone="resnet18", output_stride=16, channels=8), 2)
+    train_stage(tmp_path, model, {"labeled": Stream(Toy(), 2)}, supervised_step(),
+                cfg(log_every=2), seed=0, device=torch.device("cpu"), epoch_stream="labeled",
+                on_epoch_end=slow_eval)
+    recs = [r for r in read_jsonl(tmp_path / "train.jsonl") if "loss" in r]
+    assert [r["iteration"] for r in recs] == [2, 4]
+    assert all(0 < r["step_seconds"] < 0.5 for r in recs), recs
+
+
 def test_poly_schedule_per_iteration(tmp_path):
     run(tmp_path, cfg(epochs=1, iters_per_epoch=4, lr=0.1, head_lr_mult=10))
     lrs = [r["lr"] for r in read_jsonl(tmp_path / "train.jsonl")]

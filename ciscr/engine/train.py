@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,12 +313,14 @@ def _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch,
     ckpt_path = out_dir / CKPT_NAME
     try:
         for t in range(st.iteration, st.total):
+            t_step = time.perf_counter()
             batches = {n: _to_device(next(it), device, cfg.channels_last) for n, it in loaders.items()}
             scalars = _one_step(ddp_model, st, step_fn, batches, t, cfg, device)
             if not _all_finite(scalars["loss"], device):
                 raise _diverged(desc, scalars["loss"], t + 1, ckpt_path)
             st.iteration = t + 1
-            log.step(st.iteration, scalars, st.optimizer.param_groups[0]["lr"])
+            log.step(st.iteration, scalars, st.optimizer.param_groups[0]["lr"],
+                     time.perf_counter() - t_step)
             if st.iteration in snapshots and dist.is_main():
                 save_checkpoint(out_dir / f"snapshot_{st.iteration:07d}.pt",
                                 {"model": st.model.state_dict(), "iteration": st.iteration})
@@ -377,6 +380,7 @@ class _Logger:
     ) -> None:
         self.main, self.total, self.every = dist.is_main(), total, every
         self.jsonl = out_dir / "train.jsonl"
+        self.busy, self.steps = 0.0, 0  # step seconds and steps since the last record
         self.bar = self.tb = None
         if not self.main:
             return
@@ -399,14 +403,20 @@ class _Logger:
             kept = [r for r in read_jsonl(self.jsonl) if r.get("iteration", 0) <= start]
             atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
 
-    def step(self, it: int, scalars: dict[str, float], lr: float) -> None:
+    def step(self, it: int, scalars: dict[str, float], lr: float, seconds: float) -> None:
+        """One finished iteration; ``seconds`` = its batch loading + step, so ``step_seconds`` in
+        the log is the training speed without the evaluations and checkpoints in between
+        (what ``ciscr profile`` compares across methods: its median over records shrugs off
+        a moment when another process took the cores)."""
         if not self.main:
             return
+        self.busy, self.steps = self.busy + seconds, self.steps + 1
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{scalars['loss']:.3f}")
         if it % self.every == 0 or it == self.total:
-            self.record(it, {**scalars, "lr": lr})
+            self.record(it, {**scalars, "lr": lr, "step_seconds": self.busy / self.steps})
+            self.busy, self.steps = 0.0, 0
 
     def record(self, it: int, scalars: dict[str, float]) -> None:
         if not self.main or not scalars:
