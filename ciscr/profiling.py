@@ -43,8 +43,11 @@ from ciscr.timing import stage_time_rows
 STAGE_TARGET = 1.15  # a CISC-R training stage / the ST stage at the same settings (issue 13)
 METHODS = ("st", "ciscr")
 # "At the same settings": ST trains on CISC-R's two streams here (a labeled and an unlabeled
-# batch per step), not on ST++'s mixed list of one batch, so a step of each sees as many images.
-SAME_SETTINGS = {"st": ["method.retrain_batches=split", "method.cutout=false"]}
+# batch per step), not on ST++'s mixed list of one batch, so a step of each sees as many images;
+# and it keeps the config's recipe (confidence threshold, whose maps are loaded with every
+# pseudo label, and init) instead of ST's preset, so that what differs is CISC-R's own work.
+SAME_SETTINGS = {"st": ["method.retrain_batches=split", "method.cutout=false",
+                        "method.stage1_cisc_loss=false"]}
 # (module, attribute, how the stage is named from the call's arguments)
 STAGE_FUNCTIONS: tuple[tuple[str, str, Callable[[tuple], str]], ...] = (
     ("ciscr.pipeline", "setup_run", lambda a: "setup"),
@@ -426,10 +429,13 @@ def run_method(cfg: Any, out: Path, profiled: bool) -> list[StageRecord]:
 
 
 def method_config(config: str, method: str, overrides: Sequence[str]) -> Any:
-    """The config of one method: the user's config and overrides with ``method.name``."""
+    """The config of one method: the user's config and overrides with ``method.name``; a
+    CISC-R variant other than the config's own gets its preset's recipe, ST gets
+    :data:`SAME_SETTINGS`."""
     from ciscr.config import load_config, preset_overrides
 
-    return load_config(config, [f"method.name={method}", *preset_overrides(method, config),
+    preset = [] if method in SAME_SETTINGS else preset_overrides(method, config)
+    return load_config(config, [f"method.name={method}", *preset,
                                 *SAME_SETTINGS.get(method, []), *overrides,
                                 "train.progress=false"])
 

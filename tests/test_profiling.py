@@ -161,3 +161,13 @@ def test_tiny_profile_end_to_end(tmp_path, monkeypatch, capsys):
     assert "## Time per stage (timed pass)" in md and "## Targets" in md
     assert "- command: `ciscr profile synthetic" in md
     assert "ciscr: training stages (cProfile" in capsys.readouterr().out
+
+
+def test_st_is_profiled_at_the_config_settings_and_query_mode_with_its_preset():
+    st = profiling.method_config("synthetic", "st", [])
+    bank = profiling.method_config("synthetic", "ciscr_bank", [])
+    assert st.method.name == "st" and st.method.retrain_batches == "split"
+    # what differs from CISC-R (bank) is CISC-R's own work, not the recipe around it
+    for key in ("confidence_threshold", "init", "stage1_cisc_loss", "cutout"):
+        assert getattr(st.method, key) == getattr(bank.method, key), key
+    assert profiling.method_config("synthetic", "ciscr", []).method.stage1_cisc_loss  # paper's
