@@ -14,6 +14,7 @@ every artefact is written atomically, so a killed run is finished by rerunning t
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -44,7 +45,7 @@ from ciscr.engine.steps import (
 )
 from ciscr.engine.train import Stream, iters_per_epoch, train_stage
 from ciscr.errors import ConfigError, DataError
-from ciscr.models import SegOutput, build_backbone, build_model
+from ciscr.models import SegOutput, build_backbone, build_model, inference_layout
 from ciscr.pseudo import CONF_DIR, pseudo_label
 from ciscr.selection import (
     Selection,
@@ -257,7 +258,7 @@ def load_model_file(ctx: RunContext, path: Path) -> nn.Module:
 
     model = build_model(ctx.cfg.model.model_copy(update={"pretrained": ""}), ctx.info.num_classes)
     model.load_state_dict(load_checkpoint(path)["model"])
-    return model.to(ctx.device).eval()
+    return inference_layout(model.to(ctx.device).eval(), ctx.cfg.train.infer_channels_last)
 
 
 def labeled_dataset(ctx: RunContext, train: bool = True, repeat: int = 1) -> SegDataset:
@@ -296,8 +297,13 @@ def labeled_repeat(ctx: RunContext) -> int:
 
 
 def evaluate_model(ctx: RunContext, model: nn.Module) -> dict[str, Any]:
-    """mIoU on the validation split (whole / sliding / multi-scale per ``cfg.eval``)."""
+    """mIoU on the validation split (whole / sliding / multi-scale per ``cfg.eval``). A model
+    in training is evaluated through a copy in the inference layout, so that its own layout
+    (and so its training) is untouched."""
     d = ctx.cfg.data
+    if ctx.cfg.train.infer_channels_last and model.training:
+        model = copy.deepcopy(model)
+    model = inference_layout(model, ctx.cfg.train.infer_channels_last)
     val = ctx.val[: d.max_val_images] if d.max_val_images else ctx.val
     ds = SegDataset(val, num_classes=ctx.info.num_classes, ignore_index=d.ignore_index,
                     mean=d.mean, std=d.std, train=False, crop_size=ctx.cfg.train.crop_size,
@@ -548,7 +554,8 @@ def build_teacher(ctx: RunContext, stage_dir: Path) -> nn.Module:
             raise ConfigError("method.cisc_features=imagenet needs model.pretrained (a weight file)")
         b = build_backbone(ctx.cfg.model.backbone, ctx.cfg.model.output_stride,
                            ctx.cfg.model.pretrained)
-        teacher = _BackboneTeacher(b).to(ctx.device).eval()
+        teacher = inference_layout(_BackboneTeacher(b).to(ctx.device).eval(),
+                                   ctx.cfg.train.infer_channels_last)
     else:
         teacher = load_stage_model(ctx, stage_dir)
     for p in teacher.parameters():

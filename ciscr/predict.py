@@ -197,7 +197,10 @@ def load_model(
     """A checkpoint / safetensors file (PyTorch) or an ``.onnx`` file from ``ciscr export``
     (onnxruntime, the optional extra ``ciscr[onnx]``): (callable model, normalised meta)."""
     if not is_onnx(path):
-        return load_model_from_checkpoint(path, device)
+        from ciscr.models import inference_layout
+
+        model, meta = load_model_from_checkpoint(path, device)
+        return inference_layout(model), meta
     from ciscr.export import load_onnx_model
 
     model, raw = load_onnx_model(path, str(device))

@@ -235,3 +235,19 @@ def test_real_mobilenet_weights_load_strictly() -> None:
     )  # minus features.18.* (6) and classifier.1.* (2)
     for k, v in got.items():
         assert torch.equal(v, expected[k]), k
+
+
+def test_inference_layout_keeps_the_outputs() -> None:
+    """Frozen models run channels_last (faster on CPU bf16) and predict what NCHW predicts."""
+    from ciscr.models import inference_layout
+
+    model = build_model(ModelCfg(backbone="resnet18", output_stride=16, channels=16), 3).eval()
+    x = torch.randn(2, 3, H, W)
+    with torch.no_grad():
+        ref = model(x)
+        got = inference_layout(model)(x)  # NCHW input, channels_last weights
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.features, ref.features, rtol=1e-4, atol=1e-4)
+    plain = build_model(ModelCfg(backbone="resnet18", output_stride=16, channels=16), 3)
+    assert inference_layout(plain, channels_last=False).backbone.conv1.weight.is_contiguous()

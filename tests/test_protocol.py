@@ -235,3 +235,19 @@ def test_mixed_batches_with_rectification_is_refused_when_the_config_loads():
         load_config("synthetic", ["method.name=st", "method.rectify=bank"])
     assert load_config("synthetic", ["method.name=st", "method.rectify=bank",
                                      "method.retrain_batches=split"]).method.rectify == "bank"
+
+
+def test_frozen_models_run_channels_last_and_the_training_model_is_left_alone(tmp_path):
+    from ciscr.engine.checkpoint import save_checkpoint
+    from ciscr.pipeline import evaluate_model, fresh_model, load_model_file, setup_run
+
+    ctx = setup_run(load_config("synthetic", SMALL), tmp_path, torch.device("cpu"))
+    model = fresh_model(ctx).train()
+    evaluate_model(ctx, model)  # as the epoch hook does, mid-stage
+    assert model.training and model.backbone.conv1.weight.is_contiguous()
+    save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict()})
+    frozen = load_model_file(ctx, tmp_path / "m.pt")  # teacher, pseudo-labeller, selection
+    assert frozen.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    off = setup_run(load_config("synthetic", [*SMALL, "train.infer_channels_last=false"]),
+                    tmp_path / "off", torch.device("cpu"))
+    assert load_model_file(off, tmp_path / "m.pt").backbone.conv1.weight.is_contiguous()

@@ -2,7 +2,7 @@
 
 from ciscr.models.backbones import load_pretrained
 from ciscr.models.deeplabv3plus import DeepLabV3Plus, SegOutput
-from ciscr.models.factory import BACKBONES, build_backbone, build_model
+from ciscr.models.factory import BACKBONES, build_backbone, build_model, inference_layout
 from ciscr.models.weights import IMAGENET_WEIGHTS, resolve_pretrained
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "SegOutput",
     "build_backbone",
     "build_model",
+    "inference_layout",
     "load_pretrained",
     "resolve_pretrained",
 ]
