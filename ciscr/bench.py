@@ -526,29 +526,34 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 def pseudo_cases(spec: BenchSpec, device: torch.device) -> dict[str, Callable[[], Any]]:
-    """Pseudo-label one full (image_h, image_w) image: single scale vs TTA, fp32 vs bf16.
+    """Pseudo-label one full (image_h, image_w) image: single scale vs TTA, fp32 vs bf16, the
+    model in NCHW vs channels_last (``*_cl``: ``train.infer_channels_last``, the default).
 
     The prediction is what :mod:`ciscr.pseudo` computes per image (softmax averaged over the
-    views, argmax); reading the image and writing the PNG are left out.
+    views, argmax); reading the image and writing the PNG are left out. ``single`` is also
+    what evaluation in ``whole`` mode does per image.
     """
     from ciscr.engine.evaluate import predict_logits
     from ciscr.pseudo import TTA_SCALES
 
-    model = _build(spec, device, channels_last=False, train=False)
+    models = {cl: _build(spec, device, channels_last=cl, train=False) for cl in (False, True)}
     g = torch.Generator().manual_seed(spec.seed + 1)
     x = torch.randn(1, 3, spec.image_h, spec.image_w, generator=g).to(device)
     views = {"single": ("whole", (1.0,), False), "tta": ("multiscale", TTA_SCALES, True)}
 
-    def case(mode: str, scales: tuple[float, ...], flip: bool, amp: str):
+    def case(view: str, cl: bool, amp: str):
+        mode, scales, flip = views[view]
+
         def run() -> None:
             probs = predict_logits(
-                model, x, mode, num_classes=spec.classes, scales=scales, flip=flip, amp=amp
+                models[cl], x, mode, num_classes=spec.classes, scales=scales, flip=flip, amp=amp
             )
             probs.argmax(1).to(torch.uint8).cpu()
 
         return run
 
-    return {f"pseudo/{v}/{_amp_name(a)}": case(*views[v], a) for v in views for a in AMPS}
+    return {f"pseudo/{v}{'_cl' if cl else ''}/{_amp_name(a)}": case(v, cl, a)
+            for cl in (False, True) for v in views for a in AMPS}  # fmt: skip
 
 
 def _write_samples(root: Path, spec: BenchSpec) -> tuple[list, Path]:
@@ -843,8 +848,9 @@ def _median_of(rows: list[dict[str, Any]], name: str) -> float | None:
 def defaults_rows(res: dict[str, Any], amp: str) -> list[dict[str, Any]]:
     """Each CPU-facing default next to its alternative, from the groups that ran: train.amp
     (its resolved value here vs the other precision) on the train step, TTA pseudo-labelling
-    and whole-image evaluation; train.channels_last on the train step; data.num_workers on a
-    real stage. ``speedup`` = alternative time / default time (> 1: the default is faster)."""
+    and whole-image evaluation; train.channels_last on the train step;
+    train.infer_channels_last on TTA pseudo-labelling and whole-image evaluation;
+    data.num_workers on a real stage. ``speedup`` = alternative time / default time (> 1: the default is faster)."""
     prec = _amp_name(amp)
     other = "fp32" if prec == "bf16" else "bf16"
     tr, ps, ld = res.get("train", []), res.get("pseudo", []), res.get("loader", [])
@@ -857,6 +863,10 @@ def defaults_rows(res: dict[str, Any], amp: str) -> list[dict[str, Any]]:
          _median_of(ps, f"pseudo/single/{prec}"), _median_of(ps, f"pseudo/single/{other}")),
         ("train.channels_last", "false", "true", f"train step (ST, {prec})",
          _median_of(tr, f"st/{prec}/nchw"), _median_of(tr, f"st/{prec}/cl")),
+        ("train.infer_channels_last", "true", "false", f"pseudo-labelling (TTA, {prec})",
+         _median_of(ps, f"pseudo/tta_cl/{prec}"), _median_of(ps, f"pseudo/tta/{prec}")),
+        ("train.infer_channels_last", "true", "false", f"evaluation (whole image, {prec})",
+         _median_of(ps, f"pseudo/single_cl/{prec}"), _median_of(ps, f"pseudo/single/{prec}")),
     ]  # fmt: skip
     if len(ld) == len(LOADER_WORKERS):
         specs.append(("data.num_workers", str(LOADER_WORKERS[0]), str(LOADER_WORKERS[1]),

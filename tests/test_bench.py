@@ -46,7 +46,9 @@ def test_quick_run_has_every_variant_with_positive_medians(quick_run):
     assert names == {v.name for v in bench.train_variants()}
     assert len(names) == 16
     assert {r["name"] for r in res["pseudo"]} == {
-        "pseudo/single/fp32", "pseudo/single/bf16", "pseudo/tta/fp32", "pseudo/tta/bf16"
+        "pseudo/single/fp32", "pseudo/single/bf16", "pseudo/tta/fp32", "pseudo/tta/bf16",
+        "pseudo/single_cl/fp32", "pseudo/single_cl/bf16", "pseudo/tta_cl/fp32",
+        "pseudo/tta_cl/bf16",
     }  # fmt: skip
     assert len(res["select"]) == 4
     for r in res["train"] + res["pseudo"] + res["select"]:
@@ -223,7 +225,8 @@ def test_defaults_rows_hand_values():
 
     res = {
         "train": [row("st/bf16/nchw", 1.0), row("st/fp32/nchw", 1.8), row("st/bf16/cl", 1.25)],
-        "pseudo": [row("pseudo/tta/bf16", 2.0), row("pseudo/tta/fp32", 2.5)],
+        "pseudo": [row("pseudo/tta/bf16", 2.0), row("pseudo/tta/fp32", 2.5),
+                   row("pseudo/tta_cl/bf16", 1.6)],
         "loader": [row("loader/workers0/bf16", 10.0), row("loader/workers1/bf16", 8.0)],
         "loader_iters": 5,
     }
@@ -233,6 +236,8 @@ def test_defaults_rows_hand_values():
     assert got["train.amp", "pseudo-labelling (TTA)"]["speedup"] == pytest.approx(1.25)
     assert got["train.channels_last", "train step (ST, bf16)"]["speedup"] == pytest.approx(1.25)
     assert got["data.num_workers", "ST stage, 5 iterations"]["speedup"] == pytest.approx(0.8)
+    cl = got["train.infer_channels_last", "pseudo-labelling (TTA, bf16)"]
+    assert (cl["default"], cl["alternative"], cl["speedup"]) == ("true", "false", 1.25)
     assert ("train.amp", "evaluation (whole image)") not in got  # not measured: no row
     # on a CPU without fast bf16 the default is fp32 and bf16 is the alternative
     fp32 = {r["measured_on"]: r for r in bench.defaults_rows(res, "none")}["train step (ST)"]
