@@ -143,7 +143,8 @@ class TrainCfg(BaseModel):
         "CPUs measured: docs/results/speed_cpu.md)")
     infer_channels_last: bool = Field(
         True, description="frozen models (teacher, pseudo-labelling, selection, evaluation) run "
-        "channels_last: same outputs, 1.3-2x faster forwards on a CPU in bf16")
+        "channels_last: same outputs, faster forwards on a CPU in bf16 "
+        "(docs/results/infer_layout/speed_cpu.md)")
     ckpt_every: int = Field(200, ge=1, description="checkpoint every N iterations (and at the end)")
     log_every: int = Field(10, ge=1)
     eval_every_epochs: int = Field(0, ge=0, description="0 = only at the end of the stage")

@@ -63,8 +63,9 @@ def inference_layout(model: nn.Module, channels_last: bool = True) -> nn.Module:
     """``model`` (frozen, in place) in the memory layout its inference runs fastest in.
 
     channels_last: the same outputs as contiguous NCHW (inputs may stay NCHW: a convolution
-    with channels_last weights works in that layout) and, on a CPU in bf16, 1.3-2x faster
-    forwards (docs/results/speed_cpu.md, teacher table). The training step is not faster in it
+    with channels_last weights works in that layout) and, on a CPU in bf16, faster forwards
+    (``ciscr bench``: docs/results/infer_layout/speed_cpu.md, and the teacher table of
+    docs/results/speed_cpu.md). The training step is not faster in it
     on this CPU, which is why ``train.channels_last`` stays off and this applies only to frozen
     models: the teacher, pseudo-labelling, selection and evaluation. MPS is left as it is.
     """
