@@ -114,6 +114,27 @@ def test_step_median_is_compared_and_rounds_give_a_median_ratio():
     assert got["ciscr_bank stage2 / ST stage2 (s per step)"]["pass"]
 
 
+def test_st_runs_bracket_each_round_and_an_a_a_control_over_the_limit_is_inconclusive():
+    quiet = {m: [dict(r) for r in rows] for m, rows in TIMED.items()}
+    quiet["st_end"] = [dict(r) for r in TIMED["st"]]
+    quiet["st_end"][2]["step_median"] = 0.22  # ST stage 2 ran at 0.20 s at the round's start
+    comp = {c["stage"]: c for c in compare_stages(quiet) if c["method"] == "ciscr_bank"}
+    assert comp["stage2"]["st_s_per_it"] == pytest.approx(0.21)  # mean of the two ST runs
+    assert comp["stage2"]["ratio"] == pytest.approx(0.24 / 0.21)
+    noise = profiling.noise_control(quiet)
+    assert noise["ratios"]["stage2"] == pytest.approx([1.1]) and noise["quiet"]
+    assert all(t["pass"] is not None for t in targets(quiet))
+    noisy = {m: [dict(r) for r in rows] for m, rows in quiet.items()}
+    noisy["st_end"][2]["step_median"] = 0.30  # the same work, 50 % slower: machine noise
+    assert not profiling.noise_control(noisy)["quiet"]
+    got = {t["target"]: t["pass"] for t in targets(noisy)}
+    assert got["ciscr_bank stage2 / ST stage2 (s per step)"] is None  # inconclusive
+    assert got["ciscr_bank pseudo0 + selection + pseudo1 / mean training stage"]  # same run
+    md = profiling._targets_section(targets(noisy))
+    assert "INCONCLUSIVE" in "\n".join(md) and "inconclusive" in md[1]
+    assert profiling.noise_control(TIMED) is None  # no st_end: nothing to judge the noise by
+
+
 @pytest.mark.parametrize("args, match", [
     (["--methods", "st,bogus"], "--methods"),
     (["--passes", "timed,slow"], "--passes"),
@@ -142,6 +163,7 @@ def test_tiny_profile_end_to_end(tmp_path, monkeypatch, capsys):
     assert res["command"].startswith("ciscr profile synthetic data.synthetic.num_train=16")
     timed = {m: {r["stage"]: r for r in rows} for m, rows in res["timed"].items()}
     assert set(timed["st"]) == {"setup", "stage1", "pseudo0", "stage2", "report"}
+    assert set(timed["st_end"]) == set(timed["st"])  # the A/A control closes the round
     assert {"selection", "pseudo1", "stage3"} <= set(timed["ciscr"])
     assert timed["ciscr"]["stage2"]["iterations"] == 2
     assert timed["ciscr"]["stage2"]["step_median"] > 0  # from the stage's train.jsonl
