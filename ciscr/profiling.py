@@ -506,8 +506,9 @@ def _step_seconds(row: dict[str, Any]) -> float | None:
 CISCR_METHODS = ("ciscr", "ciscr_bank")  # the CISC-R variants whose stages are compared with ST
 ST_END = "st_end"  # ST run again at the end of every timed round: the A/A control
 # The A/A control's largest |end / start - 1| for which the targets are judged. On a shared
-# (virtual) machine the same work can run 50 % slower a few minutes later; a 15 % target cannot
-# be read through that, and the targets then say "inconclusive" instead of PASS or FAIL.
+# (virtual) machine the same work can run markedly slower a few minutes later (the A/A table
+# of docs/results/profile_cpu.md); a 15 % target cannot be read through that, and the targets
+# then say "inconclusive" instead of PASS or FAIL.
 NOISE_LIMIT = 0.10
 # The stages whose ratio is a target. ciscr's CISC-R is the bank mode (the default of every
 # config). The paper's query mode runs the teacher on a queried labeled batch as well in
@@ -720,7 +721,7 @@ HOW = """\
   a CISC-R stage is compared with the mean of the two ST runs that bracket it, and the two ST
   runs' ratio shows how much the machine's speed moved during the round. Over
   the limit the stage targets are inconclusive: on a shared virtual machine the same step can
-  run 50 % slower a few minutes later.
+  run markedly slower a few minutes later.
 - Targets: every stage of CISC-R (bank), ciscr's default, and stage 1 of the paper's query
   mode (`ciscr`: its L_CISC step is the bank's when `method.stage1_cisc_loss` is on). The query
   mode's stages 2-3 run the teacher on a queried labeled batch too (METHOD.md 7): shown, not
