@@ -357,6 +357,11 @@ class Config(BaseModel):
         description="CPU threads torch uses per process; 0 = torch's default (all cores, or "
         "OMP_NUM_THREADS / MKL_NUM_THREADS when set), cores / processes under torchrun on CPU",
     )
+    report: bool = Field(
+        True,
+        description="write report.html when ciscr train/run ends (its figures take seconds on a "
+        "CPU); `ciscr report RUN` writes it at any time",
+    )
     data: DataCfg = DataCfg()
     model: ModelCfg = ModelCfg()
     train: TrainCfg = TrainCfg()

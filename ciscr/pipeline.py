@@ -182,7 +182,7 @@ def check_same_config(cfg: Config, saved: Path) -> None:
     old = yaml.safe_load(saved.read_text())
     new = config_to_dict(cfg)
     # Settings that do not change results may differ between an interrupted run and its rerun.
-    for volatile in ("device", "threads"):
+    for volatile in ("device", "threads", "report"):
         old.pop(volatile, None)
         new.pop(volatile, None)
     # eval.batch_size only groups validation images into forwards (same predictions up to

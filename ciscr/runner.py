@@ -72,7 +72,8 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
         results = run_method(ctx)
         if dist.is_main():
             print(format_results(results, list(ctx.info.class_names)))
-            _write_report(out)
+            if cfg.report:
+                _write_report(out)
         return results
     finally:
         unlock_run_dir(lock)

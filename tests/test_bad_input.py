@@ -33,7 +33,7 @@ from ciscr.errors import CiscrError, DataError
 K = 4  # classes of the test dataset: background + 3 shapes
 TINY = [
     "train.epochs=1", "train.unlabeled_epochs=0", "train.iters_per_epoch=2", "train.batch_size=4", "train.crop_size=32",
-    "train.progress=false", "train.ckpt_every=1", "model.backbone=mobilenet_v2",
+    "train.progress=false", "train.ckpt_every=1", "model.backbone=mobilenet_v2", "report=false",
     "method.tta_scales=[1.0]", "method.score_final_pseudo=false", "device=cpu",
 ]  # fmt: skip
 

@@ -15,6 +15,7 @@ TINY = [
     "data.synthetic.num_train=12", "data.synthetic.num_val=3", "data.synthetic.size=32",
     "data.labeled=4", "train.epochs=1", "train.unlabeled_epochs=0", "train.iters_per_epoch=2", "train.batch_size=4",
     "train.crop_size=32", "train.progress=false", "model.channels=16",
+    "model.backbone=mobilenet_v2", "report=false",
 ]
 
 
@@ -23,6 +24,7 @@ def test_train_then_eval_reproduces_the_stage_metrics(tmp_path, capsys):
     assert main(["train", "synthetic", "--out", str(out), *TINY]) == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["stage1"]  # SupOnly only
     assert "method: suponly" in capsys.readouterr().out
+    assert not (out / "report.html").exists()  # report=false
     ckpt = out / "stage1" / "checkpoint.pt"
     assert main(["eval", str(ckpt)]) == 0
     written = json.loads((out / "stage1" / "checkpoint_eval_whole.json").read_text())

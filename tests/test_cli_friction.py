@@ -18,6 +18,7 @@ TINY = [
     "data.synthetic.num_train=12", "data.synthetic.num_val=3", "data.synthetic.size=32",
     "data.labeled=4", "train.epochs=1", "train.unlabeled_epochs=0", "train.iters_per_epoch=2", "train.batch_size=4",
     "train.crop_size=32", "train.progress=false", "model.channels=16",
+    "model.backbone=mobilenet_v2", "report=false",
 ]
 
 

@@ -30,6 +30,7 @@ ARGS = [
     "train.lr=0.05", "train.ckpt_every=2", "train.log_every=1", "train.progress=false",
     "data.synthetic.num_train=24", "data.synthetic.num_val=5", "data.synthetic.size=32",
     "data.labeled=7", "model.backbone=mobilenet_v2", "method.tta_scales=[1.0]", "device=cpu",
+    "report=false",
 ]  # fmt: skip
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 

@@ -25,7 +25,7 @@ RUN_ARGS = [
     "train.iters_per_epoch=2",
     "data.synthetic.num_train=24",
     "data.synthetic.num_val=4",
-    "train.progress=false",
+    "train.progress=false", "model.backbone=mobilenet_v2",
     "method.tta_scales=[1.0]",
     "method.score_final_pseudo=true",  # the demo config skips it; the report shows it
 ]
@@ -36,6 +36,7 @@ IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "run"
     assert cli.main(["run", "synthetic", "--out", str(out), *RUN_ARGS]) == 0
+    assert (out / "report.html").is_file()  # report=true (the default) writes it at the end
     return out
 
 
@@ -67,7 +68,7 @@ def test_report_has_every_section_and_the_result(run_dir: Path, report: str) -> 
     miou = results["final_metrics"]["miou"]
     assert f"<b>val mIoU {100 * miou:.2f}</b> (stage3, last checkpoint" in report
     assert "<details><summary>resolved config (config.yaml)</summary>" in report
-    assert "backbone: resnet18" in _section(report, "config")
+    assert "backbone: mobilenet_v2" in _section(report, "config")
     assert "missing or incomplete" not in report and "results.json is missing" not in report
     assert report.count('<span class="st done">done</span>') == 7  # every stage incl. pseudo_final
 

@@ -34,7 +34,7 @@ ARGS = [
     "train.epochs=2", "train.unlabeled_epochs=0", "train.iters_per_epoch=3", "train.batch_size=4", "train.crop_size=32",
     "train.lr=0.05", "train.ckpt_every=2", "train.log_every=1", "train.eval_every_epochs=1",
     "train.progress=false", "data.synthetic.num_train=24", "data.synthetic.num_val=4",
-    "data.synthetic.size=32", "data.labeled=8", "model.backbone=mobilenet_v2",
+    "data.synthetic.size=32", "data.labeled=8", "model.backbone=mobilenet_v2", "report=false",
     "method.tta_scales=[1.0]", "device=cpu",
     # The paper's recipe on the harder 4-class scenes (the demo config trains otherwise).
     "data.synthetic.num_classes=4", "data.synthetic.max_distractors=3",
