@@ -341,16 +341,25 @@ def score_labels(ctx: RunContext, label_dir: Path, samples: list[Sample]) -> dic
 # --------------------------------------------------------------------------- stages
 
 
-def stage1(ctx: RunContext) -> dict[str, Any]:
-    """Train M0 on the labeled split: CE, plus L_CISC on class-sharing pairs (Eq. 11-12)."""
-    out = ctx.run_dir / "stage1"
-    if is_done(out):
-        return read_json(out / "done.json")
+@dataclass
+class StagePlan:
+    """What a training stage trains and how: built by :func:`stage1_plan` and
+    :func:`retrain_plan`, run by :func:`run_plan` (``ciscr profile`` times the steps of plans
+    side by side without running the stages)."""
+
+    name: str
+    model: nn.Module
+    streams: dict[str, Stream]
+    step: Any  # the step function (ciscr.engine.steps)
+    cfg: TrainCfg  # the stage's optimisation settings (its epochs derived from its data)
+    epoch_stream: str
+    snapshot_iters: tuple[int, ...] = ()
+
+
+def stage1_plan(ctx: RunContext) -> StagePlan:
+    """M0 on the labeled split: CE, plus L_CISC on class-sharing pairs (Eq. 11-12)."""
     m, t, d = ctx.cfg.method, ctx.cfg.train, ctx.cfg.data
-    t0 = time.perf_counter()
-    model = fresh_model(ctx)
-    ds = labeled_dataset(ctx)
-    rep = labeled_repeat(ctx)
+    ds, rep = labeled_dataset(ctx), labeled_repeat(ctx)
     if m.stage1_cisc_loss:
         masks = [read_mask(s.mask, ctx.info.num_classes, d.ignore_index) for s in ctx.labeled]
         present = class_presence(masks, ctx.info.num_classes)
@@ -358,17 +367,33 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
                             m.pair_partner, m.min_class_ratio, d.ignore_index)
         streams = {"pairs": Stream(pairs, max(1, t.batch_size // 2), rep, images_per_item=2)}
         step = pair_step(True, m.cisc_weight, d.ignore_index, m.pair_loss_norm)
-        epoch_stream = "pairs"
     else:
         streams = {"labeled": Stream(ds, t.batch_size, rep)}
         step = supervised_step(d.ignore_index)
-        epoch_stream = "labeled"
+    epoch_stream = next(iter(streams))
     snaps = _stpp_snapshot_iters(ctx, streams[epoch_stream]) if m.selection == "stpp" else ()
-    train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
-                epoch_stream=epoch_stream, meta={**ctx.meta, "stage": "stage1"},
-                num_workers=d.num_workers, snapshot_iters=snaps, desc="stage1",
-                on_epoch_end=epoch_eval_hook(ctx))
+    return StagePlan("stage1", fresh_model(ctx), streams, step, t, epoch_stream, tuple(snaps))
+
+
+def run_plan(ctx: RunContext, plan: StagePlan, t0: float) -> dict[str, Any]:
+    """Train a planned stage (resumable) into ``run_dir/<name>``, evaluate it, mark it done;
+    its wall time counts from ``t0`` (before the plan was built: teacher, bank)."""
+    out = ctx.run_dir / plan.name
+    model = train_stage(out, plan.model, plan.streams, plan.step, plan.cfg, seed=ctx.cfg.seed,
+                        device=ctx.device, epoch_stream=plan.epoch_stream,
+                        meta={**ctx.meta, "stage": plan.name},
+                        num_workers=ctx.cfg.data.num_workers, snapshot_iters=plan.snapshot_iters,
+                        desc=plan.name, on_epoch_end=epoch_eval_hook(ctx))
     return finish_stage(ctx, out, model, t0)
+
+
+def stage1(ctx: RunContext) -> dict[str, Any]:
+    """Train M0 (:func:`stage1_plan`) unless stage 1 is done."""
+    out = ctx.run_dir / "stage1"
+    if is_done(out):
+        return read_json(out / "done.json")
+    t0 = time.perf_counter()
+    return run_plan(ctx, stage1_plan(ctx), t0)
 
 
 def stpp_snapshot_iters(per_epoch: int, epochs: int, n: int) -> list[int]:
@@ -665,28 +690,51 @@ def _retrain_streams(ctx: RunContext, parts: list[tuple[list[Sample], Path]]):
     return streams, "unlabeled"
 
 
-def retrain_stage(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Path]],
-                  teacher_dir: Path, sel: Selection | None) -> dict[str, Any]:
-    """A model trained on labeled + pseudo-labeled images, rectified by the frozen teacher."""
-    out = ctx.run_dir / name
-    if is_done(out):
-        return read_json(out / "done.json")
-    d = ctx.cfg.data
-    t0 = time.perf_counter()
+def retrain_plan(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Path]],
+                 teacher_dir: Path, sel: Selection | None) -> StagePlan:
+    """A model trained on labeled + pseudo-labeled images (``parts``: unlabeled samples and
+    their pseudo-label folder), rectified by the frozen teacher of ``teacher_dir`` when
+    ``sel`` is given. The stage's bank (bank mode) is cached in ``run_dir/<name>``."""
     model = stage_start_model(ctx, teacher_dir)
     streams, epoch_stream = _retrain_streams(ctx, parts)
     per_epoch = iters_per_epoch(streams[epoch_stream], ctx.cfg.train)
     t = unlabeled_stage_cfg(ctx, per_epoch)
-    unl = unlabeled_loss(ctx, per_epoch * t.epochs)
+    unl, ign = unlabeled_loss(ctx, per_epoch * t.epochs), ctx.cfg.data.ignore_index
     if epoch_stream == "mixed":  # never rectified (MethodCfg refuses mixed + rectify)
-        step = mixed_step(d.ignore_index, unl)
+        step = mixed_step(ign, unl)
     else:
+        out = ctx.run_dir / name
         rect = build_rectifier(ctx, teacher_dir, sel, labeled_dataset(ctx), out) if sel else None
-        step = retrain_step(rect, d.ignore_index, unl)
-    train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
-                epoch_stream=epoch_stream, meta={**ctx.meta, "stage": name},
-                num_workers=d.num_workers, desc=name, on_epoch_end=epoch_eval_hook(ctx))
-    return finish_stage(ctx, out, model, t0)
+        step = retrain_step(rect, ign, unl)
+    return StagePlan(name, model, streams, step, t, epoch_stream)
+
+
+def retrain_stage(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Path]],
+                  teacher_dir: Path, sel: Selection | None) -> dict[str, Any]:
+    """Train a retraining stage (:func:`retrain_plan`) unless it is done."""
+    out = ctx.run_dir / name
+    if is_done(out):
+        return read_json(out / "done.json")
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)  # the bank is cached there
+    return run_plan(ctx, retrain_plan(ctx, name, parts, teacher_dir, sel), t0)
+
+
+def retrain_inputs(ctx: RunContext, sel: Selection | None, pseudo0: Path,
+                   pseudo1: Path | None = None) -> dict[str, tuple[list, Path]]:
+    """The retraining stages of Algorithm 2: name -> (parts, teacher directory). ``retrain=one``:
+    stage 2 on every unlabeled image; ``two``: stage 2 on the reliable half, stage 3 (once
+    ``pseudo1`` exists) on both halves, the unreliable one relabelled by M1."""
+    rd = ctx.run_dir
+    if ctx.cfg.method.retrain == "one":
+        return {"stage2": ([(ctx.unlabeled, pseudo0)], rd / "stage1")}
+    by_id = {s.id: s for s in ctx.unlabeled}
+    rel = [by_id[i] for i in sel.reliable]
+    unrel = [by_id[i] for i in sel.unreliable]
+    plans = {"stage2": ([(rel, pseudo0)], rd / "stage1")}
+    if pseudo1 is not None:
+        plans["stage3"] = ([(rel, pseudo0), (unrel, pseudo1)], rd / "stage2")
+    return plans
 
 
 # --------------------------------------------------------------------------- Algorithm 2
@@ -706,17 +754,15 @@ def run_stagewise(ctx: RunContext) -> tuple[dict[str, dict[str, Any]], str]:
     needs_sel = m.rectify != "none" or m.retrain == "two"
     sel = selection_stage(ctx, pseudo0) if needs_sel else None
     rect = sel if m.rectify != "none" else None
+    inputs = retrain_inputs(ctx, sel, pseudo0)
+    stages["stage2"] = retrain_stage(ctx, "stage2", *inputs["stage2"], rect)
     if m.retrain == "one":
-        stages["stage2"] = retrain_stage(ctx, "stage2", [(ctx.unlabeled, pseudo0)], rd / "stage1",
-                                         rect)
         return stages, "stage2"
     by_id = {s.id: s for s in ctx.unlabeled}
-    rel = [by_id[i] for i in sel.reliable]
     unrel = [by_id[i] for i in sel.unreliable]
-    stages["stage2"] = retrain_stage(ctx, "stage2", [(rel, pseudo0)], rd / "stage1", rect)
     pseudo1 = pseudo_stage(ctx, "pseudo1", rd / "stage2", unrel) if unrel else pseudo0
-    stages["stage3"] = retrain_stage(
-        ctx, "stage3", [(rel, pseudo0), (unrel, pseudo1)], rd / "stage2", rect)
+    inputs = retrain_inputs(ctx, sel, pseudo0, pseudo1)
+    stages["stage3"] = retrain_stage(ctx, "stage3", *inputs["stage3"], rect)
     return stages, "stage3"
 
 

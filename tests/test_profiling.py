@@ -1,5 +1,5 @@
 """ciscr profile: caller-specific cProfile times, the ST vs CISC-R comparison and its targets
-(hand values), and a tiny end-to-end run of both passes."""
+(hand values), and a tiny end-to-end run of the three passes."""
 
 import cProfile
 import io
@@ -114,6 +114,35 @@ def test_step_median_is_compared_and_rounds_give_a_median_ratio():
     assert got["ciscr_bank stage2 / ST stage2 (s per step)"]["pass"]
 
 
+def test_the_interleaved_pass_judges_the_stage_targets_even_when_the_timed_pass_is_noisy():
+    noisy = {m: [dict(r) for r in rows] for m, rows in TIMED.items()}
+    noisy["st_end"] = [dict(r) for r in TIMED["st"]]
+    noisy["st_end"][2]["step_median"] = 0.30  # the timed pass's A/A: 50 % off
+    inter = {"rounds": 3, "block": 2, "warmup": 1, "times": {
+        "st stage1": [1.0, 2.0, 1.0], "st stage2": [2.0, 2.0, 4.0],
+        "st stage2 (again)": [2.0, 2.2, 4.0],
+        "ciscr_bank stage1": [1.1, 2.0, 1.3],  # round ratios 1.1, 1.0, 1.3 -> 1.1
+        "ciscr_bank stage2": [2.0, 2.6, 4.8],  # 1.0, 1.3, 1.2 -> 1.2
+        "ciscr_bank stage3": [2.1, 2.0, 4.0],  # 1.05, 1.0, 1.0 -> 1.0
+    }}  # fmt: skip
+    comp = {c["key"]: c for c in profiling.compare_interleaved(inter)}
+    assert comp["st stage2 (again)"]["ratio"] == pytest.approx(1.0)  # the A/A row
+    assert comp["ciscr_bank stage1"]["ratio"] == pytest.approx(1.1)
+    assert comp["ciscr_bank stage2"]["st_key"] == "st stage2"
+    assert comp["ciscr_bank stage2"]["ratio"] == pytest.approx(1.2)
+    assert comp["ciscr_bank stage3"]["st_key"] == "st stage2"  # ST retrains once
+    assert comp["ciscr_bank stage3"]["s_per_step"] == pytest.approx(2.1)  # median of rounds
+    got = {t["target"]: t for t in targets(noisy, (), inter)}
+    s2 = got["ciscr_bank stage2 / ST stage2 (s per step)"]
+    assert s2["value"] == pytest.approx(1.2) and s2["pass"] is False  # judged, not inconclusive
+    assert s2["timed"] == pytest.approx(0.24 / 0.25)  # the timed ratio is kept beside it
+    assert got["ciscr_bank stage1 / ST stage1 (s per step)"]["pass"] is True
+    assert got["ciscr stage1 / ST stage1 (s per step)"]["value"] is None  # not interleaved
+    assert got["ciscr stage1 / ST stage1 (s per step)"]["pass"] is False
+    md = "\n".join(profiling._interleaved_section(inter))
+    assert "st stage2 (again)" in md and "| 1.20" in md
+
+
 def test_st_runs_bracket_each_round_and_an_a_a_control_over_the_limit_is_inconclusive():
     quiet = {m: [dict(r) for r in rows] for m, rows in TIMED.items()}
     quiet["st_end"] = [dict(r) for r in TIMED["st"]]
@@ -157,6 +186,8 @@ TINY = [
 
 def test_tiny_profile_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(profiling, "TORCH_WINDOW", (0, 1))  # the stages have 2 iterations
+    monkeypatch.setattr("ciscr.steptime.ROUNDS", 2)
+    monkeypatch.setattr("ciscr.steptime.BLOCK", 1)
     # The profile times report building around write_report; its figures (seconds each, and
     # tested in test_report.py) are not what this test checks.
     monkeypatch.setattr("ciscr.report.build_html", lambda *a, **k: "<html></html>")
@@ -183,8 +214,14 @@ def test_tiny_profile_end_to_end(tmp_path, monkeypatch, capsys):
     assert prof["stage2"]["torch_window"]["rectifier_s"] > 0
     st2 = {c["label"]: c["seconds"] for c in res["profiled"]["st"][3]["categories"]}
     assert st2["rectifier (teacher forward, CISC maps)"] == 0  # ST has no rectifier
+    inter = res["interleaved"]  # the training stages of the timed runs, side by side
+    assert inter["rounds"] == 2 and inter["block"] == 1
+    assert set(inter["times"]) == {"st stage1", "st stage2", "st stage2 (again)",
+                                   "ciscr stage1", "ciscr stage2", "ciscr stage3"}
+    assert all(len(v) == 2 and min(v) > 0 for v in inter["times"].values())
     md = (out / "p.md").read_text()
     assert "## Time per stage (timed pass)" in md and "## Targets" in md
+    assert "## Stage steps side by side (interleaved pass)" in md
     assert "- command: `ciscr profile synthetic" in md
     assert "ciscr: training stages (cProfile" in capsys.readouterr().out
 

@@ -1,0 +1,130 @@
+"""Training steps of finished stages, timed side by side in one process: the interleaved pass
+of ``ciscr profile``.
+
+WHY: the timed pass runs whole stages minutes apart, and on a shared virtual machine the same
+work can run 10-50 % slower a few minutes later (the A/A control of
+``docs/results/profile_cpu.md``): more than the 15 % margin of the stage targets. Here every
+stage is planned again from a finished run by the pipeline's own functions
+(:func:`ciscr.pipeline.stage1_plan`, :func:`~ciscr.pipeline.retrain_plan`: the same streams,
+step function, teacher, bank and optimiser settings) and trains for a block of steps in turn,
+round after round. A change of the machine's speed hits every stage of a round alike, and a
+stage's ratio to ST is the median over the rounds of the ratio within a round. ST's stage 2 is
+timed twice, as two separate plans: their ratio (an A/A control) shows the resolution.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ciscr.pipeline import RunContext, StagePlan
+
+ROUNDS = 10  # rounds of the interleaved pass
+BLOCK = 4  # steps of a stage per round (batch loading included, as in a real stage)
+WARMUP = 1  # rounds run first and not counted (allocator, caches)
+AA_KEY = "st stage2 (again)"  # the A/A control: ST's stage 2 planned and timed a second time
+
+
+def finished_plans(ctx: RunContext) -> dict[str, StagePlan]:
+    """Every training stage of the finished stage-wise run ``ctx.run_dir``, planned again as
+    the run planned it (its selection, pseudo labels and banks are read from the run)."""
+    from ciscr.pipeline import retrain_inputs, retrain_plan, selection_stage, stage1_plan
+
+    m, rd = ctx.cfg.method, ctx.run_dir
+    plans = {"stage1": stage1_plan(ctx)}
+    if m.retrain == "none":
+        return plans
+    pseudo0 = rd / "pseudo0" / "labels"
+    needs_sel = m.rectify != "none" or m.retrain == "two"
+    sel = selection_stage(ctx, pseudo0) if needs_sel else None
+    pseudo1 = rd / "pseudo1" / "labels"
+    pseudo1 = pseudo1 if pseudo1.is_dir() else pseudo0  # no unreliable half: stage 3 reuses 0
+    rect = sel if m.rectify != "none" else None
+    for name, (parts, teacher_dir) in retrain_inputs(ctx, sel, pseudo0, pseudo1).items():
+        plans[name] = retrain_plan(ctx, name, parts, teacher_dir, rect)
+    return plans
+
+
+class _Trainer:
+    """One plan's model, optimiser and batch iterators, ready to run steps on demand."""
+
+    def __init__(self, plan: StagePlan, device: torch.device, seed: int) -> None:
+        from ciscr.engine.train import (
+            StageState,
+            build_optimizer,
+            build_scheduler,
+            iters_per_epoch,
+            stream_loader,
+        )
+        from ciscr.utils.misc import make_grad_scaler
+
+        self.plan, self.device = plan, device
+        model = plan.model.to(device).train()
+        if plan.cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        total = iters_per_epoch(plan.streams[plan.epoch_stream], plan.cfg) * plan.cfg.epochs
+        opt = build_optimizer(model, plan.cfg)
+        self.state = StageState(model, opt, build_scheduler(opt, total, plan.cfg.poly_power),
+                                make_grad_scaler(device, plan.cfg.amp), 0, total, plan.step)
+        # Iterators that never run out: the timing takes a few dozen steps of any stage.
+        self.loaders = {n: stream_loader(s, i, seed, 0, 10**9, 0)
+                        for i, (n, s) in enumerate(sorted(plan.streams.items()))}
+
+    def steps(self, n: int) -> float:
+        """Seconds per step over ``n`` steps (loading each batch included)."""
+        from ciscr.engine.train import _one_step, _to_device
+
+        st, cfg = self.state, self.plan.cfg
+        t0 = time.perf_counter()
+        for _ in range(n):
+            batches = {k: _to_device(next(it), self.device, cfg.channels_last)
+                       for k, it in self.loaders.items()}
+            _one_step(st.model, st, self.plan.step, batches, st.iteration, cfg, self.device)
+            st.iteration += 1
+        return (time.perf_counter() - t0) / n
+
+
+def time_steps(trainers: dict[str, _Trainer], rounds: int = ROUNDS, block: int = BLOCK,
+               warmup: int = WARMUP) -> dict[str, list[float]]:
+    """{key: seconds per step in each counted round}: every trainer runs ``block`` steps in
+    turn, ``warmup + rounds`` times."""
+    times: dict[str, list[float]] = {k: [] for k in trainers}
+    for r in range(warmup + rounds):
+        for key, trainer in trainers.items():
+            s = trainer.steps(block)
+            if r >= warmup:
+                times[key].append(s)
+    return times
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """The median over rounds of ``a[r] / b[r]`` (two stages timed in the same rounds)."""
+    xs = [x / y for x, y in zip(a, b, strict=True) if y > 0]
+    return statistics.median(xs) if xs else None
+
+
+def interleaved_pass(runs: dict[str, tuple[Any, Path]], device: torch.device,
+                     rounds: int | None = None, block: int | None = None) -> dict[str, Any]:
+    """Time every training stage of the finished runs ``{method: (cfg, run_dir)}`` side by
+    side (``rounds`` / ``block``: default :data:`ROUNDS` / :data:`BLOCK`). Returns seconds
+    per step per round (``times``, keys "<method> <stage>" and, with ST, :data:`AA_KEY`) and
+    the settings."""
+    from ciscr.pipeline import setup_run
+
+    rounds, block = rounds or ROUNDS, block or BLOCK
+
+    trainers: dict[str, _Trainer] = {}
+    for method, (cfg, run_dir) in runs.items():
+        ctx = setup_run(cfg, run_dir, device)
+        plans = finished_plans(ctx)
+        for stage, plan in plans.items():
+            trainers[f"{method} {stage}"] = _Trainer(plan, device, cfg.seed)
+        if method == "st" and "stage2" in plans:  # a second, separate plan of the same stage
+            trainers[AA_KEY] = _Trainer(finished_plans(ctx)["stage2"], device, cfg.seed)
+    times = time_steps(trainers, rounds, block)
+    return {"rounds": rounds, "block": block, "warmup": WARMUP, "times": times}
