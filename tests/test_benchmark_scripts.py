@@ -16,7 +16,7 @@ import camvid_figures as figs  # noqa: E402
 from ciscr.methods import RECIPES  # noqa: E402
 
 
-def test_chains_run_the_comparison_seed_by_seed_then_the_options():
+def test_chains_run_the_target_rows_seed_by_seed_then_the_others_then_the_options():
     chains = camvid.chains(camvid.MAIN + camvid.OPTIONS, [0, 1])
     flat = [r for c in chains for r in c]
     assert len(flat) == len(set(flat))
@@ -24,8 +24,11 @@ def test_chains_run_the_comparison_seed_by_seed_then_the_options():
     for c in chains:
         if ("ciscr_bank", 0) in c:  # the bank row copies CISC-R's stages: it follows it
             assert c == [("ciscr", 0), ("ciscr_bank", 0)]
-    main = [r for r in flat if r[0] not in camvid.OPTIONS]
+    main = [r for r in flat if r[0] not in camvid.OPTIONS and r[0] not in camvid.LATER]
     assert [s for _, s in main] == sorted(s for _, s in main)  # all of seed 0 before seed 1
+    # the rows no target needs wait for the target rows of every seed
+    assert flat.index(("fixmatch", 0)) > flat.index(("stpp", 1))
+    assert flat.index(("fixmatch", 1)) > flat.index(("fixmatch", 0))
     first_option = min(i for i, r in enumerate(flat) if r[0] in camvid.OPTIONS)
     assert all(r[0] in camvid.OPTIONS for r in flat[first_option:])
     for row in camvid.ROWS:  # every row is a registered method, its base row too
