@@ -57,6 +57,23 @@ def reference_step_ms(steps: int = 20) -> float:
     return 1000 * statistics.median(times[3:])
 
 
+# The largest change of the reference step across the demo for which its wall time counts as
+# a quiet machine's: WHY, a shared 2-core machine's speed can halve within minutes, and a wall
+# time measured through that says nothing about the demo.
+STEADY_LIMIT = 0.15
+
+
+def steadiness(before_ms: float, after_ms: float) -> list[str]:
+    """A warning paragraph when the machine's speed moved more than :data:`STEADY_LIMIT`
+    during the measurement, else nothing."""
+    change = after_ms / before_ms - 1
+    if abs(change) <= STEADY_LIMIT:
+        return []
+    return [f"> NOISY: the reference step changed by {100 * change:+.0f} % during the demo "
+            f"(limit {100 * STEADY_LIMIT:.0f} %): this wall time is not a quiet machine's; "
+            "rerun the command when the machine is steady.", ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default=str(REPO / "docs/results"))
@@ -83,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
              f"of 64 px) took {step_before:.0f} ms before the demo and {step_after:.0f} ms after "
              "(median of 20; `reference_step_ms` in this script)", "",
              f"**Wall time: {wall:.0f} s** (data generation, every training run of the demo, their "
-             "evaluation and reports).", "", "The demo's table:", "", "```", table.rstrip(), "```", ""]
+             "evaluation and reports).", "", *steadiness(step_before, step_after),
+             "The demo's table:", "", "```", table.rstrip(), "```", ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "demo_cpu.md", ("\n".join(lines) + "\n").encode())

@@ -100,3 +100,12 @@ def test_paired_difference_uses_seeds_both_rows_have():
     assert camvid.paired_difference(xs, ref) == "+0.00 ± 1.00 (n=3)"
     assert camvid.paired_difference([0.3, None], [0.3, 0.2]) == "+0.00 (n=1)"
     assert camvid.paired_difference([None], [0.3]) == "n/a"
+
+
+def test_demo_time_flags_a_machine_whose_speed_moved_during_the_demo():
+    import demo_time
+
+    assert demo_time.steadiness(200.0, 220.0) == []  # +10 %: steady
+    noisy = demo_time.steadiness(212.0, 408.0)  # the machine slowed to half its speed
+    assert noisy[0].startswith("> NOISY: the reference step changed by +92 %")
+    assert demo_time.steadiness(400.0, 200.0)[0].startswith("> NOISY: the reference step changed by -50 %")
