@@ -731,10 +731,10 @@ def retrain_inputs(ctx: RunContext, sel: Selection | None, pseudo0: Path,
     by_id = {s.id: s for s in ctx.unlabeled}
     rel = [by_id[i] for i in sel.reliable]
     unrel = [by_id[i] for i in sel.unreliable]
-    plans = {"stage2": ([(rel, pseudo0)], rd / "stage1")}
+    inputs = {"stage2": ([(rel, pseudo0)], rd / "stage1")}
     if pseudo1 is not None:
-        plans["stage3"] = ([(rel, pseudo0), (unrel, pseudo1)], rd / "stage2")
-    return plans
+        inputs["stage3"] = ([(rel, pseudo0), (unrel, pseudo1)], rd / "stage2")
+    return inputs
 
 
 # --------------------------------------------------------------------------- Algorithm 2

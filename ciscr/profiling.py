@@ -484,17 +484,11 @@ def profile_runs(config: str, overrides: Sequence[str], methods: Sequence[str], 
 
 
 def _interleaved(cfgs: dict[str, Any], work: Path) -> dict[str, Any]:
-    """The interleaved pass (:mod:`ciscr.steptime`) over the first timed round's runs (run
-    here when the timed pass was not asked for)."""
+    """The interleaved pass (:mod:`ciscr.steptime`) over the first timed round's runs."""
     from ciscr.dist import resolve_device
     from ciscr.steptime import interleaved_pass
 
-    runs = {}
-    for method, cfg in cfgs.items():
-        run_dir = work / f"{method}-timed"
-        if not (run_dir / "results.json").exists():
-            run_method(cfg, run_dir, False)
-        runs[method] = (cfg, run_dir)
+    runs = {method: (cfg, work / f"{method}-timed") for method, cfg in cfgs.items()}
     device = resolve_device(next(iter(cfgs.values())).device)
     return interleaved_pass(runs, device)
 
@@ -925,6 +919,9 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     if not passes or any(p not in PASSES for p in passes):
         raise ConfigError(f"--passes {args.passes}: choose among {','.join(PASSES)}")
+    if "interleaved" in passes and "timed" not in passes:
+        raise ConfigError(f"--passes {args.passes}: interleaved times the stages of the timed "
+                          "runs; add timed")
     if args.work is not None and args.work.exists() and any(args.work.iterdir()):
         raise ConfigError(f"--work {args.work}: exists and is not empty; profiles need new runs")
     if args.threads < 0:

@@ -167,6 +167,7 @@ def test_st_runs_bracket_each_round_and_an_a_a_control_over_the_limit_is_inconcl
 @pytest.mark.parametrize("args, match", [
     (["--methods", "st,bogus"], "--methods"),
     (["--passes", "timed,slow"], "--passes"),
+    (["--passes", "interleaved"], "add timed"),
     (["--repeats", "0"], "--repeats"),
 ])  # fmt: skip
 def test_bad_options_are_one_line_errors(capsys, args, match):
