@@ -71,13 +71,16 @@ class _Trainer:
         opt = build_optimizer(model, plan.cfg)
         self.state = StageState(model, opt, build_scheduler(opt, total, plan.cfg.poly_power),
                                 make_grad_scaler(device, plan.cfg.amp), 0, total, plan.step)
-        # Iterators that never run out: the timing takes a few dozen steps of any stage.
+        # Iterators that never run out: the timing takes a few dozen steps of any stage. The
+        # batches load on this process (num_workers=0, the configs' default), so that loading
+        # is timed with the step as in a real stage; loader workers would blur the turns.
         self.loaders = {n: stream_loader(s, i, seed, 0, 10**9, 0)
                         for i, (n, s) in enumerate(sorted(plan.streams.items()))}
 
     def steps(self, n: int) -> float:
         """Seconds per step over ``n`` steps (loading each batch included)."""
-        from ciscr.engine.train import _one_step, _to_device
+        from ciscr.engine.train import _one_step, _to_device  # the engine's own step
+
 
         st, cfg = self.state, self.plan.cfg
         t0 = time.perf_counter()
@@ -117,7 +120,6 @@ def interleaved_pass(runs: dict[str, tuple[Any, Path]], device: torch.device,
     from ciscr.pipeline import setup_run
 
     rounds, block = rounds or ROUNDS, block or BLOCK
-
     trainers: dict[str, _Trainer] = {}
     for method, (cfg, run_dir) in runs.items():
         ctx = setup_run(cfg, run_dir, device)
