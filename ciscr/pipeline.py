@@ -720,6 +720,17 @@ def retrain_stage(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Pa
     return run_plan(ctx, retrain_plan(ctx, name, parts, teacher_dir, sel), t0)
 
 
+def retraining_selection(ctx: RunContext, pseudo0: Path) -> tuple[Selection | None,
+                                                                   Selection | None]:
+    """(Algorithm 1's selection, the one the rectifier uses): the selection runs (or is read,
+    when done) where the method rectifies or splits the unlabeled images into halves; the
+    rectifier's is None without rectification."""
+    m = ctx.cfg.method
+    needs_sel = m.rectify != "none" or m.retrain == "two"
+    sel = selection_stage(ctx, pseudo0) if needs_sel else None
+    return sel, (sel if m.rectify != "none" else None)
+
+
 def retrain_inputs(ctx: RunContext, sel: Selection | None, pseudo0: Path,
                    pseudo1: Path | None = None) -> dict[str, tuple[list, Path]]:
     """The retraining stages of Algorithm 2: name -> (parts, teacher directory). ``retrain=one``:
@@ -751,9 +762,7 @@ def run_stagewise(ctx: RunContext) -> tuple[dict[str, dict[str, Any]], str]:
         raise DataError("the unlabeled split is empty: nothing to self-train on")
     pseudo0 = pseudo_stage(ctx, "pseudo0", rd / "stage1", ctx.unlabeled)
     stages["pseudo0"] = read_json(rd / "pseudo0" / "done.json")
-    needs_sel = m.rectify != "none" or m.retrain == "two"
-    sel = selection_stage(ctx, pseudo0) if needs_sel else None
-    rect = sel if m.rectify != "none" else None
+    sel, rect = retraining_selection(ctx, pseudo0)
     inputs = retrain_inputs(ctx, sel, pseudo0)
     stages["stage2"] = retrain_stage(ctx, "stage2", *inputs["stage2"], rect)
     if m.retrain == "one":

@@ -620,13 +620,12 @@ def targets(timed: dict[str, list[dict[str, Any]]],
     timed pass (:func:`compare_stages`), inconclusive when its A/A control is over the limit."""
     noise = noise_control(timed, more)
     judged = noise is None or noise["quiet"]
-    paired = {(c["key"].split()[0], c["key"].split()[1]): c["ratio"]
-              for c in (compare_interleaved(inter) if inter else [])}
+    paired = {c["key"]: c["ratio"] for c in (compare_interleaved(inter) if inter else [])}
     out = []
     for c in compare_stages(timed, more):
         if c["stage"] not in TARGET_STAGES[c["method"]]:
             continue
-        value = paired.get((c["method"], c["stage"])) if inter else c["ratio"]
+        value = paired.get(f"{c['method']} {c['stage']}") if inter else c["ratio"]
         ok = value is not None and value <= STAGE_TARGET
         out.append({"target": f"{c['method']} {c['stage']} / ST {c['st_stage']} (s per step)",
                     "value": value, "timed": c["ratio"], "limit": f"<= {STAGE_TARGET:.2f}",

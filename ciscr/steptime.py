@@ -33,18 +33,16 @@ AA_KEY = "st stage2 (again)"  # the A/A control: ST's stage 2 planned and timed 
 def finished_plans(ctx: RunContext) -> dict[str, StagePlan]:
     """Every training stage of the finished stage-wise run ``ctx.run_dir``, planned again as
     the run planned it (its selection, pseudo labels and banks are read from the run)."""
-    from ciscr.pipeline import retrain_inputs, retrain_plan, selection_stage, stage1_plan
+    from ciscr.pipeline import retrain_inputs, retrain_plan, retraining_selection, stage1_plan
 
-    m, rd = ctx.cfg.method, ctx.run_dir
+    rd = ctx.run_dir
     plans = {"stage1": stage1_plan(ctx)}
-    if m.retrain == "none":
+    if ctx.cfg.method.retrain == "none":
         return plans
     pseudo0 = rd / "pseudo0" / "labels"
-    needs_sel = m.rectify != "none" or m.retrain == "two"
-    sel = selection_stage(ctx, pseudo0) if needs_sel else None
+    sel, rect = retraining_selection(ctx, pseudo0)
     pseudo1 = rd / "pseudo1" / "labels"
     pseudo1 = pseudo1 if pseudo1.is_dir() else pseudo0  # no unreliable half: stage 3 reuses 0
-    rect = sel if m.rectify != "none" else None
     for name, (parts, teacher_dir) in retrain_inputs(ctx, sel, pseudo0, pseudo1).items():
         plans[name] = retrain_plan(ctx, name, parts, teacher_dir, rect)
     return plans
@@ -54,39 +52,25 @@ class _Trainer:
     """One plan's model, optimiser and batch iterators, ready to run steps on demand."""
 
     def __init__(self, plan: StagePlan, device: torch.device, seed: int) -> None:
-        from ciscr.engine.train import (
-            StageState,
-            build_optimizer,
-            build_scheduler,
-            iters_per_epoch,
-            stream_loader,
-        )
-        from ciscr.utils.misc import make_grad_scaler
+        from ciscr.engine.train import iters_per_epoch, new_stage_state, stream_loaders
 
         self.plan, self.device = plan, device
-        model = plan.model.to(device).train()
-        if plan.cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
         total = iters_per_epoch(plan.streams[plan.epoch_stream], plan.cfg) * plan.cfg.epochs
-        opt = build_optimizer(model, plan.cfg)
-        self.state = StageState(model, opt, build_scheduler(opt, total, plan.cfg.poly_power),
-                                make_grad_scaler(device, plan.cfg.amp), 0, total, plan.step)
+        self.state = new_stage_state(plan.model.to(device).train(), plan.step, plan.cfg, total,
+                                     device)
         # Iterators that never run out: the timing takes a few dozen steps of any stage. The
         # batches load on this process (num_workers=0, the configs' default), so that loading
         # is timed with the step as in a real stage; loader workers would blur the turns.
-        self.loaders = {n: stream_loader(s, i, seed, 0, 10**9, 0)
-                        for i, (n, s) in enumerate(sorted(plan.streams.items()))}
+        self.loaders = stream_loaders(plan.streams, seed, 0, 10**9, 0)
 
     def steps(self, n: int) -> float:
         """Seconds per step over ``n`` steps (loading each batch included)."""
-        from ciscr.engine.train import _one_step, _to_device  # the engine's own step
-
+        from ciscr.engine.train import _one_step, next_batches  # the engine's own step
 
         st, cfg = self.state, self.plan.cfg
         t0 = time.perf_counter()
         for _ in range(n):
-            batches = {k: _to_device(next(it), self.device, cfg.channels_last)
-                       for k, it in self.loaders.items()}
+            batches = next_batches(self.loaders, self.device, cfg.channels_last)
             _one_step(st.model, st, self.plan.step, batches, st.iteration, cfg, self.device)
             st.iteration += 1
         return (time.perf_counter() - t0) / n

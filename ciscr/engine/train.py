@@ -281,15 +281,9 @@ def train_stage(
         # Per-rank dropout streams (data augmentation is keyed on (seed, epoch, index) and
         # identical on every rank by construction). A resume restores each rank's own state.
         torch.manual_seed(seed * 1_000_003 + 7_919 * dist.rank() + 1)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
     per_epoch = iters_per_epoch(streams[epoch_stream], cfg)
     total = per_epoch * cfg.epochs
-    opt = build_optimizer(model, cfg)
-    st = StageState(
-        model, opt, build_scheduler(opt, total, cfg.poly_power),
-        make_grad_scaler(device, cfg.amp), 0, total, step_fn,
-    )
+    st = new_stage_state(model, step_fn, cfg, total, device)
     ckpt_path = out_dir / CKPT_NAME
     if ckpt_path.exists():
         _resume(ckpt_path, st)
@@ -301,20 +295,41 @@ def train_stage(
     return model
 
 
+def new_stage_state(model: nn.Module, step_fn: StepFn, cfg: TrainCfg, total: int,
+                    device: torch.device) -> StageState:
+    """A stage at iteration 0 of ``total``: ``model`` (channels_last if ``cfg`` says so), its
+    optimiser, poly schedule and grad scaler."""
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, cfg)
+    return StageState(model, opt, build_scheduler(opt, total, cfg.poly_power),
+                      make_grad_scaler(device, cfg.amp), 0, total, step_fn)
+
+
+def stream_loaders(streams: dict[str, Stream], seed: int, start: int, stop: int,
+                   num_workers: int) -> dict[str, Iterator[dict[str, Any]]]:
+    """Batch iterators of every stream for iterations ``start..stop-1`` (stream ids by name)."""
+    return {name: stream_loader(s, i, seed, start, stop, num_workers)
+            for i, (name, s) in enumerate(sorted(streams.items()))}
+
+
+def next_batches(loaders: dict[str, Iterator[dict[str, Any]]], device: torch.device,
+                 channels_last: bool) -> dict[str, dict[str, Any]]:
+    """One batch of every stream, on ``device``."""
+    return {n: _to_device(next(it), device, channels_last) for n, it in loaders.items()}
+
+
 def _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch, meta,
                     num_workers, snapshots, on_epoch_end, desc) -> None:
     ddp_model = _wrap_ddp(st.model, device)
     ddp_model.train()
-    loaders = {
-        name: stream_loader(s, i, seed, st.iteration, st.total, num_workers)
-        for i, (name, s) in enumerate(sorted(streams.items()))
-    }
+    loaders = stream_loaders(streams, seed, st.iteration, st.total, num_workers)
     log = _Logger(out_dir, st.iteration, st.total, desc, cfg.progress, cfg.log_every)
     ckpt_path = out_dir / CKPT_NAME
     try:
         for t in range(st.iteration, st.total):
             t_step = time.perf_counter()
-            batches = {n: _to_device(next(it), device, cfg.channels_last) for n, it in loaders.items()}
+            batches = next_batches(loaders, device, cfg.channels_last)
             scalars = _one_step(ddp_model, st, step_fn, batches, t, cfg, device)
             if not _all_finite(scalars["loss"], device):
                 raise _diverged(desc, scalars["loss"], t + 1, ckpt_path)
