@@ -422,6 +422,42 @@ def table_superseded(args: argparse.Namespace) -> list[str]:
             "|---|---|---|---|", *rows, ""]
 
 
+TRAIN_STAGES = ("stage1", "stage2", "stage3", "online")
+
+
+def in_progress(args: argparse.Namespace, runs: dict, rows: list[str],
+                seeds: list[int]) -> list[str]:
+    """One line per started, unfinished run: the stage it trains, its checkpoint's iteration of
+    the stage's total, and what the rest of that stage takes at the run's recent median step
+    time (a projection for planning machine time, not a measurement)."""
+    from ciscr.engine.checkpoint import load_checkpoint
+    from ciscr.engine.train import CKPT_NAME as CKPT
+    from ciscr.utils.io import read_jsonl
+
+    out = []
+    for s in seeds:
+        for r in rows:
+            rd = run_dir(args, r, s)
+            if r == "suponly" or runs.get((r, s)) or not rd.is_dir():
+                continue
+            done = [p.name for p in sorted(rd.iterdir()) if (p / "done.json").exists()]
+            busy = [st for st in TRAIN_STAGES
+                    if (rd / st / CKPT).exists() and st not in done]
+            if not busy:
+                out.append(f"- in progress: {ROWS[r][0]} s{s}: done {', '.join(done) or '-'}")
+                continue
+            ck = load_checkpoint(rd / busy[0] / CKPT)
+            it, total = int(ck["iteration"]), int(ck["total_iters"])
+            log = rd / busy[0] / "train.jsonl"
+            recent = [x["step_seconds"] for x in (read_jsonl(log) if log.exists() else [])[-10:]
+                      if "step_seconds" in x]
+            eta = (f"; the rest of {busy[0]} ~{(total - it) * statistics.median(recent) / 3600:.1f}"
+                   f" h at its recent {statistics.median(recent):.1f} s/step" if recent else "")
+            out.append(f"- in progress: {ROWS[r][0]} s{s}: {busy[0]} at iteration {it}/{total} "
+                       f"(its checkpoint){eta}")
+    return out
+
+
 def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: list[int],
                  argv: list[str]) -> Path:
     out = Path(args.out)
@@ -440,7 +476,8 @@ def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: l
         "rest of the 367 train images unlabeled (their ground truth only scores pseudo labels); "
         "val (101) for mIoU; result = the LAST checkpoint of the final stage.",
         *([f"- NOT FINISHED: {len(missing)} runs missing ({', '.join(missing[:8])}"
-           f"{' ...' if len(missing) > 8 else ''})"] if missing else []), "",
+           f"{' ...' if len(missing) > 8 else ''})"] if missing else []),
+        *in_progress(args, runs, rows, seeds), "",
         "## Targets", "", *targets(runs, seeds), "",
         "## Validation mIoU", "", *table_main(runs, main_rows, seeds), "",
         *(["## Options of the unlabeled loss and warm start (paired with the row they modify)",

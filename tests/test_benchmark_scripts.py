@@ -109,3 +109,25 @@ def test_demo_time_flags_a_machine_whose_speed_moved_during_the_demo():
     noisy = demo_time.steadiness(212.0, 408.0)  # the machine slowed to half its speed
     assert noisy[0].startswith("> NOISY: the reference step changed by +92 %")
     assert demo_time.steadiness(400.0, 200.0)[0].startswith("> NOISY: the reference step changed by -50 %")
+
+
+def test_in_progress_reads_the_checkpoint_and_projects_the_rest_of_the_stage(tmp_path):
+    from ciscr.engine.checkpoint import save_checkpoint
+
+    args = camvid.parse_args(["--runs", str(tmp_path)])
+    rd = camvid.run_dir(args, "unimatch", 0)
+    (rd / "online").mkdir(parents=True)
+    save_checkpoint(rd / "online" / "checkpoint.pt", {"iteration": 600, "total_iters": 960})
+    (rd / "online" / "train.jsonl").write_text(
+        "".join(f'{{"iteration": {i}, "step_seconds": {s}}}\n' for i, s in
+                [(580, 9.0), (590, 10.0), (600, 11.0)]))
+    bank = camvid.run_dir(args, "ciscr_bank", 0)  # shared stages copied, nothing trained yet
+    for stage in ("stage1", "pseudo0"):
+        (bank / stage).mkdir(parents=True)
+        (bank / stage / "done.json").write_text("{}")
+    lines = camvid.in_progress(args, {}, ["unimatch", "ciscr_bank", "ciscr"], [0])
+    # 360 iterations left at the median 10 s = 1.0 h; a run not started has no line
+    assert lines == [
+        "- in progress: UniMatch s0: online at iteration 600/960 (its checkpoint); the rest of "
+        "online ~1.0 h at its recent 10.0 s/step",
+        "- in progress: CISC-R (bank, all classes) s0: done pseudo0, stage1"]
