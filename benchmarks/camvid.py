@@ -369,6 +369,16 @@ def table_online(runs: dict, seeds: list[int]) -> list[str]:
     return out
 
 
+def shipped_row() -> str:
+    """The row of the method that ``ciscr run camvid`` trains (``method.name`` of the shipped
+    config, without the options)."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "ciscr/configs/camvid.yaml").read_text())
+    return next(r for r, (_, preset, extra) in ROWS.items()
+                if preset == cfg["method"]["name"] and not extra and r != "suponly")
+
+
 def targets(runs: dict, seeds: list[int]) -> list[str]:
     """The issues' targets, checked on the paired means (never tuned on them)."""
     def diff(a: str, b: str) -> float | None:
@@ -376,15 +386,20 @@ def targets(runs: dict, seeds: list[int]) -> list[str]:
              if x is not None and y is not None]
         return 100 * statistics.fmean(d) if d else None
 
-    checks = [("CISC-R >= SupOnly + 3", "ciscr", "suponly", 3.0),
-              ("CISC-R >= ST++", "ciscr", "stpp", 0.0),
-              ("UniMatch >= SupOnly + 5", "unimatch", "suponly", 5.0),
-              ("UniMatch + CISC >= UniMatch", "unimatch_cisc", "unimatch", 0.0)]
+    run = shipped_row()
+    checks = [("CISC-R >= SupOnly + 3", "ciscr", "suponly", 3.0, False),
+              ("CISC-R >= ST++", "ciscr", "stpp", 0.0, False),
+              ("UniMatch >= SupOnly + 5", "unimatch", "suponly", 5.0, False),
+              ("UniMatch + CISC >= UniMatch", "unimatch_cisc", "unimatch", 0.0, False),
+              (f"`ciscr run camvid` ({ROWS[run][0]}, the shipped config's method) beats "
+               "`ciscr train camvid` (SupOnly) on the same labeled images", run, "suponly",
+               0.0, True)]
     out = []
-    for text, a, b, need in checks:
+    for text, a, b, need, strict in checks:
         d = diff(a, b)
+        met = d is not None and (d > need if strict else d >= need)
         verdict = "not measured yet" if d is None else (
-            f"{'MET' if d >= need else 'MISSED'} ({d:+.2f} points, paired mean)")
+            f"{'MET' if met else 'MISSED'} ({d:+.2f} points, paired mean)")
         out.append(f"- {text}: {verdict}")
     return out
 

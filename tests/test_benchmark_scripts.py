@@ -44,6 +44,11 @@ def test_targets_are_paired_means_and_say_when_unmeasured():
     assert lines[0] == "- CISC-R >= SupOnly + 3: MET (+3.00 points, paired mean)"
     assert lines[1] == "- CISC-R >= ST++: not measured yet"
     assert lines[2].startswith("- UniMatch >= SupOnly + 5: MET (+14.00")
+    assert camvid.shipped_row() == "ciscr"  # configs/camvid.yaml's method.name
+    assert lines[4].startswith("- `ciscr run camvid` (CISC-R (query, one class)")
+    assert lines[4].endswith("MET (+3.00 points, paired mean)")
+    tie = {**runs, ("ciscr", 0): {"val_miou": 0.36}, ("ciscr", 1): {"val_miou": 0.40}}
+    assert camvid.targets(tie, [0, 1])[4].endswith("MISSED (+0.00 points, paired mean)")
 
 
 def test_auroc_from_histograms_by_hand():
