@@ -17,8 +17,9 @@ every stage on unlabeled images runs ``train.unlabeled_epochs`` passes over its 
 least stage 1's iterations (``ciscr.pipeline.unlabeled_stage_cfg``).
 
 Sharing, to spend the budget on what differs (exact: same config, same seed, deterministic CPU
-training): SupOnly is stage 1 of the ST run; CISC-R (bank) and the option rows built on it reuse
-stage1/, pseudo0/ and selection/ of the CISC-R run with the same seed.
+training): SupOnly is stage 1 of the ST++ and ST runs (ST reuses ST++'s stage1/ and pseudo0/,
+which differ only by ST++'s two snapshot files); CISC-R (bank) and the option rows built on it
+reuse stage1/, pseudo0/ and selection/ of the CISC-R run with the same seed.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from ciscr.utils.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 # Rows: name -> (label, preset, extra overrides). The first block is the comparison, the second
 # the options of the unlabeled loss / warm start, each measured against the row it modifies.
 ROWS: dict[str, tuple[str, str, list[str]]] = {
-    "suponly": ("SupOnly (stage 1 of ST)", "st", []),
+    "suponly": ("SupOnly (stage 1 of ST and ST++)", "st", []),
     "st": ("ST (ST++'s form: mixed list, cutout)", "st", []),
     "stpp": ("ST++", "stpp", []),
     "ciscr": ("CISC-R (query, one class)", "ciscr", []),
@@ -67,15 +68,19 @@ OPTIONS = ["bank_conf", "bank_thr", "bank_ramp", "bank_warm"]
 # Which row an option or a target is compared with.
 BASE = {"bank_conf": "ciscr_bank", "bank_thr": "ciscr_bank", "bank_ramp": "ciscr_bank",
         "bank_warm": "ciscr_bank", "unimatch_cisc": "unimatch"}
-SHARED_WITH = {r: ("ciscr", ("stage1", "pseudo0", "selection"))
-               for r in ("ciscr_bank", *OPTIONS)}
-# Order of the runs of one seed: the rows the targets need first (SupOnly/ST, UniMatch and
-# UniMatch + CISC, CISC-R, ST++), then the other baselines.
-ORDER = ["st", "unimatch", "ciscr", "ciscr_bank", "unimatch_cisc", "stpp", "fixmatch", *OPTIONS]
+SHARED_WITH = {**{r: ("ciscr", ("stage1", "pseudo0", "selection"))
+                  for r in ("ciscr_bank", *OPTIONS)},
+               # ST++'s stage 1 is SupOnly's plus two snapshot files (stability): same training.
+               "st": ("stpp", ("stage1", "pseudo0"))}
+# Order of the runs of one seed: the rows the targets need first (SupOnly/ST++ then ST on its
+# stage 1, UniMatch, CISC-R, UniMatch + CISC), then the other baselines.
+ORDER = ["stpp", "st", "unimatch", "ciscr", "ciscr_bank", "unimatch_cisc", "fixmatch", *OPTIONS]
 # Rows no target needs: they run after the target rows of every seed. WHY: on 2 cores a seed
 # of every row takes days; three seeds of the targets' rows come first (paired means with a
 # standard error), the other rows after them.
 LATER = ("fixmatch",)
+COPIED = "copied_from.txt"  # marks a stage dir copied from another run (share_stages)
+TRAIN_STAGES = ("stage1", "stage2", "stage3", "online")  # the stages that train (checkpoints)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,8 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_dir(args: argparse.Namespace, row: str, seed: int) -> Path:
-    name = "st" if row == "suponly" else row  # SupOnly = stage 1 of ST
-    return Path(args.runs) / f"{name}_l{args.labeled}_s{seed}"
+    if row == "suponly":  # SupOnly = stage 1 of ST, or of ST++ before ST has copied it
+        st, stpp = (run_dir(args, r, seed) for r in ("st", "stpp"))
+        done = (stpp / "stage1" / "metrics.json").exists() and not (st / "stage1").exists()
+        return stpp if done else st
+    return Path(args.runs) / f"{row}_l{args.labeled}_s{seed}"
 
 
 def ciscr_command(args: argparse.Namespace, row: str, seed: int) -> list[str]:
@@ -120,6 +128,8 @@ def share_stages(args: argparse.Namespace, row: str, seed: int) -> None:
         if (src / stage / "done.json").exists() and not (dst / stage).exists():
             dst.mkdir(parents=True, exist_ok=True)
             shutil.copytree(src / stage, dst / stage)
+            # The machine time of a copied stage belongs to its source run (the report's total).
+            (dst / stage / COPIED).write_text(f"{src / stage}\n")
 
 
 def run_one(args: argparse.Namespace, row: str, seed: int) -> None:
@@ -207,20 +217,34 @@ def online_curve(rd: Path) -> dict[str, Any] | None:
             for k, r in pick.items()}
 
 
+def stage_iterations(rd: Path, stages: list[str]) -> int:
+    """Training iterations of the run's ``stages`` (their train.jsonl's last record): the
+    machine-independent cost of a method."""
+    from ciscr.utils.io import read_jsonl
+
+    logs = [rd / st / "train.jsonl" for st in stages if st in TRAIN_STAGES]
+    return sum(int(read_jsonl(p)[-1]["iteration"]) for p in logs if p.exists() and read_jsonl(p))
+
+
 def collect(args: argparse.Namespace, row: str, seed: int) -> dict | None:
+    """One finished run's figures, or None. ``wall_seconds`` sums its stages' own times
+    (done.json; a stage copied from another run counts in both rows: it is part of both
+    methods); ``machine_seconds`` is what this row's own invocations took (wall.json)."""
     rd = run_dir(args, row, seed)
     res = read(rd / "results.json")
     if row == "suponly":
         final, stages = read(rd / "stage1" / "metrics.json"), (res or {}).get("stages", {})
         if final is None:
             return None
-        wall = (read(rd / "stage1" / "done.json") or {}).get("wall_seconds")
+        stages = {k: v for k, v in stages.items() if k in ("stage1", "pseudo0")} or {
+            "stage1": read(rd / "stage1" / "done.json") or {}}
+        own = None  # part of the ST / ST++ run's machine time
     else:
         if res is None:
             return None
         final, stages = res["final_metrics"], res["stages"]
-        wall = (read(rd / "wall.json") or {}).get("seconds")
-    cpu = (read(rd / "wall.json") or {}).get("cpu_seconds") if row != "suponly" else None
+        own = read(rd / "wall.json") or {}
+    names = ["stage1"] if row == "suponly" else list(stages)
     half = read(rd / "selection" / "half_quality.json") if row in ("stpp", "ciscr") else None
     return {
         "row": row, "seed": seed, "run_dir": str(rd), "val_miou": final["miou"],
@@ -229,7 +253,13 @@ def collect(args: argparse.Namespace, row: str, seed: int) -> dict | None:
         "pseudo_after": (stages.get("pseudo0", {}) if row == "suponly"
                          else stages.get("pseudo_final", {})).get("pseudo_miou"),
         "half_quality": {k: (v or {}).get("miou") for k, v in (half or {}).items()} or None,
-        "wall_seconds": wall, "cpu_seconds": cpu, "online": online_curve(rd),
+        "wall_seconds": sum((stages.get(n) or {}).get("wall_seconds") or 0.0 for n in names),
+        "own_stage_seconds": None if row == "suponly" else sum(
+            (v or {}).get("wall_seconds") or 0.0 for n, v in stages.items()
+            if not (rd / n / COPIED).exists()),
+        "iterations": stage_iterations(rd, names),
+        "machine_seconds": own.get("seconds") if own else None,
+        "cpu_seconds": own.get("cpu_seconds") if own else None, "online": online_curve(rd),
         "stage_val_miou": {k: v.get("val_miou") for k, v in stages.items()
                            if v and v.get("val_miou") is not None},
         "bn_recalibrated": read(rd / "bn_recalibration.json"),
@@ -296,7 +326,7 @@ def values(runs: dict, row: str, seeds: list[int], key: str = "val_miou") -> lis
 
 def table_main(runs: dict, rows: list[str], seeds: list[int]) -> list[str]:
     out = ["| method | val mIoU (%), mean ± std | per seed | minus SupOnly (paired, ± SE) "
-           "| minus its base row | cost per run: wall min / CPU h |", "|---|---|---|---|---|---|"]
+           "| minus its base row | cost per run: training iterations / wall min |", "|---|---|---|---|---|---|"]
     sup = values(runs, "suponly", seeds)
     for r in rows:
         xs = values(runs, r, seeds)
@@ -307,10 +337,10 @@ def table_main(runs: dict, rows: list[str], seeds: list[int]) -> list[str]:
         sd = statistics.stdev(got) if len(got) > 1 else None
         each = " / ".join("-" if x is None else f"{100 * x:.1f}" for x in xs)
         base = paired_difference(xs, values(runs, BASE[r], seeds)) if r in BASE else ""
+        its = [i for i in values(runs, r, seeds, "iterations") if i]
         walls = [w for w in values(runs, r, seeds, "wall_seconds") if w]
-        cpus = [c for c in values(runs, r, seeds, "cpu_seconds") if c]
-        wall = f"{statistics.fmean(walls) / 60:.0f}" if walls else "n/a"
-        wall += f" / {statistics.fmean(cpus) / 3600:.2f}" if cpus else " / n/a"
+        wall = f"{statistics.fmean(its):.0f}" if its else "n/a"
+        wall += f" / {statistics.fmean(walls) / 60:.0f}" if walls else " / n/a"
         vs_sup = paired_difference(xs, sup) if r != "suponly" else ""
         out.append(f"| {ROWS[r][0]} | {fmt(statistics.fmean(got), sd)} (n={len(got)}) | {each} "
                    f"| {vs_sup} | {base} | {wall} |")
@@ -437,9 +467,6 @@ def table_superseded(args: argparse.Namespace) -> list[str]:
             "|---|---|---|---|", *rows, ""]
 
 
-TRAIN_STAGES = ("stage1", "stage2", "stage3", "online")
-
-
 def in_progress(args: argparse.Namespace, runs: dict, rows: list[str],
                 seeds: list[int]) -> list[str]:
     """One line per started, unfinished run: the stage it trains, its checkpoint's iteration of
@@ -473,11 +500,18 @@ def in_progress(args: argparse.Namespace, runs: dict, rows: list[str],
     return out
 
 
+COST_NOTE = (
+    "Cost: training iterations summed over the method's training stages (independent of the "
+    "machine; a UniMatch iteration trains more views than an ST one: `ciscr profile`), and "
+    "wall minutes of its stages (done.json) summed, a stage copied from another row counted "
+    "in both. Wall minutes grow when other processes share the cores.")
+
+
 def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: list[int],
                  argv: list[str]) -> Path:
     out = Path(args.out)
     cmd = "python benchmarks/camvid.py " + shlex.join(a for a in argv if a != "--report-only")
-    walls = [r["wall_seconds"] for r in runs.values() if r and r["wall_seconds"]]
+    walls = [r["own_stage_seconds"] for r in runs.values() if r and r["own_stage_seconds"]]
     missing = [f"{ROWS[r][0]} s{s}" for s in seeds for r in rows if not runs.get((r, s))]
     main_rows = [r for r in rows if r in MAIN]
     opt_rows = [r for r in rows if r in OPTIONS]
@@ -486,7 +520,8 @@ def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: l
         f"- command: `{cmd.strip()}`", f"- machine: {machine()}",
         f"- generated: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from `{args.runs}`",
         f"- runs: {args.jobs} at a time, {threads_per_job(args.jobs)} torch thread(s) each; "
-        f"total run time so far {sum(walls) / 3600:.1f} h (each run's wall.json, summed)",
+        f"machine time of the finished runs {sum(walls) / 3600:.1f} h (their stages' own "
+        "times, a stage copied between runs counted once; the unfinished runs' time not yet)",
         "- protocol: `configs/camvid.yaml`; 1/8 labeled (the split drawn with the seed), the "
         "rest of the 367 train images unlabeled (their ground truth only scores pseudo labels); "
         "val (101) for mIoU; result = the LAST checkpoint of the final stage.",
@@ -494,7 +529,7 @@ def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: l
            f"{' ...' if len(missing) > 8 else ''})"] if missing else []),
         *in_progress(args, runs, rows, seeds), "",
         "## Targets", "", *targets(runs, seeds), "",
-        "## Validation mIoU", "", *table_main(runs, main_rows, seeds), "",
+        "## Validation mIoU", "", *table_main(runs, main_rows, seeds), "", COST_NOTE, "",
         *(["## Options of the unlabeled loss and warm start (paired with the row they modify)",
            "", *table_main(runs, opt_rows, seeds), ""] if opt_rows else []),
         "## Per-class IoU (%), mean over seeds", "", *table_per_class(runs, rows, seeds), "",

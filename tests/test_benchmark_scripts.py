@@ -24,6 +24,8 @@ def test_chains_run_the_target_rows_seed_by_seed_then_the_others_then_the_option
     for c in chains:
         if ("ciscr_bank", 0) in c:  # the bank row copies CISC-R's stages: it follows it
             assert c == [("ciscr", 0), ("ciscr_bank", 0)]
+        if ("st", 1) in c:  # ST copies ST++'s stage 1 and its pseudo labels
+            assert c == [("stpp", 1), ("st", 1)]
     main = [r for r in flat if r[0] not in camvid.OPTIONS and r[0] not in camvid.LATER]
     assert [s for _, s in main] == sorted(s for _, s in main)  # all of seed 0 before seed 1
     # the rows no target needs wait for the target rows of every seed
@@ -136,3 +138,19 @@ def test_in_progress_reads_the_checkpoint_and_projects_the_rest_of_the_stage(tmp
         "- in progress: UniMatch s0: online at iteration 600/960 (its checkpoint); the rest of "
         "online ~1.0 h at its recent 10.0 s/step",
         "- in progress: CISC-R (bank, all classes) s0: done pseudo0, stage1"]
+
+
+def test_suponly_is_read_from_st_plus_plus_until_st_has_copied_stage1(tmp_path):
+    args = camvid.parse_args(["--runs", str(tmp_path)])
+    st, stpp = camvid.run_dir(args, "st", 0), camvid.run_dir(args, "stpp", 0)
+    assert camvid.run_dir(args, "suponly", 0) == st  # nothing run yet
+    (stpp / "stage1").mkdir(parents=True)
+    (stpp / "stage1" / "metrics.json").write_text("{}")
+    assert camvid.run_dir(args, "suponly", 0) == stpp
+    camvid.share_stages(args, "st", 0)  # needs stage1's done.json: not there yet
+    assert not (st / "stage1").exists()
+    (stpp / "stage1" / "done.json").write_text("{}")
+    camvid.share_stages(args, "st", 0)
+    assert (st / "stage1" / "metrics.json").exists()
+    assert (st / "stage1" / camvid.COPIED).read_text().strip() == str(stpp / "stage1")
+    assert camvid.run_dir(args, "suponly", 0) == st
