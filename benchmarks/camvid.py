@@ -33,6 +33,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -183,10 +184,15 @@ def chains(rows: list[str], seeds: list[int]) -> list[list[tuple[str, int]]]:
     return out + [[(r, s)] for s in seeds for r in wanted if r in OPTIONS]
 
 
-def run_all(args: argparse.Namespace, rows: list[str], seeds: list[int]) -> None:
+def run_all(args: argparse.Namespace, rows: list[str], seeds: list[int], argv: list[str]) -> None:
+    lock = threading.Lock()
+
     def run_chain(chain: list[tuple[str, int]]) -> None:
         for r, s in chain:
             run_one(args, r, s)
+            after_run(args, r, s)
+            with lock:  # the report follows every finished run
+                report(args, rows, seeds, argv)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_chain, c) for c in chains(rows, seeds)]
@@ -267,6 +273,36 @@ def collect(args: argparse.Namespace, row: str, seed: int) -> dict | None:
 
 
 # --------------------------------------------------------------------------- BN diagnostic
+
+
+def after_run(args: argparse.Namespace, row: str, seed: int) -> None:
+    """The diagnostics of a finished run, computed as soon as it is finished (no training;
+    cached in the run directory, so the report shows them while later runs still train)."""
+    bn_recalibration(args, row, seed)
+    rd = run_dir(args, row, seed)
+    if row == "ciscr" and (rd / "selection" / "done.json").exists():
+        import camvid_diagnostics
+
+        camvid_diagnostics.cached(rd)  # RUN/diagnostics.json
+
+
+def table_diagnostic(args: argparse.Namespace, seeds: list[int]) -> list[str]:
+    """The CISC-weight diagnostic (``camvid_diagnostics.py``) of the CISC-R runs that have it."""
+    import camvid_diagnostics
+
+    dirs = [d for s in seeds if (d := run_dir(args, "ciscr", s) / "diagnostics.json").exists()]
+    if not dirs:
+        return ["(no CISC-R run with its stage 1, pseudo labels and selection diagnosed yet)"]
+    results = [json.loads(d.read_text()) for d in dirs]
+    results = [r for r in results if all(k in r for k in camvid_diagnostics.LABELS)]
+    if not results:
+        return ["(diagnostics of an older version: rerun the benchmark to redo them)"]
+    return ["Each pixel of each unlabeled image gets w = the CISC map of its own stage-1 pseudo "
+            "class against a queried labeled prototype (model M0, the stage-2 teacher): the "
+            "weight the rectified loss gives it. AUROC = how well a signal separates correctly "
+            "from wrongly pseudo-labelled pixels (the unlabeled pool's ground truth, never used "
+            "in training; 0.5 = no information).", "",
+            *camvid_diagnostics.markdown(results, [d.parent for d in dirs])]
 
 
 def bn_recalibration(args: argparse.Namespace, row: str, seed: int) -> None:
@@ -539,6 +575,8 @@ def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: l
         "column: val mIoU of the final model as trained -> with BN statistics recomputed from "
         "the clean labeled images (no training).", "", *table_pseudo(runs, rows, seeds), "",
         "## Online methods over training", "", *table_online(runs, seeds), "",
+        "## Diagnostic: does the CISC weight tell right from wrong pseudo labels?", "",
+        *table_diagnostic(args, seeds), "",
         *table_superseded(args),
     ]
     md = out / f"{args.name}.md"
@@ -558,13 +596,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.report_only:
-        run_all(args, rows, seeds)
+        import torch
+
+        torch.set_num_threads(threads_per_job(args.jobs))  # the diagnostics run in this process
+        run_all(args, rows, seeds, argv)
         for s in seeds:
             for r in rows:
-                bn_recalibration(args, r, s)
-    runs = {(r, s): collect(args, r, s) for r in rows for s in seeds}
-    print(write_report(args, runs, rows, seeds, argv))
+                after_run(args, r, s)
+    print(report(args, rows, seeds, argv))
     return 0
+
+
+def report(args: argparse.Namespace, rows: list[str], seeds: list[int], argv: list[str]) -> Path:
+    """Collect every run's figures and write the report (``--out``/``--name``.md and .json)."""
+    runs = {(r, s): collect(args, r, s) for r in rows for s in seeds}
+    return write_report(args, runs, rows, seeds, argv)
 
 
 if __name__ == "__main__":

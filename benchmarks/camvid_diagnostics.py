@@ -147,7 +147,7 @@ def diagnose(run_dir: Path, max_images: int = 0) -> dict[str, Any]:
                              for k in range(run.k)},
         "cisc_cs_balanced": balanced_cs_lists(run, m0, kw, anchors),
     }
-    tallies = {**{name: Tally() for name in lists}, "confidence": Tally()}
+    tallies = {name: Tally() for name in (*lists, "confidence", "cisc_x_confidence")}
     dists: dict[str, list[np.ndarray]] = {"pixel": [], "balanced": []}  # Eq. 10, per image
     pseudo_present: list[np.ndarray] = []
     conf: dict[str, torch.Tensor] = {}
@@ -167,10 +167,12 @@ def diagnose(run_dir: Path, max_images: int = 0) -> dict[str, Any]:
             sub = (slice(None, None, STEP), slice(None, None, STEP))
             valid = ((gt != run.ign) & (y != run.ign))[sub]
             correct = (y == gt)[sub][valid]
+            w = {}
             for name, ls in lists.items():
-                w = own_class_map(feats, y, draw_prototypes(ls, bank, rng))
-                tallies[name].add(w[sub][valid], correct)
+                w[name] = own_class_map(feats, y, draw_prototypes(ls, bank, rng))
+                tallies[name].add(w[name][sub][valid], correct)
             tallies["confidence"].add(prob[sub][valid], correct)
+            tallies["cisc_x_confidence"].add((w["cisc_cs"] * prob)[sub][valid], correct)
             for form, rows in dists.items():
                 rows.append(anchor_distance(feats, y.unsqueeze(0), anchors, ignore_index=run.ign,
                                             balanced=form == "balanced")[0].numpy())
@@ -216,6 +218,7 @@ LABELS = {
     "cisc_cs_balanced": "CISC weight, query from the CS list of the balanced Eq. 10 "
                         "(`method.distance=balanced`)",
     "confidence": "M0 softmax confidence (reference)",
+    "cisc_x_confidence": "CISC weight (CS list) x M0 confidence (`method.confidence_weighting`)",
 }
 
 
