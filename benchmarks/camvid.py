@@ -228,8 +228,9 @@ def stage_iterations(rd: Path, stages: list[str]) -> int:
     machine-independent cost of a method."""
     from ciscr.utils.io import read_jsonl
 
-    logs = [rd / st / "train.jsonl" for st in stages if st in TRAIN_STAGES]
-    return sum(int(read_jsonl(p)[-1]["iteration"]) for p in logs if p.exists() and read_jsonl(p))
+    logs = [read_jsonl(p) for st in stages if st in TRAIN_STAGES
+            if (p := rd / st / "train.jsonl").exists()]
+    return sum(int(rows[-1]["iteration"]) for rows in logs if rows)
 
 
 def collect(args: argparse.Namespace, row: str, seed: int) -> dict | None:
@@ -538,7 +539,8 @@ def in_progress(args: argparse.Namespace, runs: dict, rows: list[str],
 
 COST_NOTE = (
     "Cost: training iterations summed over the method's training stages (independent of the "
-    "machine; a UniMatch iteration trains more views than an ST one: `ciscr profile`), and "
+    "machine, but an iteration's work differs: a UniMatch iteration trains a weak, two strong "
+    "and a feature-perturbed view of each unlabeled image, an ST one a single view), and "
     "wall minutes of its stages (done.json) summed, a stage copied from another row counted "
     "in both. Wall minutes grow when other processes share the cores.")
 
