@@ -73,6 +73,9 @@ def read_curve(rd: Path) -> dict | None:
             "final": final}
 
 
+LEVEL = 1.0  # mIoU points: doubling the budget gains less than this -> stage 1 has levelled off
+
+
 def learned(iou: list) -> int:
     return sum(1 for x in iou if x is not None and x > 0.01)
 
@@ -113,6 +116,14 @@ def reading(curves: dict[tuple[int, int], dict], epochs: list[int], seeds: list[
                    f"mIoU moves by {100 * (means[b] - means[a]):+.2f} points over the seeds "
                    f"finished; budgets not finished yet: "
                    f"{', '.join(str(e) for e in epochs if e not in means) or 'none'}")
+    if used in means and any(e > used for e in done):
+        e = min(e for e in done if e > used)
+        gain = 100 * (means[e] - means[used])
+        verdict = ("levelled off" if gain < LEVEL else "still improving: the protocol's SupOnly "
+                   "has not converged, and every method is compared at that budget")
+        out.append(f"- at the protocol's budget: {used} -> {e} epochs moves SupOnly by "
+                   f"{gain:+.2f} points: {verdict} (rule: levelled off when the gain of doubling "
+                   f"is below {LEVEL:g} point)")
     return out
 
 
