@@ -269,7 +269,8 @@ def collect(args: argparse.Namespace, row: str, seed: int) -> dict | None:
         "cpu_seconds": own.get("cpu_seconds") if own else None, "online": online_curve(rd),
         "stage_val_miou": {k: v.get("val_miou") for k, v in stages.items()
                            if v and v.get("val_miou") is not None},
-        "bn_recalibrated": read(rd / "bn_recalibration.json"),
+        # SupOnly shares the ST run's directory, not its final model
+        "bn_recalibrated": None if row == "suponly" else read(rd / "bn_recalibration.json"),
     }
 
 
