@@ -154,3 +154,22 @@ def test_suponly_is_read_from_st_plus_plus_until_st_has_copied_stage1(tmp_path):
     assert (st / "stage1" / "metrics.json").exists()
     assert (st / "stage1" / camvid.COPIED).read_text().strip() == str(stpp / "stage1")
     assert camvid.run_dir(args, "suponly", 0) == st
+
+
+def test_items_moved_reports_paired_rows_and_says_what_is_not_measured(tmp_path):
+    import json
+
+    args = camvid.parse_args(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    runs = {("ciscr_bank", 0): {"val_miou": 0.40}, ("bank_warm", 0): {"val_miou": 0.43},
+            ("st", 0): {"val_miou": 0.45, "bn_recalibrated": {"before": 0.45, "after": 0.44}}}
+    lines = camvid.items_moved(args, runs, [0])
+    assert "not counted yet" in lines[4]  # no camvid_pairs.json in --out
+    assert lines[-1].endswith("on CISC-R (bank): +3.00 (n=1).")
+    assert "x teacher confidence n/a" in lines[6]
+    assert "after - before: -1.00 (n=1)" in lines[7]
+    off = {"both_crops_ge_3pct": 0.25, "class_absent_from_a_crop": 0.4, "crops_per_pair": 2.0}
+    on = {"both_crops_ge_3pct": 1.0, "class_absent_from_a_crop": 0.0, "crops_per_pair": 3.5}
+    q = {"single_crop_ge_3pct": 0.6, "rule_finds_none": 0.0}
+    (tmp_path / "camvid_pairs.json").write_text(json.dumps(
+        {"pairs_rule_off": off, "pairs_rule_on": on, "query": q}))
+    assert "both crops 25 % -> 100 %" in camvid.items_moved(args, runs, [0])[4]
