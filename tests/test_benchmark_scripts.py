@@ -173,3 +173,22 @@ def test_items_moved_reports_paired_rows_and_says_what_is_not_measured(tmp_path)
     (tmp_path / "camvid_pairs.json").write_text(json.dumps(
         {"pairs_rule_off": off, "pairs_rule_on": on, "query": q}))
     assert "both crops 25 % -> 100 %" in camvid.items_moved(args, runs, [0])[4]
+
+
+def test_budget_reading_says_whether_supOnly_levelled_off_at_the_protocols_budget():
+    import camvid_budget as cb
+
+    from ciscr.config import load_config
+
+    used = load_config("camvid").train.epochs
+
+    def curve(miou):
+        return {"final": {"miou": miou}}
+
+    rising = {(used // 2, 0): curve(0.44), (used, 0): curve(0.49), (2 * used, 0): curve(0.51)}
+    lines = cb.reading(rising, [used // 2, used, 2 * used], [0])
+    assert lines[1].startswith(f"- from {used} to {2 * used} epochs")
+    assert f"{used} -> {2 * used} epochs moves SupOnly by +2.00 points: still improving" in lines[2]
+    flat = {**rising, (2 * used, 0): curve(0.495)}
+    assert "+0.50 points: levelled off" in cb.reading(flat, [used // 2, used, 2 * used], [0])[2]
+    assert len(cb.reading({(used, 0): curve(0.49)}, [used, 2 * used], [0])) == 1  # nothing to say
