@@ -278,39 +278,21 @@ def pseudo_label(
     _check_unique(samples)
     palette = default_palette(num_classes) if palette is None else palette
     cm = ConfusionMatrix(num_classes, device, ignore_index) if score else None
-    pred_kw = dict(
-        num_classes=num_classes,
-        mean=mean,
-        std=std,
-        device=device,
-        amp=amp,
-        scales=scales,
-        flip=flip,
-        with_confidence=confidence,
-    )
+    pred_kw = dict(num_classes=num_classes, mean=mean, std=std, device=device, amp=amp,
+                   scales=scales, flip=flip, with_confidence=confidence)
     ctx = atomic_dir(out_dir) if dist.is_main() else contextlib.nullcontext(None)
     with ctx as work:
         # Everyone writes into rank 0's temp folder; gathering its name also acts as a barrier
         # guaranteeing the folder exists before anyone writes.
         work = Path(dist.all_gather_object(str(work) if work is not None else None)[0])
         mine = shard_chunks(samples)
-        scored = _label_part(
-            model,
-            mine,
-            work,
-            cm,
-            palette=palette,
-            progress=progress,
-            ignore_index=ignore_index,
-            **pred_kw,
-        )
+        scored = _label_part(model, mine, work, cm, palette=palette, progress=progress,
+                             ignore_index=ignore_index, **pred_kw)
         num_scored = sum(dist.all_gather_object(scored))  # also waits for every rank's files
         if dist.is_main():
             missing = [s.id for s in samples if not pseudo_path(work, s.id).is_file()]
             if missing:
-                raise RuntimeError(
-                    f"pseudo labels missing for {len(missing)} images: {missing[:3]}"
-                )
+                raise RuntimeError(f"pseudo labels missing for {len(missing)} images: {missing[:3]}")
     dist.barrier()  # nobody reads out_dir before rank 0 has renamed it
     result: dict[str, Any] = {"num_images": len(samples), "num_scored": num_scored}
     if cm is not None:
