@@ -524,7 +524,8 @@ def in_progress(args: argparse.Namespace, runs: dict, rows: list[str],
             busy = [st for st in TRAIN_STAGES
                     if (rd / st / CKPT).exists() and st not in done]
             if not busy:
-                out.append(f"- in progress: {ROWS[r][0]} s{s}: done {', '.join(done) or '-'}")
+                out.append(f"- in progress: {ROWS[r][0]} s{s}: "
+                           + (f"done {', '.join(done)}" if done else "started, no checkpoint yet"))
                 continue
             ck = load_checkpoint(rd / busy[0] / CKPT)
             it, total = int(ck["iteration"]), int(ck["total_iters"])
