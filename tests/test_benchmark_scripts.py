@@ -192,3 +192,25 @@ def test_budget_reading_says_whether_supOnly_levelled_off_at_the_protocols_budge
     flat = {**rising, (2 * used, 0): curve(0.495)}
     assert "+0.50 points: levelled off" in cb.reading(flat, [used // 2, used, 2 * used], [0])[2]
     assert len(cb.reading({(used, 0): curve(0.49)}, [used, 2 * used], [0])) == 1  # nothing to say
+
+
+def test_gpu_check_runs_its_checks_and_reports_them_on_a_cpu(tmp_path):
+    import json
+
+    import gpu_check
+
+    rc = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--only", "info,run suponly"])
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rc == 0 and [c["name"] for c in res["checks"]] == ["info", "run suponly (bf16)"]
+    assert all(c["passed"] and c["rc"] == 0 for c in res["checks"])
+    assert (tmp_path / "runs" / "suponly" / "results.json").exists()
+    assert "| run suponly (bf16) | PASS | 0 |" in (tmp_path / "gpu_check.md").read_text()
+    names = [c.name for c in gpu_check.checks(tmp_path, "cuda:0")]
+    assert "run ciscr_bank (fp16, loss scaling)" in names and "bench --quick" in names
+    assert not any("fp16" in c.name or "bench" in c.name for c in gpu_check.checks(tmp_path, "cpu"))
+    bad = gpu_check.Check("fails", [sys.executable, "-c", "print('boom'); raise SystemExit(3)"])
+    gpu_check.run_check(bad, tmp_path / "bad.log")
+    assert bad.result["rc"] == 3 and not bad.result["passed"] and bad.result["tail"] == ["boom"]
+    slow = gpu_check.Check("slow", [sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)
+    gpu_check.run_check(slow, tmp_path / "slow.log")
+    assert slow.result["rc"] == "timeout" and not slow.result["passed"]
