@@ -497,12 +497,14 @@ def table_superseded(args: argparse.Namespace) -> list[str]:
         log = (rd / final / "train.jsonl").read_text().splitlines()
         its = json.loads(log[-1]).get("iteration", "?") if log else "?"
         miou = read(rd / final / "done.json")["val_miou"]
-        rows.append(f"| `{rd.name}` | {why} | {final}: {its} | {100 * miou:.2f} |")
+        s1 = (read(rd / "stage1" / "done.json") or {}).get("val_miou") if final != "stage1" else None
+        rows.append(f"| `{rd.name}` | {why} | {final}: {its} | {100 * miou:.2f} | "
+                    f"{'' if s1 is None else f'{100 * s1:.2f}'} |")
     if not rows:
         return []
     return ["## Superseded runs (an earlier protocol; not in any table above)", "",
-            "| run | why superseded | final stage: last logged iteration | val mIoU |",
-            "|---|---|---|---|", *rows, ""]
+            "| run | why superseded | final stage: last logged iteration | val mIoU | its stage "
+            "1's val mIoU |", "|---|---|---|---|---|", *rows, ""]
 
 
 def in_progress(args: argparse.Namespace, runs: dict, rows: list[str],

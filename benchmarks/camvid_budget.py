@@ -31,7 +31,7 @@ from ciscr.utils.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--epochs", default="20,40,80,160", help="stage-1 budgets to compare")
+    p.add_argument("--epochs", default="20,40,80,160,320", help="stage-1 budgets to compare")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--runs", default=str(REPO / "runs/camvid-budget"))
     p.add_argument("--out", default=str(REPO / "docs/results"))
@@ -116,6 +116,11 @@ def reading(curves: dict[tuple[int, int], dict], epochs: list[int], seeds: list[
                    f"mIoU moves by {100 * (means[b] - means[a]):+.2f} points over the seeds "
                    f"finished; budgets not finished yet: "
                    f"{', '.join(str(e) for e in epochs if e not in means) or 'none'}")
+    last = [v for s in seeds if (c := curves.get((used, s))) and c.get("val")
+            for i, v in c["val"] if i > 2 * max(j for j, _ in c["val"]) / 3]
+    if last:
+        out.append(f"- val mIoU over the last third of the {used}-epoch run(s): "
+                   f"{100 * min(last):.1f} to {100 * max(last):.1f} ({len(last)} evaluations)")
     if used in means and any(e > used for e in done):
         e = min(e for e in done if e > used)
         gain = 100 * (means[e] - means[used])

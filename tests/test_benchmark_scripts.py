@@ -192,6 +192,9 @@ def test_budget_reading_says_whether_supOnly_levelled_off_at_the_protocols_budge
     flat = {**rising, (2 * used, 0): curve(0.495)}
     assert "+0.50 points: levelled off" in cb.reading(flat, [used // 2, used, 2 * used], [0])[2]
     assert len(cb.reading({(used, 0): curve(0.49)}, [used, 2 * used], [0])) == 1  # nothing to say
+    logged = {(used, 0): {"final": {"miou": 0.5}, "val": [(i, 0.4 + i / 1000) for i in (30, 60, 90)]}}
+    assert cb.reading(logged, [used], [0])[1] == (
+        f"- val mIoU over the last third of the {used}-epoch run(s): 49.0 to 49.0 (1 evaluations)")
 
 
 def test_gpu_check_runs_its_checks_and_reports_them_on_a_cpu(tmp_path):
