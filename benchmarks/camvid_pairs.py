@@ -38,7 +38,8 @@ from ciscr.config import load_config  # noqa: E402
 from ciscr.data.datasets import SegDataset, make_generator  # noqa: E402
 from ciscr.data.formats import load_dataset  # noqa: E402
 from ciscr.data.io import read_mask  # noqa: E402
-from ciscr.data.pairs import PARTNERS, TRIES, PairDataset, class_presence, crop_class_shares  # noqa: E402
+from ciscr.data.pairs import PairDataset, class_presence, crop_class_shares  # noqa: E402
+from ciscr.engine.steps import Rectifier  # noqa: E402
 from ciscr.utils.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 RATIO = 0.03
@@ -88,26 +89,22 @@ def pair_stats(ds: CountingSet, present: np.ndarray, k_num: int, min_ratio: floa
 
 def query_stats(ds: CountingSet, masks: list[np.ndarray], k_num: int, draws: int, seed: int,
                 ignore: int) -> dict[str, float]:
-    """Queried-crop statistics over ``draws`` draws of each class that has query images."""
+    """Queried-crop statistics over ``draws`` draws of each class that has query images, each
+    crop drawn by the rectifier's own function (:meth:`Rectifier._query_view`): the rule off
+    returns the single crop, the rule on re-crops (its first try is that same crop)."""
+    lists = {k: [j for j, m in enumerate(masks) if (m[m != ignore] == k).mean() >= RATIO]
+             for k in range(k_num)}
+    off, on = (Rectifier(None, "query", "one", k_num, lists, seed, ignore_index=ignore,
+                         labeled=ds, min_query_ratio=r) for r in (0.0, RATIO))
     first, absent, none_found, n = 0, 0, 0, 0
-    for k in range(k_num):
-        ids = [j for j, m in enumerate(masks)
-               if (m[m != ignore] == k).mean() >= RATIO]
+    for k, ids in lists.items():
         for d in range(draws if ids else 0):
-            g = make_generator(seed + 17, d, k)
-            j, n = ids[int(torch.randint(len(ids), (1,), generator=g))], n + 1
-            found = False
-            for attempt in range(PARTNERS * TRIES):
-                if attempt and attempt % TRIES == 0:
-                    j = ids[int(torch.randint(len(ids), (1,), generator=g))]
-                ds.set_epoch(10**9 + d + attempt * 1_000_000)
-                share = crop_class_shares(ds[j]["mask"], k_num, ignore)[k]
-                if attempt == 0:
-                    first, absent = first + int(share >= RATIO), absent + int(share == 0)
-                if share >= RATIO:
-                    found = True
-                    break
-            none_found += int(not found)
+            j = ids[int(torch.randint(len(ids), (1,), generator=make_generator(seed, d, k)))]
+            crop = off._query_view(k, j, d, make_generator(seed + 17, d, k))
+            share = crop_class_shares(crop["mask"], k_num, ignore)[k]
+            first, absent = first + int(share >= RATIO), absent + int(share == 0)
+            none_found += on._query_view(k, j, d, make_generator(seed + 17, d, k)) is None
+            n += 1
     return {"draws": n, "single_crop_ge_3pct": first / max(n, 1),
             "single_crop_class_absent": absent / max(n, 1), "rule_finds_none": none_found / max(n, 1)}
 
