@@ -64,6 +64,7 @@ class Check:
     cmd: list[str]
     timeout: int = 300
     verify: Callable[[], str | None] | None = None  # after rc 0: None = pass, else why not
+    kill_in_stage2: bool = False  # SIGKILL once stage 2 has a checkpoint, then rerun (resume)
     result: dict = field(default_factory=dict)
 
 
@@ -95,7 +96,7 @@ def checks(out: Path, device: str) -> list[Check]:
     ref, killed = runs / "ciscr_bank", runs / "resumed"
     cs.append(Check("SIGKILL in stage 2, resume: same val mIoU",
                     run_cmd(runs, "resumed", device, "method.name=ciscr_bank", "train.amp=bf16"),
-                    verify=lambda: same_miou(ref, killed)))
+                    verify=lambda: same_miou(ref, killed), kill_in_stage2=True))
     cs.append(Check("torchrun, 1 process", [*PY, "-m", "torch.distributed.run", "--standalone",
                                             "--nproc_per_node", "1", "-m", "ciscr", *run_cmd(
                                                 runs, "torchrun", device, "method.name=unimatch",
@@ -128,7 +129,7 @@ def run_check(c: Check, log: Path) -> None:
         proc = subprocess.Popen(c.cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         killed = None
-        if c.name.startswith("SIGKILL"):
+        if c.kill_in_stage2:
             killed = kill_after_first_checkpoint(proc, Path(c.cmd[c.cmd.index("--out") + 1]))
             proc.wait()
             proc = subprocess.Popen(c.cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
