@@ -557,7 +557,7 @@ def pairs_reading(out: Path) -> str:
     if res is None:
         return "not counted yet (`python benchmarks/camvid_pairs.py`)"
     off, on, q = res["pairs_rule_off"], res["pairs_rule_on"], res["query"]
-    pct = lambda x: f"{100 * x:.0f} %"  # noqa: E731
+    pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
     return (f"stage-1 pairs whose class covers >= 3 % of both crops {pct(off['both_crops_ge_3pct'])}"
             f" -> {pct(on['both_crops_ge_3pct'])} (class absent from a crop "
             f"{pct(off['class_absent_from_a_crop'])} -> {pct(on['class_absent_from_a_crop'])}; "

@@ -172,7 +172,7 @@ def test_items_moved_reports_paired_rows_and_says_what_is_not_measured(tmp_path)
     q = {"single_crop_ge_3pct": 0.6, "rule_finds_none": 0.0}
     (tmp_path / "camvid_pairs.json").write_text(json.dumps(
         {"pairs_rule_off": off, "pairs_rule_on": on, "query": q}))
-    assert "both crops 25 % -> 100 %" in camvid.items_moved(args, runs, [0])[4]
+    assert "both crops 25.0 % -> 100.0 %" in camvid.items_moved(args, runs, [0])[4]
 
 
 def test_budget_reading_says_whether_supOnly_levelled_off_at_the_protocols_budget():
