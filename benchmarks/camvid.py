@@ -664,10 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads_per_job(args.jobs))  # the diagnostics run in this process
-        run_all(args, rows, seeds, argv)
-        for s in seeds:
-            for r in rows:
-                after_run(args, r, s)
+        run_all(args, rows, seeds, argv)  # after_run follows every run there, finished or not
     print(report(args, rows, seeds, argv))
     return 0
 
