@@ -286,6 +286,10 @@ def after_run(args: argparse.Namespace, row: str, seed: int) -> None:
         import camvid_diagnostics
 
         camvid_diagnostics.cached(rd)  # RUN/diagnostics.json
+    if row == "unimatch_cisc" and (rd / "online" / "done.json").exists():
+        import online_cisc_source
+
+        online_cisc_source.cached(rd)  # RUN/online_cisc_source.json
 
 
 def table_diagnostic(args: argparse.Namespace, seeds: list[int]) -> list[str]:
@@ -305,6 +309,23 @@ def table_diagnostic(args: argparse.Namespace, seeds: list[int]) -> list[str]:
             "from wrongly pseudo-labelled pixels (the unlabeled pool's ground truth, never used "
             "in training; 0.5 = no information).", "",
             *camvid_diagnostics.markdown(results, [d.parent for d in dirs])]
+
+
+def table_online_source(args: argparse.Namespace, seeds: list[int]) -> list[str]:
+    """EMA memory vs refreshed bank of the UniMatch + CISC runs (``online_cisc_source.py``)."""
+    import online_cisc_source
+
+    paths = [p for s in seeds
+             if (p := run_dir(args, "unimatch_cisc", s) / online_cisc_source.RESULT).exists()]
+    if not paths:
+        return ["(no finished UniMatch + CISC run measured yet)"]
+    return ["The CISC weight of each unlabeled pixel (its pseudo class under the final model, "
+            "whole image) under the run's bank as last refreshed (what it trained with), its "
+            "EMA memory (the alternative, kept by every run) and a bank refreshed from the final "
+            "model, scored as in the diagnostic below "
+            "(`python benchmarks/online_cisc_source.py RUN`).", "",
+            *online_cisc_source.markdown([json.loads(p.read_text()) for p in paths],
+                                         [p.parent for p in paths])]
 
 
 def bn_recalibration(args: argparse.Namespace, row: str, seed: int) -> None:
@@ -639,6 +660,8 @@ def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: l
         "column: val mIoU of the final model as trained -> with BN statistics recomputed from "
         "the clean labeled images (no training).", "", *table_pseudo(runs, rows, seeds), "",
         "## Online methods over training", "", *table_online(runs, seeds), "",
+        "## Online CISC: prototypes from a refreshed bank or an EMA memory?", "",
+        *table_online_source(args, seeds), "",
         "## What each item of issue 11 moved", "", *items_moved(args, runs, seeds), "",
         "## Diagnostic: does the CISC weight tell right from wrong pseudo labels?", "",
         *table_diagnostic(args, seeds), "",

@@ -280,12 +280,22 @@ class MethodCfg(BaseModel):
         description="online CISC rectification: 'mask' = CISC weight x confidence mask, 'alone' "
         "= CISC weight instead of the confidence mask, 'none' = off",
     )
+    prototype_source: Literal["bank", "memory"] = Field(
+        "bank",
+        description="online CISC: where the labeled class prototypes come from: 'bank' = every "
+        "labeled image, whole, through the current model (eval mode), recomputed every "
+        "prototype_refresh steps; 'memory' = an EMA of each step's labeled-batch prototypes "
+        "(no extra forward pass)",
+    )
+    prototype_refresh: int = Field(
+        50, ge=1, description="online CISC, bank: steps between two recomputations of the bank"
+    )
     prototype_momentum: float = Field(
         0.9,
         ge=0,
         lt=1,
-        description="online CISC: EMA momentum of the class prototypes taken from each step's "
-        "labeled batch",
+        description="online CISC, memory: EMA momentum of the class prototypes taken from each "
+        "step's labeled batch",
     )
     crop_selection: int = Field(0, ge=0, description="select on crops of this side (0 = whole)")
     bank_views: int = Field(1, ge=1, description="augmented views averaged into the bank")

@@ -11,10 +11,17 @@ streams (labeled, unlabeled, and a second unlabeled stream to CutMix with) and r
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import torch
+from torch import nn
+
+from ciscr import dist
 from ciscr.data.datasets import UnlabeledViews
-from ciscr.engine.online import OnlineRecipe, OnlineStep, recipe_weights
+from ciscr.data.formats import Sample
+from ciscr.engine.online import BankFn, OnlineRecipe, OnlineStep, batch_prototypes, recipe_weights
 from ciscr.engine.train import Stream, iters_per_epoch, train_stage
 from ciscr.errors import DataError
 from ciscr.pipeline import (
@@ -27,7 +34,9 @@ from ciscr.pipeline import (
     labeled_repeat,
     unlabeled_stage_cfg,
 )
+from ciscr.pseudo import eval_mode, load_eval_image, read_labels
 from ciscr.utils.io import read_json
+from ciscr.utils.misc import autocast
 
 STAGE = "online"
 
@@ -41,7 +50,41 @@ def online_recipe(ctx: RunContext) -> OnlineRecipe:
         threshold=m.confidence_threshold, cisc=m.online_cisc, weight_labeled=w_l,
         weight_views=w_views, weight_fp=w_fp, unlabeled_weight=m.unlabeled_weight,
         min_ratio=m.min_class_ratio, ignore_index=ctx.cfg.data.ignore_index,
+        prototype_source=m.prototype_source, refresh=m.prototype_refresh,
     )
+
+
+def labeled_bank(samples: list[Sample], num_classes: int, *, mean: Sequence[float],
+                 std: Sequence[float], ignore_index: int, min_ratio: float, amp: str,
+                 device: torch.device | str) -> BankFn:
+    """The prototype bank of online CISC: ``bank(model) -> (protos (K, C), known (K,))``, the
+    mean over the labeled ``samples`` (whole, eval transform, eval mode) of each image's class
+    prototype where the class covers >= ``min_ratio`` of it (the 3 % rule).
+
+    Each rank forwards its share of the images; the per-image sums are gathered and added in
+    image order, so every rank holds the same bank, bit for bit.
+    """
+    k = num_classes
+
+    def one(model: nn.Module, s: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+        img = load_eval_image(s, mean, std, device)
+        lab = read_labels(s, "gt", tuple(img.shape[-2:]), k, ignore_index)
+        with autocast(device, amp):
+            feats = model(img).features
+        lab_t = torch.from_numpy(np.asarray(lab, dtype=np.int64)).unsqueeze(0).to(device)
+        sums, counts = batch_prototypes(feats.float(), lab_t, k, min_ratio, ignore_index)
+        return sums.cpu(), counts.cpu()
+
+    def bank(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        with eval_mode(model):
+            mine = [one(model, s) for s in dist.shard(list(samples))]
+        rows = dist.unshard(dist.all_gather_object(mine))
+        sums = torch.stack([r[0] for r in rows]).sum(0)
+        counts = torch.stack([r[1] for r in rows]).sum(0)
+        protos = sums / counts.clamp_min(1.0).unsqueeze(1)
+        return protos.to(device), counts > 0
+
+    return bank
 
 
 def _views(ctx: RunContext, seed: int) -> UnlabeledViews:
@@ -72,7 +115,13 @@ def online_stage(ctx: RunContext) -> dict[str, Any]:
                "unlabeled": Stream(_views(ctx, ctx.cfg.seed + 1), b_u),
                "mix": Stream(_views(ctx, ctx.cfg.seed + 2), b_u)}
     t = unlabeled_stage_cfg(ctx, iters_per_epoch(streams["unlabeled"], t))
-    step = OnlineStep(online_recipe(ctx), ctx.info.num_classes, ctx.cfg.method.prototype_momentum)
+    m, d = ctx.cfg.method, ctx.cfg.data
+    bank = None
+    if m.online_cisc != "none" and m.prototype_source == "bank":
+        bank = labeled_bank(ctx.labeled, ctx.info.num_classes, mean=d.mean, std=d.std,
+                            ignore_index=d.ignore_index, min_ratio=m.min_class_ratio,
+                            amp=ctx.cfg.train.amp, device=ctx.device)
+    step = OnlineStep(online_recipe(ctx), ctx.info.num_classes, m.prototype_momentum, bank)
     train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
                 epoch_stream="unlabeled", meta={**ctx.meta, "stage": STAGE},
                 num_workers=ctx.cfg.data.num_workers, desc=STAGE, on_epoch_end=epoch_eval_hook(ctx))

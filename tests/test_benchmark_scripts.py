@@ -217,3 +217,45 @@ def test_gpu_check_runs_its_checks_and_reports_them_on_a_cpu(tmp_path):
     slow = gpu_check.Check("slow", [sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)
     gpu_check.run_check(slow, tmp_path / "slow.log")
     assert slow.result["rc"] == "timeout" and not slow.result["passed"]
+
+
+def test_online_cisc_source_prototype_cosines_by_hand():
+    import online_cisc_source as ocs
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, 5.0], [3.0, 0.0]])
+    cos = ocs.prototype_cosines(a, b, torch.tensor([True, True, False]))
+    assert cos[0] == pytest.approx(2 ** -0.5) and cos[1] == pytest.approx(1.0) and cos[2] is None
+
+
+def test_online_cisc_source_measures_a_tiny_unimatch_cisc_run(tmp_path):
+    """A 4-iteration UniMatch + CISC run: its memory, its bank as trained, a fresh bank and a
+    'stale' bank (here from the same checkpoint, so identical to the fresh one) are scored."""
+    import online_cisc_source as ocs
+
+    from ciscr.cli import main
+
+    out = tmp_path / "run"
+    args = ["run", "synthetic", "--out", str(out), f"data.root={tmp_path / 'data'}",
+            "method.name=unimatch_cisc", "method.confidence_threshold=0.5", "train.epochs=1",
+            "train.unlabeled_epochs=0", "train.iters_per_epoch=4", "train.batch_size=4",
+            "train.crop_size=32", "train.progress=false", "data.synthetic.num_train=16",
+            "data.synthetic.num_val=2", "data.synthetic.size=32", "data.labeled=8",
+            "report=false", "device=cpu", "method.score_final_pseudo=false",
+            "method.prototype_refresh=3"]  # fmt: skip
+    assert main(args) == 0
+    ckpt = out / "online" / "checkpoint.pt"
+    res = ocs.measure(out, max_images=3, stale=ckpt)
+    assert res["iteration"] == "4/4" and res["images"] == 3
+    for sig in ocs.SIGNALS:
+        total = res[sig]["pixels_correct"] + res[sig]["pixels_wrong"]
+        assert total > 0 and res[f"{sig}_confident"]["pixels_correct"] <= res[sig]["pixels_correct"]
+    assert res["stale_bank"] == res["bank"]  # same model: the same bank, the same weights
+    stale = [c for c in res["prototype_cosine"]["stale_bank"] if c is not None]
+    assert stale and all(c == pytest.approx(1.0) for c in stale)
+    # The bank as trained was refreshed at iteration 3 by another model: not the same.
+    assert res["prototype_cosine"]["trained_bank"] != res["prototype_cosine"]["stale_bank"]
+    text = "\n".join(ocs.markdown([res, res], [out, out]))
+    assert "the run's EMA memory" in text and "± 0.000" in text
+    sources, it = ocs.checkpoint_sources(ckpt)
+    assert set(sources) == {"memory", "trained_bank"} and it == "4/4"

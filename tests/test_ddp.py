@@ -172,7 +172,8 @@ def test_bf16_autocast_and_channels_last_train_on_cpu(single, tmp_path: Path) ->
 
 @pytest.mark.parametrize("method", ["unimatch_cisc"])
 def test_online_method_trains_under_two_process_ddp(single, tmp_path: Path, method: str) -> None:
-    """UniMatch + CISC (two strong views, FP, the all-reduced prototype memory) under torchrun:
+    """UniMatch + CISC (two strong views, FP, the prototype bank computed on rank shards and
+    gathered, the all-reduced prototype memory) under torchrun:
     runs to the end, every rank agrees (one checkpoint, rank 0 writes), and the CutMix partners
     come from streams keyed on the seed alone."""
     _, data = single
@@ -184,5 +185,6 @@ def test_online_method_trains_under_two_process_ddp(single, tmp_path: Path, meth
     ckpt = load_checkpoint(out / "online" / "checkpoint.pt")
     assert ckpt["iteration"] == 3 and len(ckpt["rng_ranks"]) == 2
     assert ckpt["step_state"]["memory"]["known"].any()
+    assert ckpt["step_state"]["bank"]["known"].any()  # the gathered bank: both ranks' images
     recs = [json.loads(x) for x in (out / "online" / "train.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in recs if "loss" in r] == [1, 2, 3]

@@ -153,18 +153,58 @@ def test_unimatch_loss_is_the_weighted_sum_of_its_parts():
 
 def test_cisc_step_keeps_its_memory_in_the_state_dict():
     model, b = _model(), _batches()
-    step = OnlineStep(OnlineRecipe(threshold=0.0, cisc="mask"), 3)
+    step = OnlineStep(OnlineRecipe(threshold=0.0, cisc="mask", prototype_source="memory"), 3)
     _, s = step(model, b, 0)
     state = step.state_dict()["memory"]
     assert state["known"].any() and 0.0 < s["weight_mean"] <= 1.0
-    fresh = OnlineStep(OnlineRecipe(threshold=0.0, cisc="mask"), 3)
+    fresh = OnlineStep(OnlineRecipe(threshold=0.0, cisc="mask", prototype_source="memory"), 3)
     fresh.load_state_dict(step.state_dict())
     assert torch.equal(fresh.memory.protos, step.memory.protos)
 
 
+class _Bank:
+    """A bank_fn that counts its calls and returns fixed prototypes (K=3, C=16)."""
+
+    def __init__(self, known: bool) -> None:
+        self.calls, self.known = 0, known
+
+    def __call__(self, model):
+        self.calls += 1
+        return torch.ones(3, 16), torch.full((3,), self.known)
+
+
+def test_cisc_bank_is_recomputed_every_refresh_steps_and_resumes_from_the_checkpoint():
+    model, b = _model(), _batches()
+    bank = _Bank(known=True)
+    recipe = OnlineRecipe(threshold=0.0, cisc="mask", refresh=3)
+    step = OnlineStep(recipe, 3, bank_fn=bank)
+    for it in range(5):
+        step(model, b, it)
+    assert bank.calls == 2  # iterations 0 and 3
+    resumed = OnlineStep(recipe, 3, bank_fn=bank)
+    resumed.load_state_dict(step.state_dict())
+    resumed(model, b, 5)  # not a refresh step: the checkpoint's bank, no recomputation
+    assert bank.calls == 2 and torch.equal(resumed.bank[0], step.bank[0])
+    assert resumed.memory.known.any()  # the memory is kept in bank mode too
+
+
+def test_cisc_weights_come_from_the_bank():
+    model, b = _model(), _batches()
+    # No class known to the bank: nothing can be checked, every weight is 1 (mask ratio 1).
+    step = OnlineStep(OnlineRecipe(threshold=0.0, cisc="mask"), 3,
+                      bank_fn=_Bank(known=False))
+    _, s = step(model, b, 0)
+    assert s["weight_mean"] == 1.0
+    memory = OnlineStep(OnlineRecipe(threshold=0.0, cisc="mask", prototype_source="memory"), 3)
+    _, s = memory(model, b, 0)
+    assert s["weight_mean"] < 1.0
+    with pytest.raises(ValueError, match="bank_fn"):
+        OnlineStep(OnlineRecipe(cisc="mask"), 3)
+
+
 def test_cisc_alone_replaces_the_mask_by_the_weight():
     model, b = _model(), _batches()
-    step = OnlineStep(OnlineRecipe(threshold=1.01, cisc="alone"), 3)
+    step = OnlineStep(OnlineRecipe(threshold=1.01, cisc="alone", prototype_source="memory"), 3)
     _, s = step(model, b, 0)
     assert s["mask_ratio"] > 0  # threshold ignored: the CISC weight decides
 

@@ -252,8 +252,9 @@ def test_online_method_sigkilled_between_checkpoints_resumes_identically(
 ) -> None:
     """2-iteration checkpoints of a 6-iteration online run: kill after iteration 3, rerun; the
     model (and, for + CISC, the prototype memory in the checkpoint) must end as uninterrupted."""
+    # + CISC: the bank is recomputed at iterations 0 and 4, around the kill and the resume.
     extra = [f"method.name={method}", "method.score_final_pseudo=false",
-             "method.confidence_threshold=0.5"]
+             "method.confidence_threshold=0.5", "method.prototype_refresh=4"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     res = subprocess.run(run_cmd(ref, data_root, *extra), cwd=REPO, env=ENV,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -269,4 +270,5 @@ def test_online_method_sigkilled_between_checkpoints_resumes_identically(
         assert torch.equal(a["model"][k], b["model"][k]), k
     if method == "unimatch_cisc":
         assert torch.equal(a["step_state"]["memory"]["protos"], b["step_state"]["memory"]["protos"])
+        assert torch.equal(a["step_state"]["bank"]["protos"], b["step_state"]["bank"]["protos"])
     assert log_records(ref / "online" / "train.jsonl") == log_records(run / "online" / "train.jsonl")

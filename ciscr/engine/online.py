@@ -17,11 +17,13 @@ FixMatch = one strong view, no FP, loss (CE_l + L_s) / 2 (UniMatch's fixmatch.py
 two strong views + FP, (CE_l + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 (its paper and code).
 With ``cisc`` (ours) each unlabeled pixel's mask is multiplied by (``mask``) or replaced by
 (``alone``) its CISC weight: the cosine of its feature with the prototype of its pseudo class,
-taken from a class-prototype memory fed by every step's labeled batch (see :class:`ProtoMemory`).
+taken from a bank of the labeled images' prototypes refreshed from the current model every N
+steps, or from a memory fed by every step's labeled batch (see :class:`OnlineStep`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,14 +132,14 @@ def batch_prototypes(
 
 @dataclass
 class ProtoMemory:
-    """Class prototypes of the labeled images under the CURRENT model, kept as an EMA.
+    """Class prototypes of the labeled batches under the current model, kept as an EMA
+    (``method.prototype_source=memory``).
 
-    WHY this design (``method.online_cisc``): each step already computes the labeled batch's
-    features in its training forward, so refreshing the prototypes costs nothing (a bank
-    refreshed by extra passes over the labeled set every N steps, or an EMA teacher, costs
-    forward passes); the prototypes then live in the student's current feature space, the space
-    the unlabeled features being weighted come from. The EMA (momentum m) smooths over the few
-    images of one batch. Saved in the checkpoint, so a resumed run continues identically.
+    Each step already computes the labeled batch's features in its training forward, so the
+    memory costs no forward pass; the EMA (momentum m) smooths over the few images of one
+    batch. Its prototypes come from augmented crops in train-mode BatchNorm, though, and the
+    bank (the default, see :class:`OnlineStep`) scored better. Saved in the checkpoint, so a
+    resumed run continues identically.
     """
 
     num_classes: int
@@ -178,6 +180,8 @@ class OnlineRecipe:
     unlabeled_weight: float = 1.0  # lambda, times everything unlabeled
     min_ratio: float = 0.03
     ignore_index: int = 255
+    prototype_source: str = "bank"  # bank | memory (cisc only; see OnlineStep)
+    refresh: int = 50  # bank: recomputed every this many steps
 
 
 def recipe_weights(strong_views: int, fp: bool) -> tuple[float, tuple[float, ...], float]:
@@ -187,22 +191,57 @@ def recipe_weights(strong_views: int, fp: bool) -> tuple[float, tuple[float, ...
     return 0.5, tuple(0.5 * views for _ in range(strong_views)), 0.25 if fp else 0.0
 
 
-class OnlineStep:
-    """``step(model, batches, it) -> (loss, scalars)`` for the online family."""
+# The labeled images' class prototypes (K, C) and which classes have one (K,), computed by
+# the given model (eval mode, whole images): the stage supplies it, the step calls it.
+BankFn = Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]]
 
-    def __init__(self, recipe: OnlineRecipe, num_classes: int, momentum: float = 0.9) -> None:
+
+class OnlineStep:
+    """``step(model, batches, it) -> (loss, scalars)`` for the online family.
+
+    With CISC the prototypes come from ``recipe.prototype_source``: ``bank`` = every labeled
+    image, whole, in eval mode, through the current model (``bank_fn``), recomputed every
+    ``recipe.refresh`` steps; ``memory`` = the EMA of each step's labeled-batch prototypes
+    (:class:`ProtoMemory`, no extra forward pass). WHY the bank by default: at the CamVid
+    checkpoints measured (``benchmarks/online_cisc_source.py``,
+    docs/results/online_cisc_source.md) a refreshed bank's weights told right from wrong pseudo
+    labels better than the memory's by more than 50 steps of staleness cost the bank, for one
+    pass over the labeled images (no backward) every N steps. The memory is kept in both modes
+    (it is free), so every run's last checkpoint compares the two directly.
+    """
+
+    def __init__(self, recipe: OnlineRecipe, num_classes: int, momentum: float = 0.9,
+                 bank_fn: BankFn | None = None) -> None:
         self.r, self.num_classes = recipe, num_classes
         self.memory = ProtoMemory(num_classes, momentum) if recipe.cisc != "none" else None
+        if recipe.cisc != "none" and recipe.prototype_source == "bank" and bank_fn is None:
+            raise ValueError("prototype_source='bank' needs a bank_fn")
+        self.bank_fn = bank_fn if recipe.cisc != "none" else None
+        self.bank: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"memory": self.memory.state_dict() if self.memory is not None else None}
+        bank = None if self.bank is None else {"protos": self.bank[0], "known": self.bank[1]}
+        return {"memory": self.memory.state_dict() if self.memory is not None else None,
+                "bank": bank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.memory is not None and state.get("memory"):
             self.memory.load_state_dict(state["memory"])
+        if state.get("bank"):
+            self.bank = (state["bank"]["protos"], state["bank"]["known"])
+
+    def _refresh_bank(self, model: nn.Module, it: int) -> None:
+        """Recompute the bank at every ``refresh``-th step (and when there is none: a run's or
+        an old checkpoint's first step). The unwrapped model: under DDP each rank forwards only
+        its share of the labeled images, which DDP's per-forward collectives would not allow."""
+        if self.r.prototype_source == "bank" and self.bank_fn is not None and (
+                self.bank is None or it % self.r.refresh == 0):
+            protos, known = self.bank_fn(getattr(model, "module", model))
+            self.bank = (protos.detach().float(), known.detach().bool())
 
     def __call__(self, model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
         r, lb, ub, mb = self.r, batches["labeled"], batches["unlabeled"], batches["mix"]
+        self._refresh_bank(model, it)
         with torch.no_grad():  # 1. the mixing images' pseudo labels, eval mode as UniMatch
             model.eval()
             out_mix = model(mb["image_w"])
@@ -246,9 +285,11 @@ class OnlineStep:
         # Every process adds its share of the labeled batch: identical memories on all ranks.
         sums, counts = dist.all_reduce_sum(sums), dist.all_reduce_sum(counts)
         self.memory.update(sums / counts.clamp_min(1.0).unsqueeze(1), counts > 0)
-        m = self.memory
-        c_w = class_weights(out.features[n_l:].detach(), m.protos, m.known, label_w)
-        c_mix = class_weights(out_mix.features, m.protos, m.known, label_mix)
+        protos, known = ((self.memory.protos, self.memory.known) if r.prototype_source == "memory"
+                         else self.bank)
+        protos = protos.to(out.features.device)
+        c_w = class_weights(out.features[n_l:].detach(), protos, known, label_w)
+        c_mix = class_weights(out_mix.features, protos, known, label_mix)
         if r.cisc == "alone":
             return c_w, c_mix
         return w_w * c_w, w_mix * c_mix
