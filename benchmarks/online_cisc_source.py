@@ -21,6 +21,8 @@ This scores, at a checkpoint and without training, the CISC weights each source 
 - ``bank``: a bank refreshed from the checkpoint's model (a refresh's best case);
 - ``stale_bank`` (``--stale``): the bank refreshed from an EARLIER checkpoint's model, applied
   to the later model's features: what training uses just before its next refresh;
+- ``simulated_memory``, where the checkpoint has no memory (UniMatch without CISC): the EMA
+  memory simulated at the checkpoint's model (:func:`simulated_memory`);
 - the model's confidence, the reference.
 
 Every unlabeled pixel gets its pseudo label (the model's argmax on the whole image), its
@@ -62,6 +64,7 @@ STEP = 4  # pixel subsampling of the statistics (as camvid_diagnostics)
 RESULT = "online_cisc_source.json"
 SIGNALS = {
     "memory": "CISC weight, the run's EMA memory (`prototype_source=memory`)",
+    "simulated_memory": "CISC weight, an EMA memory simulated at the model at hand (no drift)",
     "trained_bank": "CISC weight, the run's bank as last refreshed (`prototype_source=bank`)",
     "bank": "CISC weight, a bank refreshed from the model at hand (a refresh's best case)",
     "stale_bank": "CISC weight, the bank refreshed from the earlier model (`--stale`)",
@@ -78,6 +81,39 @@ def checkpoint_sources(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.
            for name, key in (("memory", "memory"), ("trained_bank", "bank"))
            if (src := state.get(key)) and src.get("protos") is not None}
     return out, f"{ckpt['iteration']}/{ckpt['total_iters']}"
+
+
+SIM_STEPS = 40  # simulated memory: 0.9 ** 40 = 1.5 % weight left on the first batch
+
+
+def simulated_memory(model, run, steps: int = SIM_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The EMA memory a run without one would hold at this model: ``steps`` labeled batches of
+    training crops (the run's augmentation, seed and batch size) through a copy of the model in
+    train mode (batch statistics, as the training forward), without gradient. Its best case:
+    the model does not move between the batches. Unlike training, the batch statistics come
+    from the labeled crops alone (training forwards them with the weak unlabeled views)."""
+    import copy
+
+    from ciscr.data.datasets import SegDataset
+    from ciscr.engine.online import ProtoMemory, batch_prototypes
+
+    d, t, m = run.cfg.data, run.cfg.train, run.cfg.method
+    ds = SegDataset(run.labeled, run.k, run.ign, d.mean, d.std, train=True,
+                    crop_size=t.crop_size, scale_range=t.scale_range, seed=run.cfg.seed)
+    memory, net = ProtoMemory(run.k, m.prototype_momentum), copy.deepcopy(model).train()
+    with torch.no_grad():
+        for step in range(steps):
+            items = []
+            for n in range(step * t.batch_size, (step + 1) * t.batch_size):
+                ds.set_epoch(n // len(ds))  # a new epoch, new crops
+                items.append(ds[n % len(ds)])
+            images = torch.stack([x["image"] for x in items])
+            masks = torch.stack([x["mask"] for x in items])
+            with autocast("cpu", t.amp):
+                feats = net(images).features.float()
+            sums, counts = batch_prototypes(feats, masks, run.k, m.min_class_ratio, run.ign)
+            memory.update(sums / counts.clamp_min(1.0).unsqueeze(1), counts > 0)
+    return memory.protos, memory.known
 
 
 def prototype_cosines(a: torch.Tensor, b: torch.Tensor, known: torch.Tensor) -> list[float | None]:
@@ -103,6 +139,8 @@ def measure(run_dir: Path, max_images: int = 0, checkpoint: Path | None = None,
     bank = labeled_bank(run.labeled, run.k, mean=d.mean, std=d.std, ignore_index=run.ign,
                         min_ratio=m.min_class_ratio, amp=amp, device="cpu")
     sources["bank"] = bank(model)
+    if "memory" not in sources:
+        sources["simulated_memory"] = simulated_memory(model, run)
     if stale is not None:
         sources["stale_bank"] = bank(load_model_from_checkpoint(stale, "cpu")[0])
     tallies = {f"{sig}{where}": Tally() for sig in (*sources, "confidence")
@@ -135,14 +173,17 @@ def measure(run_dir: Path, max_images: int = 0, checkpoint: Path | None = None,
             **{name: t.summary() for name, t in tallies.items()}}
 
 
-def cached(run_dir: Path) -> dict[str, Any]:
-    """measure(), stored in RUN/online_cisc_source.json (computed once; delete it to redo)."""
+def cached(run_dir: Path, checkpoint: Path | None = None, stale: Path | None = None) -> dict[str, Any]:
+    """measure() of every unlabeled image, stored in RUN/online_cisc_source.json, or beside
+    ``checkpoint`` for a stale pair (computed once; delete the file to redo)."""
     path = run_dir / RESULT
+    if checkpoint is not None:
+        path = checkpoint.with_name(f"{checkpoint.stem}.{stale.stem if stale else 'own'}.{RESULT}")
     if path.exists():
         res = json.loads(path.read_text())
         if "stale_from" in res:  # else: from an older version of this script
             return res
-    res = measure(run_dir)
+    res = measure(run_dir, 0, checkpoint, stale)
     atomic_write_json(path, res)
     return res
 
@@ -197,15 +238,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure CHECKPOINT of RUN with, besides, the bank refreshed from the "
                    "model of EARLIER, an earlier checkpoint of the same run (repeatable)")
     p.add_argument("--max-images", type=int, default=0,
-                   help="0 = every unlabeled image (then a run's measurement is cached in "
-                   "RUN/" + RESULT + ")")
+                   help="0 = every unlabeled image (then each measurement is cached: in "
+                   "RUN/" + RESULT + ", or beside CHECKPOINT)")
     p.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     a = p.parse_args(argv)
     if not a.run_dirs and not a.stale:
         p.error("give a run directory or --stale")
     # One table per measurement: they are different conditions, not seeds of one.
     done = [(d, measure(d, a.max_images) if a.max_images else cached(d)) for d in a.run_dirs]
-    done += [(r, measure(r, a.max_images, c, e)) for r, c, e in a.stale]
+    done += [(r, measure(r, a.max_images, c, e) if a.max_images else cached(r, c, e))
+             for r, c, e in a.stale]
     lines = []
     for d, res in done:
         lines += [f"## `{d.name}`", "", *markdown([res], [d]), ""]

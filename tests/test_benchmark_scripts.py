@@ -230,7 +230,8 @@ def test_online_cisc_source_prototype_cosines_by_hand():
 
 def test_online_cisc_source_measures_a_tiny_unimatch_cisc_run(tmp_path):
     """A 4-iteration UniMatch + CISC run: its memory, its bank as trained, a fresh bank and a
-    'stale' bank (here from the same checkpoint, so identical to the fresh one) are scored."""
+    'stale' bank (here from the same checkpoint, so identical to the fresh one) are scored; a
+    checkpoint without a memory gets a simulated one."""
     import online_cisc_source as ocs
 
     from ciscr.cli import main
@@ -247,7 +248,9 @@ def test_online_cisc_source_measures_a_tiny_unimatch_cisc_run(tmp_path):
     ckpt = out / "online" / "checkpoint.pt"
     res = ocs.measure(out, max_images=3, stale=ckpt)
     assert res["iteration"] == "4/4" and res["images"] == 3
-    for sig in ocs.SIGNALS:
+    scored = [sig for sig in ocs.SIGNALS if sig in res]
+    assert scored == ["memory", "trained_bank", "bank", "stale_bank", "confidence"]
+    for sig in scored:
         total = res[sig]["pixels_correct"] + res[sig]["pixels_wrong"]
         assert total > 0 and res[f"{sig}_confident"]["pixels_correct"] <= res[sig]["pixels_correct"]
     assert res["stale_bank"] == res["bank"]  # same model: the same bank, the same weights
@@ -259,3 +262,10 @@ def test_online_cisc_source_measures_a_tiny_unimatch_cisc_run(tmp_path):
     assert "the run's EMA memory" in text and "± 0.000" in text
     sources, it = ocs.checkpoint_sources(ckpt)
     assert set(sources) == {"memory", "trained_bank"} and it == "4/4"
+    # A checkpoint without a memory (UniMatch alone) gets one simulated at its model.
+    state = torch.load(ckpt, weights_only=True)
+    state["step_state"] = None
+    torch.save(state, tmp_path / "plain.pt")
+    res = ocs.measure(out, max_images=2, checkpoint=tmp_path / "plain.pt")
+    assert "simulated_memory" in res and "memory" not in res and "trained_bank" not in res
+    assert any(c is not None for c in res["prototype_cosine"]["simulated_memory"])
