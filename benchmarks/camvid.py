@@ -572,6 +572,28 @@ def budget_reading() -> list[str]:
     return cb.reading(curves, epochs, seeds)
 
 
+def repeatability(runs: dict, seeds: list[int]) -> str:
+    """SupOnly at the protocol's budget trained twice with one seed: in the budget study and
+    as stage 1 here. Same config and seed; the study evaluates every 5 epochs, which (until
+    evaluation forked the random stream, 2026-11-30) shifted the dropout masks of the rest of
+    its training. So the two are two draws of one configuration: their gap is the run-to-run
+    noise a single seed carries, the scale of what 3 seeds must average out."""
+    import camvid_budget as cb
+
+    from ciscr.config import load_config
+
+    a, e = cb.parse_args([]), load_config("camvid").train.epochs
+    pairs = []
+    for s in seeds:
+        c, sup = cb.read_curve(cb.run_dir(a, e, s)), (runs.get(("suponly", s)) or {}).get("val_miou")
+        if c and c["final"] and sup is not None:
+            pairs.append(f"seed {s}: {100 * c['final']['miou']:.2f} in the budget study, "
+                         f"{100 * sup:.2f} here ({100 * (sup - c['final']['miou']):+.2f})")
+    if not pairs:
+        return "no seed has both runs finished yet"
+    return "; ".join(pairs)
+
+
 def pairs_reading(out: Path) -> str:
     """camvid_pairs.py's counts (docs/results/camvid_pairs.json), or how to make them."""
     res = read(out / "camvid_pairs.json")
@@ -603,7 +625,10 @@ def items_moved(args: argparse.Namespace, runs: dict, seeds: list[int]) -> list[
         "the cost column above. Not isolated: protocol 1 (docs/results/protocol1) changed the "
         "budget, crop and resolution at once.",
         "2. SupOnly's budget from its learning curve (camvid_budget.md): "
-        + " ".join(x.removeprefix("- ") + ";" for x in budget_reading()),
+        + " ".join(x.removeprefix("- ") + ";" for x in budget_reading())
+        + " the same SupOnly configuration and seed trained twice (budget study, and stage 1 "
+        "here; the study's evaluations shifted its dropout stream, so two random draws): "
+        f"{repeatability(runs, seeds)}.",
         f"3. The >= 3 % rule: {pairs_reading(Path(args.out))}. Its effect on mIoU is not "
         "isolated (no CISC-R run with the rule off).",
         f"4. ST and ST++ as ST++ runs them: ST - SupOnly {d('st', 'suponly')}, ST++ - SupOnly "
@@ -623,7 +648,9 @@ def items_moved(args: argparse.Namespace, runs: dict, seeds: list[int]) -> list[
 COST_NOTE = (
     "Cost: training iterations summed over the method's training stages (independent of the "
     "machine, but an iteration's work differs: a UniMatch iteration trains a weak, two strong "
-    "and a feature-perturbed view of each unlabeled image, an ST one a single view), and "
+    "and a feature-perturbed view of each unlabeled image, an ST one a single view; UniMatch "
+    "+ CISC adds a forward pass of the labeled images every `method.prototype_refresh` "
+    "iterations), and "
     "wall minutes of its stages (done.json) summed, a stage copied from another row counted "
     "in both. Wall minutes grow when other processes share the cores.")
 

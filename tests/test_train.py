@@ -114,3 +114,23 @@ def test_index_stream_is_a_pure_function_of_position():
     assert sorted(cycle) == sorted(list(range(5)) * 2)  # every item twice per cycle
     epochs = {e for i, e in first[:10]}
     assert epochs == {0, 1}  # the two copies get different augmentation draws
+
+
+def test_evaluating_during_training_does_not_change_what_is_trained(tmp_path):
+    """Epoch-end evaluations (train.eval_every_epochs) must leave the training's random stream
+    (dropout) alone: the same run with and without them ends with the same weights."""
+    from ciscr.cli import main
+
+    def train(out, every):
+        args = ["train", "synthetic", "--out", str(out), f"data.root={tmp_path / 'data'}",
+                "train.epochs=3", "train.iters_per_epoch=2", "train.batch_size=2",
+                "train.crop_size=32", "train.progress=false", "data.synthetic.num_train=8",
+                "data.synthetic.num_val=2", "data.synthetic.size=32", "data.labeled=4",
+                "report=false", "device=cpu", f"train.eval_every_epochs={every}"]  # fmt: skip
+        assert main(args) == 0
+        return load_checkpoint(out / "stage1" / "checkpoint.pt")["model"]
+
+    a, b = train(tmp_path / "quiet", 0), train(tmp_path / "evaluated", 1)
+    assert any("val_miou" in r for r in read_jsonl(tmp_path / "evaluated" / "stage1" / "train.jsonl"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
