@@ -137,9 +137,9 @@ class ProtoMemory:
 
     Each step already computes the labeled batch's features in its training forward, so the
     memory costs no forward pass; the EMA (momentum m) smooths over the few images of one
-    batch. Its prototypes come from augmented crops in train-mode BatchNorm, though, and the
-    bank (the default, see :class:`OnlineStep`) scored better. Saved in the checkpoint, so a
-    resumed run continues identically.
+    batch. Its prototypes come from augmented crops in train-mode BatchNorm, though, and lag
+    the moving model; see :class:`OnlineStep` for how it compares with the bank (the default).
+    Saved in the checkpoint, so a resumed run continues identically.
     """
 
     num_classes: int
@@ -202,12 +202,13 @@ class OnlineStep:
     With CISC the prototypes come from ``recipe.prototype_source``: ``bank`` = every labeled
     image, whole, in eval mode, through the current model (``bank_fn``), recomputed every
     ``recipe.refresh`` steps; ``memory`` = the EMA of each step's labeled-batch prototypes
-    (:class:`ProtoMemory`, no extra forward pass). WHY the bank by default: at the CamVid
-    checkpoints measured (``benchmarks/online_cisc_source.py``,
-    docs/results/online_cisc_source.md) a refreshed bank's weights told right from wrong pseudo
-    labels better than the memory's by more than 50 steps of staleness cost the bank, for one
-    pass over the labeled images (no backward) every N steps. The memory is kept in both modes
-    (it is free), so every run's last checkpoint compares the two directly.
+    (:class:`ProtoMemory`, no extra forward pass). WHY the bank by default, measured without
+    training at CamVid checkpoints (``benchmarks/online_cisc_source.py``,
+    docs/results/online_cisc_source.md): a freshly refreshed bank's weights tell right from
+    wrong pseudo labels best, and clearly better than a run's real memory; 50 steps of
+    staleness cost the bank about what it gains over a drift-free memory, and a real memory
+    drifts too. Its price is one pass over the labeled images (no backward) every N steps. The
+    memory is kept in both modes (it is free), so every run's last checkpoint compares the two.
     """
 
     def __init__(self, recipe: OnlineRecipe, num_classes: int, momentum: float = 0.9,
