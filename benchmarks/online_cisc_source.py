@@ -101,7 +101,9 @@ def simulated_memory(model, run, steps: int = SIM_STEPS) -> tuple[torch.Tensor, 
     ds = SegDataset(run.labeled, run.k, run.ign, d.mean, d.std, train=True,
                     crop_size=t.crop_size, scale_range=t.scale_range, seed=run.cfg.seed)
     memory, net = ProtoMemory(run.k, m.prototype_momentum), copy.deepcopy(model).train()
-    with torch.no_grad():
+    # Train mode draws dropout masks: seeded, and forked so the caller's stream is untouched.
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.cfg.seed)
         for step in range(steps):
             items = []
             for n in range(step * t.batch_size, (step + 1) * t.batch_size):
