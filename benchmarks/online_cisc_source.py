@@ -140,11 +140,11 @@ def measure(run_dir: Path, max_images: int = 0, checkpoint: Path | None = None,
     d, amp, m = run.cfg.data, run.cfg.train.amp, run.cfg.method
     bank = labeled_bank(run.labeled, run.k, mean=d.mean, std=d.std, ignore_index=run.ign,
                         min_ratio=m.min_class_ratio, amp=amp, device="cpu")
-    sources["bank"] = bank(model)
+    sources["bank"] = bank(model, 0)
     if "memory" not in sources:
         sources["simulated_memory"] = simulated_memory(model, run)
     if stale is not None:
-        sources["stale_bank"] = bank(load_model_from_checkpoint(stale, "cpu")[0])
+        sources["stale_bank"] = bank(load_model_from_checkpoint(stale, "cpu")[0], 0)
     tallies = {f"{sig}{where}": Tally() for sig in (*sources, "confidence")
                for where in ("", "_confident")}
     samples = run.unlabeled[:max_images] if max_images else run.unlabeled

@@ -290,6 +290,13 @@ class MethodCfg(BaseModel):
     prototype_refresh: int = Field(
         50, ge=1, description="online CISC, bank: steps between two recomputations of the bank"
     )
+    prototype_bank_images: int = Field(
+        64,
+        ge=0,
+        description="online CISC, bank: labeled images forwarded per refresh (a seeded sample "
+        "when the labeled set is larger; a class absent from it keeps its previous prototype); "
+        "0 = all. Bounds a refresh's cost on large labeled sets",
+    )
     prototype_momentum: float = Field(
         0.9,
         ge=0,

@@ -56,13 +56,15 @@ def online_recipe(ctx: RunContext) -> OnlineRecipe:
 
 def labeled_bank(samples: list[Sample], num_classes: int, *, mean: Sequence[float],
                  std: Sequence[float], ignore_index: int, min_ratio: float, amp: str,
-                 device: torch.device | str) -> BankFn:
-    """The prototype bank of online CISC: ``bank(model) -> (protos (K, C), known (K,))``, the
-    mean over the labeled ``samples`` (whole, eval transform, eval mode) of each image's class
+                 device: torch.device | str, max_images: int = 0, seed: int = 0) -> BankFn:
+    """The prototype bank of online CISC: ``bank(model, it) -> (protos (K, C), known (K,))``,
+    the mean over labeled images (whole, eval transform, eval mode) of each image's class
     prototype where the class covers >= ``min_ratio`` of it (the 3 % rule).
 
-    Each rank forwards its share of the images; the per-image sums are gathered and added in
-    image order, so every rank holds the same bank, bit for bit.
+    ``max_images`` > 0 bounds a refresh's cost on large labeled sets: a sample of that many
+    images, drawn from (seed, it) so every rank and a resumed run draw the same; 0 = all.
+    Each rank forwards its share of them; the per-image sums are gathered and added in image
+    order, so every rank holds the same bank, bit for bit.
     """
     k = num_classes
 
@@ -75,9 +77,13 @@ def labeled_bank(samples: list[Sample], num_classes: int, *, mean: Sequence[floa
         sums, counts = batch_prototypes(feats.float(), lab_t, k, min_ratio, ignore_index)
         return sums.cpu(), counts.cpu()
 
-    def bank(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    def bank(model: nn.Module, it: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = list(samples)
+        if 0 < max_images < len(chosen):
+            g = np.random.default_rng([seed, it])
+            chosen = [chosen[i] for i in sorted(g.choice(len(chosen), max_images, replace=False))]
         with eval_mode(model):
-            mine = [one(model, s) for s in dist.shard(list(samples))]
+            mine = [one(model, s) for s in dist.shard(chosen)]
         rows = dist.unshard(dist.all_gather_object(mine))
         sums = torch.stack([r[0] for r in rows]).sum(0)
         counts = torch.stack([r[1] for r in rows]).sum(0)
@@ -120,7 +126,8 @@ def online_stage(ctx: RunContext) -> dict[str, Any]:
     if m.online_cisc != "none" and m.prototype_source == "bank":
         bank = labeled_bank(ctx.labeled, ctx.info.num_classes, mean=d.mean, std=d.std,
                             ignore_index=d.ignore_index, min_ratio=m.min_class_ratio,
-                            amp=ctx.cfg.train.amp, device=ctx.device)
+                            amp=ctx.cfg.train.amp, device=ctx.device,
+                            max_images=m.prototype_bank_images, seed=ctx.cfg.seed)
     step = OnlineStep(online_recipe(ctx), ctx.info.num_classes, m.prototype_momentum, bank)
     train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
                 epoch_stream="unlabeled", meta={**ctx.meta, "stage": STAGE},

@@ -17,6 +17,7 @@ from ciscr.engine.online import (
     confidence_and_label,
     cutmix,
     masked_ce,
+    merge_bank,
     recipe_weights,
 )
 from ciscr.models import build_model
@@ -168,7 +169,7 @@ class _Bank:
     def __init__(self, known: bool) -> None:
         self.calls, self.known = 0, known
 
-    def __call__(self, model):
+    def __call__(self, model, it):
         self.calls += 1
         return torch.ones(3, 16), torch.full((3,), self.known)
 
@@ -200,6 +201,55 @@ def test_cisc_weights_come_from_the_bank():
     assert s["weight_mean"] < 1.0
     with pytest.raises(ValueError, match="bank_fn"):
         OnlineStep(OnlineRecipe(cisc="mask"), 3)
+
+
+def test_merge_bank_keeps_the_previous_prototype_of_a_class_the_refresh_missed():
+    old = (torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), torch.tensor([True, True, False]))
+    new = (torch.tensor([[2.0, 2.0], [0.0, 0.0], [3.0, 0.0]]), torch.tensor([True, False, True]))
+    protos, known = merge_bank(old, new)
+    assert torch.equal(protos, torch.tensor([[2.0, 2.0], [0.0, 1.0], [3.0, 0.0]]))
+    assert known.tolist() == [True, True, True]
+    assert merge_bank(None, new)[1].tolist() == [True, False, True]
+
+
+def test_labeled_bank_forwards_a_bounded_sample_drawn_from_seed_and_step(tmp_path):
+    """max_images bounds a refresh; the sample is a function of (seed, it): a resumed run and
+    every rank draw the same images; 0 = every image."""
+    from ciscr.config import DataCfg, SyntheticCfg
+    from ciscr.data.formats import load_dataset
+    from ciscr.data.synthetic import make_synthetic
+    from ciscr.online import labeled_bank
+
+    root = make_synthetic(tmp_path, SyntheticCfg(num_train=12, num_val=1, size=32), seed=0)
+    info, labeled, _, _ = load_dataset(DataCfg(format="folder", root=str(root), labeled=10), 0)
+    k = info.num_classes
+    seen: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x):
+            seen.append(int(x.sum() * 1000))  # which image (by its pixels)
+            return self.net(x)
+
+    model = Counting()
+    kw = dict(mean=(0.5,) * 3, std=(0.25,) * 3, ignore_index=255, min_ratio=0.0, amp="none",
+              device="cpu", max_images=4, seed=0)
+    bank = labeled_bank(labeled, k, **kw)
+    protos, known = bank(model, 50)
+    first = list(seen)
+    assert len(first) == 4 and protos.shape == (k, 16) and known.any() and model.training
+    seen.clear()
+    bank(model, 50)
+    assert seen == first  # same (seed, it): the same images
+    seen.clear()
+    bank(model, 100)
+    assert len(seen) == 4 and seen != first  # another refresh, another sample
+    seen.clear()
+    labeled_bank(labeled, k, **{**kw, "max_images": 0})(model, 50)
+    assert len(seen) == 10
 
 
 def test_cisc_alone_replaces_the_mask_by_the_weight():

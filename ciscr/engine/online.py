@@ -191,17 +191,31 @@ def recipe_weights(strong_views: int, fp: bool) -> tuple[float, tuple[float, ...
     return 0.5, tuple(0.5 * views for _ in range(strong_views)), 0.25 if fp else 0.0
 
 
-# The labeled images' class prototypes (K, C) and which classes have one (K,), computed by
-# the given model (eval mode, whole images): the stage supplies it, the step calls it.
-BankFn = Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]]
+# bank_fn(model, it) -> the labeled images' class prototypes (K, C) and which classes have one
+# (K,), computed by the model (eval mode, whole images) at step ``it`` (which may pick the
+# images): the stage supplies it, the step calls it.
+BankFn = Callable[[nn.Module, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def merge_bank(
+    old: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new bank, where a class the new one lacks (absent from the images of this refresh)
+    keeps its previous prototype. (protos (K, C), known (K,)) each."""
+    protos, known = new[0].detach().float(), new[1].detach().bool()
+    if old is None:
+        return protos, known
+    old_p, old_k = old[0].to(protos.device), old[1].to(known.device)
+    return torch.where(known.unsqueeze(1), protos, old_p), known | old_k
 
 
 class OnlineStep:
     """``step(model, batches, it) -> (loss, scalars)`` for the online family.
 
-    With CISC the prototypes come from ``recipe.prototype_source``: ``bank`` = every labeled
-    image, whole, in eval mode, through the current model (``bank_fn``), recomputed every
-    ``recipe.refresh`` steps; ``memory`` = the EMA of each step's labeled-batch prototypes
+    With CISC the prototypes come from ``recipe.prototype_source``: ``bank`` = the labeled
+    images (all, or a bounded sample per refresh), whole, in eval mode, through the current
+    model (``bank_fn``), recomputed every ``recipe.refresh`` steps (:func:`merge_bank`);
+    ``memory`` = the EMA of each step's labeled-batch prototypes
     (:class:`ProtoMemory`, no extra forward pass). WHY the bank by default, measured without
     training at CamVid checkpoints (``benchmarks/online_cisc_source.py``,
     docs/results/online_cisc_source.md): a freshly refreshed bank's weights tell right from
@@ -237,8 +251,7 @@ class OnlineStep:
         its share of the labeled images, which DDP's per-forward collectives would not allow."""
         if self.r.prototype_source == "bank" and self.bank_fn is not None and (
                 self.bank is None or it % self.r.refresh == 0):
-            protos, known = self.bank_fn(getattr(model, "module", model))
-            self.bank = (protos.detach().float(), known.detach().bool())
+            self.bank = merge_bank(self.bank, self.bank_fn(getattr(model, "module", model), it))
 
     def __call__(self, model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
         r, lb, ub, mb = self.r, batches["labeled"], batches["unlabeled"], batches["mix"]
