@@ -219,10 +219,11 @@ class OnlineStep:
     (:class:`ProtoMemory`, no extra forward pass). WHY the bank by default, measured without
     training at CamVid checkpoints (``benchmarks/online_cisc_source.py``,
     docs/results/online_cisc_source.md): a freshly refreshed bank's weights tell right from
-    wrong pseudo labels best, and clearly better than a run's real memory; 50 steps of
-    staleness cost the bank about what it gains over a drift-free memory, and a real memory
-    drifts too. Its price is one pass over the labeled images (no backward) every N steps. The
-    memory is kept in both modes (it is free), so every run's last checkpoint compares the two.
+    wrong pseudo labels best, clearly better than a run's real memory; 50 steps of staleness
+    cost the bank its lead over a drift-free memory early in training and almost nothing a
+    little later, where the stale bank still leads. Its price: one pass over (at most
+    ``prototype_bank_images``) labeled images, no backward, every N steps. The memory is kept
+    in both modes (it is free), so every run's last checkpoint compares the two.
     """
 
     def __init__(self, recipe: OnlineRecipe, num_classes: int, momentum: float = 0.9,
