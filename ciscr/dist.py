@@ -10,6 +10,7 @@ and evaluation code calls them unconditionally.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -166,6 +167,15 @@ def unshard(parts: list[list[T]]) -> list[T]:
             if i < len(p):
                 out.append(p[i])
     return out
+
+
+def map_sharded(fn: Callable[[T], Any], items: Sequence[T]) -> list[Any]:
+    """``[fn(x) for x in items]`` computed rank-sharded; every rank gets the full list, in the
+    order of ``items``."""
+    mine = [fn(x) for x in shard(list(items))]
+    out = unshard(all_gather_object(mine))
+    assert len(out) == len(items), "sharded results do not cover the item list"
+    return list(out)
 
 
 def cleanup() -> None:

@@ -83,8 +83,7 @@ def labeled_bank(samples: list[Sample], num_classes: int, *, mean: Sequence[floa
             g = np.random.default_rng([seed, it])
             chosen = [chosen[i] for i in sorted(g.choice(len(chosen), max_images, replace=False))]
         with eval_mode(model):
-            mine = [one(model, s) for s in dist.shard(chosen)]
-        rows = dist.unshard(dist.all_gather_object(mine))
+            rows = dist.map_sharded(lambda s: one(model, s), chosen)
         sums = torch.stack([r[0] for r in rows]).sum(0)
         counts = torch.stack([r[1] for r in rows]).sum(0)
         protos = sums / counts.clamp_min(1.0).unsqueeze(1)

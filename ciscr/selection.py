@@ -73,14 +73,6 @@ def _features(model: nn.Module, x: torch.Tensor, amp: str) -> torch.Tensor:
     return out.features.float()
 
 
-def _map_sharded(fn: Callable[[Sample], Any], samples: Sequence[Sample]) -> list[Any]:
-    """``[fn(s) for s in samples]`` computed rank-sharded; every rank gets the full list."""
-    mine = [fn(s) for s in dist.shard(list(samples))]
-    out = dist.unshard(dist.all_gather_object(mine))
-    assert len(out) == len(samples), "sharded results do not cover the sample list"
-    return list(out)
-
-
 # Images of one size whose teacher features are computed in one forward: on a CPU a batch of
 # 8 is several times faster per image than single images (the profile of a synthetic run had
 # the Eq. 10 distances of the unlabeled pool at 81% of the selection stage, one image at a time).
@@ -225,7 +217,7 @@ def compute_labeled_prototypes(
         return p[0].float().cpu().numpy(), pres[0].bool().cpu().numpy()
 
     with eval_mode(model):
-        rows = _map_sharded(one, labeled_samples)
+        rows = dist.map_sharded(one, labeled_samples)
     if not rows:
         raise DataError("the labeled set is empty: no prototypes can be computed")
     protos = torch.from_numpy(np.stack([r[0] for r in rows]))
@@ -402,7 +394,7 @@ def crop_level_scores(
         return float(np.median(finite)) if finite else math.inf
 
     with eval_mode(model):
-        vals = _map_sharded(one, samples)
+        vals = dist.map_sharded(one, samples)
     return {s.id: v for s, v in zip(samples, vals, strict=True)}
 
 
@@ -489,7 +481,7 @@ def per_image_miou(
         return image_miou(pred, gt, num_classes, ignore_index)
 
     with eval_mode(model):
-        vals = _map_sharded(one, labeled_samples)
+        vals = dist.map_sharded(one, labeled_samples)
     return np.asarray(vals, dtype=np.float64)
 
 
@@ -576,7 +568,7 @@ def stability_scores(
     with contextlib.ExitStack() as stack:
         for m in (final, *snapshots):
             stack.enter_context(eval_mode(m))
-        vals = _map_sharded(one, samples)
+        vals = dist.map_sharded(one, samples)
     return {s.id: v for s, v in zip(samples, vals, strict=True)}
 
 
