@@ -300,14 +300,6 @@ def evaluate_model(ctx: RunContext, model: nn.Module) -> dict[str, Any]:
     """mIoU on the validation split (whole / sliding / multi-scale per ``cfg.eval``). A model
     in training is evaluated through a copy in the inference layout, so that its own layout
     (and so its training) is untouched."""
-    # WHY fork_rng: building the loader draws from the global random stream, the one dropout
-    # trains with; without the fork, how often a run evaluates would change what it trains.
-    cuda = [ctx.device.index or 0] if ctx.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        return _evaluate_model(ctx, model)
-
-
-def _evaluate_model(ctx: RunContext, model: nn.Module) -> dict[str, Any]:
     d = ctx.cfg.data
     if ctx.cfg.train.infer_channels_last and model.training:
         model = copy.deepcopy(model)

@@ -343,7 +343,12 @@ def _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch,
             # The epoch hook runs BEFORE the checkpoint: a run killed in between redoes both,
             # so its log ends up exactly like an uninterrupted run's.
             if on_epoch_end is not None and epoch_done:
-                log.record(st.iteration, on_epoch_end(st.model, st.iteration // per_epoch))
+                # WHY fork_rng: a hook (evaluation: building its loader) may draw from the global
+                # random stream, the one dropout trains with; without the fork, how often a run
+                # evaluates would change what it trains.
+                cuda = [device.index or 0] if device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda):
+                    log.record(st.iteration, on_epoch_end(st.model, st.iteration // per_epoch))
                 ddp_model.train()
             if st.iteration % cfg.ckpt_every == 0 or st.iteration == st.total:
                 _save(ckpt_path, st, meta)
