@@ -121,12 +121,11 @@ def online_stage(ctx: RunContext) -> dict[str, Any]:
                "mix": Stream(_views(ctx, ctx.cfg.seed + 2), b_u)}
     t = unlabeled_stage_cfg(ctx, iters_per_epoch(streams["unlabeled"], t))
     m, d = ctx.cfg.method, ctx.cfg.data
-    bank = None
-    if m.online_cisc != "none" and m.prototype_source == "bank":
-        bank = labeled_bank(ctx.labeled, ctx.info.num_classes, mean=d.mean, std=d.std,
-                            ignore_index=d.ignore_index, min_ratio=m.min_class_ratio,
-                            amp=ctx.cfg.train.amp, device=ctx.device,
-                            max_images=m.prototype_bank_images, seed=ctx.cfg.seed)
+    # Only called where the recipe uses a bank (CISC with prototype_source=bank): OnlineStep decides.
+    bank = labeled_bank(ctx.labeled, ctx.info.num_classes, mean=d.mean, std=d.std,
+                        ignore_index=d.ignore_index, min_ratio=m.min_class_ratio,
+                        amp=ctx.cfg.train.amp, device=ctx.device,
+                        max_images=m.prototype_bank_images, seed=ctx.cfg.seed)
     step = OnlineStep(online_recipe(ctx), ctx.info.num_classes, m.prototype_momentum, bank)
     train_stage(out, model, streams, step, t, seed=ctx.cfg.seed, device=ctx.device,
                 epoch_stream="unlabeled", meta={**ctx.meta, "stage": STAGE},
