@@ -21,6 +21,12 @@ This scores, at a checkpoint and without training, the CISC weights each source 
 - ``bank``: a bank refreshed from the checkpoint's model (a refresh's best case);
 - ``stale_bank`` (``--stale``): the bank refreshed from an EARLIER checkpoint's model, applied
   to the later model's features: what training uses just before its next refresh;
+- ``averaged_bank`` (with ``--stale``): the bank refreshed from the equal-weight average of the
+  two checkpoints' models (:func:`averaged_model`), a stand-in for the third option, an EMA
+  copy of the model (a mean teacher): an EMA averages the recent iterates, and over a
+  ``ckpt_every``-step window the trajectory is taken as straight, so the window's endpoints
+  stand for it. Mean age of the weights: half a window (25 steps at ``ckpt_every`` 50, like an
+  EMA of decay 0.96); what a training run with an EMA copy would give is not measured;
 - ``simulated_memory``, where the checkpoint has no memory (UniMatch without CISC): the EMA
   memory simulated at the checkpoint's model (:func:`simulated_memory`);
 - the model's confidence, the reference.
@@ -31,7 +37,7 @@ A signal is scored by the AUROC of telling correctly from wrongly pseudo-labelle
 all pixels and on those above the confidence threshold: ``unimatch_cisc`` multiplies the
 threshold mask by the weight, so only those are weighted. The unlabeled pool's ground truth
 only scores, it never trains. Also: the cosine of each source's class prototypes with the
-refreshed bank's. An EMA teacher, the third option, is not measured (it needs training).
+refreshed bank's.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ SIGNALS = {
     "trained_bank": "CISC weight, the run's bank as last refreshed (`prototype_source=bank`)",
     "bank": "CISC weight, a bank refreshed from the model at hand (a refresh's best case)",
     "stale_bank": "CISC weight, the bank refreshed from the earlier model (`--stale`)",
+    "averaged_bank": "CISC weight, a bank from the average of the model at hand and the earlier "
+                     "one (an EMA copy's stand-in)",
     "confidence": "confidence (reference)",
 }
 
@@ -118,6 +126,18 @@ def simulated_memory(model, run, steps: int = SIM_STEPS) -> tuple[torch.Tensor, 
     return memory.protos, memory.known
 
 
+def averaged_model(a: torch.nn.Module, b: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``a`` holding the equal-weight average of ``a``'s and ``b``'s floating-point
+    state: parameters and BatchNorm running statistics (an EMA copy averages both; integer
+    counters are ``a``'s)."""
+    import copy
+
+    avg, sb = copy.deepcopy(a), b.state_dict()
+    avg.load_state_dict({k: (v + sb[k]) / 2 if v.is_floating_point() else v
+                         for k, v in a.state_dict().items()})
+    return avg
+
+
 def prototype_cosines(a: torch.Tensor, b: torch.Tensor, known: torch.Tensor) -> list[float | None]:
     """Per class, cos(a_k, b_k) where both sources know the class, else None."""
     cos = F.cosine_similarity(a.float(), b.float(), dim=1)
@@ -144,7 +164,9 @@ def measure(run_dir: Path, max_images: int = 0, checkpoint: Path | None = None,
     if "memory" not in sources:
         sources["simulated_memory"] = simulated_memory(model, run)
     if stale is not None:
-        sources["stale_bank"] = bank(load_model_from_checkpoint(stale, "cpu")[0], 0)
+        earlier = load_model_from_checkpoint(stale, "cpu")[0]
+        sources["stale_bank"] = bank(earlier, 0)
+        sources["averaged_bank"] = bank(averaged_model(model, earlier), 0)
     tallies = {f"{sig}{where}": Tally() for sig in (*sources, "confidence")
                for where in ("", "_confident")}
     samples = run.unlabeled[:max_images] if max_images else run.unlabeled
@@ -183,7 +205,8 @@ def cached(run_dir: Path, checkpoint: Path | None = None, stale: Path | None = N
         path = checkpoint.with_name(f"{checkpoint.stem}.{stale.stem if stale else 'own'}.{RESULT}")
     if path.exists():
         res = json.loads(path.read_text())
-        if "stale_from" in res:  # else: from an older version of this script
+        # else: from an older version of this script (no averaged bank for a stale pair)
+        if "stale_from" in res and (stale is None or "averaged_bank" in res):
             return res
     res = measure(run_dir, 0, checkpoint, stale)
     atomic_write_json(path, res)

@@ -228,9 +228,24 @@ def test_online_cisc_source_prototype_cosines_by_hand():
     assert cos[0] == pytest.approx(2 ** -0.5) and cos[1] == pytest.approx(1.0) and cos[2] is None
 
 
+def test_online_cisc_source_averages_two_models_state_by_hand():
+    import online_cisc_source as ocs
+
+    a, b = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        a.weight.copy_(torch.tensor([1.0, 3.0]))
+        b.weight.copy_(torch.tensor([3.0, -1.0]))
+    a.running_mean.fill_(2.0)
+    a.num_batches_tracked.fill_(7)
+    avg = ocs.averaged_model(a, b)
+    assert avg.weight.tolist() == [2.0, 1.0] and avg.running_mean.tolist() == [1.0, 1.0]
+    assert avg.num_batches_tracked.item() == 7 and a.weight.tolist() == [1.0, 3.0]  # a untouched
+
+
 def test_online_cisc_source_measures_a_tiny_unimatch_cisc_run(tmp_path):
     """A 4-iteration UniMatch + CISC run: its memory, its bank as trained, a fresh bank and a
-    'stale' bank (here from the same checkpoint, so identical to the fresh one) are scored; a
+    'stale' bank and an averaged one (here from the same checkpoint, so identical to the fresh
+    one) are scored; a
     checkpoint without a memory gets a simulated one."""
     import online_cisc_source as ocs
 
@@ -249,11 +264,12 @@ def test_online_cisc_source_measures_a_tiny_unimatch_cisc_run(tmp_path):
     res = ocs.measure(out, max_images=3, stale=ckpt)
     assert res["iteration"] == "4/4" and res["images"] == 3
     scored = [sig for sig in ocs.SIGNALS if sig in res]
-    assert scored == ["memory", "trained_bank", "bank", "stale_bank", "confidence"]
+    assert scored == ["memory", "trained_bank", "bank", "stale_bank", "averaged_bank", "confidence"]
     for sig in scored:
         total = res[sig]["pixels_correct"] + res[sig]["pixels_wrong"]
         assert total > 0 and res[f"{sig}_confident"]["pixels_correct"] <= res[sig]["pixels_correct"]
     assert res["stale_bank"] == res["bank"]  # same model: the same bank, the same weights
+    assert res["averaged_bank"] == res["bank"]  # a model averaged with itself is itself
     stale = [c for c in res["prototype_cosine"]["stale_bank"] if c is not None]
     assert stale and all(c == pytest.approx(1.0) for c in stale)
     # The bank as trained was refreshed at iteration 3 by another model: not the same.

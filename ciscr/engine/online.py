@@ -219,11 +219,13 @@ class OnlineStep:
     (:class:`ProtoMemory`, no extra forward pass). WHY the bank by default, measured without
     training at CamVid checkpoints (``benchmarks/online_cisc_source.py``,
     docs/results/online_cisc_source.md): a freshly refreshed bank's weights tell right from
-    wrong pseudo labels best, clearly better than a run's real memory; 50 steps of staleness
-    cost the bank its lead over a drift-free memory early in training and almost nothing a
-    little later, where the stale bank still leads. Its price: one pass over (at most
-    ``prototype_bank_images``) labeled images, no backward, every N steps. The memory is kept
-    in both modes (it is free), so every run's last checkpoint compares the two.
+    wrong pseudo labels clearly better than the one real memory measured, which drifts with
+    the model; against a memory simulated without drift (the memory's best case) the bank
+    leads at some checkpoints and trails at others. A bank from averaged weights (a stand-in
+    for an EMA copy of the model) scores level with the fresh bank or below it, so no EMA copy
+    is kept. Its price: one pass over (at most ``prototype_bank_images``) labeled images, no
+    backward, every N steps. The memory is kept in both modes (it is free), so every run's
+    last checkpoint compares the two.
     """
 
     def __init__(self, recipe: OnlineRecipe, num_classes: int, momentum: float = 0.9,
