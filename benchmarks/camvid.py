@@ -12,7 +12,8 @@ not finished yet said as such.
     python benchmarks/camvid.py --report-only
 
 The protocol: 1/8 labeled (46 of 367), seeds 0, 1, 2 (the seed also draws the labeled split, so
-differences are paired by seed); stage 1 = SupOnly's converged budget (``camvid_budget.py``);
+differences are paired by seed); stage 1 = the budget read off SupOnly's learning curve
+(``camvid_budget.py``; capped for cost, see ``configs/camvid.yaml``);
 every stage on unlabeled images runs ``train.unlabeled_epochs`` passes over its own list, and at
 least stage 1's iterations (``ciscr.pipeline.unlabeled_stage_cfg``).
 
@@ -510,22 +511,27 @@ def table_superseded(args: argparse.Namespace) -> list[str]:
     root = Path(str(args.runs).rstrip("/") + "-superseded")
     rows = []
     for rd in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        final = next((s for s in ("online", "stage3", "stage2", "stage1")
-                      if (rd / s / "done.json").exists()), None)
-        if final is None:
+        # The last stage that trained (finished, or stopped when the run was superseded) and
+        # the last one that finished (its val mIoU).
+        stages = ("online", "stage3", "stage2", "stage1")
+        last = next((s for s in stages if (rd / s / "train.jsonl").exists()), None)
+        if last is None:
             continue
         why = (rd / "REASON.txt").read_text().strip() if (rd / "REASON.txt").exists() else "-"
-        log = (rd / final / "train.jsonl").read_text().splitlines()
+        log = (rd / last / "train.jsonl").read_text().splitlines()
         its = json.loads(log[-1]).get("iteration", "?") if log else "?"
-        miou = read(rd / final / "done.json")["val_miou"]
-        s1 = (read(rd / "stage1" / "done.json") or {}).get("val_miou") if final != "stage1" else None
-        rows.append(f"| `{rd.name}` | {why} | {final}: {its} | {100 * miou:.2f} | "
+        state = "" if (rd / last / "done.json").exists() else " (not finished)"
+        final = next((s for s in stages if (rd / s / "done.json").exists()), None)
+        miou = f"{100 * read(rd / final / 'done.json')['val_miou']:.2f} ({final})" if final else "-"
+        s1 = (read(rd / "stage1" / "done.json") or {}).get("val_miou")
+        rows.append(f"| `{rd.name}` | {why} | {last}: {its}{state} | {miou} | "
                     f"{'' if s1 is None else f'{100 * s1:.2f}'} |")
     if not rows:
         return []
     return ["## Superseded runs (an earlier protocol; not in any table above)", "",
-            "| run | why superseded | final stage: last logged iteration | val mIoU | its stage "
-            "1's val mIoU |", "|---|---|---|---|---|", *rows, ""]
+            "| run | why superseded | last stage trained: last logged iteration | val mIoU "
+            "(the last finished training stage) | its stage 1's val mIoU |", "|---|---|---|---|---|",
+            *rows, ""]
 
 
 def in_progress(args: argparse.Namespace, runs: dict, rows: list[str],

@@ -31,7 +31,7 @@ from ciscr.utils.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--epochs", default="20,40,80,160,320", help="stage-1 budgets to compare")
+    p.add_argument("--epochs", default="20,40,80,160,320,640", help="stage-1 budgets to compare")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--runs", default=str(REPO / "runs/camvid-budget"))
     p.add_argument("--out", default=str(REPO / "docs/results"))

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         from camvid import machine
 
-        head = ["# Online CISC: EMA memory or refreshed bank of labeled prototypes?", "",
+        head = ["# Online CISC: labeled prototypes from an EMA memory, a refreshed bank, or an EMA copy?", "",
                 f"- command: `python benchmarks/online_cisc_source.py {shlex.join(argv)}`",
                 f"- machine: {machine()}",
                 f"- generated: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",

@@ -140,6 +140,21 @@ def test_in_progress_reads_the_checkpoint_and_projects_the_rest_of_the_stage(tmp
         "- in progress: CISC-R (bank, all classes) s0: done pseudo0, stage1"]
 
 
+def test_superseded_runs_are_listed_finished_or_stopped_with_their_reason(tmp_path):
+    args = camvid.parse_args(["--runs", str(tmp_path / "p")])
+    root = tmp_path / "p-superseded"
+    done, stopped = root / "stpp_e160", root / "unimatch_e160"
+    for stage, its in ((done / "stage1", 1920), (done / "stage2", 1936), (stopped / "online", 950)):
+        stage.mkdir(parents=True)
+        (stage / "train.jsonl").write_text(f'{{"iteration": {its - 10}}}\n{{"iteration": {its}}}\n')
+    for stage, miou in ((done / "stage1", 0.5782), (done / "stage2", 0.5119)):
+        (stage / "done.json").write_text(f'{{"val_miou": {miou}}}')
+    (done / "REASON.txt").write_text("budget too small\n")
+    lines = camvid.table_superseded(args)
+    assert "| `stpp_e160` | budget too small | stage2: 1936 | 51.19 (stage2) | 57.82 |" in lines
+    assert "| `unimatch_e160` | - | online: 950 (not finished) | - |  |" in lines
+
+
 def test_suponly_is_read_from_st_plus_plus_until_st_has_copied_stage1(tmp_path):
     args = camvid.parse_args(["--runs", str(tmp_path)])
     st, stpp = camvid.run_dir(args, "st", 0), camvid.run_dir(args, "stpp", 0)
