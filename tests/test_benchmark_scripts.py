@@ -260,8 +260,7 @@ def test_online_cisc_source_averages_two_models_state_by_hand():
 def test_online_cisc_source_measures_a_tiny_unimatch_cisc_run(tmp_path):
     """A 4-iteration UniMatch + CISC run: its memory, its bank as trained, a fresh bank and a
     'stale' bank and an averaged one (here from the same checkpoint, so identical to the fresh
-    one) are scored; a
-    checkpoint without a memory gets a simulated one."""
+    one) are scored; a checkpoint without a memory gets a simulated one."""
     import online_cisc_source as ocs
 
     from ciscr.cli import main

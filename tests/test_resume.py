@@ -261,15 +261,18 @@ def test_online_method_sigkilled_between_checkpoints_resumes_identically(
     # The uninterrupted reference trains beside the killed run (1 thread each, 2 cores in CI):
     # the runs share nothing but the data folder, which they only read.
     # Its output goes to a file: a pipe nobody reads until the end could fill and stall it.
-    ref_log = open(tmp_path / "ref.log", "w")
-    ref_proc = subprocess.Popen(run_cmd(ref, data_root, *extra), cwd=REPO, env=ENV,
-                                stdout=ref_log, stderr=subprocess.STDOUT)  # fmt: skip
-    kill_when(run_cmd(run, data_root, *extra), lambda: logged(run / "online") >= 3)
-    res = subprocess.run(run_cmd(run, data_root, *extra), cwd=REPO, env=ENV,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    with open(tmp_path / "ref.log", "w") as ref_log, subprocess.Popen(
+            run_cmd(ref, data_root, *extra), cwd=REPO, env=ENV, stdout=ref_log,
+            stderr=subprocess.STDOUT) as ref_proc:  # fmt: skip
+        try:
+            kill_when(run_cmd(run, data_root, *extra), lambda: logged(run / "online") >= 3)
+            res = subprocess.run(run_cmd(run, data_root, *extra), cwd=REPO, env=ENV,
+                                 capture_output=True, text=True, timeout=300)  # fmt: skip
+            ref_proc.wait(timeout=300)
+        finally:  # a failure above must not leave the reference training behind the test
+            if ref_proc.poll() is None:
+                ref_proc.kill()
     assert res.returncode == 0, res.stderr[-3000:]
-    ref_proc.wait(timeout=300)
-    ref_log.close()
     assert ref_proc.returncode == 0, (tmp_path / "ref.log").read_text()[-3000:]
     assert logged(ref / "online") == 6
     a, b = load_checkpoint(ref / "online" / "checkpoint.pt"), load_checkpoint(
