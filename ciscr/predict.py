@@ -655,11 +655,7 @@ def predict_paths(
     names = output_names(paths, overlay)
     _check_no_overwrite(out, paths, names)
     dev = resolve_device(device)
-    if amp == "fp16" and dev.type != "cuda":
-        raise ConfigError(f"--amp fp16 needs a CUDA device (device is {dev}); use bf16 or none")
-    if amp != "none" and is_onnx(checkpoint):
-        raise ConfigError(f"--amp {amp}: an ONNX model runs in the precision it was exported "
-                          "in; use --amp none")
+    _check_amp(amp, dev, checkpoint)
     skipped: list[dict[str, str]] = []
     items = _scan(paths, names, skip_bad, skipped)  # a non-image fails before the model loads
     if not items:
@@ -680,6 +676,15 @@ def predict_paths(
         }
         atomic_write_json(out / "predictions.json", summary)
     return records
+
+
+def _check_amp(amp: str, dev: Any, checkpoint: str | os.PathLike) -> None:
+    """--amp against the device and the model kind (before anything is read or written)."""
+    if amp == "fp16" and dev.type != "cuda":
+        raise ConfigError(f"--amp fp16 needs a CUDA device (device is {dev}); use bf16 or none")
+    if amp != "none" and is_onnx(checkpoint):
+        raise ConfigError(f"--amp {amp}: an ONNX model runs in the precision it was exported "
+                          "in; use --amp none")
 
 
 @contextlib.contextmanager
