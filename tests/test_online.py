@@ -117,6 +117,31 @@ def test_fp_branch_perturbs_only_the_last_rows():
     assert not torch.allclose(out.fp_logits, clean.logits[1:], atol=1e-3)
 
 
+@pytest.mark.parametrize("method, dropout, aspp_dropout", [
+    ("unimatch", 0.0, 0.0), ("unimatch_cisc", 0.0, 0.0), ("fixmatch", 0.0, 0.0),
+    ("stpp", 0.1, 0.5), ("ciscr", 0.1, 0.5)])
+def test_online_methods_train_unimatchs_decoder_without_dropout(method, dropout, aspp_dropout):
+    from ciscr.config import load_config
+
+    cfg = load_config("synthetic", [f"method.name={method}", "model.backbone=resnet18",
+                                    "model.output_stride=16", "model.channels=16"])
+    assert (cfg.model.dropout, cfg.model.aspp_dropout) == (dropout, aspp_dropout)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3).train()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model(x).logits
+        torch.manual_seed(2)
+        b = model(x).logits
+    # Train mode: BN uses the batch's statistics (deterministic); only dropout can differ.
+    assert torch.allclose(a, b, atol=1e-6) == (dropout == 0.0)
+    assert set(model.state_dict()) == set(build_model(ModelCfg(
+        backbone="resnet18", output_stride=16, channels=16), 3).state_dict())  # same keys
+    explicit = load_config("synthetic", [f"method.name={method}", "model.aspp_dropout=0.3"])
+    assert explicit.model.aspp_dropout == 0.3  # the user's key wins over the preset
+
+
 def _batches(n=2, size=32, views=2):
     g = torch.Generator().manual_seed(0)
 

@@ -39,6 +39,11 @@ def total_iters(stage_dir):
     ("st", {"stage1": 2 * math.ceil(8 / 4),
             # ST++'s mixed list: 4 labeled x ceil(16 / 4) + 16 pseudo-labelled = 32 items
             "stage2": 1 * math.ceil((4 * 4 + 16) / 4)}),
+    # ST++: stage 2's list = the reliable half (8) + 4 labeled x ceil(8 / 4) = 16 items, 4
+    # iterations a pass showing 8 labeled images; stage 1 showed 4 x 4 = 16: raised to 2
+    # passes. Stage 3's list (16 pseudo + 16 labeled) shows 16 in one pass: not raised.
+    ("stpp", {"stage1": 2 * math.ceil(8 / 4), "stage2": 2 * math.ceil(16 / 4),
+              "stage3": math.ceil(32 / 4)}),
     ("ciscr_bank", {"stage1": 2 * math.ceil(8 / 4),  # pairs: 2 images per item, 2 per batch
                     # the reliable half, one pass = 2 iterations, raised to stage 1's 4
                     "stage2": 2 * math.ceil(8 / 4),

@@ -239,3 +239,17 @@ def test_strong_photometric_keeps_geometry():
         ys, xs = torch.nonzero(o > o.max() * 0.5, as_tuple=True)
         assert abs(ys.float().mean().item() - 14.5) < 0.6
         assert abs(xs.float().mean().item() - 27.5) < 0.6
+
+
+def test_cutout_redraws_its_area_as_st_pp_so_its_boxes_are_smaller_than_cutmixs():
+    # ST++'s cutout re-draws the area with every try, UniMatch's CutMix keeps its first draw:
+    # large areas fit less often, so cutout's mean box is clearly smaller (about 0.14 vs 0.21
+    # of the image for areas drawn in [0.02, 0.4]).
+    from ciscr.data.transforms import cutout, random_box
+
+    g = torch.Generator().manual_seed(0)
+    cutmix = [float(random_box(64, 64, g, 1.0).float().mean()) for _ in range(2000)]
+    img, mask = torch.zeros(3, 64, 64), torch.zeros(64, 64, dtype=torch.long)
+    erased = [float((cutout(img, mask, g, p=1.0)[1] == 255).float().mean()) for _ in range(2000)]
+    assert 0.18 < sum(cutmix) / 2000 < 0.24
+    assert 0.11 < sum(erased) / 2000 < 0.17

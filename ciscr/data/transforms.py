@@ -162,17 +162,24 @@ def random_box(
     p: float = 0.5,
     area: tuple[float, float] = (0.02, 0.4),
     ratio: tuple[float, float] = (0.3, 1 / 0.3),
+    redraw_area: bool = False,
 ) -> Tensor:
-    """A random rectangle, as ST++'s cutout and UniMatch's CutMix boxes draw it.
+    """A random rectangle, as UniMatch's CutMix boxes (and, with ``redraw_area``, ST++'s
+    cutout) draw it.
 
-    With probability ``p``: area share in ``area``, aspect ratio in ``ratio``, re-drawn until it
-    fits inside the image. Returns an (h, w) uint8 mask, 1 inside the box (all 0 otherwise).
+    With probability ``p``: area share in ``area``, aspect ratio in ``ratio`` and position
+    re-drawn until the box fits inside the image. UniMatch draws the area once and re-draws the
+    rest; ST++'s cutout re-draws the area too (``redraw_area``), which favours small boxes
+    (large ones fit less often). Returns an (h, w) uint8 mask, 1 inside the box (all 0
+    otherwise).
     """
     box = torch.zeros(h, w, dtype=torch.uint8)
     if float(torch.rand(1, generator=g)) >= p:
         return box
     size = _uniform(area[0], area[1], g) * h * w
-    for _ in range(1000):  # bounded: the sampled box almost always fits within a few tries
+    for attempt in range(1000):  # bounded: a sampled box almost always fits within a few tries
+        if redraw_area and attempt:
+            size = _uniform(area[0], area[1], g) * h * w
         r = _uniform(ratio[0], ratio[1], g)
         bw, bh = int((size / r) ** 0.5), int((size * r) ** 0.5)
         x = int(torch.randint(0, w, (1,), generator=g))
@@ -188,7 +195,7 @@ def cutout(
 ) -> tuple[Tensor, Tensor]:
     """ST++'s cutout: with probability ``p`` a random box of the image (3, H, W) in [0, 1] is
     filled with uniform noise per pixel and the same box of the label (H, W) is ignored."""
-    box = random_box(img.shape[-2], img.shape[-1], g, p).bool()
+    box = random_box(img.shape[-2], img.shape[-1], g, p, redraw_area=True).bool()
     if not bool(box.any()):
         return img, mask
     noise = torch.rand(img.shape, generator=g, dtype=img.dtype)

@@ -63,13 +63,18 @@ class _ImagePooling(nn.Module):
 
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: 1x1 + three 3x3 atrous + image pooling, 256 ch each,
-    concatenated and projected to 256 ch (+ Dropout2d(0.5) as in the ST++ code).
+    concatenated and projected to 256 ch, then ``Dropout2d(dropout)`` (0.5 in the ST++ code;
+    UniMatch's model has none).
 
     (B,Cin,h,w) -> (B,256,h,w).
     """
 
     def __init__(
-        self, in_channels: int, dilations: tuple[int, int, int], channels: int = ASPP_CHANNELS
+        self,
+        in_channels: int,
+        dilations: tuple[int, int, int],
+        channels: int = ASPP_CHANNELS,
+        dropout: float = 0.5,
     ) -> None:
         super().__init__()
         c = channels
@@ -78,7 +83,8 @@ class ASPP(nn.Module):
         self.b2 = _conv_bn_relu(in_channels, c, 3, dilations[1])
         self.b3 = _conv_bn_relu(in_channels, c, 3, dilations[2])
         self.b4 = _ImagePooling(in_channels, c)
-        self.project = nn.Sequential(*_conv_bn_relu(5 * c, c), nn.Dropout2d(0.5))
+        # p = 0 keeps the module (no parameters either way): the state-dict keys never change.
+        self.project = nn.Sequential(*_conv_bn_relu(5 * c, c), nn.Dropout2d(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
         branches = [self.b0(x), self.b1(x), self.b2(x), self.b3(x), self.b4(x)]
@@ -96,7 +102,9 @@ class DeepLabV3Plus(nn.Module):
         num_classes: K, the number of output channels.
         aspp_dilations: atrous rates of the three 3x3 ASPP branches ((12, 24, 36) for output
             stride 8, (6, 12, 18) for 16).
-        dropout: dropout probability after ``fuse`` (0.1 in the paper).
+        dropout: dropout probability after ``fuse`` (0.1 in the paper and ST++'s code).
+        aspp_dropout: Dropout2d probability after the ASPP projection (0.5 in ST++'s code).
+            UniMatch's model has neither (``model.*`` presets of the online methods: 0).
         channels: width of ASPP and ``fuse``, i.e. of the features F (256 in the paper; a
             smaller width makes CPU demos and tests fast, the method is unchanged).
     """
@@ -108,6 +116,7 @@ class DeepLabV3Plus(nn.Module):
         aspp_dilations: tuple[int, int, int] = (12, 24, 36),
         dropout: float = 0.1,
         channels: int = FEATURE_CHANNELS,
+        aspp_dropout: float = 0.5,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -120,7 +129,7 @@ class DeepLabV3Plus(nn.Module):
         self.backbone = backbone
         self.num_classes = num_classes
         low_ch, high_ch = int(backbone.low_channels), int(backbone.high_channels)
-        self.head = ASPP(high_ch, tuple(aspp_dilations), channels)
+        self.head = ASPP(high_ch, tuple(aspp_dilations), channels, aspp_dropout)
         self.reduce = _conv_bn_relu(low_ch, LOW_LEVEL_CHANNELS)
         self.fuse = nn.Sequential(
             *_conv_bn_relu(channels + LOW_LEVEL_CHANNELS, channels, 3),

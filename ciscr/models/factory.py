@@ -54,9 +54,8 @@ def build_model(cfg: ModelCfg, num_classes: int) -> DeepLabV3Plus:
     """DeepLabV3+ for *num_classes* classes from ``cfg.model`` (weights loaded if given)."""
     backbone = build_backbone(cfg.backbone, cfg.output_stride, cfg.pretrained)
     dilations = cfg.aspp_dilations or default_aspp_dilations(cfg.output_stride)
-    return DeepLabV3Plus(
-        backbone, num_classes, tuple(dilations), dropout=cfg.dropout, channels=cfg.channels
-    )
+    return DeepLabV3Plus(backbone, num_classes, tuple(dilations), dropout=cfg.dropout,
+                         channels=cfg.channels, aspp_dropout=cfg.aspp_dropout)
 
 
 def inference_layout(model: nn.Module, channels_last: bool = True) -> nn.Module:
