@@ -14,8 +14,8 @@ not finished yet said as such.
 The protocol: 1/8 labeled (46 of 367), seeds 0, 1, 2 (the seed also draws the labeled split, so
 differences are paired by seed); stage 1 = the budget read off SupOnly's learning curve
 (``camvid_budget.py``; capped for cost, see ``configs/camvid.yaml``);
-every stage on unlabeled images runs ``train.unlabeled_epochs`` passes over its own list, and at
-least stage 1's iterations (``ciscr.pipeline.unlabeled_stage_cfg``).
+every stage on unlabeled images runs ``train.unlabeled_epochs`` passes over its own list, raised
+until it shows the labeled images as often as stage 1 did (``ciscr.pipeline.unlabeled_stage_cfg``).
 
 Sharing, to spend the budget on what differs (exact: same config, same seed, deterministic CPU
 training): SupOnly is stage 1 of the ST++ and ST runs (ST reuses ST++'s stage1/ and pseudo0/,

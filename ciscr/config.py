@@ -117,7 +117,8 @@ class TrainCfg(BaseModel):
         ge=0,
         description="epochs of every stage that trains on unlabeled images (retraining stages "
         "2/3, online methods), each a pass over that stage's own list; 0 = train.epochs. Raised "
-        "where needed so that such a stage runs at least stage 1's iterations",
+        "where needed so that such a stage shows the labeled images at least as often as stage 1 "
+        "did",
     )
     iters_per_epoch: int = Field(
         0,

@@ -114,8 +114,10 @@ def online_stage(ctx: RunContext) -> dict[str, Any]:
     model = fresh_model(ctx)
     t = ctx.cfg.train
     b_u = t.unlabeled_batch_size or t.batch_size
-    # The mixing stream is the same pool in another order with other augmentations, as
-    # UniMatch's second unlabeled loader; both are keyed on the seed, so identical on all ranks.
+    # The mixing stream is the same pool in another order with other augmentations: the
+    # partner is another image. (UniMatch zips its unlabeled loader with itself, so its partner
+    # is another random view of the same image: UniMatch issue 51.) Both streams are keyed on
+    # the seed, so identical on all ranks.
     streams = {"labeled": Stream(labeled_dataset(ctx), t.batch_size, labeled_repeat(ctx)),
                "unlabeled": Stream(_views(ctx, ctx.cfg.seed + 1), b_u),
                "mix": Stream(_views(ctx, ctx.cfg.seed + 2), b_u)}
