@@ -517,7 +517,8 @@ def table_superseded(args: argparse.Namespace) -> list[str]:
         last = next((s for s in stages if (rd / s / "train.jsonl").exists()), None)
         if last is None:
             continue
-        why = (rd / "REASON.txt").read_text().strip() if (rd / "REASON.txt").exists() else "-"
+        reason = rd / "REASON.txt"  # one table cell: its line breaks would end the row
+        why = " ".join(reason.read_text().split()) if reason.exists() else "-"
         log = (rd / last / "train.jsonl").read_text().splitlines()
         its = json.loads(log[-1]).get("iteration", "?") if log else "?"
         state = "" if (rd / last / "done.json").exists() else " (not finished)"

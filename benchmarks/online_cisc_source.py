@@ -275,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
              for r, c, e in a.stale]
     lines = []
     for d, res in done:
-        lines += [f"## `{d.name}`", "", *markdown([res], [d]), ""]
+        reason = d / "REASON.txt"  # a superseded run says why: its checkpoints still measure
+        text = " ".join(reason.read_text().split()) if reason.exists() else ""
+        why = [f"A superseded run (its REASON.txt): {text}", ""] if text else []
+        lines += [f"## `{d.name}`", "", *why, *markdown([res], [d]), ""]
     if a.out:
         from camvid import machine
 
