@@ -266,6 +266,16 @@ class MethodCfg(BaseModel):
         description="pixels whose teacher confidence (TTA softmax max; online: the weak view's) "
         "is below this are ignored in the unlabeled loss (0 = off)",
     )
+    labeled_loss: Literal["ce", "ohem"] = Field(
+        "ce",
+        description="loss of the labeled images: 'ce', or 'ohem' (CE over the hard pixels, "
+        "UniMatch's on Cityscapes): SupOnly and the online methods only",
+    )
+    ohem_thresh: float = Field(
+        0.7, gt=0, le=1, description="ohem: pixels whose true-class probability is <= this count")
+    ohem_min_kept: int = Field(
+        100_000, ge=1, description="ohem: at least this many hardest pixels count, per labeled "
+        "image (UniMatch: 200000 per GPU batch of 2 crops)")
     confidence_weighting: bool = Field(
         False, description="multiply the unlabeled loss weight by the teacher's confidence"
     )
@@ -324,6 +334,18 @@ class MethodCfg(BaseModel):
         if v not in METHOD_PRESETS:
             raise ValueError(f"unknown method '{v}'; valid: {', '.join(METHOD_PRESETS)}")
         return v
+
+    def ohem(self) -> tuple[float, int] | None:
+        """(thresh, min_kept per image) with ``labeled_loss=ohem``, else None (plain CE)."""
+        return (self.ohem_thresh, self.ohem_min_kept) if self.labeled_loss == "ohem" else None
+
+    @model_validator(mode="after")
+    def _check_ohem(self) -> MethodCfg:
+        # The CISC-R and ST stages keep the paper's CE: refused, not silently ignored.
+        if self.labeled_loss == "ohem" and (self.stage1_cisc_loss or self.retrain != "none"):
+            raise ValueError("method.labeled_loss=ohem is for SupOnly and the online methods "
+                             f"(method.name={self.name} trains stage-wise with CE)")
+        return self
 
     @model_validator(mode="after")
     def _check_mixed_batches(self) -> MethodCfg:

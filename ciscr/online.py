@@ -50,7 +50,7 @@ def online_recipe(ctx: RunContext) -> OnlineRecipe:
         threshold=m.confidence_threshold, cisc=m.online_cisc, weight_labeled=w_l,
         weight_views=w_views, weight_fp=w_fp, unlabeled_weight=m.unlabeled_weight,
         min_ratio=m.min_class_ratio, ignore_index=ctx.cfg.data.ignore_index,
-        prototype_source=m.prototype_source, refresh=m.prototype_refresh,
+        prototype_source=m.prototype_source, refresh=m.prototype_refresh, ohem=m.ohem(),
     )
 
 

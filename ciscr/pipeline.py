@@ -369,7 +369,7 @@ def stage1_plan(ctx: RunContext) -> StagePlan:
         step = pair_step(True, m.cisc_weight, d.ignore_index, m.pair_loss_norm)
     else:
         streams = {"labeled": Stream(ds, t.batch_size, rep)}
-        step = supervised_step(d.ignore_index)
+        step = supervised_step(d.ignore_index, m.ohem())
     epoch_stream = next(iter(streams))
     snaps = _stpp_snapshot_iters(ctx, streams[epoch_stream]) if m.selection == "stpp" else ()
     return StagePlan("stage1", fresh_model(ctx), streams, step, t, epoch_stream, tuple(snaps))

@@ -131,3 +131,62 @@ def test_bank_rectifier_every_class_maps_only_the_classes_present():
     assert torch.allclose(cmaps[:, 2], cisc.cisc_map(feats, bank[[3, 3], 2], (3, 3)))
     maps0 = [cisc.cisc_map(feats[:1], bank[j : j + 1, 0], (3, 3))[0] for j in (0, 1)]
     assert any(torch.allclose(cmaps[0, 0], m) for m in maps0)  # a query of class 0's list
+
+
+def _two_class_logits(p_true, target):
+    """(1, 2, 1, N) logits whose softmax gives each pixel's true class the probability p_true."""
+    p = torch.tensor(p_true)
+    margin = torch.log(p / (1 - p))
+    logits = torch.zeros(1, 2, 1, len(p_true))
+    t = torch.tensor(target).clamp(0, 1)
+    logits[0, 0, 0] = torch.where(t == 0, margin, torch.zeros_like(margin))
+    logits[0, 1, 0] = torch.where(t == 1, margin, torch.zeros_like(margin))
+    return logits, torch.tensor([[target]])
+
+
+def test_ohem_counts_the_hard_pixels_and_at_least_min_kept_as_unimatch():
+    from ciscr.engine.losses import labeled_loss, ohem_ce
+
+    # True-class probabilities 0.9, 0.6, 0.3, 0.8 and an ignored pixel.
+    logits, target = _two_class_logits([0.9, 0.6, 0.3, 0.8, 0.1], [0, 1, 0, 1, 255])
+    nll = lambda *ps: float(np.mean([-np.log(p) for p in ps]))  # noqa: E731
+    # thresh 0.7: 0.6 and 0.3 are hard (the ignored pixel never counts)
+    assert ohem_ce(logits, target, 0.7, 1) == pytest.approx(nll(0.6, 0.3), abs=1e-5)
+    # at least 3 kept: the threshold rises to the 3rd smallest probability, 0.8
+    assert ohem_ce(logits, target, 0.7, 3) == pytest.approx(nll(0.6, 0.3, 0.8), abs=1e-5)
+    # fewer valid pixels (4) than min_kept: plain CE over all of them
+    assert ohem_ce(logits, target, 0.7, 5) == pytest.approx(nll(0.9, 0.6, 0.3, 0.8), abs=1e-5)
+    # labeled_loss: min_kept is per image (one image here), None = plain CE
+    assert labeled_loss(logits, target, 255, (0.7, 3)) == ohem_ce(logits, target, 0.7, 3)
+    assert labeled_loss(logits, target, 255, None) == ce_loss(logits, target, 255)
+
+
+def test_ohem_is_refused_where_the_paper_trains_with_ce_and_set_by_cityscapes_unimatch():
+    from ciscr.config import load_config
+    from ciscr.errors import ConfigError
+
+    for name in ("ciscr", "stpp"):
+        with pytest.raises(ConfigError, match="labeled_loss"):
+            load_config("synthetic", [f"method.name={name}", "method.labeled_loss=ohem"])
+    for name in ("suponly", "unimatch"):
+        m = load_config("synthetic", [f"method.name={name}", "method.labeled_loss=ohem"]).method
+        assert m.ohem() == (0.7, 100_000)
+    cfg = load_config("cityscapes_unimatch").method
+    assert (cfg.labeled_loss, cfg.ohem(), cfg.confidence_threshold) == ("ohem", (0.7, 100_000), 0.0)
+
+
+def test_supervised_step_and_online_recipe_take_the_configured_labeled_loss(tmp_path):
+    from ciscr.config import load_config
+    from ciscr.engine.losses import ohem_ce
+    from ciscr.engine.steps import supervised_step
+    from ciscr.online import online_recipe
+    from ciscr.pipeline import setup_run
+
+    logits, target = _two_class_logits([0.9, 0.6, 0.3, 0.8], [0, 1, 0, 1])
+    model = lambda x: SegOutput(logits, logits)  # noqa: E731
+    batch = {"labeled": {"image": torch.zeros(1), "mask": target}}
+    loss, _ = supervised_step(255, (0.7, 1))(model, batch, 0)
+    assert loss == ohem_ce(logits, target, 0.7, 1) != ce_loss(logits, target)
+    cfg = load_config("synthetic", ["method.name=unimatch", "method.labeled_loss=ohem",
+                                    "method.ohem_min_kept=7"])
+    assert online_recipe(setup_run(cfg, tmp_path, torch.device("cpu"))).ohem == (0.7, 7)

@@ -37,3 +37,53 @@ def ce_loss(
         per_pixel = per_pixel * weight_map.detach().to(per_pixel.dtype)
     n_valid = (target != ignore_index).sum().clamp_min(1)
     return per_pixel.sum() / n_valid
+
+
+def ohem_ce(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    thresh: float = 0.7,
+    min_kept: int = 100_000,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """CE over the hard pixels only (online hard example mining), as UniMatch's labeled loss on
+    Cityscapes (its ``ProbOhemCrossEntropy2d``).
+
+    A valid pixel is hard when the softmax probability of its true class is <= ``thresh``; if
+    fewer than ``min_kept`` are, the threshold rises to the ``min_kept``-th smallest
+    probability so that the ``min_kept`` hardest pixels count. With fewer valid pixels than
+    ``min_kept``, every valid pixel counts (plain :func:`ce_loss`).
+
+    Args:
+        logits: (B, K, H, W); target: (B, H, W) in [0, K) or ``ignore_index``.
+        min_kept: >= 1, pixels of THIS batch (the caller scales it with the batch).
+    Returns:
+        Scalar: the mean CE of the kept pixels (attached 0 when none is valid).
+    """
+    valid = target != ignore_index
+    n_valid = int(valid.sum())
+    if n_valid == 0 or min_kept > n_valid:
+        return ce_loss(logits, target, ignore_index)
+    with torch.no_grad():  # which pixels count; the loss itself is plain CE on them
+        safe = torch.where(valid, target, torch.zeros_like(target))
+        p_true = logits.detach().float().softmax(1).gather(1, safe.unsqueeze(1)).squeeze(1)
+        p_true = torch.where(valid, p_true, torch.ones_like(p_true))  # never hard
+        kth = float(p_true.flatten().kthvalue(min(max(min_kept, 1), p_true.numel())).values)
+        threshold = max(float(thresh), kth)
+        kept = valid & (p_true <= threshold)
+    return ce_loss(logits, torch.where(kept, target, torch.full_like(target, ignore_index)),
+                   ignore_index)
+
+
+def labeled_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = 255,
+    ohem: tuple[float, int] | None = None,
+) -> torch.Tensor:
+    """The labeled images' loss: :func:`ce_loss`, or with ``ohem = (thresh, min_kept per
+    image)`` :func:`ohem_ce` (``method.labeled_loss``)."""
+    if ohem is None:
+        return ce_loss(logits, target, ignore_index)
+    thresh, per_image = ohem
+    return ohem_ce(logits, target, thresh, per_image * target.shape[0], ignore_index)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciscr import cisc, dist
-from ciscr.engine.losses import ce_loss
+from ciscr.engine.losses import labeled_loss
 
 # --------------------------------------------------------------------------- pure functions
 
@@ -182,6 +182,7 @@ class OnlineRecipe:
     ignore_index: int = 255
     prototype_source: str = "bank"  # bank | memory (cisc only; see OnlineStep)
     refresh: int = 50  # bank: recomputed every this many steps
+    ohem: tuple[float, int] | None = None  # labeled loss: (thresh, min_kept per image) or CE
 
 
 def recipe_weights(strong_views: int, fp: bool) -> tuple[float, tuple[float, ...], float]:
@@ -267,7 +268,7 @@ class OnlineStep:
         n_l, n_u = lb["image"].shape[0], ub["image_w"].shape[0]
         out = model(torch.cat([lb["image"], ub["image_w"]]), fp_last=n_u if r.fp else 0,
                     fp_p=r.fp_p)  # 2. labeled + weak (+ FP on the weak rows)
-        loss_l = ce_loss(out.logits[:n_l], lb["mask"], r.ignore_index)
+        loss_l = labeled_loss(out.logits[:n_l], lb["mask"], r.ignore_index, r.ohem)
         conf_w, label_w = confidence_and_label(out.logits[n_l:])
         w_w, w_mix = self._pixel_weights(out, n_l, lb, conf_w, label_w, out_mix, conf_mix,
                                          label_mix)

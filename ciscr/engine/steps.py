@@ -22,7 +22,7 @@ from torch import nn
 from ciscr import cisc
 from ciscr.data.datasets import make_generator
 from ciscr.data.pairs import PARTNERS, TRIES, crop_class_shares
-from ciscr.engine.losses import ce_loss
+from ciscr.engine.losses import ce_loss, labeled_loss
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -34,12 +34,12 @@ PAIR_BCE_EPS = 1e-4
 QUERY_EPOCHS = 1_000_000  # augmentation epochs of queried labeled crops (disjoint from training)
 
 
-def supervised_step(ignore_index: int = 255):
-    """CE on ``batches['labeled']``."""
+def supervised_step(ignore_index: int = 255, ohem: tuple[float, int] | None = None):
+    """CE (or, with ``ohem``, :func:`ciscr.engine.losses.ohem_ce`) on ``batches['labeled']``."""
 
     def step(model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
         b = batches["labeled"]
-        loss = ce_loss(model(b["image"]).logits, b["mask"], ignore_index)
+        loss = labeled_loss(model(b["image"]).logits, b["mask"], ignore_index, ohem)
         return loss, {"ce": float(loss.detach())}
 
     return step
