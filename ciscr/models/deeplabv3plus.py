@@ -140,6 +140,8 @@ class DeepLabV3Plus(nn.Module):
         self._init_head()
 
     def _init_head(self) -> None:
+        # torchvision's init for conv + BN decoders; ST++ and UniMatch keep PyTorch's default
+        # (docs/METHOD-NOTES.md: decoder details, the same for every method).
         for m in self.head_modules():
             for sub in m.modules():
                 if isinstance(sub, nn.Conv2d) and sub is not self.classifier:
