@@ -218,8 +218,9 @@ class OnlineStep:
     model (``bank_fn``), recomputed every ``recipe.refresh`` steps (:func:`merge_bank`);
     ``memory`` = the EMA of each step's labeled-batch prototypes
     (:class:`ProtoMemory`, no extra forward pass). WHY the bank by default, measured without
-    training at CamVid checkpoints of two runs made with ST++'s decoder dropouts
-    (``benchmarks/online_cisc_source.py``, docs/results/online_cisc_source.md): a freshly refreshed bank's weights tell right from
+    training at CamVid checkpoints (two runs made with ST++'s decoder dropouts, one with
+    UniMatch's decoder; ``benchmarks/online_cisc_source.py``,
+    docs/results/online_cisc_source.md): a freshly refreshed bank's weights tell right from
     wrong pseudo labels clearly better than the one real memory measured, which drifts with
     the model; against a memory simulated without drift (the memory's best case) the bank
     leads at some checkpoints and trails at others. A bank from averaged weights (a stand-in
