@@ -505,6 +505,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+def superseded_reason(run_dir: Path) -> str:
+    """The run's REASON.txt (why it was superseded) as one line ('' without one): it goes into
+    a table cell, where a line break would end the row."""
+    reason = run_dir / "REASON.txt"
+    return " ".join(reason.read_text().split()) if reason.exists() else ""
+
+
 def table_superseded(args: argparse.Namespace) -> list[str]:
     """Runs moved to ``RUNS-superseded/`` when the protocol changed under them: listed with the
     reason written beside them (REASON.txt) and their own final figures, never in the tables."""
@@ -517,8 +524,7 @@ def table_superseded(args: argparse.Namespace) -> list[str]:
         last = next((s for s in stages if (rd / s / "train.jsonl").exists()), None)
         if last is None:
             continue
-        reason = rd / "REASON.txt"  # one table cell: its line breaks would end the row
-        why = " ".join(reason.read_text().split()) if reason.exists() else "-"
+        why = superseded_reason(rd) or "-"
         log = (rd / last / "train.jsonl").read_text().splitlines()
         its = json.loads(log[-1]).get("iteration", "?") if log else "?"
         state = "" if (rd / last / "done.json").exists() else " (not finished)"

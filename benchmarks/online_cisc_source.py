@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from camvid import superseded_reason  # noqa: E402
 from camvid_diagnostics import Tally  # noqa: E402
 
 from ciscr.engine.online import class_weights  # noqa: E402
@@ -275,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
              for r, c, e in a.stale]
     lines = []
     for d, res in done:
-        reason = d / "REASON.txt"  # a superseded run says why: its checkpoints still measure
-        text = " ".join(reason.read_text().split()) if reason.exists() else ""
+        text = superseded_reason(d)  # a superseded run says why: its checkpoints still measure
         why = [f"A superseded run (its REASON.txt): {text}", ""] if text else []
         lines += [f"## `{d.name}`", "", *why, *markdown([res], [d]), ""]
     if a.out:

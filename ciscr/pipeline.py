@@ -706,8 +706,8 @@ def retrain_plan(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Pat
     streams, epoch_stream = _retrain_streams(ctx, parts)
     per_epoch = iters_per_epoch(streams[epoch_stream], ctx.cfg.train)
     # The mixed list's labeled part (ST++): about half of each batch, not a stream of B.
-    lab = streams["mixed"].dataset.parts[0] if epoch_stream == "mixed" else None
-    t = unlabeled_stage_cfg(ctx, per_epoch, None if lab is None else len(lab))
+    lab = streams["mixed"].dataset.num_labeled if epoch_stream == "mixed" else None
+    t = unlabeled_stage_cfg(ctx, per_epoch, lab)
     unl, ign = unlabeled_loss(ctx, per_epoch * t.epochs), ctx.cfg.data.ignore_index
     if epoch_stream == "mixed":  # never rectified (MethodCfg refuses mixed + rectify)
         step = mixed_step(ign, unl)

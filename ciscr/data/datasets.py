@@ -251,6 +251,11 @@ class MixedDataset(Dataset):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def num_labeled(self) -> int:
+        """Labeled items in one pass over the list (repetitions counted)."""
+        return int(self.offsets[1])
+
     def set_epoch(self, epoch: int) -> None:
         for d in self.parts:
             d.set_epoch(epoch)
