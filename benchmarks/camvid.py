@@ -43,6 +43,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import archive  # noqa: E402  (benchmarks/, on sys.path when run as a script)
+
 from ciscr.utils.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 # Rows: name -> (label, preset, extra overrides). The first block is the comparison, the second
@@ -109,6 +111,25 @@ def run_dir(args: argparse.Namespace, row: str, seed: int) -> Path:
     return Path(args.runs) / f"{row}_l{args.labeled}_s{seed}"
 
 
+def archive_root(args: argparse.Namespace, superseded: bool = False) -> Path:
+    """The committed copy of the runs' small artefacts, beside the report (:mod:`archive`)."""
+    return Path(args.out) / f"{args.name}-runs{'-superseded' if superseded else ''}"
+
+
+def superseded_root(args: argparse.Namespace) -> Path:
+    return Path(str(args.runs).rstrip("/") + "-superseded")
+
+
+def finished_dir(args: argparse.Namespace, row: str, seed: int) -> Path | None:
+    """Where the finished run's artefacts are: its directory under runs/ or, when the machine
+    that trained it is gone, its archived copy; None while it is not finished. SupOnly is
+    finished once stage 1 of ST or ST++ is."""
+    live = ([run_dir(args, r, seed) for r in ("st", "stpp")] if row == "suponly"
+            else [run_dir(args, row, seed)])
+    marker = "stage1/metrics.json" if row == "suponly" else "results.json"
+    return archive.locate(live, archive_root(args), marker)
+
+
 def ciscr_command(args: argparse.Namespace, row: str, seed: int) -> list[str]:
     _, preset, extra = ROWS[row]
     return [sys.executable, "-m", "ciscr", "run", "camvid", "--out", str(run_dir(args, row, seed)),
@@ -136,9 +157,9 @@ def share_stages(args: argparse.Namespace, row: str, seed: int) -> None:
 
 def run_one(args: argparse.Namespace, row: str, seed: int) -> None:
     """Run (or finish) one row; the wall time of every invocation is added to wall.json."""
-    rd = run_dir(args, row, seed)
-    if (rd / "results.json").exists():
+    if finished_dir(args, row, seed) is not None:  # here, or archived from another machine
         return
+    rd = run_dir(args, row, seed)
     share_stages(args, row, seed)
     cmd = ciscr_command(args, row, seed)
     print("$", shlex.join(cmd), flush=True)
@@ -238,18 +259,16 @@ def collect(args: argparse.Namespace, row: str, seed: int) -> dict | None:
     """One finished run's figures, or None. ``wall_seconds`` sums its stages' own times
     (done.json; a stage copied from another run counts in both rows: it is part of both
     methods); ``machine_seconds`` is what this row's own invocations took (wall.json)."""
-    rd = run_dir(args, row, seed)
+    rd = finished_dir(args, row, seed)
+    if rd is None:
+        return None
     res = read(rd / "results.json")
     if row == "suponly":
         final, stages = read(rd / "stage1" / "metrics.json"), (res or {}).get("stages", {})
-        if final is None:
-            return None
         stages = {k: v for k, v in stages.items() if k in ("stage1", "pseudo0")} or {
             "stage1": read(rd / "stage1" / "done.json") or {}}
         own = None  # part of the ST / ST++ run's machine time
     else:
-        if res is None:
-            return None
         final, stages = res["final_metrics"], res["stages"]
         own = read(rd / "wall.json") or {}
     names = ["stage1"] if row == "suponly" else list(stages)
@@ -297,7 +316,9 @@ def table_diagnostic(args: argparse.Namespace, seeds: list[int]) -> list[str]:
     """The CISC-weight diagnostic (``camvid_diagnostics.py``) of the CISC-R runs that have it."""
     import camvid_diagnostics
 
-    dirs = [d for s in seeds if (d := run_dir(args, "ciscr", s) / "diagnostics.json").exists()]
+    dirs = [d / "diagnostics.json" for s in seeds
+            if (d := archive.locate([run_dir(args, "ciscr", s)], archive_root(args),
+                                    "diagnostics.json"))]
     if not dirs:
         return ["(no CISC-R run with its stage 1, pseudo labels and selection diagnosed yet)"]
     results = [json.loads(d.read_text()) for d in dirs]
@@ -316,8 +337,9 @@ def table_online_source(args: argparse.Namespace, seeds: list[int]) -> list[str]
     """EMA memory vs refreshed bank of the UniMatch + CISC runs (``online_cisc_source.py``)."""
     import online_cisc_source
 
-    paths = [p for s in seeds
-             if (p := run_dir(args, "unimatch_cisc", s) / online_cisc_source.RESULT).exists()]
+    paths = [d / online_cisc_source.RESULT for s in seeds
+             if (d := archive.locate([run_dir(args, "unimatch_cisc", s)], archive_root(args),
+                                     online_cisc_source.RESULT))]
     if not paths:
         return ["(no finished UniMatch + CISC run measured yet)"]
     return ["The CISC weight of each unlabeled pixel (its pseudo class under the final model, "
@@ -515,9 +537,11 @@ def superseded_reason(run_dir: Path) -> str:
 def table_superseded(args: argparse.Namespace) -> list[str]:
     """Runs moved to ``RUNS-superseded/`` when the protocol changed under them: listed with the
     reason written beside them (REASON.txt) and their own final figures, never in the tables."""
-    root = Path(str(args.runs).rstrip("/") + "-superseded")
+    found = {}  # name -> directory: the archived copy, unless the run is still on this machine
+    for root in (archive_root(args, superseded=True), superseded_root(args)):
+        found.update({p.name: p for p in (root.iterdir() if root.is_dir() else []) if p.is_dir()})
     rows = []
-    for rd in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+    for rd in (found[k] for k in sorted(found)):
         # The last stage that trained (finished, or stopped when the run was superseded) and
         # the last one that finished (its val mIoU).
         stages = ("online", "stage3", "stage2", "stage1")
@@ -533,12 +557,16 @@ def table_superseded(args: argparse.Namespace) -> list[str]:
         s1 = (read(rd / "stage1" / "done.json") or {}).get("val_miou")
         rows.append(f"| `{rd.name}` | {why} | {last}: {its}{state} | {miou} | "
                     f"{'' if s1 is None else f'{100 * s1:.2f}'} |")
-    if not rows:
+    earlier = sorted(Path(args.out).glob(f"{args.name}_superseded_*.md"))
+    if not rows and not earlier:
         return []
+    lost = [f"- runs superseded before their artefacts were archived, their directories lost "
+            f"with the machine that held them: [{p.name}]({p.name})" for p in earlier]
+    table = ["| run | why superseded | last stage trained: last logged iteration | val mIoU "
+             "(the last finished training stage) | its stage 1's val mIoU |",
+             "|---|---|---|---|---|", *rows]
     return ["## Superseded runs (an earlier protocol; not in any table above)", "",
-            "| run | why superseded | last stage trained: last logged iteration | val mIoU "
-            "(the last finished training stage) | its stage 1's val mIoU |", "|---|---|---|---|---|",
-            *rows, ""]
+            *(table if rows else []), *([""] if rows and lost else []), *lost, ""]
 
 
 def in_progress(args: argparse.Namespace, runs: dict, rows: list[str],
@@ -581,7 +609,7 @@ def budget_reading() -> list[str]:
 
     a = cb.parse_args([])
     epochs, seeds = [int(x) for x in a.epochs.split(",")], [int(x) for x in a.seeds.split(",")]
-    curves = {(e, s): cb.read_curve(cb.run_dir(a, e, s)) for s in seeds for e in epochs}
+    curves = cb.load_curves(a, [(e, s) for s in seeds for e in epochs])
     return cb.reading(curves, epochs, seeds)
 
 
@@ -598,7 +626,8 @@ def repeatability(runs: dict, seeds: list[int]) -> str:
     a, e = cb.parse_args([]), load_config("camvid").train.epochs
     pairs = []
     for s in seeds:
-        c, sup = cb.read_curve(cb.run_dir(a, e, s)), (runs.get(("suponly", s)) or {}).get("val_miou")
+        c = cb.load_curves(a, [(e, s)])[(e, s)]
+        sup = (runs.get(("suponly", s)) or {}).get("val_miou")
         if c and c["final"] and sup is not None:
             pairs.append(f"seed {s}: {100 * c['final']['miou']:.2f} in the budget study, "
                          f"{100 * sup:.2f} here ({100 * (sup - c['final']['miou']):+.2f})")
@@ -679,7 +708,9 @@ def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: l
     lines = [
         "# CamVid: does semi-supervision pay? (protocol 2)", "",
         f"- command: `{cmd.strip()}`", f"- machine: {machine()}",
-        f"- generated: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from `{args.runs}`",
+        f"- generated: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from `{args.runs}` "
+        f"and the archived artefacts of finished stages in `{archive_root(args).name}/` (runs "
+        "finished on a machine whose runs/ is gone)",
         f"- runs: {args.jobs} at a time, {threads_per_job(args.jobs)} torch thread(s) each; "
         f"machine time of the finished runs {sum(walls) / 3600:.1f} h (their stages' own "
         "times, a stage copied between runs counted once; the unfinished runs' time not yet)",
@@ -734,6 +765,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, rows: list[str], seeds: list[int], argv: list[str]) -> Path:
     """Collect every run's figures and write the report (``--out``/``--name``.md and .json)."""
+    # Every finished stage's small artefacts into the committed archive first: what finished
+    # here outlives this machine's runs/ (archive.py).
+    archive.mirror(Path(args.runs), archive_root(args))
+    archive.mirror(superseded_root(args), archive_root(args, superseded=True), unfinished=True)
     runs = {(r, s): collect(args, r, s) for r in rows for s in seeds}
     return write_report(args, runs, rows, seeds, argv)
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import archive  # noqa: E402  (benchmarks/, on sys.path when run as a script)
+
 from ciscr.utils.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 
 
@@ -71,6 +73,37 @@ def read_curve(rd: Path) -> dict | None:
     return {"loss": [(r["iteration"], r["loss"]) for r in recs if "loss" in r],
             "val": [(r["iteration"], r["val_miou"]) for r in recs if "val_miou" in r],
             "final": final}
+
+
+def archive_root(args: argparse.Namespace) -> Path:
+    """The committed copy of the finished runs' small artefacts (:mod:`archive`)."""
+    return Path(args.out) / "camvid_budget-runs"
+
+
+def load_curves(args: argparse.Namespace, plan: list[tuple[int, int]]) -> dict:
+    """Each run's curve from its directory here, else from its archived copy, else (a finished
+    run only) from the study's previous JSON record, marked ``"from_record"``: the runs that
+    record was made from were lost with their machine before the archive existed."""
+    record = Path(args.out) / "camvid_budget.json"
+    previous = json.loads(record.read_text()) if record.exists() else {}
+    curves = {}
+    for e, s in plan:
+        rd = run_dir(args, e, s)
+        c = read_curve(rd) or read_curve(archive_root(args) / rd.name)
+        old = previous.get(f"e{e}_s{s}")
+        if c is None and old and old.get("final"):
+            c = {**old, "from_record": True}
+        curves[(e, s)] = c
+    return curves
+
+
+def provenance(curves: dict[tuple[int, int], dict]) -> list[str]:
+    """Which curves no run directory backs (read from the previous JSON record)."""
+    old = [f"{e} epochs s{s}" for (e, s), c in sorted(curves.items()) if c and c.get("from_record")]
+    if not old:
+        return []
+    return [f"- read from the previous `camvid_budget.json` (their runs were lost with the "
+            f"machine that trained them, before their artefacts were archived): {', '.join(old)}"]
 
 
 LEVEL = 1.0  # mIoU points: doubling the budget gains less than this -> stage 1 has levelled off
@@ -163,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(e, s) for s in seeds for e in epochs]
     if not args.report_only:
         run_missing(args, plan)
-    curves = {(e, s): read_curve(run_dir(args, e, s)) for e, s in plan}
+    archive.mirror(Path(args.runs), archive_root(args))  # finished runs outlive this machine
+    curves = load_curves(args, plan)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     figure(curves, out / "camvid_budget.png")
@@ -174,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
              "- each run: `ciscr train camvid method.name=suponly train.epochs=E "
              "train.eval_every_epochs=5` (1/8 labeled = 46 images, repeated twice per epoch: "
              "12 iterations per epoch at batch 8). The val curve is logged, never used to pick a "
-             "checkpoint; the result of a run is its last checkpoint.", "",
+             "checkpoint; the result of a run is its last checkpoint.", *provenance(curves), "",
              *table(curves, epochs, seeds), "", *reading(curves, epochs, seeds), "",
              "![curves](camvid_budget.png)", ""]
     atomic_write_bytes(out / "camvid_budget.md", ("\n".join(lines) + "\n").encode())

@@ -664,7 +664,7 @@ def unlabeled_stage_cfg(ctx: RunContext, per_epoch: int,
     compared with for that reason alone while SupOnly still gains from a longer budget
     (CamVid at 1/8: UniMatch and CISC-R's stage 3 at 615 iterations vs SupOnly's 960; ST++'s
     stage 2 at stage 1's iterations, about half of each batch labeled, ended below its own
-    stage 1: docs/results/camvid.md, superseded runs).
+    stage 1: docs/results/camvid_superseded_2026-11-30.md).
     ST++ and UniMatch never train shorter than their supervised baseline either: at equal
     epochs their lists show the labeled images more often than the supervised stage does.
     An explicit ``train.iters_per_epoch`` is taken as given."""

@@ -1,5 +1,6 @@
 """The pure helpers of benchmarks/ (the CamVid comparison's scheduling and its diagnostic)."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def test_in_progress_reads_the_checkpoint_and_projects_the_rest_of_the_stage(tmp
 
 
 def test_superseded_runs_are_listed_finished_or_stopped_with_their_reason(tmp_path):
-    args = camvid.parse_args(["--runs", str(tmp_path / "p")])
+    args = camvid.parse_args(["--runs", str(tmp_path / "p"), "--out", str(tmp_path / "o")])
     root = tmp_path / "p-superseded"
     done, stopped = root / "stpp_e160", root / "unimatch_e160"
     for stage, its in ((done / "stage1", 1920), (done / "stage2", 1936), (stopped / "online", 950)):
@@ -153,6 +154,74 @@ def test_superseded_runs_are_listed_finished_or_stopped_with_their_reason(tmp_pa
     lines = camvid.table_superseded(args)
     assert "| `stpp_e160` | budget too small | stage2: 1936 | 51.19 (stage2) | 57.82 |" in lines
     assert "| `unimatch_e160` | - | online: 950 (not finished) | - |  |" in lines
+    # Archived (the stopped stage too: a superseded run never resumes), the machine then lost:
+    # the table is the same from the archive, and an earlier snapshot file is linked.
+    import archive
+
+    archive.mirror(root, camvid.archive_root(args, superseded=True), unfinished=True)
+    shutil.rmtree(root)
+    (tmp_path / "o" / "camvid_superseded_2026-01-01.md").write_text("# earlier\n")
+    again = camvid.table_superseded(args)
+    assert [x for x in again if x.startswith("| `")] == [x for x in lines if x.startswith("| `")]
+    assert any("[camvid_superseded_2026-01-01.md]" in x for x in again)
+
+
+def _finished_stage(stage: Path, miou: float, its: int) -> None:
+    import json
+
+    stage.mkdir(parents=True)
+    (stage / "train.jsonl").write_text(json.dumps({"iteration": its}) + "\n")
+    (stage / "metrics.json").write_text(json.dumps({"miou": miou, "iou": [miou]}))
+    (stage / "done.json").write_text(json.dumps({"val_miou": miou, "wall_seconds": 1.0}))
+    (stage / "checkpoint.pt").write_bytes(b"x" * 10)  # never archived
+    (stage / "tb").mkdir()
+    (stage / "tb" / "events.json").write_text("{}")  # TensorBoard's folder: never archived
+
+
+def test_archive_keeps_the_small_artefacts_of_finished_stages_only(tmp_path):
+    import archive
+
+    run = tmp_path / "runs" / "stpp_s0"
+    _finished_stage(run / "stage1", 0.5, 100)
+    (run / "stage2").mkdir()
+    (run / "stage2" / "train.jsonl").write_text('{"iteration": 10}\n')  # unfinished: not kept
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "run.log").write_text("log\n")
+    assert [str(p) for p in archive.small_artefacts(run)] == [
+        "config.yaml", "stage1/done.json", "stage1/metrics.json", "stage1/train.jsonl"]
+    assert "stage2/train.jsonl" in [str(p) for p in archive.small_artefacts(run, True)]
+    dst = tmp_path / "archive"
+    assert archive.mirror(tmp_path / "runs", dst) == 4
+    assert archive.mirror(tmp_path / "runs", dst) == 0  # unchanged files are not rewritten
+    assert archive.locate([run], dst, "stage1/metrics.json") == run  # here first
+    shutil.rmtree(tmp_path / "runs")
+    assert archive.locate([run], dst, "stage1/metrics.json") == dst / "stpp_s0"
+    assert archive.locate([run], dst, "results.json") is None
+
+
+def test_a_run_finished_on_a_lost_machine_is_read_from_the_archive_and_not_rerun(tmp_path):
+    import json
+
+    import archive
+
+    args = camvid.parse_args(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"),
+                              "--data", str(tmp_path / "no-data")])  # a run started would fail
+    stpp = camvid.run_dir(args, "stpp", 0)
+    _finished_stage(stpp / "stage1", 0.61, 3840)  # SupOnly s0 finished, ST++ still training
+    archive.mirror(Path(args.runs), camvid.archive_root(args))
+    shutil.rmtree(tmp_path / "runs")  # the machine is gone
+    assert camvid.finished_dir(args, "suponly", 0) == camvid.archive_root(args) / stpp.name
+    assert camvid.collect(args, "suponly", 0)["val_miou"] == 0.61
+    assert camvid.collect(args, "stpp", 0) is None  # not finished: runs again (from scratch)
+    uni = camvid.run_dir(args, "unimatch", 0)
+    arch = camvid.archive_root(args) / uni.name
+    _finished_stage(arch / "online", 0.65, 3854)
+    (arch / "results.json").write_text(json.dumps(
+        {"final_metrics": {"miou": 0.65, "iou": [0.65]}, "stages": {
+            "online": {"val_miou": 0.65, "wall_seconds": 1.0}}}))
+    camvid.run_one(args, "unimatch", 0)  # would start `ciscr run` (and fail here) if not skipped
+    assert not uni.exists()
+    assert camvid.collect(args, "unimatch", 0)["iterations"] == 3854
 
 
 def test_suponly_is_read_from_st_plus_plus_until_st_has_copied_stage1(tmp_path):
@@ -299,3 +368,28 @@ def test_online_cisc_source_measures_a_tiny_unimatch_cisc_run(tmp_path):
     res = ocs.measure(out, max_images=2, checkpoint=tmp_path / "plain.pt")
     assert "simulated_memory" in res and "memory" not in res and "trained_bank" not in res
     assert any(c is not None for c in res["prototype_cosine"]["simulated_memory"])
+
+
+def test_budget_curves_come_from_runs_then_archive_then_the_previous_record(tmp_path):
+    import json
+
+    import archive
+    import camvid_budget as cb
+
+    args = cb.parse_args(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
+    rd = cb.run_dir(args, 20, 0)
+    _finished_stage(rd / "stage1", 0.40, 240)
+    live = cb.load_curves(args, [(20, 0)])[(20, 0)]
+    assert live["final"]["miou"] == 0.40 and "from_record" not in live
+    archive.mirror(Path(args.runs), cb.archive_root(args))
+    shutil.rmtree(tmp_path / "runs")
+    assert cb.load_curves(args, [(20, 0)])[(20, 0)] == live  # from the archive
+    record = {"e40_s0": {"loss": [[480, 0.5]], "val": [], "final": {"miou": 0.44, "iou": []}},
+              "e80_s0": {"loss": [[100, 0.9]], "val": [], "final": None}}  # unfinished
+    (tmp_path / "o" / "camvid_budget.json").write_text(json.dumps(record))
+    curves = cb.load_curves(args, [(20, 0), (40, 0), (80, 0)])
+    assert curves[(40, 0)]["from_record"] and curves[(40, 0)]["final"]["miou"] == 0.44
+    assert curves[(80, 0)] is None  # an unfinished run is not a result, and cannot resume
+    assert cb.provenance(curves) == [
+        "- read from the previous `camvid_budget.json` (their runs were lost with the machine "
+        "that trained them, before their artefacts were archived): 40 epochs s0"]
