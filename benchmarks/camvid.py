@@ -21,6 +21,10 @@ Sharing, to spend the budget on what differs (exact: same config, same seed, det
 training): SupOnly is stage 1 of the ST++ and ST runs (ST reuses ST++'s stage1/ and pseudo0/,
 which differ only by ST++'s two snapshot files); CISC-R (bank) and the option rows built on it
 reuse stage1/, pseudo0/ and selection/ of the CISC-R run with the same seed.
+
+Durability: runs/ is git-ignored and lives on one machine. Every report first copies the small
+artefacts of each finished stage into ``docs/results/camvid-runs/`` (``archive.py``; commit it),
+and a run missing from runs/ is read from there, and not rerun, once it has finished.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ the protocol's stage-1 budget (``train.epochs`` in ``configs/camvid.yaml``) is c
 
 Resumable: every run is a plain ``ciscr train`` in its own directory under
 ``runs/camvid-budget``; a finished run is only re-read. Output: ``docs/results/camvid_budget.md``,
-``.json`` and ``.png`` (training loss and val mIoU against iterations).
+``.json`` and ``.png`` (training loss and val mIoU against iterations). Finished runs' small
+artefacts are copied into ``docs/results/camvid_budget-runs/`` (``archive.py``) and read from
+there when runs/ lacks them.
 """
 
 from __future__ import annotations
