@@ -56,7 +56,7 @@ def command(args: argparse.Namespace, epochs: int, seed: int) -> list[str]:
 def run_missing(args: argparse.Namespace, plan: list[tuple[int, int]]) -> None:
     for e, s in plan:
         rd = run_dir(args, e, s)
-        if (rd / "results.json").exists():
+        if archive.locate([rd], archive_root(args), "results.json"):  # here or archived
             continue
         cmd = command(args, e, s)
         print("$", shlex.join(cmd), flush=True)
