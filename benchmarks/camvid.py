@@ -104,6 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each with cores/jobs threads")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--supersede", metavar="RUN",
+                   help="take run directory RUN (e.g. unimatch_l0.125_s0) out of the protocol: "
+                        "move it and its archived copy to the superseded folders with --reason "
+                        "beside them, then report (stop the benchmark first)")
+    p.add_argument("--reason", help="why RUN is superseded (REASON.txt; the report shows it)")
+    p.add_argument("--as", dest="supersede_as", metavar="NAME",
+                   help="its name there (default: RUN-<UTC time>)")
     return p.parse_args(argv)
 
 
@@ -124,22 +131,78 @@ def superseded_root(args: argparse.Namespace) -> Path:
     return Path(str(args.runs).rstrip("/") + "-superseded")
 
 
-def finished_dir(args: argparse.Namespace, row: str, seed: int) -> Path | None:
-    """Where the finished run's artefacts are: its directory under runs/ or, when the machine
-    that trained it is gone, its archived copy; None while it is not finished. SupOnly is
-    finished once stage 1 of ST or ST++ is."""
-    live = ([run_dir(args, r, seed) for r in ("st", "stpp")] if row == "suponly"
-            else [run_dir(args, row, seed)])
-    marker = "stage1/metrics.json" if row == "suponly" else "results.json"
-    return archive.locate(live, archive_root(args), marker)
+def finished_dir(args: argparse.Namespace, row: str, seed: int,
+                 marker: str | None = None) -> Path | None:
+    """Where the finished run's artefacts (``marker``: its results.json by default) are: its
+    directory under runs/ or, when the machine that trained it is gone, its archived copy;
+    None while it is not finished, or when it was made with another config than the
+    benchmark's now (a protocol change must not let an old result stand in a table: supersede
+    it, ``--supersede``). SupOnly is finished once stage 1 of ST or ST++ is."""
+    rows = ("st", "stpp") if row == "suponly" else (row,)
+    marker = marker or ("stage1/metrics.json" if row == "suponly" else "results.json")
+    for r in rows:
+        name = run_dir(args, r, seed).name
+        for rd in (run_dir(args, r, seed), archive_root(args) / name):
+            if (rd / marker).exists() and current_protocol(args, r, seed, rd):
+                return rd
+    return None
+
+
+def row_overrides(args: argparse.Namespace, row: str, seed: int) -> list[str]:
+    _, preset, extra = ROWS[row]
+    return [f"data.root={args.data}", f"model.pretrained={args.weights}",
+            f"method.name={preset}", f"seed={seed}", f"data.labeled={args.labeled}",
+            "train.progress=false", *extra]
+
+
+def supersede(args: argparse.Namespace) -> None:
+    """Move run ``--supersede`` (under runs/, and its archived copy) into the superseded
+    folders with REASON.txt: the report then lists it apart and the benchmark runs it afresh.
+    WHY a command: by hand, the archived copy is easily left behind, and it would stand in the
+    tables (when its config still matches) and keep the run from being redone."""
+    name = args.supersede
+    if not args.reason or not args.reason.strip():
+        raise SystemExit("--supersede needs --reason TEXT")
+    new = args.supersede_as or f"{name}-{datetime.now(timezone.utc):%Y%m%d%H%M}"
+    moves = [(a, b) for a, b in ((Path(args.runs) / name, superseded_root(args) / new),
+                                 (archive_root(args) / name, archive_root(args, True) / new))
+             if a.is_dir()]
+    if not moves:
+        raise SystemExit(f"--supersede: no run {name!r} in {args.runs} or {archive_root(args)}")
+    if clash := [str(b) for _, b in moves if b.exists()]:
+        raise SystemExit(f"--supersede: {clash[0]} exists; choose another --as NAME")
+    for a, b in moves:
+        b.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(a, b)
+        atomic_write_bytes(b / "REASON.txt", (" ".join(args.reason.split()) + "\n").encode())
+        print(f"superseded: {a} -> {b}", flush=True)
+
+
+def current_protocol(args: argparse.Namespace, row: str, seed: int, rd: Path) -> bool:
+    """Whether the run in ``rd`` was made with the config this benchmark would run for ``row``
+    now (paths aside: the data and weights may lie elsewhere on another machine); warns when
+    not."""
+    import yaml
+
+    from ciscr.config import load_config
+    from ciscr.errors import ConfigError
+    from ciscr.pipeline import check_same_config
+
+    saved = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").exists() else {}
+    paths = [f"data.root={saved.get('data', {}).get('root', args.data)}",
+             f"model.pretrained={saved.get('model', {}).get('pretrained', args.weights)}"]
+    try:
+        check_same_config(load_config("camvid", row_overrides(args, row, seed) + paths),
+                          rd / "config.yaml")
+    except (ConfigError, OSError) as err:
+        print(f"warning: {rd} is not counted: {err}", file=sys.stderr)
+        return False
+    return True
 
 
 def ciscr_command(args: argparse.Namespace, row: str, seed: int) -> list[str]:
-    _, preset, extra = ROWS[row]
     return [sys.executable, "-m", "ciscr", "run", "camvid", "--out", str(run_dir(args, row, seed)),
-            f"data.root={args.data}", f"model.pretrained={args.weights}",
-            f"method.name={preset}", f"seed={seed}", f"data.labeled={args.labeled}",
-            "train.progress=false", *extra]
+            *row_overrides(args, row, seed)]
 
 
 def threads_per_job(jobs: int) -> int:
@@ -321,8 +384,7 @@ def table_diagnostic(args: argparse.Namespace, seeds: list[int]) -> list[str]:
     import camvid_diagnostics
 
     dirs = [d / "diagnostics.json" for s in seeds
-            if (d := archive.locate([run_dir(args, "ciscr", s)], archive_root(args),
-                                    "diagnostics.json"))]
+            if (d := finished_dir(args, "ciscr", s, "diagnostics.json"))]
     if not dirs:
         return ["(no CISC-R run with its stage 1, pseudo labels and selection diagnosed yet)"]
     results = [json.loads(d.read_text()) for d in dirs]
@@ -342,8 +404,7 @@ def table_online_source(args: argparse.Namespace, seeds: list[int]) -> list[str]
     import online_cisc_source
 
     paths = [d / online_cisc_source.RESULT for s in seeds
-             if (d := archive.locate([run_dir(args, "unimatch_cisc", s)], archive_root(args),
-                                     online_cisc_source.RESULT))]
+             if (d := finished_dir(args, "unimatch_cisc", s, online_cisc_source.RESULT))]
     if not paths:
         return ["(no finished UniMatch + CISC run measured yet)"]
     return ["The CISC weight of each unlabeled pixel (its pseudo class under the final model, "
@@ -701,10 +762,25 @@ COST_NOTE = (
     "in both. Wall minutes grow when other processes share the cores.")
 
 
+def report_argv(argv: list[str]) -> list[str]:
+    """The arguments that make the report: without --report-only and the --supersede step."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a == "--report-only":
+            skip = False
+            continue
+        if a in ("--supersede", "--reason", "--as"):
+            skip = True
+            continue
+        if not a.startswith(("--supersede=", "--reason=", "--as=")):
+            out.append(a)
+    return out
+
+
 def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: list[int],
                  argv: list[str]) -> Path:
     out = Path(args.out)
-    cmd = "python benchmarks/camvid.py " + shlex.join(a for a in argv if a != "--report-only")
+    cmd = "python benchmarks/camvid.py " + shlex.join(report_argv(argv))
     walls = [r["own_stage_seconds"] for r in runs.values() if r and r["own_stage_seconds"]]
     missing = [f"{ROWS[r][0]} s{s}" for s in seeds for r in rows if not runs.get((r, s))]
     main_rows = [r for r in rows if r in MAIN]
@@ -758,7 +834,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; valid: {', '.join(ROWS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    if not args.report_only:
+    if args.supersede:
+        supersede(args)
+    elif not args.report_only:
         import torch
 
         torch.set_num_threads(threads_per_job(args.jobs))  # the diagnostics run in this process

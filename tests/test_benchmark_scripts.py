@@ -199,6 +199,15 @@ def test_archive_keeps_the_small_artefacts_of_finished_stages_only(tmp_path):
     assert archive.locate([run], dst, "results.json") is None
 
 
+def _saved_config(args, row: str, rd: Path, *changes: str) -> None:
+    """The resolved config a run of ``row`` (seed 0) writes, with ``changes``."""
+    from ciscr.config import load_config, save_config
+
+    rd.mkdir(parents=True, exist_ok=True)
+    save_config(load_config("camvid", camvid.row_overrides(args, row, 0) + list(changes)),
+                rd / "config.yaml")
+
+
 def test_a_run_finished_on_a_lost_machine_is_read_from_the_archive_and_not_rerun(tmp_path):
     import json
 
@@ -208,6 +217,7 @@ def test_a_run_finished_on_a_lost_machine_is_read_from_the_archive_and_not_rerun
                               "--data", str(tmp_path / "no-data")])  # a run started would fail
     stpp = camvid.run_dir(args, "stpp", 0)
     _finished_stage(stpp / "stage1", 0.61, 3840)  # SupOnly s0 finished, ST++ still training
+    _saved_config(args, "stpp", stpp)
     archive.mirror(Path(args.runs), camvid.archive_root(args))
     shutil.rmtree(tmp_path / "runs")  # the machine is gone
     assert camvid.finished_dir(args, "suponly", 0) == camvid.archive_root(args) / stpp.name
@@ -216,12 +226,17 @@ def test_a_run_finished_on_a_lost_machine_is_read_from_the_archive_and_not_rerun
     uni = camvid.run_dir(args, "unimatch", 0)
     arch = camvid.archive_root(args) / uni.name
     _finished_stage(arch / "online", 0.65, 3854)
+    _saved_config(args, "unimatch", arch, "data.root=/elsewhere")  # another machine's paths
     (arch / "results.json").write_text(json.dumps(
         {"final_metrics": {"miou": 0.65, "iou": [0.65]}, "stages": {
             "online": {"val_miou": 0.65, "wall_seconds": 1.0}}}))
     camvid.run_one(args, "unimatch", 0)  # would start `ciscr run` (and fail here) if not skipped
     assert not uni.exists()
     assert camvid.collect(args, "unimatch", 0)["iterations"] == 3854
+    # Made under another protocol (here: another crop): not a result of this one.
+    _saved_config(args, "unimatch", arch, "train.crop_size=160")
+    assert camvid.finished_dir(args, "unimatch", 0) is None
+    assert camvid.collect(args, "unimatch", 0) is None
 
 
 def test_suponly_is_read_from_st_plus_plus_until_st_has_copied_stage1(tmp_path):
@@ -393,3 +408,26 @@ def test_budget_curves_come_from_runs_then_archive_then_the_previous_record(tmp_
     assert cb.provenance(curves) == [
         "- read from the previous `camvid_budget.json` (their runs were lost with the machine "
         "that trained them, before their artefacts were archived): 40 epochs s0"]
+
+
+def test_supersede_moves_the_run_and_its_archived_copy_with_the_reason(tmp_path):
+    import archive
+
+    args = camvid.parse_args(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
+    rd = camvid.run_dir(args, "stpp", 0)
+    _finished_stage(rd / "stage1", 0.6, 3840)
+    _saved_config(args, "stpp", rd)
+    archive.mirror(Path(args.runs), camvid.archive_root(args))
+    assert camvid.finished_dir(args, "suponly", 0) == rd
+    argv = ["--runs", args.runs, "--out", args.out, "--supersede", rd.name, "--as", "old",
+            "--reason", "a protocol\nchange"]
+    camvid.supersede(camvid.parse_args(argv))
+    assert camvid.finished_dir(args, "suponly", 0) is None  # neither copy counts any more
+    for root in (camvid.superseded_root(args), camvid.archive_root(args, superseded=True)):
+        assert (root / "old" / "REASON.txt").read_text() == "a protocol change\n"
+    assert any(x.startswith("| `old` | a protocol change | stage1: 3840 |")
+               for x in camvid.table_superseded(args))
+    with pytest.raises(SystemExit, match="no run"):
+        camvid.supersede(camvid.parse_args(argv))
+    assert camvid.report_argv(argv + ["--jobs", "2", "--report-only"]) == [
+        "--runs", args.runs, "--out", args.out, "--jobs", "2"]
