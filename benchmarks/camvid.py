@@ -104,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each with cores/jobs threads")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run (repeatable). NOT the protocol: for a "
+                        "smoke test of the whole benchmark, e.g. --set train.iters_per_epoch=2 "
+                        "--set train.epochs=1 with its own --runs and --out")
     p.add_argument("--supersede", metavar="RUN",
                    help="take run directory RUN (e.g. unimatch_l0.125_s0) out of the protocol: "
                         "move it and its archived copy to the superseded folders with --reason "
@@ -152,7 +156,7 @@ def row_overrides(args: argparse.Namespace, row: str, seed: int) -> list[str]:
     _, preset, extra = ROWS[row]
     return [f"data.root={args.data}", f"model.pretrained={args.weights}",
             f"method.name={preset}", f"seed={seed}", f"data.labeled={args.labeled}",
-            "train.progress=false", *extra]
+            "train.progress=false", *extra, *args.overrides]
 
 
 def supersede(args: argparse.Namespace) -> None:
@@ -794,6 +798,8 @@ def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: l
         f"- runs: {args.jobs} at a time, {threads_per_job(args.jobs)} torch thread(s) each; "
         f"machine time of the finished runs {sum(walls) / 3600:.1f} h (their stages' own "
         "times, a stage copied between runs counted once; the unfinished runs' time not yet)",
+        *([f"- OVERRIDES, NOT THE PROTOCOL: {' '.join(args.overrides)}"] if args.overrides
+          else []),
         "- protocol: `configs/camvid.yaml`; 1/8 labeled (the split drawn with the seed), the "
         "rest of the 367 train images unlabeled (their ground truth only scores pseudo labels); "
         "val (101) for mIoU; result = the LAST checkpoint of the final stage.",
