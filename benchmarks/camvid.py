@@ -806,7 +806,8 @@ def write_report(args: argparse.Namespace, runs: dict, rows: list[str], seeds: l
         *([f"- NOT FINISHED: {len(missing)} runs missing ({', '.join(missing[:8])}"
            f"{' ...' if len(missing) > 8 else ''})"] if missing else []),
         *in_progress(args, runs, rows, seeds), "",
-        "## Targets", "", *targets(runs, seeds), "",
+        "## Targets" + (" (NOT judged: the runs use overrides)" if args.overrides else ""), "",
+        *targets(runs, seeds), "",
         "## Validation mIoU", "", *table_main(runs, main_rows, seeds), "", COST_NOTE, "",
         *(["## Options of the unlabeled loss and warm start (paired with the row they modify)",
            "", *table_main(runs, opt_rows, seeds), ""] if opt_rows else []),
