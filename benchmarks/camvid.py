@@ -738,7 +738,8 @@ def items_moved(args: argparse.Namespace, runs: dict, seeds: list[int]) -> list[
         "2. SupOnly's budget from its learning curve (camvid_budget.md): "
         + " ".join(x.removeprefix("- ") + ";" for x in budget_reading())
         + " the same SupOnly configuration and seed trained twice (budget study, and stage 1 "
-        "here; the study's evaluations shifted its dropout stream, so two random draws): "
+        "here; the study's evaluations shifted its dropout stream, and the two may have "
+        "trained on different machines, each report naming its own: two random draws): "
         f"{repeatability(runs, seeds)}.",
         f"3. The >= 3 % rule: {pairs_reading(Path(args.out))}. Its effect on mIoU is not "
         "isolated (no CISC-R run with the rule off).",
