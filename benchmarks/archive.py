@@ -14,6 +14,7 @@ their checkpoints they cannot resume anyway, and a half-written log is not a res
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ciscr.utils.io import atomic_write_bytes
@@ -61,13 +62,12 @@ def mirror(runs_root: Path, archive_root: Path, unfinished: bool = False) -> int
     return written
 
 
-def locate(live: list[Path], archive_root: Path, marker: str) -> Path | None:
+def locate(live: list[Path], archive_root: Path, marker: str,
+           accept: Callable[[Path], bool] | None = None) -> Path | None:
     """The first of the ``live`` run directories holding ``marker`` (a file relative to the
-    run), else the first archived copy of one of them (``archive_root/<name>``) that does."""
-    for rd in live:
-        if (rd / marker).exists():
+    run), else the first archived copy of one of them (``archive_root/<name>``) that does;
+    with ``accept``, only a directory it accepts counts."""
+    for rd in [*live, *(archive_root / d.name for d in live)]:
+        if (rd / marker).exists() and (accept is None or accept(rd)):
             return rd
-    for rd in live:
-        if (archive_root / rd.name / marker).exists():
-            return archive_root / rd.name
     return None

@@ -138,18 +138,16 @@ def superseded_root(args: argparse.Namespace) -> Path:
 def finished_dir(args: argparse.Namespace, row: str, seed: int,
                  marker: str | None = None) -> Path | None:
     """Where the finished run's artefacts (``marker``: its results.json by default) are: its
-    directory under runs/ or, when the machine that trained it is gone, its archived copy;
-    None while it is not finished, or when it was made with another config than the
-    benchmark's now (a protocol change must not let an old result stand in a table: supersede
-    it, ``--supersede``). SupOnly is finished once stage 1 of ST or ST++ is."""
-    rows = ("st", "stpp") if row == "suponly" else (row,)
+    directory under runs/ or, when the machine that trained it is gone, its archived copy
+    (runs/ first, for SupOnly's two runs too); None while it is not finished, or when it was
+    made with another config than the benchmark's now (a protocol change must not let an old
+    result stand in a table: supersede it, ``--supersede``). SupOnly is finished once stage 1
+    of ST or ST++ is."""
+    candidates = ("st", "stpp") if row == "suponly" else (row,)
+    rows = {run_dir(args, r, seed).name: r for r in candidates}  # directory name -> its row
     marker = marker or ("stage1/metrics.json" if row == "suponly" else "results.json")
-    for r in rows:
-        name = run_dir(args, r, seed).name
-        for rd in (run_dir(args, r, seed), archive_root(args) / name):
-            if (rd / marker).exists() and current_protocol(args, r, seed, rd):
-                return rd
-    return None
+    return archive.locate([run_dir(args, r, seed) for r in rows.values()], archive_root(args),
+                          marker, lambda rd: current_protocol(args, rows[rd.name], seed, rd))
 
 
 def row_overrides(args: argparse.Namespace, row: str, seed: int) -> list[str]:

@@ -431,3 +431,18 @@ def test_supersede_moves_the_run_and_its_archived_copy_with_the_reason(tmp_path)
         camvid.supersede(camvid.parse_args(argv))
     assert camvid.report_argv(argv + ["--jobs", "2", "--report-only"]) == [
         "--runs", args.runs, "--out", args.out, "--jobs", "2"]
+
+
+def test_suponly_prefers_a_run_on_this_machine_to_an_archived_one(tmp_path):
+    import archive
+
+    args = camvid.parse_args(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
+    st, stpp = camvid.run_dir(args, "st", 0), camvid.run_dir(args, "stpp", 0)
+    _finished_stage(st / "stage1", 0.60, 3840)
+    _saved_config(args, "st", st)
+    archive.mirror(Path(args.runs), camvid.archive_root(args))
+    shutil.rmtree(st)  # ST's copy lost with its machine; ST++ trained stage 1 here again
+    _finished_stage(stpp / "stage1", 0.61, 3840)
+    _saved_config(args, "stpp", stpp)
+    assert camvid.finished_dir(args, "suponly", 0) == stpp
+    assert camvid.collect(args, "suponly", 0)["val_miou"] == 0.61
