@@ -105,6 +105,18 @@ class ModelCfg(BaseModel):
     channels: int = Field(
         256, ge=8, description="width of ASPP/decoder = feature channels C (paper: 256)"
     )
+    init: str = Field(
+        "",
+        description="a ciscr checkpoint.pt to start from (improve a model you already have): "
+        "online methods and SupOnly train on from it; stage-wise methods with later stages take "
+        "it as their stage 1 (no stage-1 training; stages 2/3 warm, method.init=previous unless "
+        "set). '' = train from model.pretrained",
+    )
+    init_sha256: str = Field(
+        "",
+        description="sha256 of model.init, filled in by the run (and then checked on resume); "
+        "give it to insist on one exact file",
+    )
 
 
 class TrainCfg(BaseModel):
@@ -432,6 +444,11 @@ class Config(BaseModel):
             name = method.get("name", "ciscr")
             preset = METHOD_PRESETS.get(name, {})
             values = {**values, "method": {**preset, **method}}
+            # WHY: a run started from a trained model (model.init) keeps what it learned in
+            # every later stage too, unless the user asks for the paper's fresh stages.
+            model_raw = values.get("model")
+            if isinstance(model_raw, dict) and model_raw.get("init") and "init" not in method:
+                values["method"]["init"] = "previous"
             model = values.get("model", {})
             if name in MODEL_PRESETS and isinstance(model, dict):
                 values["model"] = {**MODEL_PRESETS[name], **model}

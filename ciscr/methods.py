@@ -93,10 +93,11 @@ def stage_names(m: MethodCfg) -> list[str]:
 
 def run_method(ctx: RunContext) -> dict[str, Any]:
     """Run or finish every stage of the configured method; returns the run's summary."""
-    from ciscr.pipeline import finish_run
+    from ciscr.pipeline import evaluate_init, finish_run
 
+    start = evaluate_init(ctx)  # model.init of a method that trains on from it: the start
     stages, final = get_recipe(ctx.cfg.method.name).run(ctx)
-    return finish_run(ctx, stages, final)
+    return finish_run(ctx, {"init": start, **stages} if start else stages, final)
 
 
 assert set(RECIPES) == set(METHOD_PRESETS), "every preset needs a recipe and vice versa"

@@ -28,10 +28,10 @@ from ciscr.pipeline import (
     RunContext,
     epoch_eval_hook,
     finish_stage,
-    fresh_model,
     is_done,
     labeled_dataset,
     labeled_repeat,
+    start_model,
     unlabeled_stage_cfg,
 )
 from ciscr.pseudo import eval_mode, load_eval_image, read_labels
@@ -111,7 +111,7 @@ def online_stage(ctx: RunContext) -> dict[str, Any]:
         raise DataError(f"the unlabeled split is empty but method.name={ctx.cfg.method.name} "
                         "trains on unlabeled images: label fewer images or use suponly")
     t0 = time.perf_counter()
-    model = fresh_model(ctx)
+    model = start_model(ctx)
     t = ctx.cfg.train
     b_u = t.unlabeled_batch_size or t.batch_size
     # The mixing stream is the same pool in another order with other augmentations: the

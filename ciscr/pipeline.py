@@ -71,6 +71,16 @@ from ciscr.selection import (
 )
 from ciscr.utils.io import atomic_write_json, read_json
 from ciscr.utils.misc import autocast, make_grad_scaler, seed_everything
+from ciscr.warmstart import (
+    INIT_STAGE,
+    adopts_init,
+    check_init_model,
+    check_init_stages,
+    init_snapshots,
+    resolve_init,
+    start_comparison,
+    warm_stage_iterations,
+)
 
 log = logging.getLogger("ciscr")
 
@@ -112,6 +122,8 @@ def setup_run(cfg: Config, run_dir: Path, device: torch.device) -> RunContext:
     Every check a user can fail (config, splits, weight file, every image and mask) runs here,
     before anything is trained or written, on every rank (so all ranks raise the same error).
     """
+    if cfg.model.init:  # its sha256 first: a resume with another file there is refused below
+        cfg = resolve_init(cfg)
     saved = run_dir / "config.yaml"
     if saved.exists():
         check_same_config(cfg, saved)
@@ -126,6 +138,11 @@ def setup_run(cfg: Config, run_dir: Path, device: torch.device) -> RunContext:
         )
     if cfg.model.pretrained:
         build_backbone(cfg.model.backbone, cfg.model.output_stride, cfg.model.pretrained)
+    if cfg.model.init:
+        from ciscr.engine.checkpoint import load_checkpoint
+
+        check_init_model(cfg, info.num_classes, load_checkpoint(cfg.model.init))
+        check_init_stages(cfg)
     # The labeled set is always checked (it is small and its classes are needed); a user with a
     # huge, trusted pool may skip decoding every unlabeled / val image up front.
     groups = {"labeled": labeled}
@@ -235,6 +252,17 @@ def fresh_model(ctx: RunContext) -> nn.Module:
     """Every stage starts from the same initialisation (same seed, same pretrained weights)."""
     seed_everything(ctx.cfg.seed, ctx.cfg.deterministic)
     return build_model(ctx.cfg.model, ctx.info.num_classes).to(ctx.device)
+
+
+def start_model(ctx: RunContext) -> nn.Module:
+    """The model a trained-from-scratch stage starts from: ``fresh_model``, or the weights of
+    ``model.init`` (a run improving a model the user already has)."""
+    model = fresh_model(ctx)
+    if ctx.cfg.model.init:
+        from ciscr.engine.checkpoint import load_checkpoint
+
+        model.load_state_dict(load_checkpoint(ctx.cfg.model.init)["model"])
+    return model
 
 
 def stage_start_model(ctx: RunContext, previous: Path) -> nn.Module:
@@ -371,8 +399,11 @@ def stage1_plan(ctx: RunContext) -> StagePlan:
         streams = {"labeled": Stream(ds, t.batch_size, rep)}
         step = supervised_step(d.ignore_index, m.ohem())
     epoch_stream = next(iter(streams))
-    snaps = _stpp_snapshot_iters(ctx, streams[epoch_stream]) if m.selection == "stpp" else ()
-    return StagePlan("stage1", fresh_model(ctx), streams, step, t, epoch_stream, tuple(snaps))
+    # ST++ keeps stage-1 snapshots for its stability selection; SupOnly keeps them too (two
+    # files, no effect on training) so that any SupOnly model can be ST++'s model.init.
+    keep = m.selection == "stpp" or m.retrain == "none"
+    snaps = _stpp_snapshot_iters(ctx, streams[epoch_stream]) if keep else ()
+    return StagePlan("stage1", start_model(ctx), streams, step, t, epoch_stream, tuple(snaps))
 
 
 def run_plan(ctx: RunContext, plan: StagePlan, t0: float) -> dict[str, Any]:
@@ -393,7 +424,51 @@ def stage1(ctx: RunContext) -> dict[str, Any]:
     if is_done(out):
         return read_json(out / "done.json")
     t0 = time.perf_counter()
+    if adopts_init(ctx.cfg):
+        return adopt_init(ctx, out, t0)
     return run_plan(ctx, stage1_plan(ctx), t0)
+
+
+def adopt_init(ctx: RunContext, out: Path, t0: float) -> dict[str, Any]:
+    """Stage 1 = the ``model.init`` checkpoint (its weights, with this run's meta, and ST++'s
+    snapshots of its own run), evaluated like a trained stage 1; nothing is trained."""
+    from ciscr.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = ctx.cfg
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        for snap in init_snapshots(cfg) if cfg.method.selection == "stpp" else []:
+            save_checkpoint(out / snap.name, {"model": load_checkpoint(snap)["model"]})
+        save_checkpoint(out / "checkpoint.pt",
+                        {"model": load_checkpoint(cfg.model.init)["model"],
+                         "meta": {**ctx.meta, "stage": "stage1"}})
+        atomic_write_json(out / "init.json", {"path": cfg.model.init,
+                                              "sha256": cfg.model.init_sha256})
+    dist.barrier()
+    log.info("stage1: taken from model.init %s (not trained)", cfg.model.init)
+    return finish_stage(ctx, out, load_stage_model(ctx, out), t0)
+
+
+def evaluate_init(ctx: RunContext) -> dict[str, Any] | None:
+    """The supervised start of a run that trains on from ``model.init`` (online methods,
+    SupOnly continued), evaluated once into ``init/``: what the result is compared with."""
+    if not ctx.cfg.model.init or adopts_init(ctx.cfg):
+        return None
+    out = ctx.run_dir / INIT_STAGE
+    if is_done(out):
+        return read_json(out / "done.json")
+    t0 = time.perf_counter()
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_model(ctx, load_model_file(ctx, Path(ctx.cfg.model.init)))
+    if dist.is_main():
+        atomic_write_json(out / "metrics.json", metrics)
+    summary = {"val_miou": metrics["miou"], "checkpoint": ctx.cfg.model.init,
+               "sha256": ctx.cfg.model.init_sha256,
+               "wall_seconds": round(time.perf_counter() - t0, 1)}
+    mark_done(out, summary)
+    log.info("init: val mIoU %.2f (%s)", 100 * metrics["miou"], ctx.cfg.model.init)
+    return summary
 
 
 def stpp_snapshot_iters(per_epoch: int, epochs: int, n: int) -> list[int]:
@@ -669,11 +744,22 @@ def unlabeled_stage_cfg(ctx: RunContext, per_epoch: int,
     epochs their lists show the labeled images more often than the supervised stage does.
     An explicit ``train.iters_per_epoch`` is taken as given."""
     t = ctx.cfg.train
+    if ctx.cfg.model.init and not t.iters_per_epoch:
+        return warm_stage_cfg(ctx, per_epoch)
     epochs = t.unlabeled_epochs or t.epochs
     if not t.iters_per_epoch:
         per_epoch_labeled = labeled_per_epoch or per_epoch * t.batch_size
         epochs = max(epochs, math.ceil(stage1_iterations(ctx) * t.batch_size / per_epoch_labeled))
     return t.model_copy(update={"epochs": epochs})
+
+
+def warm_stage_cfg(ctx: RunContext, per_epoch: int) -> TrainCfg:
+    """A stage of a run started from ``model.init``: the run's T iterations (``train.epochs``
+    passes over the labeled list, what SupOnly continued trains) shared by the stages that
+    train, so every method spends the control's number of steps (retrain=two: T/2 each)."""
+    n = 2 if ctx.cfg.method.retrain == "two" else 1
+    epochs, ipe = warm_stage_iterations(stage1_iterations(ctx), n, per_epoch)
+    return ctx.cfg.train.model_copy(update={"epochs": epochs, "iters_per_epoch": ipe})
 
 
 def unlabeled_loss(ctx: RunContext, total_iters: int) -> UnlabeledLoss:
@@ -791,10 +877,14 @@ def finish_run(ctx: RunContext, stages: dict[str, dict[str, Any]], final: str) -
     if m.score_final_pseudo and any(s.mask is not None for s in ctx.unlabeled):
         pseudo_stage(ctx, "pseudo_final", rd / final, ctx.unlabeled)
         stages["pseudo_final"] = read_json(rd / "pseudo_final" / "done.json")
+    final_metrics = read_json(rd / final / "metrics.json")
     results = {
         "method": m.name, "final_stage": final, "stages": stages, "run_dir": str(rd),
-        "final_metrics": read_json(rd / final / "metrics.json"),
+        "final_metrics": final_metrics,
+        **start_comparison(rd, ctx.cfg, final, final_metrics["miou"]),
     }
+    if results.get("warning") and dist.is_main():
+        log.warning("warning: %s", results["warning"])
     if dist.is_main():
         atomic_write_json(rd / "results.json", results)
     return results

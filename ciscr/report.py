@@ -269,11 +269,24 @@ def _section_header(run: _Run) -> str:
         )
     else:
         rows.append(("result", f"<b>not available</b>: {_esc(final)} has no metrics yet"))
+    rows += _start_rows(run)
     best = _best_epoch(run, final)
     if best:
         rows.append(("best epoch on val", _esc(best)))
     body = _table(["", ""], [list(r) for r in rows], "kv")
-    return body + _status_html(run)
+    warning = (run.results or {}).get("warning")
+    return body + (_note(warning, "warn") if warning else "") + _status_html(run)
+
+
+def _start_rows(run: _Run) -> list[tuple[str, str]]:
+    """Did the unlabeled images help: the result against the run's own supervised start."""
+    res = run.results or {}
+    start = res.get("start")
+    if not start:
+        return []
+    gain = 100 * res["gain_over_start"]
+    return [("supervised start", f"val mIoU {_pct(start['val_miou'], '?')} ({_esc(start['stage'])})"),
+            ("gain over the start", f"<b>{gain:+.2f} mIoU</b>")]
 
 
 def _dataset_text(run: _Run) -> str:

@@ -251,6 +251,12 @@ def format_results(results: dict[str, Any], class_names: list[str]) -> str:
             lines.append(f"  {name:<8} val mIoU {100 * s['val_miou']:6.2f}{extra}")
         elif extra:
             lines.append(f"  {name:<8}{extra}")
+    from ciscr.warmstart import format_comparison
+
+    if (comparison := format_comparison(results)) is not None:
+        lines.append(comparison)
+    if results.get("warning"):
+        lines.append(f"warning: {results['warning']}")
     lines.append("")
     lines.append(format_miou_table(results["final_metrics"], class_names))
     times = format_time_table(stage_time_rows(results["run_dir"]))
