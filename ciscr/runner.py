@@ -216,6 +216,8 @@ def run_summary(ctx: RunContext, resumed: bool = False) -> str:
     cfg, info = ctx.cfg, ctx.info
     names = ", ".join(info.class_names)
     weights = cfg.model.pretrained or "random init"
+    if cfg.model.init:
+        weights = f"from model.init {cfg.model.init}, sha256 {cfg.model.init_sha256[:12]}"
     done = _done_stages(ctx.run_dir)
     lines = [
         f"run: {ctx.run_dir} ({'resumed' if resumed else 'new'})",
