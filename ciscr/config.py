@@ -138,6 +138,13 @@ class TrainCfg(BaseModel):
         description="0 (default) = derived from each stage's own data: ceil(items of the "
         "stage's epoch list / batch); > 0 forces this many iterations per epoch in EVERY stage",
     )
+    warm_epochs: int = Field(
+        0, ge=0, description="with model.init: the run's budget T in passes over the labeled list "
+        "(the iterations SupOnly continued trains; every method's training stages share them); "
+        "0 = train.epochs")
+    warm_lr: float = Field(
+        0.0, ge=0, description="with model.init: the backbone learning rate of every stage that "
+        "trains; 0 = train.lr")
     batch_size: int = Field(16, ge=1)
     unlabeled_batch_size: int = Field(0, ge=0, description="0 = same as batch_size")
     crop_size: int = Field(321, ge=16)

@@ -79,6 +79,7 @@ from ciscr.warmstart import (
     init_snapshots,
     resolve_init,
     start_comparison,
+    warm_config,
     warm_stage_iterations,
 )
 
@@ -123,7 +124,7 @@ def setup_run(cfg: Config, run_dir: Path, device: torch.device) -> RunContext:
     before anything is trained or written, on every rank (so all ranks raise the same error).
     """
     if cfg.model.init:  # its sha256 first: a resume with another file there is refused below
-        cfg = resolve_init(cfg)
+        cfg = warm_config(resolve_init(cfg))
     saved = run_dir / "config.yaml"
     if saved.exists():
         check_same_config(cfg, saved)

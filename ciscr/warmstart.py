@@ -54,6 +54,18 @@ def resolve_init(cfg: Config) -> Config:
     return cfg.model_copy(update={"model": model})
 
 
+def warm_config(cfg: Config) -> Config:
+    """The settings a run from ``model.init`` trains with: ``train.warm_epochs`` /
+    ``train.warm_lr`` (when set) as its ``train.epochs`` / ``train.lr``, so that one config file
+    holds both the base (trained from ImageNet) and the runs that start from it."""
+    t = cfg.train
+    if not cfg.model.init or not (t.warm_epochs or t.warm_lr):
+        return cfg
+    train = t.model_copy(update={"epochs": t.warm_epochs or t.epochs, "lr": t.warm_lr or t.lr,
+                                 "warm_epochs": 0, "warm_lr": 0.0})
+    return cfg.model_copy(update={"train": train})
+
+
 def adopts_init(cfg: Config) -> bool:
     """Whether the init checkpoint IS the run's stage 1 (stage-wise methods with later stages;
     the online presets and SupOnly have ``retrain=none``)."""
