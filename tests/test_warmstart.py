@@ -17,7 +17,6 @@ import torch
 from ciscr.cli import main
 from ciscr.config import load_config
 from ciscr.engine.checkpoint import load_checkpoint
-from ciscr.errors import ConfigError
 from ciscr.warmstart import start_comparison, warm_config, warm_stage_iterations
 
 # 10 labeled images repeated twice at batch 8: 3 iterations per labeled epoch.
