@@ -268,8 +268,8 @@ def targets(runs: dict, seeds: list[int], judged: bool) -> list[str]:
         elif not judged:
             verdict = f"not judged (overrides): {txt}"
         else:
-            verdict = f"{'MET' if d >= need else 'MISSED'} ({txt})" + (
-                "" if n >= 3 else f"; {n} of 3 seeds, not final")
+            verdict = f"{'MET' if d >= need else 'MISSED'} ({txt}" + (
+                ")" if n >= 3 else f"; {n} of 3 seeds, not final)")
         out.append(f"- {text}: {verdict}")
     return out
 

@@ -58,7 +58,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from camvid import superseded_reason  # noqa: E402
 from camvid_diagnostics import Tally  # noqa: E402
 
 from ciscr.engine.online import class_weights  # noqa: E402
@@ -276,11 +275,12 @@ def main(argv: list[str] | None = None) -> int:
              for r, c, e in a.stale]
     lines = []
     for d, res in done:
-        text = superseded_reason(d)  # a superseded run says why: its checkpoints still measure
+        reason = d / "REASON.txt"
+        text = " ".join(reason.read_text().split()) if reason.exists() else ""  # a superseded run says why: its checkpoints still measure
         why = [f"A superseded run (its REASON.txt): {text}", ""] if text else []
         lines += [f"## `{d.name}`", "", *why, *markdown([res], [d]), ""]
     if a.out:
-        from camvid import machine
+        from camvid_report import machine
 
         head = ["# Online CISC: labeled prototypes from an EMA memory, a refreshed bank, or an EMA copy?", "",
                 f"- command: `python benchmarks/online_cisc_source.py {shlex.join(argv)}`",

@@ -10,48 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import camvid  # noqa: E402
 import camvid_diagnostics as diag  # noqa: E402
 import camvid_figures as figs  # noqa: E402
-
-from ciscr.methods import RECIPES  # noqa: E402
-
-
-def test_chains_run_the_target_rows_seed_by_seed_then_the_others_then_the_options():
-    chains = camvid.chains(camvid.MAIN + camvid.OPTIONS, [0, 1])
-    flat = [r for c in chains for r in c]
-    assert len(flat) == len(set(flat))
-    assert ("suponly", 0) not in flat and ("st", 0) in flat  # SupOnly is the ST run's stage 1
-    for c in chains:
-        if ("ciscr_bank", 0) in c:  # the bank row copies CISC-R's stages: it follows it
-            assert c == [("ciscr", 0), ("ciscr_bank", 0)]
-        if ("st", 1) in c:  # ST copies ST++'s stage 1 and its pseudo labels
-            assert c == [("stpp", 1), ("st", 1)]
-    main = [r for r in flat if r[0] not in camvid.OPTIONS and r[0] not in camvid.LATER]
-    assert [s for _, s in main] == sorted(s for _, s in main)  # all of seed 0 before seed 1
-    # the rows no target needs wait for the target rows of every seed
-    assert flat.index(("fixmatch", 0)) > flat.index(("stpp", 1))
-    assert flat.index(("fixmatch", 1)) > flat.index(("fixmatch", 0))
-    first_option = min(i for i, r in enumerate(flat) if r[0] in camvid.OPTIONS)
-    assert all(r[0] in camvid.OPTIONS for r in flat[first_option:])
-    for row in camvid.ROWS:  # every row is a registered method, its base row too
-        assert camvid.ROWS[row][1] in RECIPES
-        assert camvid.BASE.get(row, "suponly") in camvid.ROWS
-
-
-def test_targets_are_paired_means_and_say_when_unmeasured():
-    runs = {(r, s): {"val_miou": v} for r, s, v in [
-        ("ciscr", 0, 0.40), ("ciscr", 1, 0.42), ("suponly", 0, 0.36), ("suponly", 1, 0.40),
-        ("unimatch", 0, 0.50)]}
-    lines = camvid.targets(runs, [0, 1])
-    assert lines[0] == "- CISC-R >= SupOnly + 3: MET (+3.00 points, paired mean)"
-    assert lines[1] == "- CISC-R >= ST++: not measured yet"
-    assert lines[2].startswith("- UniMatch >= SupOnly + 5: MET (+14.00")
-    assert camvid.shipped_row() == "ciscr"  # configs/camvid.yaml's method.name
-    assert lines[4].startswith("- `ciscr run camvid` (CISC-R (query, one class)")
-    assert lines[4].endswith("MET (+3.00 points, paired mean)")
-    tie = {**runs, ("ciscr", 0): {"val_miou": 0.36}, ("ciscr", 1): {"val_miou": 0.40}}
-    assert camvid.targets(tie, [0, 1])[4].endswith("MISSED (+0.00 points, paired mean)")
 
 
 def test_auroc_from_histograms_by_hand():
@@ -102,14 +62,6 @@ def test_half_quality_pools_the_confusion_of_each_half():
     assert q == {"reliable": pytest.approx(1.0), "unreliable": pytest.approx(0.0)}
 
 
-def test_paired_difference_uses_seeds_both_rows_have():
-    xs, ref = [0.30, 0.32, None, 0.28], [0.31, 0.30, 0.35, 0.29]
-    # differences in points: -1, +2, (skipped), -1 -> mean 0, sd sqrt(3), se 1
-    assert camvid.paired_difference(xs, ref) == "+0.00 ± 1.00 (n=3)"
-    assert camvid.paired_difference([0.3, None], [0.3, 0.2]) == "+0.00 (n=1)"
-    assert camvid.paired_difference([None], [0.3]) == "n/a"
-
-
 def test_demo_time_flags_a_machine_whose_speed_moved_during_the_demo():
     import demo_time
 
@@ -117,53 +69,6 @@ def test_demo_time_flags_a_machine_whose_speed_moved_during_the_demo():
     noisy = demo_time.steadiness(212.0, 408.0)  # the machine slowed to half its speed
     assert noisy[0].startswith("> NOISY: the reference step changed by +92 %")
     assert demo_time.steadiness(400.0, 200.0)[0].startswith("> NOISY: the reference step changed by -50 %")
-
-
-def test_in_progress_reads_the_checkpoint_and_projects_the_rest_of_the_stage(tmp_path):
-    from ciscr.engine.checkpoint import save_checkpoint
-
-    args = camvid.parse_args(["--runs", str(tmp_path)])
-    rd = camvid.run_dir(args, "unimatch", 0)
-    (rd / "online").mkdir(parents=True)
-    save_checkpoint(rd / "online" / "checkpoint.pt", {"iteration": 600, "total_iters": 960})
-    (rd / "online" / "train.jsonl").write_text(
-        "".join(f'{{"iteration": {i}, "step_seconds": {s}}}\n' for i, s in
-                [(580, 9.0), (590, 10.0), (600, 11.0)]))
-    bank = camvid.run_dir(args, "ciscr_bank", 0)  # shared stages copied, nothing trained yet
-    for stage in ("stage1", "pseudo0"):
-        (bank / stage).mkdir(parents=True)
-        (bank / stage / "done.json").write_text("{}")
-    lines = camvid.in_progress(args, {}, ["unimatch", "ciscr_bank", "ciscr"], [0])
-    # 360 iterations left at the median 10 s = 1.0 h; a run not started has no line
-    assert lines == [
-        "- in progress: UniMatch s0: online at iteration 600/960 (its checkpoint); the rest of "
-        "online ~1.0 h at its recent 10.0 s/step",
-        "- in progress: CISC-R (bank, all classes) s0: done pseudo0, stage1"]
-
-
-def test_superseded_runs_are_listed_finished_or_stopped_with_their_reason(tmp_path):
-    args = camvid.parse_args(["--runs", str(tmp_path / "p"), "--out", str(tmp_path / "o")])
-    root = tmp_path / "p-superseded"
-    done, stopped = root / "stpp_e160", root / "unimatch_e160"
-    for stage, its in ((done / "stage1", 1920), (done / "stage2", 1936), (stopped / "online", 950)):
-        stage.mkdir(parents=True)
-        (stage / "train.jsonl").write_text(f'{{"iteration": {its - 10}}}\n{{"iteration": {its}}}\n')
-    for stage, miou in ((done / "stage1", 0.5782), (done / "stage2", 0.5119)):
-        (stage / "done.json").write_text(f'{{"val_miou": {miou}}}')
-    (done / "REASON.txt").write_text("budget too small\n")
-    lines = camvid.table_superseded(args)
-    assert "| `stpp_e160` | budget too small | stage2: 1936 | 51.19 (stage2) | 57.82 |" in lines
-    assert "| `unimatch_e160` | - | online: 950 (not finished) | - |  |" in lines
-    # Archived (the stopped stage too: a superseded run never resumes), the machine then lost:
-    # the table is the same from the archive, and an earlier snapshot file is linked.
-    import archive
-
-    archive.mirror(root, camvid.archive_root(args, superseded=True), unfinished=True)
-    shutil.rmtree(root)
-    (tmp_path / "o" / "camvid_superseded_2026-01-01.md").write_text("# earlier\n")
-    again = camvid.table_superseded(args)
-    assert [x for x in again if x.startswith("| `")] == [x for x in lines if x.startswith("| `")]
-    assert any("[camvid_superseded_2026-01-01.md]" in x for x in again)
 
 
 def _finished_stage(stage: Path, miou: float, its: int) -> None:
@@ -197,81 +102,6 @@ def test_archive_keeps_the_small_artefacts_of_finished_stages_only(tmp_path):
     shutil.rmtree(tmp_path / "runs")
     assert archive.locate([run], dst, "stage1/metrics.json") == dst / "stpp_s0"
     assert archive.locate([run], dst, "results.json") is None
-
-
-def _saved_config(args, row: str, rd: Path, *changes: str) -> None:
-    """The resolved config a run of ``row`` (seed 0) writes, with ``changes``."""
-    from ciscr.config import load_config, save_config
-
-    rd.mkdir(parents=True, exist_ok=True)
-    save_config(load_config("camvid", camvid.row_overrides(args, row, 0) + list(changes)),
-                rd / "config.yaml")
-
-
-def test_a_run_finished_on_a_lost_machine_is_read_from_the_archive_and_not_rerun(tmp_path):
-    import json
-
-    import archive
-
-    args = camvid.parse_args(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o"),
-                              "--data", str(tmp_path / "no-data")])  # a run started would fail
-    stpp = camvid.run_dir(args, "stpp", 0)
-    _finished_stage(stpp / "stage1", 0.61, 3840)  # SupOnly s0 finished, ST++ still training
-    _saved_config(args, "stpp", stpp)
-    archive.mirror(Path(args.runs), camvid.archive_root(args))
-    shutil.rmtree(tmp_path / "runs")  # the machine is gone
-    assert camvid.finished_dir(args, "suponly", 0) == camvid.archive_root(args) / stpp.name
-    assert camvid.collect(args, "suponly", 0)["val_miou"] == 0.61
-    assert camvid.collect(args, "stpp", 0) is None  # not finished: runs again (from scratch)
-    uni = camvid.run_dir(args, "unimatch", 0)
-    arch = camvid.archive_root(args) / uni.name
-    _finished_stage(arch / "online", 0.65, 3854)
-    _saved_config(args, "unimatch", arch, "data.root=/elsewhere")  # another machine's paths
-    (arch / "results.json").write_text(json.dumps(
-        {"final_metrics": {"miou": 0.65, "iou": [0.65]}, "stages": {
-            "online": {"val_miou": 0.65, "wall_seconds": 1.0}}}))
-    camvid.run_one(args, "unimatch", 0)  # would start `ciscr run` (and fail here) if not skipped
-    assert not uni.exists()
-    assert camvid.collect(args, "unimatch", 0)["iterations"] == 3854
-    # Made under another protocol (here: another crop): not a result of this one.
-    _saved_config(args, "unimatch", arch, "train.crop_size=160")
-    assert camvid.finished_dir(args, "unimatch", 0) is None
-    assert camvid.collect(args, "unimatch", 0) is None
-
-
-def test_suponly_is_read_from_st_plus_plus_until_st_has_copied_stage1(tmp_path):
-    args = camvid.parse_args(["--runs", str(tmp_path)])
-    st, stpp = camvid.run_dir(args, "st", 0), camvid.run_dir(args, "stpp", 0)
-    assert camvid.run_dir(args, "suponly", 0) == st  # nothing run yet
-    (stpp / "stage1").mkdir(parents=True)
-    (stpp / "stage1" / "metrics.json").write_text("{}")
-    assert camvid.run_dir(args, "suponly", 0) == stpp
-    camvid.share_stages(args, "st", 0)  # needs stage1's done.json: not there yet
-    assert not (st / "stage1").exists()
-    (stpp / "stage1" / "done.json").write_text("{}")
-    camvid.share_stages(args, "st", 0)
-    assert (st / "stage1" / "metrics.json").exists()
-    assert (st / "stage1" / camvid.COPIED).read_text().strip() == str(stpp / "stage1")
-    assert camvid.run_dir(args, "suponly", 0) == st
-
-
-def test_items_moved_reports_paired_rows_and_says_what_is_not_measured(tmp_path):
-    import json
-
-    args = camvid.parse_args(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path)])
-    runs = {("ciscr_bank", 0): {"val_miou": 0.40}, ("bank_warm", 0): {"val_miou": 0.43},
-            ("st", 0): {"val_miou": 0.45, "bn_recalibrated": {"before": 0.45, "after": 0.44}}}
-    lines = camvid.items_moved(args, runs, [0])
-    assert "not counted yet" in lines[4]  # no camvid_pairs.json in --out
-    assert lines[-1].endswith("on CISC-R (bank): +3.00 (n=1).")
-    assert "x teacher confidence n/a" in lines[6]
-    assert "after - before: -1.00 (n=1)" in lines[7]
-    off = {"both_crops_ge_3pct": 0.25, "class_absent_from_a_crop": 0.4, "crops_per_pair": 2.0}
-    on = {"both_crops_ge_3pct": 1.0, "class_absent_from_a_crop": 0.0, "crops_per_pair": 3.5}
-    q = {"single_crop_ge_3pct": 0.6, "rule_finds_none": 0.0}
-    (tmp_path / "camvid_pairs.json").write_text(json.dumps(
-        {"pairs_rule_off": off, "pairs_rule_on": on, "query": q}))
-    assert "both crops 25.0 % -> 100.0 %" in camvid.items_moved(args, runs, [0])[4]
 
 
 def test_budget_reading_says_whether_supOnly_levelled_off_at_the_protocols_budget():
@@ -410,39 +240,3 @@ def test_budget_curves_come_from_runs_then_archive_then_the_previous_record(tmp_
         "that trained them, before their artefacts were archived): 40 epochs s0"]
 
 
-def test_supersede_moves_the_run_and_its_archived_copy_with_the_reason(tmp_path):
-    import archive
-
-    args = camvid.parse_args(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
-    rd = camvid.run_dir(args, "stpp", 0)
-    _finished_stage(rd / "stage1", 0.6, 3840)
-    _saved_config(args, "stpp", rd)
-    archive.mirror(Path(args.runs), camvid.archive_root(args))
-    assert camvid.finished_dir(args, "suponly", 0) == rd
-    argv = ["--runs", args.runs, "--out", args.out, "--supersede", rd.name, "--as", "old",
-            "--reason", "a protocol\nchange"]
-    camvid.supersede(camvid.parse_args(argv))
-    assert camvid.finished_dir(args, "suponly", 0) is None  # neither copy counts any more
-    for root in (camvid.superseded_root(args), camvid.archive_root(args, superseded=True)):
-        assert (root / "old" / "REASON.txt").read_text() == "a protocol change\n"
-    assert any(x.startswith("| `old` | a protocol change | stage1: 3840 |")
-               for x in camvid.table_superseded(args))
-    with pytest.raises(SystemExit, match="no run"):
-        camvid.supersede(camvid.parse_args(argv))
-    assert camvid.report_argv(argv + ["--jobs", "2", "--report-only"]) == [
-        "--runs", args.runs, "--out", args.out, "--jobs", "2"]
-
-
-def test_suponly_prefers_a_run_on_this_machine_to_an_archived_one(tmp_path):
-    import archive
-
-    args = camvid.parse_args(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "o")])
-    st, stpp = camvid.run_dir(args, "st", 0), camvid.run_dir(args, "stpp", 0)
-    _finished_stage(st / "stage1", 0.60, 3840)
-    _saved_config(args, "st", st)
-    archive.mirror(Path(args.runs), camvid.archive_root(args))
-    shutil.rmtree(st)  # ST's copy lost with its machine; ST++ trained stage 1 here again
-    _finished_stage(stpp / "stage1", 0.61, 3840)
-    _saved_config(args, "stpp", stpp)
-    assert camvid.finished_dir(args, "suponly", 0) == stpp
-    assert camvid.collect(args, "suponly", 0)["val_miou"] == 0.61
