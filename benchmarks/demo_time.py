@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from camvid import machine  # noqa: E402  (beside this file)
+from camvid_report import machine  # noqa: E402  (beside this file)
 
 from ciscr.utils.io import atomic_write_bytes  # noqa: E402
 
