@@ -256,8 +256,10 @@ def run_one_live(args: argparse.Namespace, seed: int) -> None:
         raise SystemExit(f"the base failed, log in {rd}/run.log")
 
 
-def run_seed(args: argparse.Namespace, seed: int, chains: list[list[str]], argv: list[str]) -> None:
-    """The seed's base, then its rows in ``args.jobs`` chains; the report after every run."""
+def run_seed(args: argparse.Namespace, seed: int, chains: list[list[str]], argv: list[str],
+             record: str | None = None) -> None:
+    """The seed's base, then its rows in ``args.jobs`` chains; the report after every run.
+    The time goes to the seed's record (``record``: under another key, for the option rows)."""
     rows = [r for c in chains for r in c]
     if all(finished_dir(args, r, seed) for r in rows):
         return
@@ -275,19 +277,19 @@ def run_seed(args: argparse.Namespace, seed: int, chains: list[list[str]], argv:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_chain, c) for c in chains]
-    record_seed_time(args, seed, started, time.perf_counter() - t0)
+    record_seed_time(args, record or str(seed), started, time.perf_counter() - t0)
     errors = [str(e) for f in futures if (e := f.exception()) is not None]
     if errors:
         raise SystemExit("\n".join(errors))
 
 
-def record_seed_time(args: argparse.Namespace, seed: int, started: str, active: float) -> None:
+def record_seed_time(args: argparse.Namespace, seed: str, started: str, active: float) -> None:
     """Add one invocation's time to the seed's record (committed beside the archive): first
     start, last finish, and the active seconds summed over invocations."""
     path = archive_root(args) / SEEDS_FILE
     seeds = json.loads(path.read_text()) if path.exists() else {}
-    rec = seeds.get(str(seed), {})
-    seeds[str(seed)] = {"first_start": rec.get("first_start", started),
+    rec = seeds.get(seed, {})
+    seeds[seed] = {"first_start": rec.get("first_start", started),
                         "last_finish": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "active_seconds": rec.get("active_seconds", 0.0) + active,
                         "invocations": rec.get("invocations", 0) + 1}
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_options:
             for s in [int(x) for x in args.option_seeds.split(",")]:
                 half = (len(OPTIONS) + 1) // 2
-                run_seed(args, s, [OPTIONS[:half], OPTIONS[half:]], argv)
+                run_seed(args, s, [OPTIONS[:half], OPTIONS[half:]], argv, f"{s} (options)")
     print(report(args, argv))
     return 0
 
