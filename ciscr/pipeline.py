@@ -795,7 +795,8 @@ def retrain_plan(ctx: RunContext, name: str, parts: list[tuple[list[Sample], Pat
     # The mixed list's labeled part (ST++): about half of each batch, not a stream of B.
     lab = streams["mixed"].dataset.num_labeled if epoch_stream == "mixed" else None
     t = unlabeled_stage_cfg(ctx, per_epoch, lab)
-    unl, ign = unlabeled_loss(ctx, per_epoch * t.epochs), ctx.cfg.data.ignore_index
+    total = iters_per_epoch(streams[epoch_stream], t) * t.epochs  # t may fix the epoch length
+    unl, ign = unlabeled_loss(ctx, total), ctx.cfg.data.ignore_index
     if epoch_stream == "mixed":  # never rectified (MethodCfg refuses mixed + rectify)
         step = mixed_step(ign, unl)
     else:
