@@ -242,7 +242,8 @@ def table_online(runs: dict, rows: list[str], seeds: list[int], labels: dict[str
     return out
 
 
-def targets(runs: dict, seeds: list[int], judged: bool) -> list[str]:
+def targets(runs: dict, seeds: list[int], judged: bool,
+            labels: dict[str, str] | None = None) -> list[str]:
     """Issue 24's targets on the paired means against the control (never tuned on them)."""
     def best(a: str, b: str) -> list[float | None]:
         return [max((x for x in pair if x is not None), default=None)
@@ -257,7 +258,7 @@ def targets(runs: dict, seeds: list[int], judged: bool) -> list[str]:
                best("ciscr", "ciscr_bank"), values(runs, "stpp", seeds), 0.0),
               ("UniMatch + CISC >= UniMatch", values(runs, "unimatch_cisc", seeds),
                values(runs, "unimatch", seeds), 0.0)]
-    checks += [(f"{r} >= control", values(runs, r, seeds), ctl, 0.0)
+    checks += [(f"{(labels or {}).get(r, r)} >= control", values(runs, r, seeds), ctl, 0.0)
                for r in ("stpp", "ciscr", "ciscr_bank", "unimatch", "unimatch_cisc")]
     out = []
     for text, xs, ref, need in checks:
@@ -298,6 +299,27 @@ def seed_times(archive_dir: Path) -> list[str]:
     return out or ["- no seed finished a benchmark invocation yet"]
 
 
+def in_progress(runs_root: Path) -> list[str]:
+    """One line per started, unfinished run under runs/: the stage it trains and its
+    checkpoint's iteration of the stage's total (what a lost machine would cost)."""
+    from ciscr.engine.checkpoint import load_checkpoint
+
+    out = []
+    for rd in sorted(p for p in runs_root.glob("*_s*") if p.is_dir()):
+        if (rd / "results.json").exists():
+            continue
+        done = [p.name for p in sorted(rd.iterdir()) if (p / "done.json").exists()]
+        busy = [st for st in TRAIN_STAGES
+                if (rd / st / "checkpoint.pt").exists() and st not in done]
+        where = "no checkpoint yet"
+        if busy:
+            ck = load_checkpoint(rd / busy[0] / "checkpoint.pt")
+            where = f"{busy[0]} at iteration {ck['iteration']}/{ck['total_iters']}"
+        out.append(f"- in progress: `{rd.name}`: {where}"
+                   + (f" (done: {', '.join(done)})" if done else ""))
+    return out
+
+
 def protocol2_reference(out: Path) -> str:
     """Protocol 2's finished SupOnly s0 (3840 iterations from ImageNet): where the rows stand
     against a supervised run with about twice their compute (its committed record)."""
@@ -333,9 +355,10 @@ def write(args: argparse.Namespace, runs: dict, seeds: list[int], opt_seeds: lis
         "checkpoint. The base: SupOnly from ImageNet, B iterations; every other row: T "
         "iterations from the base (two-stage methods T/2 per stage).",
         protocol2_reference(out),
-        *([f"- NOT FINISHED: {', '.join(missing)}"] if missing else []), "",
+        *([f"- NOT FINISHED: {', '.join(missing)}"] if missing else []),
+        *in_progress(Path(args.runs)), "",
         "## Targets (paired by seed with SupOnly, continued)", "",
-        *targets(runs, seeds, judged=not args.overrides), "",
+        *targets(runs, seeds, judged=not args.overrides, labels=labels), "",
         "## Validation mIoU", "", *table_main(runs, rows, seeds, labels, control, base), "",
         "## Cost per row and each seed's wall time", "",
         *table_cost(runs, rows, seeds, labels), "", *seed_times(out / f"{args.name}-runs"), "",
