@@ -151,7 +151,8 @@ def regression_causes(run_dir: Path, cfg: Config, final: str) -> list[str]:
         causes.append("stages 2/3 restart from ImageNet (method.init=fresh) and relearn what "
                       "stage 1 knew; method.init=previous keeps it")
     if cfg.model.init:
-        causes.append(f"training restarts at the full train.lr={cfg.train.lr} on a trained model")
+        causes.append(f"training on a trained model restarts at learning rate {cfg.train.lr} "
+                      "(train.warm_lr, else train.lr)")
     return causes
 
 
