@@ -72,7 +72,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
 }
 MAIN = [CONTROL, "stpp", "ciscr", "ciscr_bank", "unimatch", "unimatch_cisc"]
 # bank_conf first: seed 0's CISC diagnostic (docs/results/camvid.md) found teacher confidence a
-# better signal of a wrong pseudo label than the CISC weight (AUROC 0.90 vs 0.81).
+# better signal of a wrong pseudo label than the CISC weight (its AUROC table).
 OPTIONS = ["bank_conf", "fixmatch", "ciscr_fresh", "bank_thr", "bank_ramp"]
 # The two job slots of a seed after its base, each a chain run in order: the costliest first,
 # balanced by the measured cost per row (the report's cost table); a row that shares stages
