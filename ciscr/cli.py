@@ -26,6 +26,52 @@ _EVAL_EXAMPLES = """examples:
   ciscr eval runs/synth/stage3/checkpoint.pt
   ciscr eval runs/synth/stage3/checkpoint.pt eval.mode=sliding data.root=/elsewhere"""
 
+# Examples of the commands defined outside this module, kept here so that every `--help` shows
+# some (README: "ciscr COMMAND --help shows examples"); tests/test_cli_friction.py parses each.
+_MORE_EXAMPLES = {
+    "predict": """examples:
+  ciscr predict runs/synth/stage3/checkpoint.pt photos/ --out preds
+  ciscr predict runs/synth/stage3/checkpoint.pt 'photos/*.jpg' --out preds --mode sliding --flip
+  ciscr predict synth.onnx photos/ --out preds --overlay none""",
+    "demo": """examples:
+  ciscr demo
+  ciscr demo --out my-demo --methods suponly,ciscr_bank,unimatch
+  ciscr demo --out quick-demo train.epochs=20 threads=1""",
+    "report": """examples:
+  ciscr report runs/synth
+  ciscr report runs/synth --max-gallery 0""",
+    "visualize": """examples:
+  ciscr visualize runs/synth/stage1/checkpoint.pt --image my_data/images/train/0007.png \\
+      --labeled my_data/images/train/0001.png --mask my_data/masks/train/0001.png \\
+      --cls car --out cisc_car.png""",
+    "info": """examples:
+  ciscr info
+  ciscr info -v""",
+    "bench": """examples:
+  ciscr bench --quick
+  ciscr bench --only train,pseudo --threads 2 --out bench-results""",
+    "profile": """examples:
+  ciscr profile --methods st,ciscr train.epochs=2
+  ciscr profile camvid --methods suponly,ciscr --out prof --name profile_camvid""",
+}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual but keeps an ``examples:`` epilog's lines as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _add_examples(sub: argparse._SubParsersAction) -> None:
+    for name, p in sub.choices.items():
+        if name in _MORE_EXAMPLES and not p.epilog:
+            p.epilog = _MORE_EXAMPLES[name]
+        if (p.epilog or "").startswith("examples:") and p.formatter_class is argparse.HelpFormatter:
+            p.formatter_class = _HelpFormatter
+
 
 def _add_verbose_everywhere(sub: argparse._SubParsersAction) -> None:
     """Accept -v after the sub-command too (``ciscr run cfg --out d -v``).
@@ -84,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, device, threads, bf16/CUDA/DDP availability")
     for extra in _EXTRA_PARSERS:
         extra(sub)
+    _add_examples(sub)
     _add_verbose_everywhere(sub)
     return parser
 

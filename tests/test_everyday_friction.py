@@ -1,0 +1,45 @@
+"""What a new user still tripped on, second pass (issue #26): config paths, failed runs, the
+labeled fraction, eval records, threads, -v, help examples."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from ciscr.cli import _register_optional_commands, build_parser, main
+
+TINY = [
+    "data.synthetic.num_train=12", "data.synthetic.num_val=3", "data.synthetic.size=32",
+    "data.labeled=4", "train.epochs=1", "train.unlabeled_epochs=0", "train.iters_per_epoch=2",
+    "train.batch_size=4", "train.crop_size=32", "train.progress=false", "model.channels=16",
+    "model.backbone=mobilenet_v2", "report=false",
+]
+
+
+def _examples(help_text: str) -> list[str]:
+    """The example command lines of a --help text (continuation lines joined)."""
+    block = help_text.split("example", 1)[1].split("\n", 1)[1]
+    joined = block.replace("\\\n", " ")
+    return [line.strip() for line in joined.splitlines() if line.strip().startswith("ciscr ")]
+
+
+def _all_commands() -> list[str]:
+    _register_optional_commands()
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("command", _all_commands())
+def test_every_help_shows_examples_that_parse(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    examples = _examples(capsys.readouterr().out)
+    assert examples, f"ciscr {command} --help shows no example"
+    assert any(shlex.split(line)[1] == command for line in examples)
+    for line in examples:  # export's example goes on with `&& ciscr predict ...`
+        argv = shlex.split(line.split("&&")[0])[1:]
+        # argparse exits (code 2) on an example that does not match the command's options.
+        args, extra = build_parser().parse_known_args(argv)
+        assert args.command == argv[0] and all("=" in e for e in extra), line
