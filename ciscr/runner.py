@@ -43,7 +43,7 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
     info = dist.init_distributed(cfg.device)
     if not dist.is_main():
         logging.getLogger("ciscr").setLevel(logging.ERROR)  # rank 0 alone logs and warns
-    fresh = not out.exists()
+    created = _first_missing(out)  # what check_writable creates: removed again on bad input
     lock, setup_failed = None, False
     try:
         _check_batch(cfg, info.world_size)
@@ -78,7 +78,7 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
     finally:
         unlock_run_dir(lock)
         if setup_failed:
-            _remove_if_empty(out, fresh)  # bad input leaves no trace, not even an empty folder
+            _remove_if_empty(out, created)  # bad input leaves no trace, not even runs/
         dist.cleanup()
 
 
@@ -114,12 +114,28 @@ def unlock_run_dir(lock) -> None:
     Path(lock.name).unlink(missing_ok=True)
 
 
-def _remove_if_empty(out: Path, fresh: bool) -> None:
-    if fresh and dist.is_main():
+def _first_missing(out: Path) -> Path | None:
+    """The outermost folder of ``out`` that does not exist yet (``runs`` for a new
+    ``runs/a/b``), or None when ``out`` exists."""
+    missing = None
+    for p in (out, *out.absolute().parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_if_empty(out: Path, created: Path | None) -> None:
+    """Remove the folders this run created, from ``out`` up to ``created``, while empty."""
+    if created is None or not dist.is_main():
+        return
+    for p in (out.absolute(), *out.absolute().parents):
         try:
-            out.rmdir()  # only succeeds while the folder is empty
+            p.rmdir()  # only succeeds while the folder is empty
         except OSError:
-            pass
+            return
+        if p == created.absolute():
+            return
 
 
 def _write_report(out: Path) -> None:

@@ -43,3 +43,13 @@ def test_every_help_shows_examples_that_parse(command, capsys):
         # argparse exits (code 2) on an example that does not match the command's options.
         args, extra = build_parser().parse_known_args(argv)
         assert args.command == argv[0] and all("=" in e for e in extra), line
+
+
+def test_a_failed_run_leaves_no_folder_not_even_its_parents(tmp_path, capsys):
+    # --out runs/a/b on bad input: neither b nor the runs/a it had to create stay behind.
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "runs" / "a" / "b"
+    bad = str(tmp_path / "missing.pth")
+    assert main(["train", "synthetic", "--out", str(out), *TINY, f"model.pretrained={bad}"]) == 2
+    assert "pretrained weight file not found" in capsys.readouterr().err
+    assert not (tmp_path / "kept" / "runs").exists() and (tmp_path / "kept").is_dir()
