@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="changes to the checkpoint's config, e.g. data.root=/elsewhere "
                    "eval.mode=sliding")
     p.add_argument("--out", type=Path, help="JSON file (default: next to the checkpoint, "
-                   "<stem>_eval_<mode>[_<other data root>].json)")
+                   "<stem>_eval_<mode>[-<hash of other eval settings>][_<other data root>].json)")
     p = sub.add_parser("demo", help="SupOnly vs CISC-R (and more) on the built-in synthetic data")
     p.add_argument("--out", type=Path, default=Path("ciscr-demo"), help="run directory")
     p.add_argument("--methods", default="suponly,ciscr_bank",

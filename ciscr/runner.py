@@ -316,12 +316,14 @@ def evaluate_checkpoint(ckpt_path: Path, overrides: list[str], out: Path | None)
                        eval_mode=cfg.eval.mode, eval=eval_settings(cfg.eval, cfg.train.crop_size),
                        data={"format": cfg.data.format, "root": _abs_root(cfg.data.root),
                              "val_split": cfg.data.val_split,
-                             "max_val_images": cfg.data.max_val_images})
+                             "max_val_images": cfg.data.max_val_images},
+                       **_provenance())
         if dist.is_main():
             dest = out or default_eval_path(ckpt_path, cfg, meta["config"])
+            replaced = _replaced_note(dest)
             atomic_write_json(dest, metrics)
             print(format_miou_table(metrics, list(dinfo.class_names)))
-            print(f"written: {dest}")
+            print(f"written: {dest}" + (f" (replaced {replaced})" if replaced else ""))
         return metrics
     finally:
         dist.cleanup()
@@ -331,16 +333,62 @@ def _abs_root(root: str) -> str:
     return str(Path(root).expanduser().resolve()) if root else ""
 
 
+def _provenance() -> dict[str, str]:
+    """When and by which ciscr an eval record was written (a JSON alone says neither)."""
+    from datetime import datetime, timezone
+
+    import ciscr
+
+    return {"ciscr_version": ciscr.__version__,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _replaced_note(dest: Path) -> str:
+    """What an eval JSON about to be overwritten held ('' when there is none)."""
+    import json
+
+    try:
+        old = json.loads(dest.read_text())
+    except (OSError, ValueError):
+        return "" if not dest.exists() else "an unreadable file"
+    miou = old.get("miou")
+    when = old.get("timestamp", "before timestamps were recorded")
+    what = f"mIoU {100 * miou:.2f}" if isinstance(miou, (int, float)) else "no mIoU"
+    return f"the result of {when}: {what}, iteration {old.get('iteration')}"
+
+
+def _settings_tag(cfg: Config, trained: dict[str, Any]) -> str:
+    """'' when the evaluation settings are the checkpoint's own (its eval section, in the mode
+    asked for; its val split), else ``-<6 hex>`` of them: WHY, two evals in one mode with other
+    scales / flip / window / val images must not overwrite each other."""
+    import hashlib
+    import json
+
+    from ciscr.engine.evaluate import eval_settings
+
+    def settings(c: Config) -> dict[str, Any]:
+        return {**eval_settings(c.eval, c.train.crop_size), "val_split": c.data.val_split,
+                "max_val_images": c.data.max_val_images}
+
+    base = from_dict(trained)
+    base = base.model_copy(update={"eval": base.eval.model_copy(update={"mode": cfg.eval.mode})})
+    mine = settings(cfg)
+    if mine == settings(base):
+        return ""
+    return "-" + hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:6]
+
+
 def default_eval_path(ckpt_path: Path, cfg: Config, trained: dict[str, Any]) -> Path:
     """``<stem>_eval_<mode>.json`` next to the checkpoint, for the data it was trained on.
 
-    Evaluating on another ``data.root`` adds that root's name and a short hash of its absolute
-    path, so that it never overwrites the result on the original data.
+    Other evaluation settings than the checkpoint's own add a short hash of them
+    (:func:`_settings_tag`); another ``data.root`` adds that root's name and a short hash of its
+    absolute path, so that it never overwrites the result on the original data.
     """
     import hashlib
     import re
 
-    name = f"{ckpt_path.stem}_eval_{cfg.eval.mode}"
+    name = f"{ckpt_path.stem}_eval_{cfg.eval.mode}{_settings_tag(cfg, trained)}"
     if cfg.data.root != (trained.get("data") or {}).get("root", ""):
         root = _abs_root(cfg.data.root)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(root).name)[:40] or "root"

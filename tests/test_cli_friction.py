@@ -94,7 +94,8 @@ def test_eval_records_its_settings_and_another_root_gets_its_own_file(tmp_path, 
     logs.clear()
     assert main(["eval", str(ckpt), "eval.mode=multiscale", "eval.scales=[1.0]"]) == 0
     assert "eval.mode=multiscale with eval.scales=[1.0] is single-scale" in logs.text
-    first = out / "stage1" / "checkpoint_eval_multiscale.json"
+    # scales other than the checkpoint's own: the file name carries a hash of the settings
+    (first,) = (out / "stage1").glob("checkpoint_eval_multiscale-*.json")
     rec = json.loads(first.read_text())
     assert rec["eval"] == {"mode": "multiscale", "scales": [1.0], "window": 32,
                            "stride_ratio": pytest.approx(2 / 3), "flip": True}
@@ -102,7 +103,7 @@ def test_eval_records_its_settings_and_another_root_gets_its_own_file(tmp_path, 
     other = tmp_path / "elsewhere"
     assert main(["eval", str(ckpt), "eval.mode=multiscale", f"data.root={other}"]) == 0
     written = sorted(p.name for p in (out / "stage1").glob("checkpoint_eval_*.json"))
-    assert len(written) == 2 and written[0] == "checkpoint_eval_multiscale.json"
+    assert len(written) == 2 and written[0] == first.name
     assert written[1].startswith("checkpoint_eval_multiscale_elsewhere-")
     assert json.loads(first.read_text()) == rec  # the first result is untouched
     again = json.loads((out / "stage1" / written[1]).read_text())

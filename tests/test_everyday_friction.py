@@ -53,3 +53,29 @@ def test_a_failed_run_leaves_no_folder_not_even_its_parents(tmp_path, capsys):
     assert main(["train", "synthetic", "--out", str(out), *TINY, f"model.pretrained={bad}"]) == 2
     assert "pretrained weight file not found" in capsys.readouterr().err
     assert not (tmp_path / "kept" / "runs").exists() and (tmp_path / "kept").is_dir()
+
+
+def test_eval_records_when_and_by_whom_and_never_overwrites_other_settings(tmp_path, capsys):
+    import json
+
+    import ciscr
+
+    out = tmp_path / "run"
+    assert main(["train", "synthetic", "--out", str(out), *TINY, "threads=1"]) == 0
+    ckpt, stage = out / "stage1" / "checkpoint.pt", out / "stage1"
+    capsys.readouterr()
+    assert main(["eval", str(ckpt), "threads=1"]) == 0
+    first = stage / "checkpoint_eval_whole.json"
+    rec = json.loads(first.read_text())
+    assert rec["ciscr_version"] == ciscr.__version__ and rec["timestamp"].startswith("20")
+    assert capsys.readouterr().out.rstrip().endswith(f"written: {first}")  # nothing replaced
+    # The same mode with other settings: its own file, the first one untouched.
+    assert main(["eval", str(ckpt), "eval.flip=false", "threads=1"]) == 0
+    (other,) = stage.glob("checkpoint_eval_whole-*.json")
+    assert json.loads(other.read_text())["eval"]["flip"] is False
+    assert json.loads(first.read_text()) == rec
+    # The same settings again: replaced, and the output says what it replaced.
+    capsys.readouterr()
+    assert main(["eval", str(ckpt), "threads=1"]) == 0
+    line = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert line.startswith(f"written: {first} (replaced the result of {rec['timestamp']}: mIoU ")
