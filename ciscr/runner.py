@@ -69,6 +69,7 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
             raise
         if dist.is_main():
             log.info(run_summary(ctx, resumed))
+            _warn_labeled_fraction(ctx)
         results = run_method(ctx)
         if dist.is_main():
             print(format_results(results, list(ctx.info.class_names)))
@@ -243,9 +244,32 @@ def run_summary(ctx: RunContext, resumed: bool = False) -> str:
         f", {torch.get_num_threads()} thread(s) x {dist.world_size()} process(es), "
         f"precision {_precision(cfg, ctx.device)}",
     ]
+    rule = _labeled_fraction(ctx)[0]
+    if rule:
+        lines.insert(2, rule)
     if done:
         lines.append(f"resuming: {', '.join(done)} already done (skipped)")
     return "\n".join(lines)
+
+
+def _labeled_fraction(ctx: RunContext) -> tuple[str | None, str | None]:
+    """What ``data.labeled`` as a fraction was a fraction of (line, warning), for a random
+    partition (folder / synthetic); (None, None) for a packaged split."""
+    from ciscr.data.formats import DEFAULT_LABELED_FRACTION
+    from ciscr.data.partition import labeled_fraction_note
+
+    d = ctx.cfg.data
+    if d.split or d.format not in ("folder", "synthetic"):
+        return None, None
+    masked = len(ctx.labeled) + sum(s.mask is not None for s in ctx.unlabeled)
+    return labeled_fraction_note(d.labeled, len(ctx.labeled), masked,
+                                 len(ctx.labeled) + len(ctx.unlabeled), DEFAULT_LABELED_FRACTION)
+
+
+def _warn_labeled_fraction(ctx: RunContext) -> None:
+    warning = _labeled_fraction(ctx)[1]
+    if warning:
+        log.warning(warning)
 
 
 def _done_stages(run_dir: Path) -> list[str]:

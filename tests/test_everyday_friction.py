@@ -79,3 +79,34 @@ def test_eval_records_when_and_by_whom_and_never_overwrites_other_settings(tmp_p
     assert main(["eval", str(ckpt), "threads=1"]) == 0
     line = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert line.startswith(f"written: {first} (replaced the result of {rec['timestamp']}: mIoU ")
+
+
+def test_a_labeled_fraction_says_what_it_is_a_fraction_of():
+    from ciscr.data.partition import labeled_fraction_note, partition_ids
+
+    # The dataset: 40 pool images, 8 of them with masks; a fraction counts the 8.
+    lab, _ = partition_ids([f"m{i}" for i in range(8)], 0.5, seed=0)
+    line, warning = labeled_fraction_note(0.5, len(lab), 8, 40, 0.125)
+    assert line.startswith("labeled: data.labeled=0.5 -> 4 of the 8 images that have masks")
+    assert "the pool has 40 images" in line
+    assert "other 4 masks only score pseudo labels" in warning and "data.labeled=8" in warning
+    assert labeled_fraction_note("1/8", 1, 8, 40, 0.125)[0].startswith(
+        "labeled: data.labeled=1/8 -> 1 of the 8")
+    assert "(the default)" in labeled_fraction_note(None, 1, 8, 40, 0.125)[0]
+    # Every pool image masked (CamVid, the benchmarks): the rule is shown, nothing to warn.
+    line, warning = labeled_fraction_note(0.125, 46, 367, 367, 0.125)
+    assert "46 of the 367 images that have masks" in line and warning is None
+    # A count or a list file says exactly what it does.
+    assert labeled_fraction_note(20, 20, 367, 367, 0.125) == (None, None)
+    assert labeled_fraction_note("ids.txt", 5, 8, 40, 0.125) == (None, None)
+
+
+def test_the_run_summary_prints_the_fraction_rule(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="ciscr")
+    args = ["train", "synthetic", "--out", str(tmp_path / "r"), *TINY, "data.labeled=0.25",
+            "threads=1"]
+    assert main(args) == 0
+    assert "labeled: data.labeled=0.25 -> 3 of the 12 images that have masks" in caplog.text
+    assert "only score pseudo labels" not in caplog.text  # every synthetic image has a mask
