@@ -110,3 +110,84 @@ def test_the_run_summary_prints_the_fraction_rule(tmp_path, caplog):
     assert main(args) == 0
     assert "labeled: data.labeled=0.25 -> 3 of the 12 images that have masks" in caplog.text
     assert "only score pseudo labels" not in caplog.text  # every synthetic image has a mask
+
+
+def _yaml(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_yaml_paths_resolve_against_the_yaml_folder_command_line_ones_against_cwd(
+        tmp_path, monkeypatch):
+    from ciscr.config import load_config
+
+    cfg_file = _yaml(tmp_path / "project" / "cfgs" / "mine.yaml",
+                     "data: {format: folder, root: ../data, labeled: ids.txt}\n"
+                     "model: {pretrained: w.pth}\n")
+    (tmp_path / "project" / "data").mkdir()
+    (tmp_path / "project" / "cfgs" / "w.pth").write_bytes(b"")
+    (tmp_path / "project" / "cfgs" / "ids.txt").write_text("a\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = load_config(str(cfg_file))
+    assert cfg.data.root == str(tmp_path / "project" / "data")
+    assert cfg.model.pretrained == str(tmp_path / "project" / "cfgs" / "w.pth")
+    assert cfg.data.labeled == str(tmp_path / "project" / "cfgs" / "ids.txt")
+    # On the command line a relative path means the current folder, kept as typed.
+    assert load_config(str(cfg_file), ["data.root=../data"]).data.root == "../data"
+    # Names and numbers are not paths.
+    cfg = load_config(str(cfg_file), ["model.pretrained=imagenet", "data.labeled=0.5"])
+    assert cfg.model.pretrained == "imagenet" and cfg.data.labeled == 0.5
+
+
+def test_a_saved_run_config_keeps_its_current_folder_paths(tmp_path, monkeypatch):
+    # A run's config.yaml records command-line paths relative to where it ran (the CamVid
+    # benchmark reloads its runs' configs from the repo root): they still resolve there.
+    from ciscr.config import load_config
+
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "repo").mkdir()
+    saved = _yaml(tmp_path / "repo" / "runs" / "r" / "config.yaml",
+                  "data: {format: folder, root: ../shared/data}\n")
+    monkeypatch.chdir(tmp_path / "repo")
+    assert load_config(str(saved)).data.root == "../shared/data"
+
+
+def test_a_packaged_config_path_is_a_repo_layout_default_from_any_folder(
+        tmp_path, monkeypatch, capsys):
+    from ciscr import config
+
+    repo, weights = tmp_path / "repo", tmp_path / "shared" / "weights"
+    weights.mkdir(parents=True)
+    (weights / "mobilenet_v2_imagenet.pth").write_bytes(b"")
+    repo.mkdir()
+    far = tmp_path / "far" / "away"  # ../shared from here is not the repo's
+    far.mkdir(parents=True)
+    monkeypatch.setattr(config, "REPO_ROOT", repo)
+    monkeypatch.chdir(far)
+    cfg = config.load_config("camvid")
+    assert cfg.model.pretrained == str(weights / "mobilenet_v2_imagenet.pth")  # found from far
+    # The data is not in this layout: the error says which rule it followed and the key.
+    out = far / "run"
+    assert main(["train", "camvid", "--out", str(out), "threads=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data.root: ../shared/data/camvid is not a directory" in err
+    assert "packaged config camvid's default for the repo layout" in err
+    assert "override it: data.root=PATH" in err
+    assert str(tmp_path / "shared" / "data" / "camvid") in err
+    # A relative path typed on the command line: the error says "current folder".
+    assert main(["train", "camvid", "--out", str(out), "data.root=mine"]) == 2
+    err = capsys.readouterr().err
+    assert "data.root: mine is not a directory" in err and "current folder" in err
+    assert str(far) in err and not out.exists()
+
+
+def test_a_missing_yaml_path_names_the_yaml_file(tmp_path, monkeypatch, capsys):
+    cfg_file = _yaml(tmp_path / "cfgs" / "mine.yaml",
+                     "data: {format: folder, root: ../nowhere}\nmodel: {pretrained: ''}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(cfg_file), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "data.root" in err and f"written in {cfg_file}" in err
+    assert "resolves against its folder" in err and str(tmp_path / "nowhere") in err

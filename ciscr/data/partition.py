@@ -205,9 +205,10 @@ def partition_ids(
         if num is None:
             path = Path(labeled).expanduser()
             if not path.is_file():
-                raise ConfigError(
-                    f"data.labeled='{labeled}' is neither a fraction, a count nor a list file"
-                )
+                from ciscr.config import path_hint
+
+                raise ConfigError(f"data.labeled='{labeled}' is neither a fraction, a count nor "
+                                  f"a list file{path_hint('data.labeled', labeled)}")
             chosen = set(_ids_from_file(path, pool, no_mask))
             lab = [i for i in pool if i in chosen]
             return lab, [i for i in pool if i not in chosen]
