@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     setup_logging(getattr(args, "verbose", False))
     try:
+        if args.command in _AUTO_THREADS:
+            _auto_threads(getattr(args, "device", None))
         return COMMANDS[args.command](args)
     except CiscrError as err:
         # Under torchrun every rank raises the same error: one line is enough.
@@ -215,6 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+# Commands that run a model without a config of their own (train/run/eval/demo apply the
+# config's `threads` setting): they start threads=auto, one thread per free core.
+_AUTO_THREADS = ("predict", "report", "visualize", "export")
+
+
+def _auto_threads(device: str | None) -> None:
+    """threads=auto and the busy-machine warning, as train/run/eval do (device: --device)."""
+    import torch
+
+    from ciscr.runner import _set_threads, warn_if_busy
+
+    _set_threads("auto")
+    if device in (None, "cpu") or (device == "auto" and not torch.cuda.is_available()):
+        warn_if_busy("cpu")
 
 
 def setup_logging(verbose: bool) -> None:

@@ -425,11 +425,12 @@ class Config(BaseModel):
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     deterministic: bool = True
-    threads: int = Field(
-        0,
-        ge=0,
-        description="CPU threads torch uses per process; 0 = torch's default (all cores, or "
-        "OMP_NUM_THREADS / MKL_NUM_THREADS when set), cores / processes under torchrun on CPU",
+    threads: int | Literal["auto"] = Field(
+        "auto",
+        description="CPU threads torch uses per process: 'auto' = the cores free when the "
+        "command starts (other work's load subtracted; OMP_NUM_THREADS / MKL_NUM_THREADS win "
+        "when set), N = N, 0 = torch's default (all cores, or OMP_NUM_THREADS), cores / "
+        "processes under torchrun on CPU",
     )
     report: bool = Field(
         True,
@@ -461,6 +462,13 @@ class Config(BaseModel):
             if name in MODEL_PRESETS and isinstance(model, dict):
                 values["model"] = {**MODEL_PRESETS[name], **model}
         return values
+
+    @field_validator("threads")
+    @classmethod
+    def _check_threads(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be auto, 0 (torch's default) or a number of threads >= 1")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -721,6 +729,23 @@ def preset_overrides(method: str, config: str = "synthetic") -> list[str]:
         v = getattr(preset, k)
         out.append(f"method.{k}={str(v).lower() if isinstance(v, bool) else v}")
     return out
+
+
+def non_default_settings(cfg: Config) -> list[str]:
+    """``key=value`` for every setting that differs from its default under ``cfg``'s method
+    preset (what -v prints at the start of a command: the config that really runs)."""
+    base = config_to_dict(from_dict({"method": {"name": cfg.method.name}}))
+
+    def walk(new: dict[str, Any], old: dict[str, Any], prefix: str) -> list[str]:
+        out = []
+        for k, v in new.items():
+            if isinstance(v, dict):
+                out += walk(v, old.get(k, {}), f"{prefix}{k}.")
+            elif old.get(k, object()) != v:
+                out.append(f"{prefix}{k}={v}")
+        return out
+
+    return walk(config_to_dict(cfg), base, "")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -58,7 +58,8 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
         problem = dist.broadcast_object(problem)
         if problem:
             raise ConfigError(problem)
-        _set_threads(cfg.threads)
+        threads_how = _set_threads(cfg.threads)
+        _debug_config(cfg)
         if dist.is_main():
             _warn_at_start(cfg, info.device)
         resumed = (out / "config.yaml").exists()  # setup_run writes it for a new run
@@ -68,8 +69,9 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
             setup_failed = True
             raise
         if dist.is_main():
-            log.info(run_summary(ctx, resumed))
+            log.info(run_summary(ctx, resumed, threads_how))
             _warn_labeled_fraction(ctx)
+            log.debug(data_counts(ctx.labeled, ctx.unlabeled, ctx.val))
         results = run_method(ctx)
         if dist.is_main():
             print(format_results(results, list(ctx.info.class_names)))
@@ -149,44 +151,34 @@ def _write_report(out: Path) -> None:
         log.warning("could not write the report (%s); rebuild it with: ciscr report %s", err, out)
 
 
-def _set_threads(threads: int = 0) -> None:
-    """``threads`` > 0 wins; 0 keeps torch's default (which honours OMP_NUM_THREADS)."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    elif dist.world_size() > 1 and not torch.cuda.is_available():
-        # Under torchrun on a CPU box every process would otherwise use all cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size()))
+def _set_threads(threads: int | str = "auto") -> str:
+    """Apply the ``threads`` setting (:func:`ciscr.threads.apply_threads`); how, in words."""
+    from ciscr.threads import apply_threads
+
+    how = apply_threads(threads, dist.world_size())
+    log.debug("threads: %d (%s)", torch.get_num_threads(), how)
+    return how
 
 
 def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset / container CPU sets
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    from ciscr.threads import usable_cores
+
+    return usable_cores()
 
 
 def oversubscription_warning(threads: int, processes: int = 1) -> str | None:
-    """A warning when other work already keeps the cores busy, or None.
+    """See :func:`ciscr.threads.oversubscription_warning` (every command warns the same way)."""
+    from ciscr.threads import oversubscription_warning as warning
 
-    Two jobs that each start one torch thread per core slow each other down many times over
-    (threads spin waiting for a core that the other job holds): the 1-minute load average,
-    before this run has started working, shows the other jobs.
-    """
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on this platform
-        return None
-    cores = _usable_cores()
-    wanted = threads * processes
-    free = max(1, round(cores - load))  # cores the other work leaves idle (at least one)
-    if load < 1.0 or wanted <= free:
-        return None
-    free = max(1, free // max(processes, 1))  # per process
-    return (
-        f"WARNING: this machine is busy (load average {load:.1f} on {cores} core(s)) and "
-        f"torch will start {wanted} thread(s): sharing cores can slow training 10x or more; "
-        f"set threads={free} (or OMP_NUM_THREADS={free}), see README > Troubleshooting"
-    )
+    return warning(threads, processes)
+
+
+def warn_if_busy(device: torch.device | str = "cpu") -> None:
+    """Log the busy-machine warning for the threads torch now uses (CPU work only)."""
+    if torch.device(device).type == "cpu" and dist.is_main():
+        text = oversubscription_warning(torch.get_num_threads(), dist.world_size())
+        if text:
+            log.warning(text)
 
 
 def random_init_warning(cfg: Config) -> str | None:
@@ -207,12 +199,10 @@ def random_init_warning(cfg: Config) -> str | None:
 def _warn_at_start(cfg: Config, device: torch.device) -> None:
     from ciscr.engine.evaluate import eval_warning
 
-    warnings = [random_init_warning(cfg), eval_warning(cfg.eval)]
-    if device.type == "cpu":
-        warnings.append(oversubscription_warning(torch.get_num_threads(), dist.world_size()))
-    for text in warnings:
+    for text in (random_init_warning(cfg), eval_warning(cfg.eval)):
         if text:
             log.warning(text)
+    warn_if_busy(device)
 
 
 def _precision(cfg: Config, device: torch.device) -> str:
@@ -224,7 +214,7 @@ def _precision(cfg: Config, device: torch.device) -> str:
     return f"{words} (train.amp=auto)" if cfg.train.amp == "auto" else words
 
 
-def run_summary(ctx: RunContext, resumed: bool = False) -> str:
+def run_summary(ctx: RunContext, resumed: bool = False, threads_how: str = "") -> str:
     """What a run is about to do: data, classes, device, threads, precision, run directory.
 
     A resumed run also says which stages are already done (they are skipped); the stage that
@@ -241,7 +231,8 @@ def run_summary(ctx: RunContext, resumed: bool = False) -> str:
         f"data: {len(ctx.labeled)} labeled / {len(ctx.unlabeled)} unlabeled / {len(ctx.val)} "
         f"val images, {info.num_classes} classes ({names})",
         f"model: {cfg.model.backbone} ({weights}), method {cfg.method.name}; device {ctx.device}"
-        f", {torch.get_num_threads()} thread(s) x {dist.world_size()} process(es), "
+        f", {torch.get_num_threads()} thread(s) x {dist.world_size()} process(es)"
+        f"{f' ({threads_how})' if threads_how else ''}, "
         f"precision {_precision(cfg, ctx.device)}",
     ]
     rule = _labeled_fraction(ctx)[0]
@@ -264,6 +255,23 @@ def _labeled_fraction(ctx: RunContext) -> tuple[str | None, str | None]:
     masked = len(ctx.labeled) + sum(s.mask is not None for s in ctx.unlabeled)
     return labeled_fraction_note(d.labeled, len(ctx.labeled), masked,
                                  len(ctx.labeled) + len(ctx.unlabeled), DEFAULT_LABELED_FRACTION)
+
+
+def _debug_config(cfg: Config) -> None:
+    """-v: the settings that differ from the defaults of the method, i.e. what really runs."""
+    from ciscr.config import non_default_settings
+
+    log.debug("config (differs from the defaults of method.name=%s): %s", cfg.method.name,
+              " ".join(non_default_settings(cfg)) or "nothing")
+
+
+def data_counts(labeled: list, unlabeled: list, val: list) -> str:
+    """-v: the split's counts, with the masks of unlabeled images (they only score pseudo
+    labels) and the val images' masks."""
+    scored = sum(s.mask is not None for s in unlabeled)
+    return (f"data: pool {len(labeled) + len(unlabeled)} images = {len(labeled)} labeled + "
+            f"{len(unlabeled)} unlabeled ({scored} of them with a mask, used only to score "
+            f"pseudo labels); val {len(val)} images")
 
 
 def _warn_labeled_fraction(ctx: RunContext) -> None:
@@ -325,15 +333,18 @@ def evaluate_checkpoint(ckpt_path: Path, overrides: list[str], out: Path | None)
                     overrides)
     info = dist.init_distributed(cfg.device)
     _set_threads(cfg.threads)
+    _debug_config(cfg)
     warning = eval_warning(cfg.eval)
     if warning and dist.is_main():
         log.warning(warning)
+    warn_if_busy(info.device)
     try:
         model_cfg = cfg.model.model_copy(update={"pretrained": ""})
         model = build_model(model_cfg, meta["num_classes"])
         model.load_state_dict(ckpt["model"])
         model.to(info.device).eval()
         dinfo, labeled, unlabeled, val = load_dataset(cfg.data, cfg.seed)
+        log.debug(data_counts(labeled, unlabeled, val))
         ctx = RunContext(cfg, ckpt_path.parent, info.device, dinfo, labeled, unlabeled, val)
         metrics = evaluate_model(ctx, model)
         metrics.update(checkpoint=str(ckpt_path), iteration=ckpt.get("iteration"),
@@ -430,6 +441,7 @@ def print_info() -> None:
         ("torch", torch.__version__),
         ("platform", platform.platform()),
         ("cpu threads", _threads_line()),
+        ("load", _load_line()),
         ("cuda", _cuda_line()),
         ("bf16 autocast (cpu)", _bf16_cpu()),
         ("distributed", _dist_line()),
@@ -444,7 +456,14 @@ def print_info() -> None:
 def _threads_line() -> str:
     env = [f"{v}={os.environ[v]}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ]
     source = ", ".join(env) if env else "OMP_NUM_THREADS unset"
-    return f"{torch.get_num_threads()} (of {_usable_cores()} cores; {source}; set with threads=N)"
+    return (f"{torch.get_num_threads()} by torch's default (of {_usable_cores()} cores; {source}); "
+            "ciscr's default threads=auto starts one per free core, threads=N sets them")
+
+
+def _load_line() -> str:
+    from ciscr.threads import load_line
+
+    return load_line()
 
 
 def _version(mod: str) -> str:

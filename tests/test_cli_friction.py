@@ -40,7 +40,7 @@ def test_start_summary_then_resume_messages(tmp_path, logs, quiet_machine):
     text = logs.text
     assert f"run: {out} (new)" in text
     assert "data: 4 labeled / 8 unlabeled / 3 val images, 3 classes (background, disc, square)" in text
-    assert "device cpu, 1 thread(s) x 1 process(es), precision " in text
+    assert "device cpu, 1 thread(s) x 1 process(es) (threads=1), precision " in text
     assert "(train.amp=auto)" in text  # auto is resolved and named
     assert "resuming" not in text
     logs.clear()
@@ -63,7 +63,11 @@ def test_random_init_warning_is_loud_and_names_the_setting():
 
 
 def test_oversubscription_warning(monkeypatch):
-    monkeypatch.setattr(runner, "_usable_cores", lambda: 2)
+    from ciscr import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "_running_now", lambda: 2.0)  # the other job's 2 threads
+    monkeypatch.setattr(threads, "_own_share", lambda: 0.0)
     monkeypatch.setattr(runner.os, "getloadavg", lambda: (1.9, 1.5, 1.0))
     text = runner.oversubscription_warning(threads=2)
     assert "load average 1.9 on 2 core(s)" in text and "threads=1" in text

@@ -191,3 +191,111 @@ def test_a_missing_yaml_path_names_the_yaml_file(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "data.root" in err and f"written in {cfg_file}" in err
     assert "resolves against its folder" in err and str(tmp_path / "nowhere") in err
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A 2-core machine whose load the test sets: (load average, threads runnable now)."""
+    from ciscr import threads
+
+    def set_load(average: float, running_now: float | None, own: float = 0.0) -> None:
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (average, average, average))
+        monkeypatch.setattr(threads, "_running_now", lambda: running_now)
+        monkeypatch.setattr(threads, "_own_share", lambda: own)
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "_TORCH_DEFAULT", 2)
+    for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(v, raising=False)
+    return set_load
+
+
+def test_threads_auto_starts_one_thread_per_free_core(machine, monkeypatch):
+    from ciscr.threads import auto_threads, oversubscription_warning
+
+    machine(1.9, 2.0)  # another job keeps both cores busy
+    assert auto_threads() == 1 and "threads=auto or threads=1" in oversubscription_warning(2)
+    assert oversubscription_warning(auto_threads()) is None  # auto never oversubscribes
+    machine(0.2, 0.0)
+    assert auto_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's (or the benchmark's) choice wins
+    machine(1.9, 2.0)
+    assert auto_threads() == 2
+
+
+def test_the_busy_warning_ignores_finished_and_own_work(machine):
+    from ciscr.threads import oversubscription_warning
+
+    # The demo's first row at load 1.1-1.6 with nothing else running: the load average still
+    # counts work that just ended, but nothing else is runnable now.
+    machine(1.6, 0.0)
+    assert oversubscription_warning(2) is None
+    # Without /proc (not Linux): this process's own earlier work (the demo's previous rows)
+    # is subtracted from the load average.
+    machine(1.6, None, own=1.2)
+    assert oversubscription_warning(2) is None
+    machine(1.6, None, own=0.0)
+    assert oversubscription_warning(2) is not None
+
+
+def test_every_command_warns_the_same_way_and_auto_is_the_default(tmp_path, machine, caplog):
+    import logging
+
+    import torch
+
+    caplog.set_level(logging.INFO, logger="ciscr")
+    before = torch.get_num_threads()
+    try:
+        out = tmp_path / "run"
+        machine(0.0, 0.0)
+        assert main(["train", "synthetic", "--out", str(out), *TINY]) == 0
+        assert "(threads=auto: 2 of 2 core(s), load from other work 0.0)" in caplog.text
+        machine(1.9, 2.0)
+        caplog.clear()
+        ckpt = str(out / "stage1" / "checkpoint.pt")
+        assert main(["eval", ckpt]) == 0  # threads=auto: 1 free core, no warning
+        assert torch.get_num_threads() == 1 and "busy" not in caplog.text
+        assert main(["eval", ckpt, "threads=2"]) == 0
+        assert "WARNING: this machine is busy (load average 1.9 on 2 core(s)" in caplog.text
+        caplog.clear()
+        img = tmp_path / "x.png"
+        from PIL import Image
+
+        Image.new("RGB", (32, 32)).save(img)
+        assert main(["predict", ckpt, str(img), "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+        assert torch.get_num_threads() == 1 and "busy" not in caplog.text
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_info_says_what_the_load_is(machine, capsys):
+    machine(1.5, 1.0)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "load average 1.50 on 2 core(s), 1.0 of it other work now" in out
+    assert "threads=auto would start 1" in out
+
+
+def test_verbose_prints_what_really_runs(tmp_path, caplog):
+    import logging
+
+    def debug_lines(out: str, *extra: str) -> str:
+        caplog.clear()
+        caplog.set_level(logging.DEBUG, logger="ciscr")
+        args = ["train", "synthetic", "--out", str(tmp_path / out),
+                f"data.root={tmp_path / 'data'}", *TINY, "threads=1", *extra]
+        assert main(args) == 0
+        return "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+
+    text = debug_lines("r1", "-v")
+    # the resolved config: what differs from the method's defaults, overrides included
+    assert "config (differs from the defaults of method.name=suponly): " in text
+    assert "data.labeled=4" in text and "train.iters_per_epoch=2" in text
+    assert "threads: 1 (threads=1)" in text  # how the threads were chosen
+    assert "synthetic data: not cached, generating" in text
+    assert "data: pool 12 images = 4 labeled + 8 unlabeled (8 of them with a mask" in text
+    assert "synthetic data: cache hit" in debug_lines("r2", "-v")  # the same data again
+    # Without -v, ciscr's logger stays at INFO: no debug line at all.
+    caplog.clear()
+    main(["info"])
+    assert logging.getLogger("ciscr").level == logging.INFO
