@@ -633,7 +633,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 # Keys holding a file or folder path. model.pretrained may also be a weight name (imagenet),
 # data.labeled a fraction or a count: those are left alone.
-PATH_KEYS = (("data", "root"), ("data", "labeled"), ("model", "pretrained"))
+PATH_KEYS = (("data", "root"), ("data", "labeled"), ("model", "pretrained"), ("model", "init"))
 # A packaged config's paths are defaults for the repository layout (the repo with ../shared
 # beside it): they resolve against the repository root, which holds the ciscr package.
 REPO_ROOT = CONFIG_DIR.parent.parent

@@ -124,16 +124,19 @@ def test_yaml_paths_resolve_against_the_yaml_folder_command_line_ones_against_cw
 
     cfg_file = _yaml(tmp_path / "project" / "cfgs" / "mine.yaml",
                      "data: {format: folder, root: ../data, labeled: ids.txt}\n"
-                     "model: {pretrained: w.pth}\n")
+                     "model: {pretrained: w.pth, init: ../runs/a/checkpoint.pt}\n")
     (tmp_path / "project" / "data").mkdir()
     (tmp_path / "project" / "cfgs" / "w.pth").write_bytes(b"")
     (tmp_path / "project" / "cfgs" / "ids.txt").write_text("a\n")
+    (tmp_path / "project" / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "project" / "runs" / "a" / "checkpoint.pt").write_bytes(b"")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     cfg = load_config(str(cfg_file))
     assert cfg.data.root == str(tmp_path / "project" / "data")
     assert cfg.model.pretrained == str(tmp_path / "project" / "cfgs" / "w.pth")
     assert cfg.data.labeled == str(tmp_path / "project" / "cfgs" / "ids.txt")
+    assert cfg.model.init == str(tmp_path / "project" / "runs" / "a" / "checkpoint.pt")
     # On the command line a relative path means the current folder, kept as typed.
     assert load_config(str(cfg_file), ["data.root=../data"]).data.root == "../data"
     # Names and numbers are not paths.
