@@ -27,7 +27,8 @@ _EVAL_EXAMPLES = """examples:
   ciscr eval runs/synth/stage3/checkpoint.pt eval.mode=sliding data.root=/elsewhere"""
 
 # Examples of the commands defined outside this module, kept here so that every `--help` shows
-# some (README: "ciscr COMMAND --help shows examples"); tests/test_cli_friction.py parses each.
+# some (README: "ciscr COMMAND --help shows examples"); tests/test_everyday_friction.py parses
+# each.
 _MORE_EXAMPLES = {
     "predict": """examples:
   ciscr predict runs/synth/stage3/checkpoint.pt photos/ --out preds

@@ -266,8 +266,8 @@ def _debug_config(cfg: Config) -> None:
 
 
 def data_counts(labeled: list, unlabeled: list, val: list) -> str:
-    """-v: the split's counts, with the masks of unlabeled images (they only score pseudo
-    labels) and the val images' masks."""
+    """-v: the split's counts, and how many unlabeled images have a mask (those masks only
+    score pseudo labels)."""
     scored = sum(s.mask is not None for s in unlabeled)
     return (f"data: pool {len(labeled) + len(unlabeled)} images = {len(labeled)} labeled + "
             f"{len(unlabeled)} unlabeled ({scored} of them with a mask, used only to score "
