@@ -26,6 +26,53 @@ _EVAL_EXAMPLES = """examples:
   ciscr eval runs/synth/stage3/checkpoint.pt
   ciscr eval runs/synth/stage3/checkpoint.pt eval.mode=sliding data.root=/elsewhere"""
 
+# Examples of the commands defined outside this module, kept here so that every `--help` shows
+# some (README: "ciscr COMMAND --help shows examples"); tests/test_everyday_friction.py parses
+# each.
+_MORE_EXAMPLES = {
+    "predict": """examples:
+  ciscr predict runs/synth/stage3/checkpoint.pt photos/ --out preds
+  ciscr predict runs/synth/stage3/checkpoint.pt 'photos/*.jpg' --out preds --mode sliding --flip
+  ciscr predict synth.onnx photos/ --out preds --overlay none""",
+    "demo": """examples:
+  ciscr demo
+  ciscr demo --out my-demo --methods suponly,ciscr_bank,unimatch
+  ciscr demo --out quick-demo train.epochs=20 threads=1""",
+    "report": """examples:
+  ciscr report runs/synth
+  ciscr report runs/synth --max-gallery 0""",
+    "visualize": """examples:
+  ciscr visualize runs/synth/stage1/checkpoint.pt --image my_data/images/train/0007.png \\
+      --labeled my_data/images/train/0001.png --mask my_data/masks/train/0001.png \\
+      --cls car --out cisc_car.png""",
+    "info": """examples:
+  ciscr info
+  ciscr info -v""",
+    "bench": """examples:
+  ciscr bench --quick
+  ciscr bench --only train,pseudo --threads 2 --out bench-results""",
+    "profile": """examples:
+  ciscr profile --methods st,ciscr train.epochs=2
+  ciscr profile camvid --methods suponly,ciscr --out prof --name profile_camvid""",
+}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual but keeps an ``examples:`` epilog's lines as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _add_examples(sub: argparse._SubParsersAction) -> None:
+    for name, p in sub.choices.items():
+        if name in _MORE_EXAMPLES and not p.epilog:
+            p.epilog = _MORE_EXAMPLES[name]
+        if (p.epilog or "").startswith("examples:") and p.formatter_class is argparse.HelpFormatter:
+            p.formatter_class = _HelpFormatter
+
 
 def _add_verbose_everywhere(sub: argparse._SubParsersAction) -> None:
     """Accept -v after the sub-command too (``ciscr run cfg --out d -v``).
@@ -74,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="changes to the checkpoint's config, e.g. data.root=/elsewhere "
                    "eval.mode=sliding")
     p.add_argument("--out", type=Path, help="JSON file (default: next to the checkpoint, "
-                   "<stem>_eval_<mode>[_<other data root>].json)")
+                   "<stem>_eval_<mode>[-<hash of other eval settings>][_<other data root>].json)")
     p = sub.add_parser("demo", help="SupOnly vs CISC-R (and more) on the built-in synthetic data")
     p.add_argument("--out", type=Path, default=Path("ciscr-demo"), help="run directory")
     p.add_argument("--methods", default="suponly,ciscr_bank",
@@ -84,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, device, threads, bf16/CUDA/DDP availability")
     for extra in _EXTRA_PARSERS:
         extra(sub)
+    _add_examples(sub)
     _add_verbose_everywhere(sub)
     return parser
 
@@ -159,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     setup_logging(getattr(args, "verbose", False))
     try:
+        if args.command in _AUTO_THREADS:
+            _auto_threads(getattr(args, "device", None))
         return COMMANDS[args.command](args)
     except CiscrError as err:
         # Under torchrun every rank raises the same error: one line is enough.
@@ -168,6 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+# Commands that run a model without a config of their own (train/run/eval/demo apply the
+# config's `threads` setting): they start threads=auto, one thread per free core.
+_AUTO_THREADS = ("predict", "report", "visualize", "export")
+
+
+def _auto_threads(device: str | None) -> None:
+    """threads=auto and the busy-machine warning, as train/run/eval do (device: --device)."""
+    import torch
+
+    from ciscr.runner import _set_threads, warn_if_busy
+
+    _set_threads("auto")
+    if device in (None, "cpu") or (device == "auto" and not torch.cuda.is_available()):
+        warn_if_busy("cpu")
 
 
 def setup_logging(verbose: bool) -> None:

@@ -7,6 +7,7 @@ values are rejected with one line naming the offending key (:class:`ConfigError`
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -424,11 +425,12 @@ class Config(BaseModel):
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     deterministic: bool = True
-    threads: int = Field(
-        0,
-        ge=0,
-        description="CPU threads torch uses per process; 0 = torch's default (all cores, or "
-        "OMP_NUM_THREADS / MKL_NUM_THREADS when set), cores / processes under torchrun on CPU",
+    threads: int | Literal["auto"] = Field(
+        "auto",
+        description="CPU threads torch uses per process: 'auto' = the cores free when the "
+        "command starts (other work's load subtracted; OMP_NUM_THREADS / MKL_NUM_THREADS win "
+        "when set), N = N, 0 = torch's default (all cores, or OMP_NUM_THREADS), cores / "
+        "processes under torchrun on CPU",
     )
     report: bool = Field(
         True,
@@ -460,6 +462,13 @@ class Config(BaseModel):
             if name in MODEL_PRESETS and isinstance(model, dict):
                 values["model"] = {**MODEL_PRESETS[name], **model}
         return values
+
+    @field_validator("threads")
+    @classmethod
+    def _check_threads(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be auto, 0 (torch's default) or a number of threads >= 1")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -598,7 +607,12 @@ def from_dict(
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
-    """YAML file (or packaged name) -> defaults -> ``key=value`` overrides -> :class:`Config`."""
+    """YAML file (or packaged name) -> defaults -> ``key=value`` overrides -> :class:`Config`.
+
+    Relative paths written in the YAML file resolve against its folder (a packaged config's:
+    against the repository root, see :func:`resolve_yaml_paths`); paths given as overrides
+    resolve against the current folder, like any command-line path.
+    """
     raw: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -610,9 +624,91 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-        raw = loaded or {}
+        raw = resolve_yaml_paths(loaded or {}, p, overrides or [])
     raw = apply_overrides(raw, overrides or [])
     return from_dict(raw, source, overrides)
+
+
+# --------------------------------------------------------------------------- paths in YAML
+
+# Keys holding a file or folder path. model.pretrained may also be a weight name (imagenet),
+# data.labeled a fraction or a count: those are left alone.
+PATH_KEYS = (("data", "root"), ("data", "labeled"), ("model", "pretrained"), ("model", "init"))
+# A packaged config's paths are defaults for the repository layout (the repo with ../shared
+# beside it): they resolve against the repository root, which holds the ciscr package.
+REPO_ROOT = CONFIG_DIR.parent.parent
+# (key, value as it stays in the config) -> where it was looked for, for the error that says
+# it is missing (ciscr.models.backbones, ciscr.data.formats): see path_hint.
+_PATH_NOTES: dict[tuple[str, str], str] = {}
+
+
+def _is_relative_path(key: str, value: Any) -> bool:
+    if not isinstance(value, str) or not value or value.startswith("~") or Path(value).is_absolute():
+        return False
+    if key == "model.pretrained":
+        from ciscr.models.weights import NAMED_WEIGHTS  # imagenet: a name, not a path
+
+        return value not in NAMED_WEIGHTS
+    if key == "data.labeled":
+        from ciscr.data.partition import _parse_number
+
+        return _parse_number(value) is None
+    return True
+
+
+def resolve_yaml_paths(raw: dict[str, Any], yaml_file: Path,
+                       overrides: list[str]) -> dict[str, Any]:
+    """*raw* with its relative :data:`PATH_KEYS` resolved against *yaml_file*'s folder.
+
+    A path that lands where the current folder would put it stays as written (``ciscr run
+    camvid`` from the repo root records ``../shared/...`` as before). A path found only
+    relative to the current folder keeps that meaning: a run's saved ``config.yaml`` records
+    command-line paths that way, and configs were read so before. Keys set by *overrides* are
+    skipped: the command line wins, relative to the current folder.
+    """
+    packaged = yaml_file.resolve().parent == CONFIG_DIR.resolve()
+    base = REPO_ROOT if packaged else yaml_file.parent
+    overridden = {o.split("=", 1)[0].strip() for o in overrides}
+    out = _deep_copy(raw)
+    for section, name in PATH_KEYS:
+        key, node = f"{section}.{name}", out.get(section)
+        if key in overridden or not isinstance(node, dict) or not _is_relative_path(key,
+                                                                                  node.get(name)):
+            continue
+        node[name] = _resolve_one(key, node[name], base, yaml_file, packaged)
+    return out
+
+
+def _resolve_one(key: str, value: str, base: Path, yaml_file: Path, packaged: bool) -> str:
+    """*value* resolved against *base* (absolute) where it exists there, else as written (the
+    same place, or found only from the current folder); a path found nowhere stays as written
+    and is noted for its error message."""
+    log = logging.getLogger("ciscr")
+    there, here = os.path.abspath(base / value), os.path.abspath(value)
+    against = "the repo root" if packaged else f"the folder of {yaml_file}"
+    if there != here and os.path.exists(there):
+        log.debug("config path %s=%s -> %s (against %s)", key, value, there, against)
+        return there
+    if os.path.exists(here):
+        log.debug("config path %s=%s -> %s (against the current folder)", key, value, here)
+        return value
+    where = (f"the packaged config {yaml_file.stem}'s default for the repo layout (the repo "
+             f"with ../shared beside it); override it: {key}=PATH" if packaged
+             else f"written in {yaml_file}; a path in a YAML file resolves against its folder")
+    looked = there if there == here else f"{there}, nor {here} (current folder)"
+    _PATH_NOTES[(key, value)] = f"{key}={value}: {where}; looked for {looked}"
+    return value
+
+
+def path_hint(key: str, value: str | os.PathLike) -> str:
+    """Where a missing path was looked for, for its error message ('' for an absolute path)."""
+    note = _PATH_NOTES.get((key, str(value)))
+    if note:
+        return f" ({note})"
+    if str(value) and not Path(value).expanduser().is_absolute():
+        return (f" ({key}: a path on the command line or in a saved run config resolves against "
+                f"the current folder, {Path.cwd()})")
+    return ""
 
 
 # Method options a config may set for its own method (synthetic.yaml: CISC-R (bank)'s demo
@@ -633,6 +729,23 @@ def preset_overrides(method: str, config: str = "synthetic") -> list[str]:
         v = getattr(preset, k)
         out.append(f"method.{k}={str(v).lower() if isinstance(v, bool) else v}")
     return out
+
+
+def non_default_settings(cfg: Config) -> list[str]:
+    """``key=value`` for every setting that differs from its default under ``cfg``'s method
+    preset (what -v prints at the start of a command: the config that really runs)."""
+    base = config_to_dict(from_dict({"method": {"name": cfg.method.name}}))
+
+    def walk(new: dict[str, Any], old: dict[str, Any], prefix: str) -> list[str]:
+        out = []
+        for k, v in new.items():
+            if isinstance(v, dict):
+                out += walk(v, old.get(k, {}), f"{prefix}{k}.")
+            elif old.get(k, object()) != v:
+                out.append(f"{prefix}{k}={v}")
+        return out
+
+    return walk(config_to_dict(cfg), base, "")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -267,8 +267,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         description="Writes an ONNX graph (input 'image' (B,3,H,W) normalised, output "
         "'logits' (B,K,H,W), dynamic batch/height/width) with the class names, palette and "
         "normalisation as metadata, then checks it against PyTorch with onnxruntime.",
-        epilog="example: ciscr export runs/synth/stage3/checkpoint.pt --out synth.onnx && "
-        "ciscr predict synth.onnx photos/ --out preds/",
+        epilog="examples:\n  ciscr export runs/synth/stage3/checkpoint.pt --out synth.onnx\n"
+        "  ciscr predict synth.onnx photos/ --out preds/",
     )
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
                    help="checkpoint.pt from ciscr train/run (or a .safetensors export)")

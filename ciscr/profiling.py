@@ -691,8 +691,8 @@ def _timed_table(res: dict[str, Any]) -> list[str]:
     return _table(head, body)
 
 
-STAGE_ORDER_EXTRA = ("setup", "stage1", "pseudo0", "selection", "stage2", "pseudo1", "stage3",
-                     "pseudo_final", "report")
+STAGE_ORDER_EXTRA = ("setup", "stage1", "online", "pseudo0", "selection", "stage2", "pseudo1",
+                     "stage3", "pseudo_final", "report")
 
 
 def _category_table(stages: list[dict[str, Any]]) -> list[str]:

@@ -43,7 +43,7 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
     info = dist.init_distributed(cfg.device)
     if not dist.is_main():
         logging.getLogger("ciscr").setLevel(logging.ERROR)  # rank 0 alone logs and warns
-    fresh = not out.exists()
+    created = _first_missing(out)  # what check_writable creates: removed again on bad input
     lock, setup_failed = None, False
     try:
         _check_batch(cfg, info.world_size)
@@ -58,7 +58,8 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
         problem = dist.broadcast_object(problem)
         if problem:
             raise ConfigError(problem)
-        _set_threads(cfg.threads)
+        threads_how = _set_threads(cfg.threads)
+        _debug_config(cfg)
         if dist.is_main():
             _warn_at_start(cfg, info.device)
         resumed = (out / "config.yaml").exists()  # setup_run writes it for a new run
@@ -68,7 +69,9 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
             setup_failed = True
             raise
         if dist.is_main():
-            log.info(run_summary(ctx, resumed))
+            log.info(run_summary(ctx, resumed, threads_how))
+            _warn_labeled_fraction(ctx)
+            log.debug(data_counts(ctx.labeled, ctx.unlabeled, ctx.val))
         results = run_method(ctx)
         if dist.is_main():
             print(format_results(results, list(ctx.info.class_names)))
@@ -78,7 +81,7 @@ def run_training(cfg: Config, out: Path) -> dict[str, Any]:
     finally:
         unlock_run_dir(lock)
         if setup_failed:
-            _remove_if_empty(out, fresh)  # bad input leaves no trace, not even an empty folder
+            _remove_if_empty(out, created)  # bad input leaves no trace, not even runs/
         dist.cleanup()
 
 
@@ -114,12 +117,28 @@ def unlock_run_dir(lock) -> None:
     Path(lock.name).unlink(missing_ok=True)
 
 
-def _remove_if_empty(out: Path, fresh: bool) -> None:
-    if fresh and dist.is_main():
+def _first_missing(out: Path) -> Path | None:
+    """The outermost folder of ``out`` that does not exist yet (``runs`` for a new
+    ``runs/a/b``), or None when ``out`` exists."""
+    missing = None
+    for p in (out, *out.absolute().parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_if_empty(out: Path, created: Path | None) -> None:
+    """Remove the folders this run created, from ``out`` up to ``created``, while empty."""
+    if created is None or not dist.is_main():
+        return
+    for p in (out.absolute(), *out.absolute().parents):
         try:
-            out.rmdir()  # only succeeds while the folder is empty
+            p.rmdir()  # only succeeds while the folder is empty
         except OSError:
-            pass
+            return
+        if p == created.absolute():
+            return
 
 
 def _write_report(out: Path) -> None:
@@ -132,44 +151,34 @@ def _write_report(out: Path) -> None:
         log.warning("could not write the report (%s); rebuild it with: ciscr report %s", err, out)
 
 
-def _set_threads(threads: int = 0) -> None:
-    """``threads`` > 0 wins; 0 keeps torch's default (which honours OMP_NUM_THREADS)."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-    elif dist.world_size() > 1 and not torch.cuda.is_available():
-        # Under torchrun on a CPU box every process would otherwise use all cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size()))
+def _set_threads(threads: int | str = "auto") -> str:
+    """Apply the ``threads`` setting (:func:`ciscr.threads.apply_threads`); how, in words."""
+    from ciscr.threads import apply_threads
+
+    how = apply_threads(threads, dist.world_size())
+    log.debug("threads: %d (%s)", torch.get_num_threads(), how)
+    return how
 
 
 def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset / container CPU sets
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    from ciscr.threads import usable_cores
+
+    return usable_cores()
 
 
 def oversubscription_warning(threads: int, processes: int = 1) -> str | None:
-    """A warning when other work already keeps the cores busy, or None.
+    """See :func:`ciscr.threads.oversubscription_warning` (every command warns the same way)."""
+    from ciscr.threads import oversubscription_warning as warning
 
-    Two jobs that each start one torch thread per core slow each other down many times over
-    (threads spin waiting for a core that the other job holds): the 1-minute load average,
-    before this run has started working, shows the other jobs.
-    """
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not on this platform
-        return None
-    cores = _usable_cores()
-    wanted = threads * processes
-    free = max(1, round(cores - load))  # cores the other work leaves idle (at least one)
-    if load < 1.0 or wanted <= free:
-        return None
-    free = max(1, free // max(processes, 1))  # per process
-    return (
-        f"WARNING: this machine is busy (load average {load:.1f} on {cores} core(s)) and "
-        f"torch will start {wanted} thread(s): sharing cores can slow training 10x or more; "
-        f"set threads={free} (or OMP_NUM_THREADS={free}), see README > Troubleshooting"
-    )
+    return warning(threads, processes)
+
+
+def warn_if_busy(device: torch.device | str = "cpu") -> None:
+    """Log the busy-machine warning for the threads torch now uses (CPU work only)."""
+    if torch.device(device).type == "cpu" and dist.is_main():
+        text = oversubscription_warning(torch.get_num_threads(), dist.world_size())
+        if text:
+            log.warning(text)
 
 
 def random_init_warning(cfg: Config) -> str | None:
@@ -190,12 +199,10 @@ def random_init_warning(cfg: Config) -> str | None:
 def _warn_at_start(cfg: Config, device: torch.device) -> None:
     from ciscr.engine.evaluate import eval_warning
 
-    warnings = [random_init_warning(cfg), eval_warning(cfg.eval)]
-    if device.type == "cpu":
-        warnings.append(oversubscription_warning(torch.get_num_threads(), dist.world_size()))
-    for text in warnings:
+    for text in (random_init_warning(cfg), eval_warning(cfg.eval)):
         if text:
             log.warning(text)
+    warn_if_busy(device)
 
 
 def _precision(cfg: Config, device: torch.device) -> str:
@@ -207,7 +214,7 @@ def _precision(cfg: Config, device: torch.device) -> str:
     return f"{words} (train.amp=auto)" if cfg.train.amp == "auto" else words
 
 
-def run_summary(ctx: RunContext, resumed: bool = False) -> str:
+def run_summary(ctx: RunContext, resumed: bool = False, threads_how: str = "") -> str:
     """What a run is about to do: data, classes, device, threads, precision, run directory.
 
     A resumed run also says which stages are already done (they are skipped); the stage that
@@ -224,12 +231,53 @@ def run_summary(ctx: RunContext, resumed: bool = False) -> str:
         f"data: {len(ctx.labeled)} labeled / {len(ctx.unlabeled)} unlabeled / {len(ctx.val)} "
         f"val images, {info.num_classes} classes ({names})",
         f"model: {cfg.model.backbone} ({weights}), method {cfg.method.name}; device {ctx.device}"
-        f", {torch.get_num_threads()} thread(s) x {dist.world_size()} process(es), "
+        f", {torch.get_num_threads()} thread(s) x {dist.world_size()} process(es)"
+        f"{f' ({threads_how})' if threads_how else ''}, "
         f"precision {_precision(cfg, ctx.device)}",
     ]
+    rule = _labeled_fraction(ctx)[0]
+    if rule:
+        lines.insert(2, rule)
     if done:
         lines.append(f"resuming: {', '.join(done)} already done (skipped)")
     return "\n".join(lines)
+
+
+def _labeled_fraction(ctx: RunContext) -> tuple[str | None, str | None]:
+    """What ``data.labeled`` as a fraction was a fraction of (line, warning), for a random
+    partition (folder / synthetic); (None, None) for a packaged split."""
+    from ciscr.data.formats import DEFAULT_LABELED_FRACTION
+    from ciscr.data.partition import labeled_fraction_note
+
+    d = ctx.cfg.data
+    if d.split or d.format not in ("folder", "synthetic"):
+        return None, None
+    masked = len(ctx.labeled) + sum(s.mask is not None for s in ctx.unlabeled)
+    return labeled_fraction_note(d.labeled, len(ctx.labeled), masked,
+                                 len(ctx.labeled) + len(ctx.unlabeled), DEFAULT_LABELED_FRACTION)
+
+
+def _debug_config(cfg: Config) -> None:
+    """-v: the settings that differ from the defaults of the method, i.e. what really runs."""
+    from ciscr.config import non_default_settings
+
+    log.debug("config (differs from the defaults of method.name=%s): %s", cfg.method.name,
+              " ".join(non_default_settings(cfg)) or "nothing")
+
+
+def data_counts(labeled: list, unlabeled: list, val: list) -> str:
+    """-v: the split's counts, and how many unlabeled images have a mask (those masks only
+    score pseudo labels)."""
+    scored = sum(s.mask is not None for s in unlabeled)
+    return (f"data: pool {len(labeled) + len(unlabeled)} images = {len(labeled)} labeled + "
+            f"{len(unlabeled)} unlabeled ({scored} of them with a mask, used only to score "
+            f"pseudo labels); val {len(val)} images")
+
+
+def _warn_labeled_fraction(ctx: RunContext) -> None:
+    warning = _labeled_fraction(ctx)[1]
+    if warning:
+        log.warning(warning)
 
 
 def _done_stages(run_dir: Path) -> list[str]:
@@ -285,27 +333,32 @@ def evaluate_checkpoint(ckpt_path: Path, overrides: list[str], out: Path | None)
                     overrides)
     info = dist.init_distributed(cfg.device)
     _set_threads(cfg.threads)
+    _debug_config(cfg)
     warning = eval_warning(cfg.eval)
     if warning and dist.is_main():
         log.warning(warning)
+    warn_if_busy(info.device)
     try:
         model_cfg = cfg.model.model_copy(update={"pretrained": ""})
         model = build_model(model_cfg, meta["num_classes"])
         model.load_state_dict(ckpt["model"])
         model.to(info.device).eval()
         dinfo, labeled, unlabeled, val = load_dataset(cfg.data, cfg.seed)
+        log.debug(data_counts(labeled, unlabeled, val))
         ctx = RunContext(cfg, ckpt_path.parent, info.device, dinfo, labeled, unlabeled, val)
         metrics = evaluate_model(ctx, model)
         metrics.update(checkpoint=str(ckpt_path), iteration=ckpt.get("iteration"),
                        eval_mode=cfg.eval.mode, eval=eval_settings(cfg.eval, cfg.train.crop_size),
                        data={"format": cfg.data.format, "root": _abs_root(cfg.data.root),
                              "val_split": cfg.data.val_split,
-                             "max_val_images": cfg.data.max_val_images})
+                             "max_val_images": cfg.data.max_val_images},
+                       **_provenance())
         if dist.is_main():
             dest = out or default_eval_path(ckpt_path, cfg, meta["config"])
+            replaced = _replaced_note(dest)
             atomic_write_json(dest, metrics)
             print(format_miou_table(metrics, list(dinfo.class_names)))
-            print(f"written: {dest}")
+            print(f"written: {dest}" + (f" (replaced {replaced})" if replaced else ""))
         return metrics
     finally:
         dist.cleanup()
@@ -315,16 +368,62 @@ def _abs_root(root: str) -> str:
     return str(Path(root).expanduser().resolve()) if root else ""
 
 
+def _provenance() -> dict[str, str]:
+    """When and by which ciscr an eval record was written (a JSON alone says neither)."""
+    from datetime import datetime, timezone
+
+    import ciscr
+
+    return {"ciscr_version": ciscr.__version__,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _replaced_note(dest: Path) -> str:
+    """What an eval JSON about to be overwritten held ('' when there is none)."""
+    import json
+
+    try:
+        old = json.loads(dest.read_text())
+    except (OSError, ValueError):
+        return "" if not dest.exists() else "an unreadable file"
+    miou = old.get("miou")
+    when = old.get("timestamp", "before timestamps were recorded")
+    what = f"mIoU {100 * miou:.2f}" if isinstance(miou, (int, float)) else "no mIoU"
+    return f"the result of {when}: {what}, iteration {old.get('iteration')}"
+
+
+def _settings_tag(cfg: Config, trained: dict[str, Any]) -> str:
+    """'' when the evaluation settings are the checkpoint's own (its eval section, in the mode
+    asked for; its val split), else ``-<6 hex>`` of them: WHY, two evals in one mode with other
+    scales / flip / window / val images must not overwrite each other."""
+    import hashlib
+    import json
+
+    from ciscr.engine.evaluate import eval_settings
+
+    def settings(c: Config) -> dict[str, Any]:
+        return {**eval_settings(c.eval, c.train.crop_size), "val_split": c.data.val_split,
+                "max_val_images": c.data.max_val_images}
+
+    base = from_dict(trained)
+    base = base.model_copy(update={"eval": base.eval.model_copy(update={"mode": cfg.eval.mode})})
+    mine = settings(cfg)
+    if mine == settings(base):
+        return ""
+    return "-" + hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:6]
+
+
 def default_eval_path(ckpt_path: Path, cfg: Config, trained: dict[str, Any]) -> Path:
     """``<stem>_eval_<mode>.json`` next to the checkpoint, for the data it was trained on.
 
-    Evaluating on another ``data.root`` adds that root's name and a short hash of its absolute
-    path, so that it never overwrites the result on the original data.
+    Other evaluation settings than the checkpoint's own add a short hash of them
+    (:func:`_settings_tag`); another ``data.root`` adds that root's name and a short hash of its
+    absolute path, so that it never overwrites the result on the original data.
     """
     import hashlib
     import re
 
-    name = f"{ckpt_path.stem}_eval_{cfg.eval.mode}"
+    name = f"{ckpt_path.stem}_eval_{cfg.eval.mode}{_settings_tag(cfg, trained)}"
     if cfg.data.root != (trained.get("data") or {}).get("root", ""):
         root = _abs_root(cfg.data.root)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(root).name)[:40] or "root"
@@ -342,6 +441,7 @@ def print_info() -> None:
         ("torch", torch.__version__),
         ("platform", platform.platform()),
         ("cpu threads", _threads_line()),
+        ("load", _load_line()),
         ("cuda", _cuda_line()),
         ("bf16 autocast (cpu)", _bf16_cpu()),
         ("distributed", _dist_line()),
@@ -356,7 +456,14 @@ def print_info() -> None:
 def _threads_line() -> str:
     env = [f"{v}={os.environ[v]}" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if v in os.environ]
     source = ", ".join(env) if env else "OMP_NUM_THREADS unset"
-    return f"{torch.get_num_threads()} (of {_usable_cores()} cores; {source}; set with threads=N)"
+    return (f"{torch.get_num_threads()} by torch's default (of {_usable_cores()} cores; {source}); "
+            "ciscr's default threads=auto starts one per free core, threads=N sets them")
+
+
+def _load_line() -> str:
+    from ciscr.threads import load_line
+
+    return load_line()
 
 
 def _version(mod: str) -> str:

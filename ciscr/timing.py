@@ -14,7 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-STAGE_ORDER = ("stage1", "pseudo0", "selection", "stage2", "pseudo1", "stage3", "pseudo_final")
+# "online" is the single training stage of FixMatch / UniMatch (ciscr/online.py): without it
+# an online run's table showed only pseudo_final.
+STAGE_ORDER = ("stage1", "online", "pseudo0", "selection", "stage2", "pseudo1", "stage3",
+               "pseudo_final")
 CATEGORIES = ("training", "evaluation", "pseudo-labelling", "selection")
 NOTE = (
     "from each stage's done.json; a resumed stage counts only the invocation that finished "

@@ -44,8 +44,10 @@ def resolve_init(cfg: Config) -> Config:
     path is refused by the config check. ConfigError for a missing file."""
     path = Path(cfg.model.init)
     if not path.is_file():
+        from ciscr.config import path_hint
+
         raise ConfigError(f"model.init: {path}: checkpoint not found (a ciscr checkpoint.pt, "
-                          "e.g. RUN/stage1/checkpoint.pt)")
+                          f"e.g. RUN/stage1/checkpoint.pt){path_hint('model.init', path)}")
     digest = file_sha256(path)
     if cfg.model.init_sha256 and cfg.model.init_sha256 != digest:
         raise ConfigError(f"model.init: {path} has sha256 {digest[:12]}..., not the "

@@ -40,7 +40,7 @@ def test_start_summary_then_resume_messages(tmp_path, logs, quiet_machine):
     text = logs.text
     assert f"run: {out} (new)" in text
     assert "data: 4 labeled / 8 unlabeled / 3 val images, 3 classes (background, disc, square)" in text
-    assert "device cpu, 1 thread(s) x 1 process(es), precision " in text
+    assert "device cpu, 1 thread(s) x 1 process(es) (threads=1), precision " in text
     assert "(train.amp=auto)" in text  # auto is resolved and named
     assert "resuming" not in text
     logs.clear()
@@ -63,7 +63,11 @@ def test_random_init_warning_is_loud_and_names_the_setting():
 
 
 def test_oversubscription_warning(monkeypatch):
-    monkeypatch.setattr(runner, "_usable_cores", lambda: 2)
+    from ciscr import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "_running_now", lambda: 2.0)  # the other job's 2 threads
+    monkeypatch.setattr(threads, "_own_share", lambda: 0.0)
     monkeypatch.setattr(runner.os, "getloadavg", lambda: (1.9, 1.5, 1.0))
     text = runner.oversubscription_warning(threads=2)
     assert "load average 1.9 on 2 core(s)" in text and "threads=1" in text
@@ -94,7 +98,8 @@ def test_eval_records_its_settings_and_another_root_gets_its_own_file(tmp_path, 
     logs.clear()
     assert main(["eval", str(ckpt), "eval.mode=multiscale", "eval.scales=[1.0]"]) == 0
     assert "eval.mode=multiscale with eval.scales=[1.0] is single-scale" in logs.text
-    first = out / "stage1" / "checkpoint_eval_multiscale.json"
+    # scales other than the checkpoint's own: the file name carries a hash of the settings
+    (first,) = (out / "stage1").glob("checkpoint_eval_multiscale-*.json")
     rec = json.loads(first.read_text())
     assert rec["eval"] == {"mode": "multiscale", "scales": [1.0], "window": 32,
                            "stride_ratio": pytest.approx(2 / 3), "flip": True}
@@ -102,7 +107,7 @@ def test_eval_records_its_settings_and_another_root_gets_its_own_file(tmp_path, 
     other = tmp_path / "elsewhere"
     assert main(["eval", str(ckpt), "eval.mode=multiscale", f"data.root={other}"]) == 0
     written = sorted(p.name for p in (out / "stage1").glob("checkpoint_eval_*.json"))
-    assert len(written) == 2 and written[0] == "checkpoint_eval_multiscale.json"
+    assert len(written) == 2 and written[0] == first.name
     assert written[1].startswith("checkpoint_eval_multiscale_elsewhere-")
     assert json.loads(first.read_text()) == rec  # the first result is untouched
     again = json.loads((out / "stage1" / written[1]).read_text())

@@ -99,7 +99,8 @@ def test_paper_configs_default_to_imagenet_weights():
 
 
 def test_threads_setting():
-    assert load_config("synthetic").threads == 0
+    assert load_config("synthetic").threads == "auto"  # issue 26: the free cores at start
     assert load_config("synthetic", ["threads=3"]).threads == 3
+    assert load_config("synthetic", ["threads=0"]).threads == 0
     with pytest.raises(ConfigError, match="threads"):
         load_config("synthetic", ["threads=-1"])

@@ -210,11 +210,24 @@ def test_cli_report_prints_the_path(run_dir: Path, tmp_path: Path, capsys) -> No
 
 # --------------------------------------------------------------------------- a real browser
 
+# The exact command, printed in the skip reason and in README's "Test it" (what .ci/run runs):
+# on a fresh machine the test is skipped, and the reader should not have to look it up.
+CHROMIUM_INSTALL = "sudo apt-get install -y chromium"
+CHROMIUM_SKIP = (f"chromium is not installed, so the report's browser test is skipped; "
+                 f"install it with: {CHROMIUM_INSTALL} (Debian/Ubuntu; .ci/run does this)")
+
+
+def test_readme_says_how_to_get_chromium() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    test_it = readme.split("**Test it:**", 1)[1].split("---", 1)[0]
+    assert CHROMIUM_INSTALL in test_it and "chromium" in CHROMIUM_SKIP
+
+
 
 def test_headless_chromium_renders_the_report(report: str, tmp_path: Path) -> None:
     browser = shutil.which("chromium")
     if browser is None:
-        pytest.skip("chromium is not installed (apt-get install chromium) for the browser test")
+        pytest.skip(CHROMIUM_SKIP)
     page = tmp_path / "report.html"
     page.write_text(report)
     flags = [

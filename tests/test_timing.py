@@ -62,3 +62,16 @@ def test_summary_and_report_carry_the_table(tmp_path):
     assert "time per stage" in text and "36.0" in text
     page = build_html(run, max_gallery=0)
     assert 'id="time"' in page and "<td>36.0</td>" in page
+
+
+def test_online_run_lists_its_training_stage(tmp_path):
+    # issue 26: a FixMatch / UniMatch run trains in one "online" stage; the table listed only
+    # pseudo_final (training 0.0 s) before.
+    _done(tmp_path, "online", val_miou=0.5, wall_seconds=2100.0, eval_seconds=30.0)
+    (tmp_path / "online" / "train.jsonl").write_text('{"iteration": 40, "step_seconds": 0.5}\n')
+    _done(tmp_path, "pseudo_final", num_images=4, wall_seconds=26.4)
+    rows = stage_time_rows(tmp_path)
+    assert [r["stage"] for r in rows] == ["online", "pseudo_final"]
+    assert rows[0]["seconds"]["training"] == 2070.0 and rows[0]["iterations"] == 40
+    assert category_totals(rows)["training"] == 2070.0
+    assert "online" in format_time_table(rows)

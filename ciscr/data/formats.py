@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ciscr.config import DataCfg
+from ciscr.config import DataCfg, path_hint
 from ciscr.data.io import default_palette, read_classes, read_palette, voc_palette
 from ciscr.data.partition import (
     POOL_LISTS,
@@ -133,7 +133,7 @@ def _root(cfg: DataCfg) -> Path:
         raise ConfigError(f"data.root must be set for data.format={cfg.format}")
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data.root: {root} is not a directory")
+        raise DataError(f"data.root: {root} is not a directory{path_hint('data.root', cfg.root)}")
     return root
 
 

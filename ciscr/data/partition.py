@@ -205,9 +205,10 @@ def partition_ids(
         if num is None:
             path = Path(labeled).expanduser()
             if not path.is_file():
-                raise ConfigError(
-                    f"data.labeled='{labeled}' is neither a fraction, a count nor a list file"
-                )
+                from ciscr.config import path_hint
+
+                raise ConfigError(f"data.labeled='{labeled}' is neither a fraction, a count nor "
+                                  f"a list file{path_hint('data.labeled', labeled)}")
             chosen = set(_ids_from_file(path, pool, no_mask))
             lab = [i for i in pool if i in chosen]
             return lab, [i for i in pool if i not in chosen]
@@ -224,3 +225,34 @@ def partition_ids(
     perm = np.random.default_rng(seed).permutation(len(order))
     chosen = {order[j] for j in perm[:k]}
     return [i for i in pool if i in chosen], [i for i in pool if i not in chosen]
+
+
+def labeled_fraction_note(
+    labeled_spec: float | int | str | None,
+    num_labeled: int,
+    num_masked: int,
+    pool_size: int,
+    default: float,
+) -> tuple[str | None, str | None]:
+    """(the rule a labeled *fraction* followed, with its numbers; a warning or None).
+
+    A fraction counts only the pool images that have a mask (an image without one can never be
+    labeled), which a user with 8 masks in a 40-image pool cannot guess: ``0.5`` gives 4, not 20.
+    (None, None) for a count or a list file: those say exactly what they do.
+    """
+    spec = default if labeled_spec is None else labeled_spec
+    value = _parse_number(spec) if isinstance(spec, str) else spec
+    if not isinstance(value, float) or isinstance(value, bool) or value >= 1.0:
+        return None, None
+    shown = f"data.labeled={spec}" + (" (the default)" if labeled_spec is None else "")
+    line = (f"labeled: {shown} -> {num_labeled} of the {num_masked} images that have masks "
+            f"(round({value:g} x {num_masked}); the pool has {pool_size} images)")
+    # Only where some pool images have no mask: there the masks are the user's labels, and a
+    # fraction silently leaves some unused. In a fully masked pool (CamVid, the benchmarks) a
+    # fraction is the protocol, the other masks only score pseudo labels.
+    if num_masked == pool_size or num_labeled >= num_masked:
+        return line, None
+    warning = (f"warning: {shown} labels {num_labeled} of the {num_masked} images that have "
+               f"masks; the other {num_masked - num_labeled} masks only score pseudo labels. "
+               f"To train on every mask: data.labeled={num_masked}")
+    return line, warning

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from PIL import Image
 from ciscr.config import SyntheticCfg
 from ciscr.data.io import save_mask_png, voc_palette
 from ciscr.errors import DataError
+
+log = logging.getLogger("ciscr")
 
 # Bump whenever the generated pixels change, so cached datasets are not reused by mistake.
 GENERATOR_VERSION = 2
@@ -332,7 +335,9 @@ def make_synthetic(root: Path, cfg: SyntheticCfg, seed: int) -> Path:
     root = Path(root).expanduser()
     final = root / dataset_dirname(cfg, seed)
     if (final / MANIFEST).is_file():
+        log.debug("synthetic data: cache hit, %s", final)
         return final
+    log.debug("synthetic data: not cached, generating %s", final)
     if final.exists():
         raise DataError(f"{final}: incomplete synthetic dataset (not made by ciscr?); delete it")
     try:

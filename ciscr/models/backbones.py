@@ -350,7 +350,10 @@ def mobilenet_v2(output_stride: int = 8) -> MobileNetV2:
 
 def _read_state_dict(path: Path) -> Mapping[str, Tensor]:
     if not path.is_file():
-        raise WeightsError(f"{path}: pretrained weight file not found (model.pretrained)")
+        from ciscr.config import path_hint
+
+        hint = path_hint("model.pretrained", path) or " (model.pretrained)"
+        raise WeightsError(f"{path}: pretrained weight file not found{hint}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt zip, pickle with code, truncated file, ...

@@ -156,5 +156,7 @@ def resolve_pretrained(backbone: str, pretrained: str | os.PathLike) -> str:
     dst = hub_checkpoint_dir() / spec.filename
     if not dst.is_file():
         _fetch(spec, dst, setting)
+    else:
+        log.debug("%s: cache hit, %s", setting, dst)
     _check_cached(dst, spec)
     return str(dst)
