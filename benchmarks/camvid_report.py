@@ -275,6 +275,29 @@ def targets(runs: dict, seeds: list[int], judged: bool,
     return out
 
 
+def table_where_lost(runs: dict, rows: list[str], seeds: list[int], labels: dict[str, str],
+                     control: str) -> list[str]:
+    """For each row below the control on the paired mean: the classes where it lost most IoU
+    against the control (mean over seeds), read from the runs' per-class IoU."""
+    out = ["| method | minus the control | the 3 classes it lost most on (IoU points vs control) |",
+           "|---|---|---|"]
+    for r in rows:
+        pairs = [(runs[(r, s)], runs[(control, s)]) for s in seeds
+                 if runs.get((r, s)) and runs.get((control, s))]
+        if not pairs:
+            continue
+        d = statistics.fmean(100 * (a["val_miou"] - c["val_miou"]) for a, c in pairs)
+        if d >= 0:
+            continue
+        names = pairs[0][0]["class_names"] or []
+        per = [statistics.fmean(100 * ((a["iou"][k] or 0.0) - (c["iou"][k] or 0.0))
+                                for a, c in pairs) for k in range(len(names))]
+        worst = sorted(range(len(names)), key=lambda k: per[k])[:3]
+        out.append(f"| {labels[r]} | {d:+.2f} | "
+                   + ", ".join(f"{names[k]} {per[k]:+.1f}" for k in worst) + " |")
+    return out if len(out) > 2 else ["(no row below the control)"]
+
+
 def machine() -> str:
     import torch
 
@@ -365,6 +388,8 @@ def write(args: argparse.Namespace, runs: dict, seeds: list[int], opt_seeds: lis
         "Wall minutes grow when other processes share the cores; CPU minutes do not. A row that "
         "reuses another's stages (CISC-R bank: CISC-R's pseudo labels and selection; ST++: its "
         "pseudo labels) does not count their time.", "",
+        "## Where the rows below the control lose", "",
+        *table_where_lost(runs, spec["main"], seeds, labels, control), "",
         "## Per-class IoU (%), mean over seeds", "",
         *table_per_class(runs, rows, seeds, labels), "",
         "## Pseudo-label mIoU (%) of the unlabeled pool, and BatchNorm", "",
