@@ -595,7 +595,7 @@ def _queries_html(queries: dict[str, Any] | None) -> str:
 
 def _load_model(run: _Run, stage: str):
     """(model, meta) of a stage's checkpoint, or (None, reason)."""
-    from ciscr.predict import load_model_from_checkpoint
+    from ciscr.loading import load_model_from_checkpoint
 
     path = run.dir / stage / "checkpoint.pt"
     if not path.is_file():
