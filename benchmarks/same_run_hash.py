@@ -1,13 +1,14 @@
 """Fingerprint of a seeded synthetic run, for refactors that must not change behaviour.
 
-    python benchmarks/same_run_hash.py [--keep DIR] [--compare HASHES.json] [--save HASHES.json]
+    python benchmarks/same_run_hash.py [--work DIR] [--compare HASHES.json] [--save HASHES.json]
 
 Runs small seeded CPU runs of the three kinds of method (CISC-R query mode and ST++: the
 stage-wise family with selection; UniMatch + CISC: the online family) and ``ciscr train``
 through the CLI of the checkout it lives in, then hashes every metric, selection list, pseudo
-label and checkpoint tensor, bitwise. Timing fields (seconds, dates, hosts) and absolute paths are
-left out: they differ between any two runs. Same hashes before and after a change = the change
-left training, evaluation and checkpoints as they were.
+label and checkpoint tensor, bitwise. Timing fields (seconds, dates, hosts) are left out: they
+differ between any two runs. The runs always go to the same folder (the data check's fingerprint
+and the checkpoints' config hold absolute paths). Same hashes before and after a change = the
+change left training, evaluation and checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,7 +55,7 @@ def _clean(obj: Any, root: str) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_clean(v, root) for v in obj]
     if isinstance(obj, str):
-        return obj.replace(root, "<run>")
+        return obj.replace(root, "<work>")
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous().reshape(-1)  # 1-d: 0-dim tensors cannot be viewed
         raw = t.view(torch.uint8).numpy().tobytes()
@@ -75,11 +77,12 @@ def _file_digest(path: Path, root: str) -> str | None:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def fingerprint(run_dir: Path) -> dict[str, str]:
-    """sha256 of every result file below ``run_dir`` (relative path -> digest)."""
+def fingerprint(run_dir: Path, work: Path) -> dict[str, str]:
+    """sha256 of every result file below ``run_dir`` (relative path -> digest); ``work`` (the
+    folder of the runs and their data, which differs between calls) is written as <work>."""
     out = {}
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
-        digest = _file_digest(path, str(run_dir))
+        digest = _file_digest(path, str(work))
         if digest is not None:
             out[str(path.relative_to(run_dir))] = digest
     return out
@@ -95,7 +98,7 @@ def run_all(work: Path) -> dict[str, dict[str, str]]:
         argv = [sys.executable, "-m", "ciscr", cmd, "synthetic", "--out", str(out), *ARGS,
                 f"data.root={data}", *extra]  # fmt: skip
         subprocess.run(argv, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
-        hashes[name] = fingerprint(out)
+        hashes[name] = fingerprint(out, work)
         total = hashlib.sha256(json.dumps(hashes[name], sort_keys=True).encode()).hexdigest()
         print(f"{name:14s} {len(hashes[name]):4d} files  {total[:16]}", flush=True)
     return hashes
@@ -103,12 +106,13 @@ def run_all(work: Path) -> dict[str, dict[str, str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keep", type=Path, help="run here (kept) instead of a temporary folder")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ciscr_same_run_hash",
+                    help="folder of the runs (emptied first; kept afterwards)")
     ap.add_argument("--save", type=Path, help="write the per-file hashes here")
     ap.add_argument("--compare", type=Path, help="compare with hashes saved by --save")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        hashes = run_all(args.keep or Path(tmp))
+    shutil.rmtree(args.work, ignore_errors=True)
+    hashes = run_all(args.work)
     if args.save:
         args.save.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
     total = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
