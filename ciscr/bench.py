@@ -637,7 +637,8 @@ def loader_cases(spec: BenchSpec, device: torch.device, root: Path,
     import shutil
 
     from ciscr.config import load_config
-    from ciscr.pipeline import retrain_stage, setup_run
+    from ciscr.pipeline import retrain_stage
+    from ciscr.run_setup import setup_run
 
     cfg = load_config("synthetic", [*_loader_overrides(spec, iters), f"data.root={root / 'data'}"])
     ctx = setup_run(cfg, root / "run", device)

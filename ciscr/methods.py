@@ -22,7 +22,7 @@ from ciscr.config import METHOD_PRESETS, MethodCfg
 from ciscr.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ciscr.pipeline import RunContext
+    from ciscr.run_services import RunContext
 
 StageRun = Callable[["RunContext"], tuple[dict[str, dict[str, Any]], str]]
 
@@ -93,7 +93,7 @@ def stage_names(m: MethodCfg) -> list[str]:
 
 def run_method(ctx: RunContext) -> dict[str, Any]:
     """Run or finish every stage of the configured method; returns the run's summary."""
-    from ciscr.pipeline import evaluate_init, finish_run
+    from ciscr.run_services import evaluate_init, finish_run
 
     start = evaluate_init(ctx)  # model.init of a method that trains on from it: the start
     stages, final = get_recipe(ctx.cfg.method.name).run(ctx)

@@ -54,9 +54,12 @@ SAME_SETTINGS = {"st": ["method.retrain_batches=split", "method.cutout=false",
                         "method.stage1_cisc_loss=false"]}
 # (module, attribute, how the stage is named from the call's arguments)
 STAGE_FUNCTIONS: tuple[tuple[str, str, Callable[[tuple], str]], ...] = (
-    ("ciscr.pipeline", "setup_run", lambda a: "setup"),
+    ("ciscr.run_setup", "setup_run", lambda a: "setup"),
     ("ciscr.pipeline", "stage1", lambda a: "stage1"),
+    # pseudo_stage lives in run_services (finish_run's pseudo_final calls it there) and is
+    # imported by the pipeline (pseudo0, pseudo1): both names are wrapped.
     ("ciscr.pipeline", "pseudo_stage", lambda a: str(a[1])),
+    ("ciscr.run_services", "pseudo_stage", lambda a: str(a[1])),
     ("ciscr.pipeline", "selection_stage", lambda a: "selection"),
     ("ciscr.pipeline", "retrain_stage", lambda a: str(a[1])),
     ("ciscr.report", "write_report", lambda a: "report"),
@@ -264,7 +267,8 @@ Category = tuple[str, int, list[tuple[Key | None, Key | None]]]
 
 def training_categories() -> list[Category]:
     """What a training stage spends its time on (see the module docstring)."""
-    from ciscr import pipeline as pl
+    from ciscr import run_services as rs
+    from ciscr import stage_plans as sp
     from ciscr.data import datasets as ds
     from ciscr.data import io as dio
     from ciscr.data import pairs, transforms
@@ -276,8 +280,8 @@ def training_categories() -> list[Category]:
     loop = code_key(tr._run_iterations)
     qp = code_key(steps.Rectifier._query_prototypes)
     return [
-        ("build the student", 0, [(code_key(pl.fresh_model), None)]),
-        ("teacher + prototype bank", 0, [(code_key(pl.build_rectifier), None)]),
+        ("build the student", 0, [(code_key(rs.fresh_model), None)]),
+        ("teacher + prototype bank", 0, [(code_key(sp.build_rectifier), None)]),
         ("train batches: load + augment (main process)", 0,
          # num_workers=0: the loader's generator only ever serves the training loop;
          # otherwise the loop's next() on the worker loader (evaluation uses a for loop)
@@ -304,20 +308,20 @@ def training_categories() -> list[Category]:
         ("checkpoints (save, resume)", 0,
          [(code_key(tr._save), None), (code_key(tr._resume), None),
           (code_key(ck.save_checkpoint), loop)]),
-        ("evaluation", 0, [(code_key(pl.evaluate_model), None)]),
+        ("evaluation", 0, [(code_key(rs.evaluate_model), None)]),
     ]  # fmt: skip
 
 
 def pseudo_categories() -> list[Category]:
     """What a pseudo-labelling stage spends its time on."""
-    from ciscr import pipeline as pl
     from ciscr import pseudo as ps
+    from ciscr import run_services as rs
     from ciscr.data import io as dio
     from ciscr.engine import evaluate as ev
 
     part = code_key(ps._label_part)
     return [
-        ("load the model", 0, [(code_key(pl.load_stage_model), None)]),
+        ("load the model", 0, [(code_key(rs.load_stage_model), None)]),
         ("pseudo_label", 0, [(code_key(ps.pseudo_label), None)]),
         ("read + normalise images", 1, [(code_key(ps.load_eval_image), None)]),
         ("TTA forward passes", 1, [(code_key(ev.predict_logits), None)]),
@@ -332,11 +336,12 @@ def selection_categories() -> list[Category]:
     from ciscr import cisc
     from ciscr import pipeline as pl
     from ciscr import pseudo as ps
+    from ciscr import run_services as rs
     from ciscr import selection as se
 
     stage, split = code_key(pl.selection_stage), code_key(pl._split_unlabeled)
     return [
-        ("load the model", 0, [(code_key(pl.load_stage_model), None)]),
+        ("load the model", 0, [(code_key(rs.load_stage_model), None)]),
         ("labeled prototypes (anchors)", 0, [(code_key(se.compute_labeled_prototypes), None)]),
         ("labeled distances (query lists)", 0, [(code_key(se.image_distances), stage)]),
         ("unlabeled distances (halves)", 0, [(code_key(se.image_distances), split),

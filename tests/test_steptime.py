@@ -8,7 +8,7 @@ import torch
 
 from ciscr.config import load_config
 from ciscr.engine.train import iters_per_epoch
-from ciscr.pipeline import setup_run
+from ciscr.run_setup import setup_run
 from ciscr.runner import run_training
 from ciscr.steptime import finished_plans, paired_ratio, time_steps
 
