@@ -76,6 +76,24 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def register_method(name: str, recipe: Recipe, preset: dict[str, Any] | None = None) -> None:
+    """Add a method: ``recipe`` (its stages and the function that runs them) here, and its
+    ``method.*`` preset in :data:`ciscr.config.METHOD_PRESETS` (what makes
+    ``method.name=<name>`` a valid setting). A method written in its own file (or a test) calls
+    this once at import; docs/DESIGN.md "Adding a method" walks through one.
+    """
+    if name in RECIPES or name in METHOD_PRESETS:
+        raise ConfigError(f"method.name: '{name}' is registered already")
+    RECIPES[name] = recipe
+    METHOD_PRESETS[name] = dict(preset or {})
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method added by :func:`register_method` (tests clean up with it)."""
+    RECIPES.pop(name, None)
+    METHOD_PRESETS.pop(name, None)
+
+
 def get_recipe(name: str) -> Recipe:
     """The recipe registered as ``name``; ConfigError listing the valid names otherwise."""
     try:
