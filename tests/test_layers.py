@@ -29,9 +29,12 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("method families", ["ciscr.stage_plans", "ciscr.pipeline", "ciscr.online"]),
     ("method registry", ["ciscr.methods"]),
     ("runs", ["ciscr.run_setup", "ciscr.run_facts", "ciscr.predict_io"]),
+    # the timing tools' lower half: a run's time table (the summary's and the report's) and
+    # what bench and profile share; the two commands themselves are commands
+    ("timing records", ["ciscr.timing", "ciscr.timing.stages", "ciscr.timing.common"]),
     ("commands", ["ciscr.runner", "ciscr.report", "ciscr.visualize", "ciscr.predict",
-                  "ciscr.export", "ciscr.demo", "ciscr.bench", "ciscr.profiling",
-                  "ciscr.steptime", "ciscr.timing", "ciscr.cli", "ciscr.__main__"]),
+                  "ciscr.export", "ciscr.demo", "ciscr.timing.bench", "ciscr.timing.profiling",
+                  "ciscr.timing.steptime", "ciscr.cli", "ciscr.__main__"]),
     ("benchmarks (outside the package)", ["benchmarks.*"]),
 ]  # fmt: skip
 
