@@ -145,7 +145,7 @@ def current_protocol(args: argparse.Namespace, row: str, seed: int, rd: Path) ->
 
     from ciscr.config import load_config
     from ciscr.errors import ConfigError
-    from ciscr.pipeline import check_same_config
+    from ciscr.run_setup import check_same_config
     from ciscr.warmstart import warm_config
 
     saved = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").exists() else {}

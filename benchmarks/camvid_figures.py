@@ -84,7 +84,7 @@ class RunView:
 
     def model(self, stage: str) -> tuple[Any, dict]:
         """(model, checkpoint meta) of a stage, loaded once."""
-        from ciscr.predict import load_model_from_checkpoint
+        from ciscr.loading import load_model_from_checkpoint
 
         if stage not in self._models:
             path = self.dir / stage / "checkpoint.pt"
@@ -181,7 +181,7 @@ def predictions_figure(models: dict[str, tuple[Any, dict]], run: RunView, stem: 
 def write_figures(runs: Path, out: Path, stem: str = "camvid", labeled: str = "0.125",
                   seed: int = 0) -> list[Path]:
     """The three PNGs from the seed's runs; figures whose runs are missing are skipped."""
-    from ciscr.predict import load_model_from_checkpoint
+    from ciscr.loading import load_model_from_checkpoint
     from ciscr.utils.io import atomic_write_bytes
 
     d = {m: runs / f"{m}_l{labeled}_s{seed}" for m in ("st", "stpp", "ciscr")}

@@ -51,8 +51,9 @@ def bn_recalibration(rd: Path) -> None:
     import torch
 
     from ciscr.config import load_config
-    from ciscr.pipeline import evaluate_model, load_stage_model, setup_run
     from ciscr.pseudo import load_eval_image
+    from ciscr.run_services import evaluate_model, load_stage_model
+    from ciscr.run_setup import setup_run
 
     cfg = load_config(rd / "config.yaml", ["train.progress=false"])
     ctx = setup_run(cfg, rd, torch.device("cpu"))

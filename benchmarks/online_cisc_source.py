@@ -151,7 +151,7 @@ def measure(run_dir: Path, max_images: int = 0, checkpoint: Path | None = None,
     of the same run whose model gives the stale bank."""
     from camvid_figures import RunView
 
-    from ciscr.predict import load_model_from_checkpoint
+    from ciscr.loading import load_model_from_checkpoint
 
     run = RunView(run_dir)
     path = checkpoint or run_dir / "online" / "checkpoint.pt"

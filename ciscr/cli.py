@@ -253,8 +253,8 @@ def _register_optional_commands() -> None:
     """Import modules that add commands (each calls ``register_cli`` at import)."""
     import importlib
 
-    for mod in ("ciscr.predict", "ciscr.export", "ciscr.report", "ciscr.bench",
-                "ciscr.profiling", "ciscr.visualize"):
+    for mod in ("ciscr.predict", "ciscr.export", "ciscr.report", "ciscr.timing.bench",
+                "ciscr.timing.profiling", "ciscr.visualize"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as err:

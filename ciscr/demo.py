@@ -69,7 +69,7 @@ def demo_table(rows: list[tuple[str, dict[str, Any], float, bool]],
 def _finished(run: Path, cfg: Any) -> tuple[dict[str, Any], float] | None:
     """The results and wall time of a run an earlier demo finished with this very config."""
     from ciscr.errors import ConfigError
-    from ciscr.pipeline import check_same_config
+    from ciscr.run_setup import check_same_config
 
     res, wall, saved = run / "results.json", run / "demo_wall.json", run / "config.yaml"
     if not (res.exists() and wall.exists() and saved.exists()):

@@ -25,7 +25,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ciscr.errors import CheckpointError, ConfigError, DependencyError
+from ciscr.errors import CheckpointError, ConfigError
+
+# The ONNX names and the onnxruntime runner live with the other model loaders (predict runs an
+# .onnx file without importing export); imported here too, their public place since export.
+from ciscr.loading import (  # noqa: F401 - re-exported
+    INPUT_NAME,
+    ONNX_META_KEYS,
+    OUTPUT_NAME,
+    OnnxSegmenter,
+    load_onnx_model,
+    onnx_session,
+    read_onnx_metadata,
+    require_onnx,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -33,31 +46,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ciscr")
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
 OPSET = 18
-# Metadata keys written into the ONNX file (JSON-encoded values), read back by load_onnx_model.
-ONNX_META_KEYS = ("config", "class_names", "palette", "num_classes", "mean", "std", "stage",
-                  "iteration")
 # onnxruntime must reproduce PyTorch's logits to within this fraction of their largest
 # magnitude: float32 kernels sum in another order, nothing more (measured: ~1e-6 relative).
 RELATIVE_TOLERANCE = 1e-3
 # Two input sizes, odd and unequal, different batches: they exercise the dynamic axes.
 VERIFY_SHAPES = ((1, 3, 96, 128), (2, 3, 75, 61))
-
-
-def require_onnx(what: str, modules: tuple[str, ...] = ("onnx", "onnxruntime")) -> None:
-    """Import the optional ONNX packages or raise one line saying how to install them."""
-    import importlib
-
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise DependencyError(
-                f"{what} needs the optional ONNX packages ({err}); install them with: "
-                "pip install 'ciscr[onnx]'  (onnx, onnxruntime, onnxscript)"
-            ) from None
 
 
 def logits_module(model: nn.Module) -> nn.Module:
@@ -172,7 +166,7 @@ def export_onnx(
 
     Returns ``{"out", "num_classes", "max_relative_difference" (None without verify)}``.
     """
-    from ciscr.predict import load_model_from_checkpoint
+    from ciscr.loading import load_model_from_checkpoint
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -183,75 +177,6 @@ def export_onnx(
     _save_proto(proto, encode_metadata(meta), out)
     worst = verify_onnx(model, out) if verify else None
     return {"out": str(out), "num_classes": meta["num_classes"], "max_relative_difference": worst}
-
-
-# --------------------------------------------------------------------------- running it
-
-
-def onnx_session(path: str | os.PathLike, device: str = "cpu") -> Any:
-    """An onnxruntime InferenceSession (CUDA provider when asked for and available)."""
-    require_onnx("running an .onnx model", ("onnxruntime",))
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    try:
-        return ort.InferenceSession(str(path), providers=providers)
-    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise CheckpointError(f"{path}: cannot load the ONNX model ({first})") from None
-
-
-class OnnxSegmenter:
-    """An onnxruntime session called like the PyTorch model (what predict_logits needs).
-
-    ``model(x)`` with x (B,3,H,W) normalised returns an object whose ``logits`` is a tensor on
-    x's device, so whole / sliding / multi-scale / flip prediction work unchanged.
-    """
-
-    def __init__(self, session: Any) -> None:
-        self.session = session
-        self.training = False
-
-    def __call__(self, x: torch.Tensor) -> Any:
-        import torch
-
-        from ciscr.models import SegOutput
-
-        arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        logits = self.session.run([OUTPUT_NAME], {INPUT_NAME: arr})[0]
-        return SegOutput(logits=torch.from_numpy(logits).to(x.device), features=None)
-
-    def eval(self) -> OnnxSegmenter:
-        return self
-
-
-def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
-    """The checkpoint-like meta stored by :func:`encode_metadata`."""
-    raw = session.get_modelmeta().custom_metadata_map
-    meta: dict[str, Any] = {}
-    for key in ONNX_META_KEYS:
-        if key in raw:
-            try:
-                meta[key] = json.loads(raw[key])
-            except json.JSONDecodeError:
-                raise CheckpointError(f"{path}: ONNX metadata '{key}' is not JSON") from None
-    if not isinstance(meta.get("config"), dict):
-        raise CheckpointError(
-            f"{path}: ONNX file has no ciscr metadata (config, class names, palette); "
-            "write it with: ciscr export CHECKPOINT --out model.onnx"
-        )
-    return meta
-
-
-def load_onnx_model(path: str | os.PathLike, device: str = "cpu") -> tuple[OnnxSegmenter, dict]:
-    """(callable model, raw meta) of an ONNX file written by ``ciscr export``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: ONNX file not found")
-    session = onnx_session(path, device)
-    return OnnxSegmenter(session), read_onnx_metadata(path, session)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -22,7 +22,7 @@ from ciscr.config import METHOD_PRESETS, MethodCfg
 from ciscr.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ciscr.pipeline import RunContext
+    from ciscr.run_services import RunContext
 
 StageRun = Callable[["RunContext"], tuple[dict[str, dict[str, Any]], str]]
 
@@ -76,6 +76,24 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def register_method(name: str, recipe: Recipe, preset: dict[str, Any] | None = None) -> None:
+    """Add a method: ``recipe`` (its stages and the function that runs them) here, and its
+    ``method.*`` preset in :data:`ciscr.config.METHOD_PRESETS` (what makes
+    ``method.name=<name>`` a valid setting). A method written in its own file (or a test) calls
+    this once at import; docs/DESIGN.md "Adding a method" walks through one.
+    """
+    if name in RECIPES or name in METHOD_PRESETS:
+        raise ConfigError(f"method.name: '{name}' is registered already")
+    RECIPES[name] = recipe
+    METHOD_PRESETS[name] = dict(preset or {})
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method added by :func:`register_method` (tests clean up with it)."""
+    RECIPES.pop(name, None)
+    METHOD_PRESETS.pop(name, None)
+
+
 def get_recipe(name: str) -> Recipe:
     """The recipe registered as ``name``; ConfigError listing the valid names otherwise."""
     try:
@@ -93,7 +111,7 @@ def stage_names(m: MethodCfg) -> list[str]:
 
 def run_method(ctx: RunContext) -> dict[str, Any]:
     """Run or finish every stage of the configured method; returns the run's summary."""
-    from ciscr.pipeline import evaluate_init, finish_run
+    from ciscr.run_services import evaluate_init, finish_run
 
     start = evaluate_init(ctx)  # model.init of a method that trains on from it: the start
     stages, final = get_recipe(ctx.cfg.method.name).run(ctx)

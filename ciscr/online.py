@@ -24,7 +24,8 @@ from ciscr.data.formats import Sample
 from ciscr.engine.online import BankFn, OnlineRecipe, OnlineStep, batch_prototypes, recipe_weights
 from ciscr.engine.train import Stream, iters_per_epoch, train_stage
 from ciscr.errors import DataError
-from ciscr.pipeline import (
+from ciscr.pseudo import eval_mode, load_eval_image, read_labels
+from ciscr.run_services import (
     RunContext,
     epoch_eval_hook,
     finish_stage,
@@ -34,7 +35,6 @@ from ciscr.pipeline import (
     start_model,
     unlabeled_stage_cfg,
 )
-from ciscr.pseudo import eval_mode, load_eval_image, read_labels
 from ciscr.utils.io import read_json
 from ciscr.utils.misc import autocast
 

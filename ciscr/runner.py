@@ -16,7 +16,7 @@ from ciscr.errors import CheckpointError, CiscrError, ConfigError
 from ciscr.utils.io import atomic_write_json, check_writable_dir
 
 if TYPE_CHECKING:
-    from ciscr.pipeline import RunContext
+    from ciscr.run_services import RunContext
 
 log = logging.getLogger("ciscr")
 
@@ -38,7 +38,7 @@ check_writable = check_writable_dir
 def run_training(cfg: Config, out: Path) -> dict[str, Any]:
     """``ciscr train`` / ``ciscr run``: every stage the method needs, resumable."""
     from ciscr.methods import run_method
-    from ciscr.pipeline import setup_run
+    from ciscr.run_setup import setup_run
 
     info = dist.init_distributed(cfg.device)
     if not dist.is_main():
@@ -323,7 +323,7 @@ def evaluate_checkpoint(ckpt_path: Path, overrides: list[str], out: Path | None)
     from ciscr.engine.checkpoint import load_checkpoint
     from ciscr.engine.evaluate import eval_settings, eval_warning, format_miou_table
     from ciscr.models import build_model
-    from ciscr.pipeline import RunContext, evaluate_model
+    from ciscr.run_services import RunContext, evaluate_model
 
     ckpt = load_checkpoint(ckpt_path)
     meta = ckpt.get("meta") or {}

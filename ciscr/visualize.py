@@ -234,7 +234,7 @@ def cisc_figure(
         image: uint8 (H, W, 3). labeled: uint8 (H', W', 3). mask: integer (H', W') gt of
             ``labeled``. cls: class index.
         meta: checkpoint meta (``class_names``, ``palette``, ``mean``, ``std``) as returned by
-            :func:`ciscr.predict.load_model_from_checkpoint`.
+            :func:`ciscr.loading.load_model_from_checkpoint`.
         pseudo: optional integer (H, W) pseudo label of ``image``; shown instead of the
             model's own prediction.
         max_side: images are downscaled to this longer side before the forward pass (speed).
@@ -297,7 +297,7 @@ def visualize(
         CheckpointError: unusable checkpoint.
     """
     from ciscr.data.io import read_image, read_mask
-    from ciscr.predict import load_model_from_checkpoint
+    from ciscr.loading import load_model_from_checkpoint
     from ciscr.utils.io import atomic_write_bytes
 
     model, meta = load_model_from_checkpoint(checkpoint, device)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from ciscr import bench
-from ciscr.bench import BenchSpec, TrainVariant
+import ciscr
 from ciscr.cli import main
+from ciscr.timing import bench
+from ciscr.timing.bench import BenchSpec, TrainVariant
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def test_memory_server_env_pins_glibc_mmap_threshold(monkeypatch):
     env = bench.memory_env()
     assert env["MALLOC_MMAP_THRESHOLD_"] == str(128 * 1024)
     assert env["MALLOC_TRIM_THRESHOLD_"] == "4096"
-    assert str(Path(bench.__file__).resolve().parents[1]) in env["PYTHONPATH"]
+    assert str(Path(ciscr.__file__).resolve().parents[1]) in env["PYTHONPATH"]
 
 
 def test_quick_run_shows_each_default_beside_its_alternative(quick_run):

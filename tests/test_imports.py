@@ -7,9 +7,11 @@ import sys
 
 import ciscr
 
-MODULES = ["ciscr.cli", "ciscr.commands", "ciscr.predict", "ciscr.report", "ciscr.bench",
+MODULES = ["ciscr.cli", "ciscr.commands", "ciscr.predict", "ciscr.report", "ciscr.timing.bench",
            "ciscr.visualize", "ciscr.export", "ciscr.demo", "ciscr.runner", "ciscr.methods",
-           "ciscr.pipeline", "ciscr.online", "ciscr.engine.online"]
+           "ciscr.pipeline", "ciscr.online", "ciscr.engine.online", "ciscr.run_services",
+           "ciscr.run_setup", "ciscr.stage_plans", "ciscr.loading", "ciscr.predict_io",
+           "ciscr.run_facts", "ciscr.engine.streams"]
 
 
 def test_every_module_imports_first_in_a_fresh_interpreter():

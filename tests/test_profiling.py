@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from ciscr import profiling
 from ciscr.cli import main
-from ciscr.profiling import code_key, compare_stages, edge_seconds, targets
+from ciscr.timing import profiling
+from ciscr.timing.profiling import code_key, compare_stages, edge_seconds, targets
 
 
 def _leaf(seconds):
@@ -187,8 +187,8 @@ TINY = [
 
 def test_tiny_profile_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(profiling, "TORCH_WINDOW", (0, 1))  # the stages have 2 iterations
-    monkeypatch.setattr("ciscr.steptime.ROUNDS", 2)
-    monkeypatch.setattr("ciscr.steptime.BLOCK", 1)
+    monkeypatch.setattr("ciscr.timing.steptime.ROUNDS", 2)
+    monkeypatch.setattr("ciscr.timing.steptime.BLOCK", 1)
     # The profile times report building around write_report; its figures (seconds each, and
     # tested in test_report.py) are not what this test checks.
     monkeypatch.setattr("ciscr.report.build_html", lambda *a, **k: "<html></html>")

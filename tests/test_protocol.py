@@ -17,8 +17,8 @@ from ciscr.engine.losses import ce_loss
 from ciscr.engine.steps import UnlabeledLoss, mixed_step
 from ciscr.errors import ConfigError
 from ciscr.methods import RECIPES, get_recipe
-from ciscr.pipeline import stpp_snapshot_iters
 from ciscr.runner import run_training
+from ciscr.stage_plans import stpp_snapshot_iters
 
 SMALL = [
     "data.synthetic.num_train=20", "data.synthetic.num_val=2", "data.synthetic.size=32",
@@ -198,7 +198,8 @@ def test_registry_lists_valid_names_and_covers_every_preset():
 
 
 def test_stage3_parts_draw_their_own_augmentations(tmp_path):
-    from ciscr.pipeline import setup_run, unlabeled_dataset
+    from ciscr.run_setup import setup_run
+    from ciscr.stage_plans import unlabeled_dataset
 
     cfg = load_config("synthetic", SMALL + ["method.name=stpp"])
     ctx = setup_run(cfg, tmp_path, torch.device("cpu"))
@@ -245,7 +246,8 @@ def test_mixed_batches_with_rectification_is_refused_when_the_config_loads():
 
 def test_frozen_models_run_channels_last_and_the_training_model_is_left_alone(tmp_path):
     from ciscr.engine.checkpoint import save_checkpoint
-    from ciscr.pipeline import evaluate_model, fresh_model, load_model_file, setup_run
+    from ciscr.run_services import evaluate_model, fresh_model, load_model_file
+    from ciscr.run_setup import setup_run
 
     ctx = setup_run(load_config("synthetic", SMALL), tmp_path, torch.device("cpu"))
     model = fresh_model(ctx).train()

@@ -180,7 +180,7 @@ def test_supervised_step_and_online_recipe_take_the_configured_labeled_loss(tmp_
     from ciscr.engine.losses import ohem_ce
     from ciscr.engine.steps import supervised_step
     from ciscr.online import online_recipe
-    from ciscr.pipeline import setup_run
+    from ciscr.run_setup import setup_run
 
     logits, target = _two_class_logits([0.9, 0.6, 0.3, 0.8], [0, 1, 0, 1])
     model = lambda x: SegOutput(logits, logits)  # noqa: E731

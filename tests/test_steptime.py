@@ -8,9 +8,9 @@ import torch
 
 from ciscr.config import load_config
 from ciscr.engine.train import iters_per_epoch
-from ciscr.pipeline import setup_run
+from ciscr.run_setup import setup_run
 from ciscr.runner import run_training
-from ciscr.steptime import finished_plans, paired_ratio, time_steps
+from ciscr.timing.steptime import finished_plans, paired_ratio, time_steps
 
 SMALL = [
     "data.synthetic.num_train=20", "data.synthetic.num_val=2", "data.synthetic.size=32",

@@ -5,7 +5,7 @@ WHY: the timed pass runs whole stages minutes apart, and on a shared virtual mac
 work can run 10-50 % slower a few minutes later (the A/A control of
 ``docs/results/profile_cpu.md``): more than the 15 % margin of the stage targets. Here every
 stage is planned again from a finished run by the pipeline's own functions
-(:func:`ciscr.pipeline.stage1_plan`, :func:`~ciscr.pipeline.retrain_plan`: the same streams,
+(:func:`ciscr.stage_plans.stage1_plan`, :func:`~ciscr.stage_plans.retrain_plan`: the same streams,
 step function, teacher, bank and optimiser settings) and trains for a block of steps in turn,
 round after round. A change of the machine's speed hits every stage of a round alike, and a
 stage's ratio to ST is the median over the rounds of the ratio within a round. ST's stage 2 is
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from ciscr.pipeline import RunContext, StagePlan
+from ciscr.run_services import RunContext
+from ciscr.stage_plans import StagePlan
 
 ROUNDS = 10  # rounds of the interleaved pass
 BLOCK = 4  # steps of a stage per round (batch loading included, as in a real stage)
@@ -33,7 +34,8 @@ AA_KEY = "st stage2 (again)"  # the A/A control: ST's stage 2 planned and timed 
 def finished_plans(ctx: RunContext) -> dict[str, StagePlan]:
     """Every training stage of the finished stage-wise run ``ctx.run_dir``, planned again as
     the run planned it (its selection, pseudo labels and banks are read from the run)."""
-    from ciscr.pipeline import retrain_inputs, retrain_plan, retraining_selection, stage1_plan
+    from ciscr.pipeline import retrain_inputs, retraining_selection
+    from ciscr.stage_plans import retrain_plan, stage1_plan
 
     rd = ctx.run_dir
     plans = {"stage1": stage1_plan(ctx)}
@@ -101,7 +103,7 @@ def interleaved_pass(runs: dict[str, tuple[Any, Path]], device: torch.device,
     side (``rounds`` / ``block``: default :data:`ROUNDS` / :data:`BLOCK`). Returns seconds
     per step per round (``times``, keys "<method> <stage>" and, with ST, :data:`AA_KEY`) and
     the settings."""
-    from ciscr.pipeline import setup_run
+    from ciscr.run_setup import setup_run
 
     rounds, block = rounds or ROUNDS, block or BLOCK
     trainers: dict[str, _Trainer] = {}

@@ -21,14 +21,11 @@ labels (a few ellipses of random classes), so every batch holds several classes.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import os
-import platform
 import resource
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +41,19 @@ from torch import nn
 
 from ciscr.config import ModelCfg, TrainCfg, preset_overrides
 from ciscr.errors import ConfigError
+from ciscr.timing.common import (
+    device_sync,
+    fmt,
+    load_noise,
+    machine_info,
+    machine_line,
+    md_table,
+    median,
+    now,
+    print_and_write,
+    time_round_robin,
+    write_report_files,
+)
 
 METHODS = ("st", "query", "bank_one", "bank_all")
 AMPS = ("none", "bf16")
@@ -74,16 +84,8 @@ class BenchSpec:
 
 
 QUICK = {
-    "batch": 2,
-    "crop": 32,
-    "classes": 3,
-    "channels": 16,
-    "repeats": 3,
-    "warmup": 1,
-    "image_h": 32,
-    "image_w": 48,
-    "select_images": 2,
-    "pool": 4,
+    "batch": 2, "crop": 32, "classes": 3, "channels": 16, "repeats": 3, "warmup": 1, "image_h": 32,
+    "image_w": 48, "select_images": 2, "pool": 4,
 }
 
 
@@ -218,15 +220,10 @@ def _pool(spec: BenchSpec, g: torch.Generator) -> _TensorPool:
 
 
 def make_rectifier(
-    method: str,
-    spec: BenchSpec,
-    teacher: nn.Module,
-    amp: str,
-    device: torch.device,
-    pool: _TensorPool,
-    g: torch.Generator,
+    method: str, spec: BenchSpec, teacher: nn.Module, amp: str, device: torch.device,
+    pool: _TensorPool, g: torch.Generator,
 ):
-    """A :class:`~ciscr.engine.steps.Rectifier` built as ``pipeline.build_rectifier`` builds it
+    """A :class:`~ciscr.engine.steps.Rectifier` built as ``stage_plans.build_rectifier`` builds it
     (teacher features under the stage's autocast); the bank holds random prototypes."""
     from ciscr.engine.steps import Rectifier
     from ciscr.utils.misc import autocast
@@ -245,14 +242,9 @@ def make_rectifier(
             return teacher(x).features
 
     return Rectifier(
-        features=features,
-        mode="query" if method == "query" else "bank",
-        classes="all" if method == "bank_all" else "one",
-        num_classes=k,
-        query_lists=queries,
-        seed=spec.seed,
-        labeled=pool if method == "query" else None,
-        bank=bank,
+        features=features, mode="query" if method == "query" else "bank",
+        classes="all" if method == "bank_all" else "one", num_classes=k, query_lists=queries,
+        seed=spec.seed, labeled=pool if method == "query" else None, bank=bank,
         bank_present=present if bank is not None else None,
     )
 
@@ -275,12 +267,7 @@ class TrainCase:
 
         self.it += 1
         _one_step(
-            self.models.student,
-            self.models.state,
-            self.step_fn,
-            self.batches,
-            self.it,
-            self.cfg,
+            self.models.student, self.models.state, self.step_fn, self.batches, self.it, self.cfg,
             self.device,
         )
 
@@ -300,10 +287,7 @@ class TrainCase:
 
 
 def make_train_case(
-    variant: TrainVariant,
-    spec: BenchSpec,
-    device: torch.device,
-    models: _Models,
+    variant: TrainVariant, spec: BenchSpec, device: torch.device, models: _Models,
     inputs: dict[str, Any],
 ) -> TrainCase:
     """Wire a variant's step function to shared models and inputs (see :func:`make_inputs`)."""
@@ -313,12 +297,7 @@ def make_train_case(
     rect = None
     if variant.method != "st":
         rect = make_rectifier(
-            variant.method,
-            spec,
-            models.teacher,
-            variant.amp,
-            device,
-            inputs["pool"],
+            variant.method, spec, models.teacher, variant.amp, device, inputs["pool"],
             torch.Generator().manual_seed(spec.seed + 7),
         )
     cfg = TrainCfg(amp=variant.amp, channels_last=variant.channels_last, lr=1e-6)
@@ -332,41 +311,6 @@ def make_inputs(spec: BenchSpec) -> dict[str, Any]:
     """Random batches and the labeled pool, identical for every variant."""
     g = torch.Generator().manual_seed(spec.seed)
     return {"batches": _batches(spec, g), "pool": _pool(spec, g)}
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def _sync(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def time_round_robin(
-    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, sync: Callable[[], None]
-) -> dict[str, list[float]]:
-    """Seconds of each call, ``warmup`` untimed then ``repeats`` timed rounds over all ``fns``.
-
-    Every round visits every function once; the starting point rotates by one each round so
-    no variant always runs right after the same neighbour (cache state, clock boost, ...).
-    """
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(warmup + repeats):
-        shift = r % len(names)
-        for n in names[shift:] + names[:shift]:
-            sync()
-            t0 = time.perf_counter()
-            fns[n]()
-            sync()
-            if r >= warmup:
-                times[n].append(time.perf_counter() - t0)
-    return times
-
-
-def median(xs: Sequence[float]) -> float:
-    return float(statistics.median(xs))
 
 
 # --------------------------------------------------------------------------- memory
@@ -445,12 +389,9 @@ def measure_memory(spec: BenchSpec, variants: Sequence[TrainVariant]) -> dict[st
     # child starts small (never a copy of this process and its models) and quickly (torch is
     # already imported). multiprocessing's forkserver would do the same but re-imports the
     # caller's __main__, which breaks scripts without a main guard.
-    code = "from ciscr.bench import _memory_server; _memory_server()"
+    code = "from ciscr.timing.bench import _memory_server; _memory_server()"
     with subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         env=memory_env(),
     ) as server:
         out = {}
@@ -467,7 +408,7 @@ def measure_memory(spec: BenchSpec, variants: Sequence[TrainVariant]) -> dict[st
 
 def memory_env() -> dict[str, str]:
     """Environment of the memory server: this package importable, glibc's mmap threshold fixed."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding the ciscr package
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     # WHY: glibc's default mmap threshold grows as large blocks are freed, after which freed
     # activations stay in the heap, fragmented, and the resident peak depends on the order of
@@ -586,9 +527,7 @@ def select_cases(spec: BenchSpec, device: torch.device, root: Path) -> dict[str,
     samples, pseudo_dir = _write_samples(root, spec)
     model = _build(spec, device, channels_last=False, train=False)
     kw = {
-        "num_classes": spec.classes,
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
+        "num_classes": spec.classes, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
         "device": device,
     }
     protos, present = compute_labeled_prototypes(model, samples, **kw)
@@ -637,7 +576,8 @@ def loader_cases(spec: BenchSpec, device: torch.device, root: Path,
     import shutil
 
     from ciscr.config import load_config
-    from ciscr.pipeline import retrain_stage, setup_run
+    from ciscr.pipeline import retrain_stage
+    from ciscr.run_setup import setup_run
 
     cfg = load_config("synthetic", [*_loader_overrides(spec, iters), f"data.root={root / 'data'}"])
     ctx = setup_run(cfg, root / "run", device)
@@ -682,7 +622,7 @@ def bench_loader(spec: BenchSpec, device: torch.device, iters: int) -> list[dict
         with tempfile.TemporaryDirectory(prefix="ciscr-bench-loader-") as tmp:
             (Path(tmp) / "run").mkdir()
             cases = loader_cases(spec, device, Path(tmp), iters)
-            times = time_round_robin(cases, spec.repeats, min(spec.warmup, 1), _sync(device))
+            times = time_round_robin(cases, spec.repeats, min(spec.warmup, 1), device_sync(device))
     finally:
         quiet.setLevel(level)
     return loader_rows(times, spec, iters)
@@ -725,9 +665,7 @@ def compare_profiles(
     b = {r["op"]: r["self_ms"] for r in profile_ops(fn_b, 0)}
     rows = [
         {
-            "op": op,
-            "a_ms": a.get(op, 0.0),
-            "b_ms": b.get(op, 0.0),
+            "op": op, "a_ms": a.get(op, 0.0), "b_ms": b.get(op, 0.0),
             "diff_ms": b.get(op, 0.0) - a.get(op, 0.0),
         }
         for op in set(a) | set(b)
@@ -755,7 +693,7 @@ def bench_train(spec: BenchSpec, device: torch.device, memory: bool = True) -> d
             fns[f"rectifier/{name}"] = c.rectify
         if c.variant.method == "bank_one":  # the teacher forward is the same for every method
             fns[f"teacher/{name.split('/', 1)[1]}"] = c.teacher_forward
-    times = time_round_robin(fns, spec.repeats, spec.warmup, _sync(device))
+    times = time_round_robin(fns, spec.repeats, spec.warmup, device_sync(device))
     flops = {m: count_flops(cases[TrainVariant(m, "none", False).name]) for m in METHODS}
     variants = [c.variant for c in cases.values()]
     teachers = [
@@ -766,12 +704,8 @@ def bench_train(spec: BenchSpec, device: torch.device, memory: bool = True) -> d
     sts = [v for v in variants if v.method == "st"]
     again = measure_memory(spec, sts) if memory and device.type == "cpu" else {}
     return {
-        "cases": cases,
-        "times": times,
-        "flops": flops,
-        "memory_mib": mem,
-        "memory_repeat_mib": again,
-        "teacher_mib": teacher_bytes / 2**20,
+        "cases": cases, "times": times, "flops": flops, "memory_mib": mem,
+        "memory_repeat_mib": again, "teacher_mib": teacher_bytes / 2**20,
     }
 
 
@@ -789,23 +723,16 @@ def train_rows(
         nchw = med[TrainVariant(v.method, v.amp, False).name]
         flops = raw["flops"][v.method]
         row = {
-            "name": name,
-            "method": v.method,
-            "precision": _amp_name(v.amp),
-            "format": fmt,
-            "median_s": m,
-            "times_s": t[name],
-            "spread": (max(t[name]) - min(t[name])) / m,
-            "images_per_s": 2 * spec.batch / m,
-            "ratio_to_st": m / st,
+            "name": name, "method": v.method, "precision": _amp_name(v.amp), "format": fmt,
+            "median_s": m, "times_s": t[name], "spread": (max(t[name]) - min(t[name])) / m,
+            "images_per_s": 2 * spec.batch / m, "ratio_to_st": m / st,
             "bf16_speedup": fp32 / m if v.amp != "none" else None,
             "channels_last_speedup": nchw / m if v.channels_last else None,
             "rectifier_s": med.get(f"rectifier/{name}"),
             "teacher_forward_s": med[f"teacher/{_amp_name(v.amp)}/{fmt}"],
             "peak_mib": raw["memory_mib"].get(name),
             "teacher_peak_mib": raw["memory_mib"].get(f"teacher/{_amp_name(v.amp)}/{fmt}"),
-            "peak_mib_repeat": raw.get("memory_repeat_mib", {}).get(name),
-            "flops": flops,
+            "peak_mib_repeat": raw.get("memory_repeat_mib", {}).get(name), "flops": flops,
             "tflops_per_s": flops / m / 1e12,
         }
         if peak_tflops:
@@ -824,13 +751,8 @@ def simple_rows(times: dict[str, list[float]], images: int, base: str) -> list[d
         m = med[name]
         rows.append(
             {
-                "name": name,
-                "what": what,
-                "precision": prec,
-                "median_s": m,
-                "times_s": ts,
-                "spread": (max(ts) - min(ts)) / m,
-                "images_per_s": images / m,
+                "name": name, "what": what, "precision": prec, "median_s": m, "times_s": ts,
+                "spread": (max(ts) - min(ts)) / m, "images_per_s": images / m,
                 f"ratio_to_{base}": m / med[f"{group}/{base}/{prec}"],
                 "bf16_speedup": med[f"{group}/{what}/fp32"] / m if prec != "fp32" else None,
             }
@@ -879,12 +801,12 @@ def defaults_rows(res: dict[str, Any], amp: str) -> list[dict[str, Any]]:
 
 def _defaults_table(res: dict[str, Any]) -> list[str]:
     rows = [[r["setting"], r["default"], r["alternative"], r["measured_on"],
-             _f(r["default_s"]), _f(r["alternative_s"]), _f(r["speedup"], ".2f"),
+             fmt(r["default_s"]), fmt(r["alternative_s"]), fmt(r["speedup"], ".2f"),
              "default" if r["speedup"] >= 1 else "ALTERNATIVE"]
             for r in res.get("defaults", [])]  # fmt: skip
     head = ["setting", "default", "alternative", "measured on", "default s", "alternative s",
             "alternative / default", "faster"]
-    return _table(head, rows)
+    return md_table(head, rows)
 
 
 # --------------------------------------------------------------------------- targets
@@ -903,10 +825,8 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["method"] in ("bank_one", "bank_all"):
             out.append(
                 {
-                    "target": "bank step / ST step",
-                    "variant": r["name"],
-                    "value": r["ratio_to_st"],
-                    "limit": f"<= {BANK_TARGET:.2f}",
+                    "target": "bank step / ST step", "variant": r["name"],
+                    "value": r["ratio_to_st"], "limit": f"<= {BANK_TARGET:.2f}",
                     "pass": r["ratio_to_st"] <= BANK_TARGET,
                 }
             )
@@ -915,20 +835,16 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 limit = st["peak_mib"] + r["teacher_peak_mib"]
                 out.append(
                     {
-                        "target": "peak memory <= ST + teacher (MiB)",
-                        "variant": r["name"],
-                        "value": r["peak_mib"],
-                        "limit": f"<= {limit:.0f}",
+                        "target": "peak memory <= ST + teacher (MiB)", "variant": r["name"],
+                        "value": r["peak_mib"], "limit": f"<= {limit:.0f}",
                         "pass": r["peak_mib"] <= limit,
                     }
                 )
         if r["bf16_speedup"] is not None:
             out.append(
                 {
-                    "target": "bf16 speed-up over fp32",
-                    "variant": r["name"],
-                    "value": r["bf16_speedup"],
-                    "limit": f">= {BF16_TARGET:.2f}",
+                    "target": "bf16 speed-up over fp32", "variant": r["name"],
+                    "value": r["bf16_speedup"], "limit": f">= {BF16_TARGET:.2f}",
                     "pass": r["bf16_speedup"] >= BF16_TARGET,
                 }
             )
@@ -969,9 +885,7 @@ def _bank_finding(r: dict[str, Any], st: dict[str, Any], batch: int) -> str:
 
 
 def findings(
-    rows: list[dict[str, Any]],
-    targets: list[dict[str, Any]],
-    spec: BenchSpec,
+    rows: list[dict[str, Any]], targets: list[dict[str, Any]], spec: BenchSpec,
     profiles: dict[str, list[dict[str, Any]]],
 ) -> list[str]:
     """Sentences explaining each failed target, computed from the measured figures."""
@@ -1044,42 +958,10 @@ def run_profiles(cases: dict[str, TrainCase]) -> dict[str, list[dict[str, Any]]]
 # --------------------------------------------------------------------------- run + report
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """CPU model and flags, cores, threads, versions, accelerator, load average."""
-    cpu, flags = platform.processor() or "unknown", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("unknown", platform.processor()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "avx512_bf16": "avx512_bf16" in flags.split(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "load_avg_start": list(os.getloadavg()),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def run_bench(
-    spec: BenchSpec,
-    groups: Sequence[str] = ("train", "pseudo", "select"),
-    *,
-    peak_tflops: float | None = None,
-    memory: bool = True,
-    profile: bool | None = None,
-    command: str = "",
-    loader_iters: int = LOADER_ITERS,
+    spec: BenchSpec, groups: Sequence[str] = ("train", "pseudo", "select"), *,
+    peak_tflops: float | None = None, memory: bool = True, profile: bool | None = None,
+    command: str = "", loader_iters: int = LOADER_ITERS,
 ) -> dict[str, Any]:
     """Run the requested groups and return the result (what the JSON file holds).
 
@@ -1089,18 +971,9 @@ def run_bench(
         torch.set_num_threads(spec.threads)
     device = torch.device(spec.device)
     result: dict[str, Any] = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command,
-        "machine": machine_info(device),
-        "settings": asdict(spec),
-        "peak_tflops": peak_tflops,
-        "train": [],
-        "pseudo": [],
-        "select": [],
-        "loader": [],
-        "loader_iters": loader_iters,
-        "targets": [],
-        "findings": [],
+        "date": now(), "command": command, "machine": machine_info(device),
+        "settings": asdict(spec), "peak_tflops": peak_tflops, "train": [], "pseudo": [],
+        "select": [], "loader": [], "loader_iters": loader_iters, "targets": [], "findings": [],
         "profiles": {},
     }
     t0 = time.perf_counter()
@@ -1114,7 +987,7 @@ def run_bench(
             result["profiles"] = run_profiles(raw["cases"])
         result["findings"] = findings(result["train"], result["targets"], spec, result["profiles"])
         del raw
-    sync = _sync(device)
+    sync = device_sync(device)
     if "pseudo" in groups:
         times = time_round_robin(pseudo_cases(spec, device), spec.repeats, spec.warmup, sync)
         result["pseudo"] = simple_rows(times, 1, "single")
@@ -1131,114 +1004,68 @@ def run_bench(
     return result
 
 
-def _f(x: Any, spec: str = ".3f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """A markdown table, columns padded so it also reads well on a terminal."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return [line(headers), rule, *(line(r) for r in rows)]
-
-
 def _train_table(res: dict[str, Any]) -> list[str]:
     mfu = res["peak_tflops"] is not None
     head = [
-        "variant",
-        "median s",
-        "images/s",
-        "x ST",
-        "bf16 x",
-        "cl x",
-        "rectifier s",
-        "peak MiB",
-        "TFLOP/s",
-        *(["MFU"] if mfu else []),
-        "spread",
+        "variant", "median s", "images/s", "x ST", "bf16 x", "cl x", "rectifier s", "peak MiB",
+        "TFLOP/s", *(["MFU"] if mfu else []), "spread",
     ]
     rows = [
         [
-            r["name"],
-            _f(r["median_s"]),
-            _f(r["images_per_s"], ".2f"),
-            _f(r["ratio_to_st"], ".2f"),
-            _f(r["bf16_speedup"], ".2f"),
-            _f(r["channels_last_speedup"], ".2f"),
-            _f(r["rectifier_s"]),
-            _f(r["peak_mib"], ".0f"),
-            _f(r["tflops_per_s"], ".4f"),
-            *([_f(r.get("mfu"), ".1%")] if mfu else []),
-            _f(r["spread"], ".0%"),
+            r["name"], fmt(r["median_s"]), fmt(r["images_per_s"], ".2f"),
+            fmt(r["ratio_to_st"], ".2f"), fmt(r["bf16_speedup"], ".2f"),
+            fmt(r["channels_last_speedup"], ".2f"), fmt(r["rectifier_s"]),
+            fmt(r["peak_mib"], ".0f"), fmt(r["tflops_per_s"], ".4f"),
+            *([fmt(r.get("mfu"), ".1%")] if mfu else []), fmt(r["spread"], ".0%"),
         ]
         for r in res["train"]
     ]
-    return _table(head, rows)
+    return md_table(head, rows)
 
 
 def _teacher_table(res: dict[str, Any]) -> list[str]:
     rows = [
         [
-            f"{r['precision']}/{r['format']}",
-            _f(r["teacher_forward_s"]),
-            _f(r["teacher_forward_s"] / r["median_s"], ".1%"),
-            _f(r["teacher_peak_mib"], ".0f"),
+            f"{r['precision']}/{r['format']}", fmt(r["teacher_forward_s"]),
+            fmt(r["teacher_forward_s"] / r["median_s"], ".1%"), fmt(r["teacher_peak_mib"], ".0f"),
         ]
         for r in res["train"]
         if r["method"] == "st"
     ]
     head = ["precision/format", "teacher forward s", "share of the ST step", "teacher peak MiB"]
-    return _table(head, rows)
+    return md_table(head, rows)
 
 
 def _simple_table(rows: list[dict[str, Any]], base: str) -> list[str]:
     key = f"ratio_to_{base}"
     body = [
         [
-            r["name"],
-            _f(r["median_s"]),
-            _f(r["images_per_s"], ".2f"),
-            _f(r[key], ".2f"),
-            _f(r["bf16_speedup"], ".2f"),
-            _f(r["spread"], ".0%"),
+            r["name"], fmt(r["median_s"]), fmt(r["images_per_s"], ".2f"), fmt(r[key], ".2f"),
+            fmt(r["bf16_speedup"], ".2f"), fmt(r["spread"], ".0%"),
         ]
         for r in rows
     ]
-    return _table(["variant", "median s", "images/s", f"x {base}", "bf16 x", "spread"], body)
+    return md_table(["variant", "median s", "images/s", f"x {base}", "bf16 x", "spread"], body)
 
 
 def _target_table(res: dict[str, Any]) -> list[str]:
     rows = [
         [
-            t["target"],
-            t["variant"],
-            _f(t["value"], ".0f" if t["target"].startswith("peak") else ".4f"),
-            t["limit"],
+            t["target"], t["variant"],
+            fmt(t["value"], ".0f" if t["target"].startswith("peak") else ".4f"), t["limit"],
             "PASS" if t["pass"] else "FAIL",
         ]
         for t in res["targets"]
     ]
-    return _table(["target", "variant", "value", "limit", "result"], rows)
+    return md_table(["target", "variant", "value", "limit", "result"], rows)
 
 
 def _header(res: dict[str, Any]) -> list[str]:
     m, s = res["machine"], res["settings"]
-    la0, la1 = m["load_avg_start"][0], m.get("load_avg_end", [float("nan")])[0]
-    # The load average counts this run's own threads too.
-    busy = max(la0, la1) > m["threads"] + 0.5
+    busy, note = load_noise(m, "during the run ", f"{m['threads']} of them used here")
     dev = m.get("gpu") or f"{m['cpu']} ({m['cores']} cores, {m['threads']} torch threads)"
-    note = (
-        ("NOISY: other processes were using this machine during the run " if busy
-         else "The machine looked idle during the run ")
-        + f"(1-min load average {la0:.1f} at the start, {la1:.1f} at the end, {m['cores']} "
-        f"cores, {m['threads']} of them used here). Absolute times are noisy; the ratios were "
-        "measured side by side (round-robin) and are more robust. Rerun the same command on a "
-        "quiet machine for final figures."
-    )  # fmt: skip
+    note += (" Absolute times are noisy; the ratios were measured side by side (round-robin) "
+             "and are more robust. Rerun the same command on a quiet machine for final figures.")
     if busy and m["threads"] > 1:
         note += (
             " With several torch threads on a busy machine every parallel op waits for threads "
@@ -1251,8 +1078,7 @@ def _header(res: dict[str, Any]) -> list[str]:
         "",
         f"- date: {res['date']}",
         f"- command: `{res['command']}`",
-        f"- machine: {m['cpu']}, {m['cores']} cores, avx512_bf16 {m['avx512_bf16']}, torch "
-        f"{m['torch']}, {m['threads']} threads, python {m['python']}, {m['platform']}",
+        machine_line(m, threads=True),
         f"- device: {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else ""),
         f"- sizes: {s['backbone']}, {s['classes']} classes, C={s['channels']}, crop {s['crop']}, "
         f"batch {s['batch']} labeled + {s['batch']} unlabeled per step; pseudo/select images "
@@ -1345,10 +1171,10 @@ def format_report(res: dict[str, Any]) -> str:
             "",
             f"### Profile: {title}",
             "",
-            *_table(
+            *md_table(
                 ["op", "before ms", "after ms", "difference ms"],
                 [
-                    [p["op"], _f(p["a_ms"], ".1f"), _f(p["b_ms"], ".1f"), _f(p["diff_ms"], "+.1f")]
+                    [p["op"], fmt(p["a_ms"], ".1f"), fmt(p["b_ms"], ".1f"), fmt(p["diff_ms"], "+.1f")]
                     for p in prof
                 ],
             ),
@@ -1358,14 +1184,8 @@ def format_report(res: dict[str, Any]) -> str:
 
 def write_results(res: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     """``speed_<device type>.md`` and ``.json`` in ``out_dir`` (atomic writes)."""
-    from ciscr.utils.io import atomic_write_json, atomic_write_text
-
     name = f"speed_{torch.device(res['settings']['device']).type}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
-    atomic_write_json(js, res)
-    atomic_write_text(md, format_report(res))
-    return md, js
+    return write_report_files(res, format_report(res), out_dir, name)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1408,30 +1228,11 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
 def command_line(args: argparse.Namespace, spec: BenchSpec) -> str:
     """The full command that reproduces this run (every size spelled out)."""
     parts = [
-        "ciscr",
-        "bench",
-        "--backbone",
-        spec.backbone,
-        "--batch",
-        str(spec.batch),
-        "--crop",
-        str(spec.crop),
-        "--classes",
-        str(spec.classes),
-        "--channels",
-        str(spec.channels),
-        "--repeats",
-        str(spec.repeats),
-        "--warmup",
-        str(spec.warmup),
-        "--image-size",
-        f"{spec.image_h}x{spec.image_w}",
-        "--select-images",
-        str(spec.select_images),
-        "--device",
-        args.device,
-        "--only",
-        args.only,
+        "ciscr", "bench", "--backbone", spec.backbone, "--batch", str(spec.batch), "--crop",
+        str(spec.crop), "--classes", str(spec.classes), "--channels", str(spec.channels),
+        "--repeats", str(spec.repeats), "--warmup", str(spec.warmup), "--image-size",
+        f"{spec.image_h}x{spec.image_w}", "--select-images", str(spec.select_images), "--device",
+        args.device, "--only", args.only,
     ]
     if "loader" in args.only:
         parts += ["--loader-iters", str(args.loader_iters)]
@@ -1459,19 +1260,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peak = DEFAULT_PEAK_TFLOPS
     profile = True if args.profile else (False if args.quick else None)
     res = run_bench(
-        spec,
-        groups,
-        peak_tflops=peak,
-        memory=not args.no_memory,
-        profile=profile,
-        command=command_line(args, spec),
-        loader_iters=args.loader_iters,
+        spec, groups, peak_tflops=peak, memory=not args.no_memory, profile=profile,
+        command=command_line(args, spec), loader_iters=args.loader_iters,
     )
-    print(format_report(res))
-    if args.out is not None:
-        md, js = write_results(res, args.out)
-        print(f"wrote {md} and {js}")
-    return 0
+    return print_and_write(format_report(res), args.out, lambda out: write_results(res, out))
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
@@ -1502,14 +1294,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loader-iters", type=int, default=LOADER_ITERS,
                    help=f"iterations of each timed loader stage (default {LOADER_ITERS})")
     p.add_argument(
-        "--peak-tflops",
-        type=float,
+        "--peak-tflops", type=float,
         help=f"peak for MFU (default {DEFAULT_PEAK_TFLOPS:g} on CUDA: H100/H200 bf16)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument(
-        "--profile",
-        action="store_true",
+        "--profile", action="store_true",
         help="always add torch.profiler comparisons (default: when a target fails)",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests and CI")
@@ -1517,24 +1307,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 
 __all__ = [
-    "BenchSpec",
-    "TrainVariant",
-    "blob_labels",
-    "cmd_bench",
-    "compare_profiles",
-    "count_flops",
-    "evaluate_targets",
-    "format_report",
-    "make_rectifier",
-    "make_train_case",
-    "measure_memory",
-    "pseudo_cases",
-    "register_cli",
-    "run_bench",
-    "select_cases",
-    "time_round_robin",
-    "train_rows",
-    "train_variants",
-    "variant_memory",
-    "write_results",
+    "BenchSpec", "TrainVariant", "blob_labels", "cmd_bench", "compare_profiles", "count_flops",
+    "evaluate_targets", "format_report", "make_rectifier", "make_train_case", "measure_memory",
+    "pseudo_cases", "register_cli", "run_bench", "select_cases", "time_round_robin", "train_rows",
+    "train_variants", "variant_memory", "write_results",
 ]

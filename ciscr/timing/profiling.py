@@ -5,10 +5,10 @@ Three passes over the same config, two of them real ``ciscr run`` s
 scratch directory:
 
 1. **timed**: no profiler. Every stage's wall time comes from the run's own records (the
-   ``done.json`` of each stage, :mod:`ciscr.timing`), plus the setup (dataset checks) and the
+   ``done.json`` of each stage, :mod:`ciscr.timing.stages`), plus the setup (dataset checks) and the
    report, timed around the calls: the ST vs CISC-R comparison in real runs, free of profiler
    overhead.
-2. **interleaved** (:mod:`ciscr.steptime`): the training stages of the timed runs planned
+2. **interleaved** (:mod:`ciscr.timing.steptime`): the training stages of the timed runs planned
    again and trained side by side in one process, a block of steps each in turn, so that a
    drift of the machine's speed cancels out of the ratios; the stage targets are judged on it.
 3. **profiled**: the same runs under ``cProfile``, one profile per stage, summed into fixed
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import datetime as _dt
 import io
 import os
 import pstats
@@ -42,7 +41,15 @@ from pathlib import Path
 from typing import Any
 
 from ciscr.errors import ConfigError
-from ciscr.timing import stage_time_rows
+from ciscr.timing.common import (
+    load_noise,
+    machine_line,
+    md_table,
+    now,
+    print_and_write,
+    write_report_files,
+)
+from ciscr.timing.stages import stage_time_rows
 
 STAGE_TARGET = 1.15  # a CISC-R training stage / the ST stage at the same settings (issue 13)
 METHODS = ("st", "ciscr")
@@ -54,9 +61,12 @@ SAME_SETTINGS = {"st": ["method.retrain_batches=split", "method.cutout=false",
                         "method.stage1_cisc_loss=false"]}
 # (module, attribute, how the stage is named from the call's arguments)
 STAGE_FUNCTIONS: tuple[tuple[str, str, Callable[[tuple], str]], ...] = (
-    ("ciscr.pipeline", "setup_run", lambda a: "setup"),
+    ("ciscr.run_setup", "setup_run", lambda a: "setup"),
     ("ciscr.pipeline", "stage1", lambda a: "stage1"),
+    # pseudo_stage lives in run_services (finish_run's pseudo_final calls it there) and is
+    # imported by the pipeline (pseudo0, pseudo1): both names are wrapped.
     ("ciscr.pipeline", "pseudo_stage", lambda a: str(a[1])),
+    ("ciscr.run_services", "pseudo_stage", lambda a: str(a[1])),
     ("ciscr.pipeline", "selection_stage", lambda a: "selection"),
     ("ciscr.pipeline", "retrain_stage", lambda a: str(a[1])),
     ("ciscr.report", "write_report", lambda a: "report"),
@@ -264,7 +274,8 @@ Category = tuple[str, int, list[tuple[Key | None, Key | None]]]
 
 def training_categories() -> list[Category]:
     """What a training stage spends its time on (see the module docstring)."""
-    from ciscr import pipeline as pl
+    from ciscr import run_services as rs
+    from ciscr import stage_plans as sp
     from ciscr.data import datasets as ds
     from ciscr.data import io as dio
     from ciscr.data import pairs, transforms
@@ -276,8 +287,8 @@ def training_categories() -> list[Category]:
     loop = code_key(tr._run_iterations)
     qp = code_key(steps.Rectifier._query_prototypes)
     return [
-        ("build the student", 0, [(code_key(pl.fresh_model), None)]),
-        ("teacher + prototype bank", 0, [(code_key(pl.build_rectifier), None)]),
+        ("build the student", 0, [(code_key(rs.fresh_model), None)]),
+        ("teacher + prototype bank", 0, [(code_key(sp.build_rectifier), None)]),
         ("train batches: load + augment (main process)", 0,
          # num_workers=0: the loader's generator only ever serves the training loop;
          # otherwise the loop's next() on the worker loader (evaluation uses a for loop)
@@ -304,20 +315,20 @@ def training_categories() -> list[Category]:
         ("checkpoints (save, resume)", 0,
          [(code_key(tr._save), None), (code_key(tr._resume), None),
           (code_key(ck.save_checkpoint), loop)]),
-        ("evaluation", 0, [(code_key(pl.evaluate_model), None)]),
+        ("evaluation", 0, [(code_key(rs.evaluate_model), None)]),
     ]  # fmt: skip
 
 
 def pseudo_categories() -> list[Category]:
     """What a pseudo-labelling stage spends its time on."""
-    from ciscr import pipeline as pl
     from ciscr import pseudo as ps
+    from ciscr import run_services as rs
     from ciscr.data import io as dio
     from ciscr.engine import evaluate as ev
 
     part = code_key(ps._label_part)
     return [
-        ("load the model", 0, [(code_key(pl.load_stage_model), None)]),
+        ("load the model", 0, [(code_key(rs.load_stage_model), None)]),
         ("pseudo_label", 0, [(code_key(ps.pseudo_label), None)]),
         ("read + normalise images", 1, [(code_key(ps.load_eval_image), None)]),
         ("TTA forward passes", 1, [(code_key(ev.predict_logits), None)]),
@@ -332,11 +343,12 @@ def selection_categories() -> list[Category]:
     from ciscr import cisc
     from ciscr import pipeline as pl
     from ciscr import pseudo as ps
+    from ciscr import run_services as rs
     from ciscr import selection as se
 
     stage, split = code_key(pl.selection_stage), code_key(pl._split_unlabeled)
     return [
-        ("load the model", 0, [(code_key(pl.load_stage_model), None)]),
+        ("load the model", 0, [(code_key(rs.load_stage_model), None)]),
         ("labeled prototypes (anchors)", 0, [(code_key(se.compute_labeled_prototypes), None)]),
         ("labeled distances (query lists)", 0, [(code_key(se.image_distances), stage)]),
         ("unlabeled distances (halves)", 0, [(code_key(se.image_distances), split),
@@ -484,9 +496,9 @@ def profile_runs(config: str, overrides: Sequence[str], methods: Sequence[str], 
 
 
 def _interleaved(cfgs: dict[str, Any], work: Path) -> dict[str, Any]:
-    """The interleaved pass (:mod:`ciscr.steptime`) over the first timed round's runs."""
+    """The interleaved pass (:mod:`ciscr.timing.steptime`) over the first timed round's runs."""
     from ciscr.dist import resolve_device
-    from ciscr.steptime import interleaved_pass
+    from ciscr.timing.steptime import interleaved_pass
 
     runs = {method: (cfg, work / f"{method}-timed") for method, cfg in cfgs.items()}
     device = resolve_device(next(iter(cfgs.values())).device)
@@ -595,7 +607,7 @@ def compare_interleaved(inter: dict[str, Any]) -> list[dict[str, Any]]:
     """CISC-R training stages vs ST's in the interleaved pass: median seconds per step of each
     and the median over rounds of their ratio within a round; the A/A row (ST's stage 2
     against a second plan of itself) first."""
-    from ciscr.steptime import AA_KEY, paired_ratio
+    from ciscr.timing.steptime import AA_KEY, paired_ratio
 
     times, out = inter["times"], []
     pairs = [(AA_KEY, "st stage2")] + [
@@ -651,26 +663,17 @@ def _f(x: Any, spec: str = ".2f") -> str:
 
 def _header(res: dict[str, Any]) -> list[str]:
     m = res["machine"]
-    la0, la1 = m["load_avg_start"][0], m.get("load_avg_end", [float("nan")])[0]
-    busy = max(la0, la1) > m["threads"] + 0.5  # the load average counts this run too
-    note = (("NOISY: other processes were using this machine " if busy else
-             "The machine looked idle ")
-            + f"(1-min load average {la0:.1f} at the start, {la1:.1f} at the end, "
-            f"{m['cores']} cores, {m['threads']} torch threads). "
-            + ("Rerun the same command on a quiet machine for final figures." if busy else ""))
+    busy, note = load_noise(m, "", f"{m['threads']} torch threads")
+    note += " Rerun the same command on a quiet machine for final figures." if busy else ""
     return [f"# ciscr profile: {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads)",
-            "", "> " + note.strip(), "", f"- date: {res['date']}",
-            f"- command: `{res['command']}`",
-            f"- machine: {m['cpu']}, {m['cores']} cores, avx512_bf16 {m['avx512_bf16']}, "
-            f"torch {m['torch']}, python {m['python']}, {m['platform']}",
+            "", "> " + note, "", f"- date: {res['date']}",
+            f"- command: `{res['command']}`", machine_line(m, threads=False),
             f"- device: {m['device']}; train.amp {res['amp']} (resolved: {res['amp_resolved']})",
             f"- config: `{res['config']}` with `{' '.join(res['overrides']) or '(no overrides)'}`;"
             f" methods {', '.join(res['methods'])}; wall time {res['wall_s']:.0f} s"]  # fmt: skip
 
 
 def _timed_table(res: dict[str, Any]) -> list[str]:
-    from ciscr.bench import _table
-
     methods = list(res["timed"])
     stages = [s for s in (*STAGE_ORDER_EXTRA,) if any(
         r["stage"] == s for m in methods for r in res["timed"][m])]
@@ -688,7 +691,7 @@ def _timed_table(res: dict[str, Any]) -> list[str]:
         body.append(cells)
     body.append(["total", *(c for m in methods for c in (
         _f(sum(r["total"] for r in res["timed"][m]), ".1f"), "", "", ""))])
-    return _table(head, body)
+    return md_table(head, body)
 
 
 STAGE_ORDER_EXTRA = ("setup", "stage1", "online", "pseudo0", "selection", "stage2", "pseudo1",
@@ -697,8 +700,6 @@ STAGE_ORDER_EXTRA = ("setup", "stage1", "online", "pseudo0", "selection", "stage
 
 def _category_table(stages: list[dict[str, Any]]) -> list[str]:
     """One column per stage of the same kind; seconds and share of the stage."""
-    from ciscr.bench import _table
-
     labels = [(c["label"], c["depth"]) for c in stages[0]["categories"]]
     head = ["", *(f"{s['stage']} s" for s in stages), *(f"{s['stage']} %" for s in stages)]
     body = []
@@ -710,12 +711,10 @@ def _category_table(stages: list[dict[str, Any]]) -> list[str]:
                      *(f"{x:.0%}" for x in shares)])
     body.append(["stage total", *(_f(s["seconds"], ".2f") for s in stages),
                  *("100%" for _ in stages)])
-    return _table(head, body)
+    return md_table(head, body)
 
 
 def _profiled_sections(method: str, stages: list[dict[str, Any]]) -> list[str]:
-    from ciscr.bench import _table
-
     out = []
     groups = {"training stages": [s for s in stages if s["stage"].startswith("stage")],
               "pseudo-labelling": [s for s in stages if s["stage"].startswith("pseudo")]}
@@ -732,14 +731,14 @@ def _profiled_sections(method: str, stages: list[dict[str, Any]]) -> list[str]:
         out += ["", f"### {method} {s['stage']}: torch.profiler over {w.get('iterations')} "
                 f"iterations ({w.get('wall_s', 0):.2f} s; labelled step {w.get('step_s', 0):.2f}"
                 f" s, of which rectifier {w.get('rectifier_s', 0):.2f} s)", "",
-                *_table(["op", "self CPU s", "calls"],
+                *md_table(["op", "self CPU s", "calls"],
                         [[o["op"], _f(o["self_s"], ".3f"), str(o["calls"])]
                          for o in s["torch_ops"][:8]])]
     for s in stages:
         if s["stage"] in ("setup", "report"):
             continue
         out += ["", f"### {method} {s['stage']}: functions with the most own time", "",
-                *_table(["function", "calls", "own s", "cumulative s"],
+                *md_table(["function", "calls", "own s", "cumulative s"],
                         [[f["function"], str(f["calls"]), _f(f["own_s"], ".3f"),
                           _f(f["cumulative_s"], ".3f")] for f in s["top_functions"][:6]])]
     return out
@@ -764,7 +763,7 @@ HOW = """\
   runs' ratio shows how much the machine's speed moved during the round. Over
   the limit the stage targets are inconclusive: on a shared virtual machine the same step can
   run markedly slower a few minutes later.
-- Interleaved pass (`ciscr/steptime.py`): the training stages of the first timed round's runs
+- Interleaved pass (`ciscr/timing/steptime.py`): the training stages of the first timed round's runs
   planned again by the pipeline's own functions (same streams, step, teacher, bank, optimiser
   settings) and trained side by side in one process, a block of steps each in turn; a drift of
   the machine's speed hits every stage of a round alike, so the ratio (median over rounds of
@@ -775,7 +774,7 @@ HOW = """\
   mode's stages 2-3 run the teacher on a queried labeled batch too (METHOD.md 7): shown, not
   targets.
 - Profiled pass: the same runs again, each stage under its own `cProfile` profile; a category
-  is the cumulative time of the functions that do that work (named in `ciscr/profiling.py`),
+  is the cumulative time of the functions that do that work (named in `ciscr/timing/profiling.py`),
   `- ` rows break down the row above them, and `other` is the rest of the stage. cProfile
   slows Python-heavy code (data loading) more than torch kernels, so read shares here and
   absolute times in the timed pass.
@@ -785,8 +784,6 @@ HOW = """\
 
 
 def _noise_section(noise: dict[str, Any] | None) -> list[str]:
-    from ciscr.bench import _table
-
     if noise is None:
         return []
     verdict = ("within the limit: the targets are judged" if noise["quiet"] else
@@ -795,13 +792,11 @@ def _noise_section(noise: dict[str, Any] | None) -> list[str]:
     return ["", "A/A control: ST run again at the end of each round, the same work as at its "
             f"start (end / start step time). Largest deviation {noise['deviation']:.2f}, limit "
             f"{noise['limit']:.2f}: {verdict}.", "",
-            *_table(["ST stage", "end / start per round"],
+            *md_table(["ST stage", "end / start per round"],
                     [[st, " ".join(_f(x) for x in xs)] for st, xs in noise["ratios"].items()])]
 
 
 def _targets_section(tg: list[dict[str, Any]]) -> list[str]:
-    from ciscr.bench import _table
-
     if not tg:
         return []
     res = {True: "PASS", False: "FAIL", None: "INCONCLUSIVE"}
@@ -811,14 +806,12 @@ def _targets_section(tg: list[dict[str, Any]]) -> list[str]:
             + (f", {n_open} inconclusive" if n_open else ""), "",
             "A stage is judged on the interleaved pass when it ran (`value`), else on the timed "
             "pass; `timed` is the timed pass's ratio.", "",
-            *_table(["target", "value", "timed", "limit", "result"],
+            *md_table(["target", "value", "timed", "limit", "result"],
                     [[t["target"], _f(t["value"]), _f(t.get("timed")), t["limit"],
                       res[t["pass"]]] for t in tg])]
 
 
 def _interleaved_section(inter: dict[str, Any] | None) -> list[str]:
-    from ciscr.bench import _table
-
     if not inter:
         return []
     rows = compare_interleaved(inter)
@@ -828,15 +821,13 @@ def _interleaved_section(inter: dict[str, Any] | None) -> list[str]:
             f"after {inter['warmup']} warm-up round(s); a ratio is the median over the rounds "
             "of the ratio within a round. The first row is the A/A control: ST's stage 2 "
             "against a second plan of itself (the resolution of this measurement).", "",
-            *_table(["stage", "vs", "s per step", "vs s per step", "ratio"],
+            *md_table(["stage", "vs", "s per step", "vs s per step", "ratio"],
                     [[r["key"], r["st_key"], _f(r["s_per_step"], ".4f"),
                       _f(r["st_s_per_step"], ".4f"), _f(r["ratio"])] for r in rows])]
 
 
 def format_report(res: dict[str, Any]) -> str:
     """The markdown report (also printed)."""
-    from ciscr.bench import _table
-
     out = _header(res)
     if res["timed"]:
         out += ["", "## Time per stage (timed pass)", "", *_timed_table(res)]
@@ -845,7 +836,7 @@ def format_report(res: dict[str, Any]) -> str:
         if comp:
             out += ["", f"CISC-R training stages vs ST (median seconds per step; {1 + len(more)}"
                     " timed round(s), the ratio is the median of the rounds'):", "",
-                    *_table(["CISC-R stage", "ST stage", "CISC-R step s", "ST step s",
+                    *md_table(["CISC-R stage", "ST stage", "CISC-R step s", "ST step s",
                              "ratio per round", "ratio"],
                             [[f"{c['method']} {c['stage']}", c["st_stage"],
                               _f(c["ciscr_s_per_it"], ".4f"), _f(c["st_s_per_it"], ".4f"),
@@ -863,13 +854,7 @@ def format_report(res: dict[str, Any]) -> str:
 
 def write_results(res: dict[str, Any], out_dir: Path, name: str) -> tuple[Path, Path]:
     """``<name>.md`` and ``<name>.json`` in ``out_dir`` (atomic writes)."""
-    from ciscr.utils.io import atomic_write_json, atomic_write_text
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
-    atomic_write_json(js, res)
-    atomic_write_text(md, format_report(res))
-    return md, js
+    return write_report_files(res, format_report(res), out_dir, name)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -884,15 +869,14 @@ def run_profile(config: str, overrides: Sequence[str], *, methods: Sequence[str]
     a temporary folder (removed). Returns the result (what the JSON file holds)."""
     import torch
 
-    from ciscr.bench import machine_info
     from ciscr.dist import resolve_device
+    from ciscr.timing.common import machine_info
     from ciscr.utils.misc import resolve_amp
 
     cfg = method_config(config, methods[0], overrides)  # a bad override fails here, before any run
     device = resolve_device(cfg.device)
     res: dict[str, Any] = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": command, "machine": machine_info(device), "config": config,
+        "date": now(), "command": command, "machine": machine_info(device), "config": config,
         "overrides": list(overrides), "methods": list(methods), "passes": list(passes),
         "amp": cfg.train.amp, "amp_resolved": resolve_amp(cfg.train.amp, device),
         "threads": torch.get_num_threads(),
@@ -952,11 +936,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     res = run_profile(args.config, list(args.overrides), methods=methods, passes=passes,
                       work=args.work, command=command_line(args), repeats=args.repeats)
-    print(format_report(res))
-    if args.out is not None:
-        md, js = write_results(res, args.out, args.name)
-        print(f"wrote {md} and {js}")
-    return 0
+    return print_and_write(format_report(res), args.out,
+                           lambda out: write_results(res, out, args.name))
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
@@ -986,14 +967,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 
 __all__ = [
-    "breakdown",
-    "cmd_profile",
-    "compare_stages",
-    "edge_seconds",
-    "format_report",
-    "instrument",
-    "register_cli",
-    "run_profile",
-    "targets",
-    "write_results",
+    "breakdown", "cmd_profile", "compare_stages", "edge_seconds", "format_report", "instrument",
+    "register_cli", "run_profile", "targets", "write_results",
 ]
