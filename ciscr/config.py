@@ -633,6 +633,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 # Keys holding a file or folder path. model.pretrained may also be a weight name (imagenet),
 # data.labeled a fraction or a count: those are left alone.
+# model.pretrained values that name weights rather than a file (ciscr.models.weights'
+# NAMED_WEIGHTS, which checks it is the same set: config sits below the models).
+WEIGHT_NAMES = ("imagenet",)
 PATH_KEYS = (("data", "root"), ("data", "labeled"), ("model", "pretrained"), ("model", "init"))
 # A packaged config's paths are defaults for the repository layout (the repo with ../shared
 # beside it): they resolve against the repository root, which holds the ciscr package.
@@ -646,13 +649,11 @@ def _is_relative_path(key: str, value: Any) -> bool:
     if not isinstance(value, str) or not value or value.startswith("~") or Path(value).is_absolute():
         return False
     if key == "model.pretrained":
-        from ciscr.models.weights import NAMED_WEIGHTS  # imagenet: a name, not a path
-
-        return value not in NAMED_WEIGHTS
+        return value not in WEIGHT_NAMES  # imagenet: a name, not a path
     if key == "data.labeled":
-        from ciscr.data.partition import _parse_number
+        from ciscr.utils.misc import parse_number
 
-        return _parse_number(value) is None
+        return parse_number(value) is None
     return True
 
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # A module may import from its own layer or any layer below, never from a layer above.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["ciscr", "ciscr.errors", "ciscr.commands"]),
-    ("settings and utilities", ["ciscr.utils.*", "ciscr.dist", "ciscr.config"]),
+    ("settings and utilities", ["ciscr.utils.*", "ciscr.dist", "ciscr.config", "ciscr.threads"]),
     ("data", ["ciscr.data.*"]),
     ("models", ["ciscr.models.*"]),
     ("the method's maths", ["ciscr.cisc"]),

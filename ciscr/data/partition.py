@@ -11,12 +11,12 @@ from __future__ import annotations
 import gzip
 import math
 from collections.abc import Mapping, Sequence
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from ciscr.errors import ConfigError, DataError
+from ciscr.utils.misc import parse_number as _parse_number
 
 SPLITS_DIR = Path(__file__).parent / "splits"
 DATASETS = ("pascal", "cityscapes", "coco")
@@ -121,17 +121,6 @@ def check_disjoint(labeled: Sequence[str], unlabeled: Sequence[str], source: str
             f"{where}image '{min(both)}' is both labeled and unlabeled "
             f"({len(both)} overlapping ids)"
         )
-
-
-def _parse_number(text: str) -> float | int | None:
-    """'0.125' -> 0.125, '20' -> 20, '1/8' or '1_8' -> 0.125; anything else -> None."""
-    t = text.strip().replace("_", "/")
-    try:
-        if "/" in t:
-            return float(Fraction(t))
-        return int(t) if t.isdigit() else float(t)
-    except (ValueError, ZeroDivisionError):
-        return None
 
 
 def _ids_from_file(

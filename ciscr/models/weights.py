@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ciscr.config import WEIGHT_NAMES
 from ciscr.errors import WeightsError
 
 __all__ = [
@@ -66,6 +67,7 @@ IMAGENET_WEIGHTS: dict[str, WeightFile] = {
 
 # model.pretrained=<name> -> {backbone name: file}. Anything else is a local path.
 NAMED_WEIGHTS: dict[str, dict[str, WeightFile]] = {"imagenet": IMAGENET_WEIGHTS}
+assert set(NAMED_WEIGHTS) == set(WEIGHT_NAMES), "config.WEIGHT_NAMES must name them all"
 
 # Cached files whose hash was already checked in this process: (path, size, mtime) keys, so
 # that the three stages of a run read a 170 MB file once for hashing, not three times.

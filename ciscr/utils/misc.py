@@ -7,6 +7,7 @@ import functools
 import random
 import time
 from collections.abc import Iterator
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -180,3 +181,14 @@ class Timer:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters (only those with ``requires_grad`` if ``trainable_only``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def parse_number(text: str) -> float | int | None:
+    """'0.125' -> 0.125, '20' -> 20, '1/8' or '1_8' -> 0.125; anything else -> None."""
+    t = text.strip().replace("_", "/")
+    try:
+        if "/" in t:
+            return float(Fraction(t))
+        return int(t) if t.isdigit() else float(t)
+    except (ValueError, ZeroDivisionError):
+        return None
