@@ -198,11 +198,17 @@ def share_stages(args: argparse.Namespace, row: str, seed: int) -> None:
 
 
 def run_one(args: argparse.Namespace, row: str, seed: int, threads: int) -> None:
-    """Run (or finish) one row; the wall and CPU time of every invocation go to wall.json."""
+    """Run (or finish) one row unless it is finished (here or archived)."""
     if finished_dir(args, row, seed) is not None:
         return
-    rd = run_dir(args, row, seed)
     share_stages(args, row, seed)
+    launch(args, row, seed, threads)
+
+
+def launch(args: argparse.Namespace, row: str, seed: int, threads: int) -> None:
+    """``ciscr run`` of one row with ``threads`` torch threads; the wall and CPU time of every
+    invocation go to wall.json."""
+    rd = run_dir(args, row, seed)
     cmd = ciscr_command(args, row, seed)
     print("$", shlex.join(cmd), flush=True)
     # WHY: N torch processes each using every core slow each other down several-fold.
@@ -230,32 +236,19 @@ def add_wall_time(rd: Path, seconds: float, cpu_seconds: float) -> None:
 def ensure_base(args: argparse.Namespace, seed: int, rows: list[str]) -> None:
     """Train the seed's base unless it is finished; retrain it when its checkpoint is gone (a
     lost machine) while a row still has to start from it."""
-    from ciscr.warmstart import file_sha256
+    from ciscr.utils.io import file_sha256
 
     rd, ckpt = run_dir(args, BASE_ROW, seed), base_checkpoint(args, seed)
     pending = [r for r in rows if finished_dir(args, r, seed) is None]
     if pending and not ckpt.exists() and (rd / "results.json").exists():
         raise SystemExit(f"{rd} is finished but its checkpoint is gone: move it away to retrain")
     if pending and not ckpt.exists():
-        run_one_live(args, seed)
+        try:  # trained here, alone on the machine (its archived copy cannot seed rows)
+            launch(args, BASE_ROW, seed, os.cpu_count() or 1)
+        except RuntimeError as err:
+            raise SystemExit(f"the base failed: {err}") from None
     if ckpt.exists() and not (rd / BASE_SHA).exists():
         (rd / BASE_SHA).write_text(file_sha256(ckpt) + "\n")
-
-
-def run_one_live(args: argparse.Namespace, seed: int) -> None:
-    """The base trained here (its archived copy, without a checkpoint, cannot seed rows)."""
-    rd = run_dir(args, BASE_ROW, seed)
-    cmd = ciscr_command(args, BASE_ROW, seed)
-    print("$", shlex.join(cmd), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}  # alone on the machine
-    rd.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(rd / "run.log", "a") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    add_wall_time(rd, time.perf_counter() - t0, usage.ru_utime + usage.ru_stime)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"the base failed, log in {rd}/run.log")
 
 
 def run_seed(args: argparse.Namespace, seed: int, chains: list[list[str]], argv: list[str],

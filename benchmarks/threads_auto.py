@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -22,6 +21,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from camvid_report import machine  # noqa: E402  (beside this file)
+
 SETTINGS = ("0", "auto", "1")
 TRAIN = ["data.synthetic.num_train=16", "data.synthetic.num_val=60", "data.synthetic.size=160",
          "data.labeled=8", "train.epochs=1", "train.iters_per_epoch=2", "train.batch_size=4",
@@ -101,17 +103,6 @@ def main() -> int:
     atomic_write_text(args.out, text)
     print(text)
     return 0
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ number of steps as the control.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -26,16 +25,9 @@ from typing import Any
 
 from ciscr.config import Config
 from ciscr.errors import ConfigError
+from ciscr.utils.io import file_sha256
 
 INIT_STAGE = "init"  # folder holding the evaluation of the start (online methods, SupOnly)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_init(cfg: Config) -> Config:

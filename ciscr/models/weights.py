@@ -15,7 +15,6 @@ naming the URL, the exact path where the file can be put by hand, and the altern
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from ciscr.config import WEIGHT_NAMES
 from ciscr.errors import WeightsError
+from ciscr.utils.io import file_sha256
 
 __all__ = [
     "IMAGENET_WEIGHTS",
@@ -81,21 +81,13 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_cached(path: Path, spec: WeightFile) -> None:
     """A file already in the cache must carry the published hash too (once per process)."""
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key in _VERIFIED:
         return
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if not digest.startswith(spec.hash_prefix):
         raise WeightsError(
             f"{path}: SHA-256 {digest[:8]}... does not match {spec.hash_prefix} of {spec.url} "
