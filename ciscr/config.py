@@ -306,6 +306,14 @@ class MethodCfg(BaseModel):
     )
     # ---- the online family (FixMatch, UniMatch)
     strong_views: int = Field(2, ge=1, le=2, description="online: strongly augmented views")
+    labeled_weight: float = Field(
+        1.0,
+        gt=0,
+        description="online: weight of the labeled CE in the loss. 1.0 (ciscr) = the labeled "
+        "loss exactly as SupOnly trains it, the unlabeled terms added at FixMatch's / "
+        "UniMatch's own weights; 0.5 = their code's (CE_l + L_u) / 2, which also halves the "
+        "labeled gradient (docs/METHOD-NOTES.md: the labeled weight)",
+    )
     feature_perturbation: bool = Field(
         True, description="online: UniMatch's FP branch (Dropout2d on the encoder features)"
     )
@@ -389,13 +397,17 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
            "retrain_batches": "mixed", "cutout": True},
     "stpp": {"stage1_cisc_loss": False, "retrain": "two", "selection": "stpp", "rectify": "none",
              "retrain_batches": "mixed", "cutout": True},
-    "ciscr": {"stage1_cisc_loss": True, "retrain": "two", "selection": "cisc", "rectify": "query"},
+    # CISC-R trains on the teacher's confident pixels only (0.95, the online methods' threshold):
+    # docs/METHOD-NOTES.md, "confident pixels for CISC-R".
+    "ciscr": {"stage1_cisc_loss": True, "retrain": "two", "selection": "cisc", "rectify": "query",
+              "confidence_threshold": 0.95},
     "ciscr_bank": {
         "stage1_cisc_loss": True,
         "retrain": "two",
         "selection": "cisc",
         "rectify": "bank",
         "rectify_classes": "all",
+        "confidence_threshold": 0.95,
     },
     "fixmatch": {**_ONLINE, "strong_views": 1, "feature_perturbation": False},
     "unimatch": {**_ONLINE},

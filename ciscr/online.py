@@ -44,10 +44,10 @@ STAGE = "online"
 def online_recipe(ctx: RunContext) -> OnlineRecipe:
     """The method's settings (``method.*``) as the step reads them."""
     m = ctx.cfg.method
-    w_l, w_views, w_fp = recipe_weights(m.strong_views, m.feature_perturbation)
+    _, w_views, w_fp = recipe_weights(m.strong_views, m.feature_perturbation)
     return OnlineRecipe(
         strong_views=m.strong_views, fp=m.feature_perturbation, fp_p=m.fp_dropout,
-        threshold=m.confidence_threshold, cisc=m.online_cisc, weight_labeled=w_l,
+        threshold=m.confidence_threshold, cisc=m.online_cisc, weight_labeled=m.labeled_weight,
         weight_views=w_views, weight_fp=w_fp, unlabeled_weight=m.unlabeled_weight,
         min_ratio=m.min_class_ratio, ignore_index=ctx.cfg.data.ignore_index,
         prototype_source=m.prototype_source, refresh=m.prototype_refresh, ohem=m.ohem(),

@@ -140,3 +140,13 @@ def test_other_demo_rows_keep_their_own_recipe():
     st = load_config("synthetic", ["method.name=st", *preset_overrides("st")])
     assert uni.method.confidence_threshold == 0.95 and st.method.init == "fresh"
     assert st.method.confidence_threshold == 0.0
+
+
+def test_ciscr_presets_train_on_confident_pixels_and_st_keeps_its_published_recipe():
+    from ciscr.config import Config
+
+    def threshold(name: str) -> float:
+        return Config.model_validate({"method": {"name": name}}).method.confidence_threshold
+
+    assert threshold("ciscr") == threshold("ciscr_bank") == threshold("unimatch") == 0.95
+    assert threshold("st") == threshold("stpp") == 0.0

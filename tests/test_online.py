@@ -165,12 +165,13 @@ def test_threshold_one_leaves_only_the_labeled_loss():
     torch.manual_seed(1)
     loss, scalars = step(model, b, 0)
     assert scalars["mask_ratio"] == 0.0
-    assert float(loss.detach()) == pytest.approx(0.5 * scalars["ce_labeled"], rel=1e-5)
+    # ciscr's default: the labeled CE at weight 1, as SupOnly (the control) trains it
+    assert float(loss.detach()) == pytest.approx(scalars["ce_labeled"], rel=1e-5)
 
 
 def test_unimatch_loss_is_the_weighted_sum_of_its_parts():
     model, b = _model(), _batches()
-    step = OnlineStep(OnlineRecipe(threshold=0.0), 3)
+    step = OnlineStep(OnlineRecipe(threshold=0.0, weight_labeled=0.5), 3)  # UniMatch's code
     loss, s = step(model, b, 0)
     want = 0.5 * s["ce_labeled"] + 0.125 * (s["loss_s1"] + s["loss_s2"]) + 0.25 * s["loss_fp"]
     assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
@@ -284,11 +285,26 @@ def test_cisc_alone_replaces_the_mask_by_the_weight():
     assert s["mask_ratio"] > 0  # threshold ignored: the CISC weight decides
 
 
-def test_fixmatch_loss_is_half_labeled_half_strong_view():
-    # FixMatch: one strong view, no FP: loss = (CE_l + L_s1) / 2
+@pytest.mark.parametrize("w_l", [0.5, 1.0])
+def test_fixmatch_loss_is_the_labeled_ce_plus_half_the_strong_view(w_l):
+    # FixMatch: one strong view, no FP: loss = w_l CE_l + L_s1 / 2 (its code: w_l = 0.5)
     model, b = _model(), _batches(views=1)
-    step = OnlineStep(OnlineRecipe(strong_views=1, fp=False, threshold=0.0,
+    step = OnlineStep(OnlineRecipe(strong_views=1, fp=False, threshold=0.0, weight_labeled=w_l,
                                    weight_views=(0.5,), weight_fp=0.0), 3)
     loss, s = step(model, b, 0)
     assert "loss_fp" not in s and "loss_s2" not in s
-    assert float(loss.detach()) == pytest.approx(0.5 * (s["ce_labeled"] + s["loss_s1"]), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(w_l * s["ce_labeled"] + 0.5 * s["loss_s1"],
+                                                 rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "unimatch", "unimatch_cisc"])
+def test_online_methods_train_the_labeled_loss_at_the_controls_weight(name):
+    from types import SimpleNamespace
+
+    from ciscr.config import load_config
+    from ciscr.online import online_recipe
+
+    cfg = load_config("synthetic", [f"method.name={name}"])
+    assert online_recipe(SimpleNamespace(cfg=cfg)).weight_labeled == 1.0
+    published = load_config("synthetic", [f"method.name={name}", "method.labeled_weight=0.5"])
+    assert online_recipe(SimpleNamespace(cfg=published)).weight_labeled == 0.5

@@ -14,7 +14,9 @@ batch to CutMix with. Read :meth:`OnlineStep.__call__` top to bottom for the who
    (pixels under the threshold count 0 but stay in the denominator, as FixMatch / UniMatch).
 
 FixMatch = one strong view, no FP, loss (CE_l + L_s) / 2 (UniMatch's fixmatch.py); UniMatch =
-two strong views + FP, (CE_l + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 (its paper and code).
+two strong views + FP, (CE_l + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 (its paper and code). ciscr
+keeps their unlabeled weights but gives CE_l weight 1 (``method.labeled_weight``; 0.5 restores
+the published form): the labeled loss then trains exactly as in SupOnly, the control it must beat.
 With ``cisc`` (ours) each unlabeled pixel's mask is multiplied by (``mask``) or replaced by
 (``alone``) its CISC weight: the cosine of its feature with the prototype of its pseudo class,
 taken from a bank of the labeled images' prototypes refreshed from the current model every N
@@ -174,7 +176,9 @@ class OnlineRecipe:
     fp_p: float = 0.5
     threshold: float = 0.95
     cisc: str = "none"  # none | mask | alone
-    weight_labeled: float = 0.5  # UniMatch: (CE_l + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2
+    # ciscr: 1.0, the labeled CE as SupOnly trains it (method.labeled_weight); UniMatch's code:
+    # 0.5, i.e. (CE_l + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2.
+    weight_labeled: float = 1.0
     weight_views: tuple[float, ...] = (0.125, 0.125)
     weight_fp: float = 0.25
     unlabeled_weight: float = 1.0  # lambda, times everything unlabeled
@@ -186,8 +190,8 @@ class OnlineRecipe:
 
 
 def recipe_weights(strong_views: int, fp: bool) -> tuple[float, tuple[float, ...], float]:
-    """Loss weights (labeled, each strong view, FP) as FixMatch / UniMatch use them: the
-    unlabeled half is split 1:1 between the strong views and the FP branch when FP is on."""
+    """Loss weights (labeled, each strong view, FP) as FixMatch / UniMatch publish them (ciscr
+    replaces the labeled one by ``method.labeled_weight``): the unlabeled half is split 1:1 between the strong views and the FP branch when FP is on."""
     views = (0.5 if fp else 1.0) / strong_views
     return 0.5, tuple(0.5 * views for _ in range(strong_views)), 0.25 if fp else 0.0
 
