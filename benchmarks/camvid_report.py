@@ -31,7 +31,8 @@ def read(path: Path) -> Any:
 
 def after_run(rd: Path, row: str) -> None:
     """The diagnostics of a finished run (no training; cached in the run directory): BN
-    recalibration of its final model; the CISC-weight diagnostic of CISC-R's selection."""
+    recalibration of its final model; the CISC-weight diagnostic of CISC-R's selection and the
+    class-by-class quality of its pseudo0 labels."""
     if not (rd / "results.json").exists():
         return
     bn_recalibration(rd)
@@ -39,6 +40,10 @@ def after_run(rd: Path, row: str) -> None:
         import camvid_diagnostics
 
         camvid_diagnostics.cached(rd)  # RUN/diagnostics.json
+    if row == "ciscr" and (rd / "pseudo0" / "done.json").exists():
+        import camvid_pool_labels
+
+        camvid_pool_labels.cached(rd)  # RUN/pool_labels.json
 
 
 def bn_recalibration(rd: Path) -> None:
@@ -403,6 +408,8 @@ def write(args: argparse.Namespace, runs: dict, seeds: list[int], opt_seeds: lis
         *table_online(runs, ["unimatch", "unimatch_cisc", "fixmatch"], seeds + opt_seeds,
                       labels), "",
         *table_diagnostic(runs, seeds), "",
+        *table_pool_labels(runs, seeds), "",
+        *table_recipe_change(runs, spec, labels, out / RECIPE1), "",
         *(["## Option rows (one seed each)", "",
            *table_main(runs, [control, *spec["options"]], opt_seeds, labels, control, base), ""]
           if opt_seeds else []),
@@ -434,3 +441,51 @@ def table_diagnostic(runs: dict, seeds: list[int]) -> list[str]:
             "teacher); AUROC = how well it separates correctly from wrongly pseudo-labelled "
             "pixels (the pool's ground truth, never used in training; 0.5 = no information).",
             "", *camvid_diagnostics.markdown(results, found)]
+
+
+def table_pool_labels(runs: dict, seeds: list[int]) -> list[str]:
+    """The base's pseudo labels class by class (``camvid_pool_labels.py``), first seed found."""
+    import camvid_pool_labels
+
+    head = ["## Diagnostic: the base's pseudo labels, class by class", ""]
+    found = [(s, Path(r["run_dir"])) for s in seeds if (r := runs.get(("ciscr", s)))
+             and (Path(r["run_dir"]) / "pool_labels.json").exists()]
+    if not found:
+        return [*head, "(no CISC-R run diagnosed yet)"]
+    seed, rd = found[0]
+    return [*head, f"Seed {seed} (`{rd.name}/pseudo0`: the base's TTA labels of the unlabeled "
+            "pool, which every stage-wise row trains on), scored with the pool's ground truth "
+            "(never used in training). A class labelled below its true share is taught "
+            "as another class; the threshold table says what CISC-R's confidence threshold "
+            "keeps (`python benchmarks/camvid_pool_labels.py RUN`).", "",
+            *camvid_pool_labels.markdown(json.loads((rd / "pool_labels.json").read_text()))]
+
+
+# The seed-0 report before the recipe change of docs/METHOD-NOTES.md (kept unchanged).
+RECIPE1 = "protocol3_recipe1/camvid.json"
+
+
+def table_recipe_change(runs: dict, spec: dict[str, Any], labels: dict[str, str],
+                        before_json: Path) -> list[str]:
+    """What the recipe change moved: each row's val mIoU under recipe 1 (the kept record) and
+    now, per seed both have; rows the change did not touch are the same run in both."""
+    head = ["## What the recipe change moved (docs/METHOD-NOTES.md, 'Recipe changes made from "
+            "measurements')", ""]
+    before = read(before_json)
+    if not before:
+        return [*head, f"(no record {before_json.name})"]
+    old = {(r["row"], r["seed"]): r for r in before["runs"]}
+    rows = ["| method | seed | recipe 1 | now | change | minus the control, now |",
+            "|---|---|---|---|---|---|"]
+    for row in [*spec["main"], *spec["options"]]:
+        for (r, seed), rec in sorted(old.items(), key=lambda kv: kv[0][1]):
+            now, ctrl = runs.get((row, seed)), runs.get((spec["control"], seed))
+            if r != row or not now:
+                continue
+            diff = 100 * (now["val_miou"] - rec["val_miou"])
+            vs = f"{100 * (now['val_miou'] - ctrl['val_miou']):+.2f}" if ctrl else "n/a"
+            rows.append(f"| {labels[row]} | {seed} | {fmt(rec['val_miou'])} | "
+                        f"{fmt(now['val_miou'])} | {diff:+.2f} | {vs} |")
+    return [*head, f"Recipe 1 = `{before_json.parent.name}/camvid.md`. Rows the change does not "
+            "touch (the base, the control, ST++, the 0.9-threshold option) are the same runs "
+            "in both.", "", *rows]

@@ -129,3 +129,23 @@ def test_the_report_writes_each_run_record_and_every_table(tmp_path):
     rec = json.loads((tmp_path / "o" / "camvid.json").read_text())["runs"][0]
     assert {k: rec[k] for k in ("row", "seed", "labeled", "val_miou")} == {
         "row": "unimatch", "seed": 0, "labeled": 0.125, "val_miou": 0.55}
+
+
+def test_pool_label_summary_counts_shares_recall_and_what_a_threshold_keeps():
+    import numpy as np
+
+    import camvid_pool_labels as pool
+
+    # rows = truth: class a 8 right + 2 labelled b; class b 1 labelled a + 9 right
+    full = np.array([[8, 2], [1, 9]])
+    kept = np.array([[6, 0], [0, 4]])  # the confident pixels: all right
+    res = pool.summarise(["a", "b"], {0.0: full, 0.9: kept, 0.95: kept})
+    a, b = res["classes"]
+    assert a["gt_share"] == pytest.approx(0.5) and a["label_over_gt"] == pytest.approx(0.9)
+    assert (a["recall"], a["precision"]) == pytest.approx((0.8, 8 / 9))
+    assert (a["missed_to"], a["missed_to_share"]) == ("b", pytest.approx(0.2))
+    assert b["label_over_gt_095"] == pytest.approx(0.4)
+    t0, t95 = res["thresholds"][0], res["thresholds"][2]
+    assert t0["miou"] == pytest.approx((8 / 11 + 9 / 12) / 2) and t0["wrong"] == pytest.approx(0.15)
+    assert (t95["kept"], t95["wrong"], t95["miou"]) == pytest.approx((0.5, 0.0, 1.0))
+    assert any("| b | 50.00% | 1.10 |" in line for line in pool.markdown(res))
