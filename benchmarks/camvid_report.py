@@ -421,6 +421,9 @@ def write(args: argparse.Namespace, runs: dict, seeds: list[int], opt_seeds: lis
     ]
     md = out / f"{args.name}.md"
     atomic_write_bytes(md, ("\n".join(lines) + "\n").encode())
+    repo = out.resolve().parents[1]
+    if not args.overrides and args.name == "camvid" and out.resolve() == repo / "docs/results":
+        update_readme(repo / "README.md", headline(runs, seeds, labels, cmd.strip()))
     atomic_write_json(out / f"{args.name}.json", {
         "command": cmd.strip(), "machine": machine(), "overrides": args.overrides,
         "runs": [r for r in runs.values() if r]})
@@ -489,3 +492,36 @@ def table_recipe_change(runs: dict, spec: dict[str, Any], labels: dict[str, str]
     return [*head, f"Recipe 1 = `{before_json.parent.name}/camvid.md`. Rows the change does not "
             "touch (the base, the control, ST++, the 0.9-threshold option) are the same runs "
             "in both.", "", *rows]
+
+
+README_MARK = ("<!-- camvid-headline: written by benchmarks/camvid.py -->", "<!-- /camvid-headline -->")
+
+
+def headline(runs: dict, seeds: list[int], labels: dict[str, str], cmd: str) -> str:
+    """The report's headline in one line (README "Results"): each semi-supervised row's paired
+    difference with the control, over the seeds finished so far."""
+    ctl = values(runs, "suponly_continued", seeds)
+    done = [s for s, c in zip(seeds, ctl, strict=True) if c is not None]
+    parts = []
+    for row in ("stpp", "ciscr", "ciscr_bank", "unimatch", "unimatch_cisc"):
+        d, _ = paired(values(runs, row, seeds), ctl)
+        if d is not None:
+            parts.append(f"{labels[row]} {d:+.2f}")
+    if not parts:
+        return f"CamVid protocol 3: no row finished yet (`{cmd}`)."
+    return (f"CamVid protocol 3, 1/8 labeled, seed(s) {', '.join(map(str, done))} of 3, mIoU "
+            f"points over the control (SupOnly continued): {'; '.join(parts)} (`{cmd}`; "
+            "docs/results/camvid.md, targets there).")
+
+
+def update_readme(path: Path, line: str) -> None:
+    """Replace the text between README_MARK in ``path`` by ``line`` (nothing when absent)."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    start, end = text.find(README_MARK[0]), text.find(README_MARK[1])
+    if start < 0 or end < start:
+        return
+    new = text[:start + len(README_MARK[0])] + "\n" + line + "\n" + text[end:]
+    if new != text:
+        atomic_write_bytes(path, new.encode())

@@ -132,9 +132,8 @@ def test_the_report_writes_each_run_record_and_every_table(tmp_path):
 
 
 def test_pool_label_summary_counts_shares_recall_and_what_a_threshold_keeps():
-    import numpy as np
-
     import camvid_pool_labels as pool
+    import numpy as np
 
     # rows = truth: class a 8 right + 2 labelled b; class b 1 labelled a + 9 right
     full = np.array([[8, 2], [1, 9]])
@@ -149,3 +148,18 @@ def test_pool_label_summary_counts_shares_recall_and_what_a_threshold_keeps():
     assert t0["miou"] == pytest.approx((8 / 11 + 9 / 12) / 2) and t0["wrong"] == pytest.approx(0.15)
     assert (t95["kept"], t95["wrong"], t95["miou"]) == pytest.approx((0.5, 0.0, 1.0))
     assert any("| b | 50.00% | 1.10 |" in line for line in pool.markdown(res))
+
+
+def test_the_readme_headline_is_replaced_between_its_marks_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{rep.README_MARK[0]}\nold\n{rep.README_MARK[1]}\nbottom\n")
+    rep.update_readme(readme, "new line")
+    assert readme.read_text() == (f"top\n{rep.README_MARK[0]}\nnew line\n{rep.README_MARK[1]}"
+                                  "\nbottom\n")
+    plain = tmp_path / "plain.md"
+    plain.write_text("no marks\n")
+    rep.update_readme(plain, "x")
+    assert plain.read_text() == "no marks\n"
+    runs = {("suponly_continued", 0): {"val_miou": 0.5}, ("unimatch", 0): {"val_miou": 0.52}}
+    line = rep.headline(runs, [0, 1], {"unimatch": "UniMatch"}, "python benchmarks/camvid.py")
+    assert "seed(s) 0 of 3" in line and "UniMatch +2.00" in line
