@@ -598,13 +598,17 @@ def _header(res: dict[str, Any]) -> list[str]:
 def _timed_table(res: dict[str, Any]) -> list[str]:
     by = {m: {r["stage"]: r for r in rows} for m, rows in res["timed"].items()}
     stages = [s for s in ("setup", *STAGE_ORDER, "report") if any(s in b for b in by.values())]
+
+    def cells(r: dict[str, Any] | None) -> list[str]:  # total s, eval s, s/it, step s
+        return ["-"] * 4 if r is None else [
+            fmt(r["total"], ".1f"), fmt(r["seconds"].get("evaluation"), ".1f"),
+            fmt(_per_iteration(r)), fmt(r.get("step_median"))]  # fmt: skip
+
+    body = [[s, *(c for m in by for c in cells(by[m].get(s)))] for s in stages]
+    total = [c for rows in res["timed"].values()
+             for c in (fmt(sum(r["total"] for r in rows), ".1f"), "", "", "")]  # fmt: skip
     head = ["stage", *(f"{m} {c}" for m in by for c in ("total s", "eval s", "s/it", "step s"))]
-    body = [[s, *(c for m in by for c in (["-"] * 4 if s not in by[m] else [
-        fmt(by[m][s]["total"], ".1f"), fmt(by[m][s]["seconds"].get("evaluation"), ".1f"),
-        fmt(_per_iteration(by[m][s])), fmt(by[m][s].get("step_median"))]))] for s in stages]
-    body.append(["total", *(c for m, rows in res["timed"].items()
-                            for c in (fmt(sum(r["total"] for r in rows), ".1f"), "", "", ""))])
-    return md_table(head, body)
+    return md_table(head, [*body, ["total", *total]])
 
 
 def _category_table(stages: list[dict[str, Any]]) -> list[str]:
