@@ -5,7 +5,8 @@
     bench.py      ``ciscr bench``: ST vs CISC-R steps, pseudo-labelling, selection, loading
     profiling.py  ``ciscr profile``: real runs stage by stage (timed, profiled)
     steptime.py   ``ciscr profile``'s interleaved pass: training stages side by side
-    common.py     written once: round-robin timing, the machine and its noise, tables, files
+    common.py     written once: the rounds, result rows, the machine and its noise, the report
+                  header, tables and files, the command-line checks
 
 Only the stage-time table is imported here (it needs no torch): ``ciscr.runner`` and
 ``ciscr.report`` use it. The commands register through ``ciscr.timing.bench`` /

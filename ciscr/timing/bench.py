@@ -29,7 +29,6 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -42,17 +41,19 @@ from torch import nn
 from ciscr.config import ModelCfg, TrainCfg, preset_overrides
 from ciscr.errors import ConfigError
 from ciscr.timing.common import (
+    at_least,
+    comma_list,
     device_sync,
     fmt,
+    header,
     load_noise,
-    machine_info,
-    machine_line,
-    md_table,
+    measured,
     median,
-    now,
     print_and_write,
+    spelled,
+    table,
     time_round_robin,
-    write_report_files,
+    timing_row,
 )
 
 METHODS = ("st", "query", "bank_one", "bank_all")
@@ -83,10 +84,8 @@ class BenchSpec:
     seed: int = 0
 
 
-QUICK = {
-    "batch": 2, "crop": 32, "classes": 3, "channels": 16, "repeats": 3, "warmup": 1, "image_h": 32,
-    "image_w": 48, "select_images": 2, "pool": 4,
-}
+QUICK = {"batch": 2, "crop": 32, "classes": 3, "channels": 16, "repeats": 3, "warmup": 1,
+         "image_h": 32, "image_w": 48, "select_images": 2, "pool": 4}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,12 +105,17 @@ def _amp_name(amp: str) -> str:
     return "fp32" if amp == "none" else amp
 
 
+def _st_name(row: dict[str, Any]) -> str:
+    """The ST variant of a train row's precision and memory format."""
+    return f"st/{row['precision']}/{row['format']}"
+
+
 def train_variants(formats: Sequence[bool] = (False, True)) -> list[TrainVariant]:
     """Every method x precision x memory format, ST first."""
     return [TrainVariant(m, a, cl) for cl in formats for a in AMPS for m in METHODS]
 
 
-# --------------------------------------------------------------------------- inputs
+# --------------------------------------------------------------------------- inputs, train cases
 
 
 def blob_labels(
@@ -155,54 +159,36 @@ class _TensorPool(torch.utils.data.Dataset):
         pass
 
 
-def _batches(spec: BenchSpec, g: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
+def make_inputs(spec: BenchSpec) -> dict[str, Any]:
+    """Random batches and the labeled pool, identical for every variant."""
+    g = torch.Generator().manual_seed(spec.seed)
     b, s, k = spec.batch, spec.crop, spec.classes
-    return {
-        "labeled": {
-            "image": torch.randn(b, 3, s, s, generator=g),
-            "mask": blob_labels(b, s, s, k, g),
-        },
-        "unlabeled": {
-            "image": torch.randn(b, 3, s, s, generator=g),
-            "pseudo": blob_labels(b, s, s, k, g),
-        },
-    }
 
+    def images(n: int) -> torch.Tensor:
+        return torch.randn(n, 3, s, s, generator=g)
 
-def _model_cfg(spec: BenchSpec) -> ModelCfg:
-    return ModelCfg(backbone=spec.backbone, pretrained="", channels=spec.channels)
+    batches = {"labeled": {"image": images(b), "mask": blob_labels(b, s, s, k, g)},
+               "unlabeled": {"image": images(b), "pseudo": blob_labels(b, s, s, k, g)}}
+    return {"batches": batches,
+            "pool": _TensorPool(images(spec.pool), blob_labels(spec.pool, s, s, k, g))}
 
 
 def _build(spec: BenchSpec, device: torch.device, channels_last: bool, train: bool) -> nn.Module:
     from ciscr.models import build_model
 
-    model = build_model(_model_cfg(spec), spec.classes).to(device)
+    cfg = ModelCfg(backbone=spec.backbone, pretrained="", channels=spec.channels)
+    model = build_model(cfg, spec.classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if not train:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-    return model
+    return model if train else model.eval().requires_grad_(False)
 
 
 def _tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-# --------------------------------------------------------------------------- train cases
-
-
-@dataclass
-class _Models:
-    """Student (+ optimizer state) and teacher shared by the variants of one memory format."""
-
-    student: nn.Module
-    state: Any
-    teacher: nn.Module | None
-
-
 def _make_models(spec: BenchSpec, device: torch.device, channels_last: bool, teacher: bool):
+    """(student, its StageState, teacher or None), shared by the variants of a memory format."""
     from ciscr.engine.train import StageState, build_optimizer, build_scheduler
 
     student = _build(spec, device, channels_last, train=True).train()
@@ -211,12 +197,7 @@ def _make_models(spec: BenchSpec, device: torch.device, channels_last: bool, tea
     opt = build_optimizer(student, TrainCfg(lr=1e-6))
     state = StageState(student, opt, build_scheduler(opt, 10**9, 0.9), None, 0, 10**9)
     tea = _build(spec, device, channels_last, train=False) if teacher else None
-    return _Models(student, state, tea)
-
-
-def _pool(spec: BenchSpec, g: torch.Generator) -> _TensorPool:
-    n, s = spec.pool, spec.crop
-    return _TensorPool(torch.randn(n, 3, s, s, generator=g), blob_labels(n, s, s, spec.classes, g))
+    return student, state, tea
 
 
 def make_rectifier(
@@ -228,25 +209,22 @@ def make_rectifier(
     from ciscr.engine.steps import Rectifier
     from ciscr.utils.misc import autocast
 
-    k = spec.classes
+    k, query = spec.classes, method == "query"
     present = torch.stack([torch.bincount(m.flatten(), minlength=k)[:k] > 0 for m in pool.masks])
     queries = {c: [j for j in range(len(pool)) if bool(present[j, c])] for c in range(k)}
     bank = None
-    if method != "query":
-        bank = (torch.rand(len(pool), k, spec.channels, generator=g) * present[..., None]).to(
-            device
-        )
+    if not query:
+        bank = (torch.rand(len(pool), k, spec.channels, generator=g) * present[..., None])
+        bank = bank.to(device)
 
     def features(x: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp):
             return teacher(x).features
 
-    return Rectifier(
-        features=features, mode="query" if method == "query" else "bank",
-        classes="all" if method == "bank_all" else "one", num_classes=k, query_lists=queries,
-        seed=spec.seed, labeled=pool if method == "query" else None, bank=bank,
-        bank_present=present if bank is not None else None,
-    )
+    return Rectifier(features=features, mode="query" if query else "bank",
+                     classes="all" if method == "bank_all" else "one", num_classes=k,
+                     query_lists=queries, seed=spec.seed, labeled=pool if query else None,
+                     bank=bank, bank_present=None if query else present)  # fmt: skip
 
 
 @dataclass
@@ -254,7 +232,7 @@ class TrainCase:
     """One variant's optimizer step, ready to call; also exposes its rectifier and batches."""
 
     variant: TrainVariant
-    models: _Models
+    models: tuple  # (student, its StageState, teacher), see _make_models
     step_fn: Callable
     rectifier: Any
     batches: dict[str, dict[str, torch.Tensor]]
@@ -266,10 +244,8 @@ class TrainCase:
         from ciscr.engine.train import _one_step
 
         self.it += 1
-        _one_step(
-            self.models.student, self.models.state, self.step_fn, self.batches, self.it, self.cfg,
-            self.device,
-        )
+        student, state, _ = self.models
+        _one_step(student, state, self.step_fn, self.batches, self.it, self.cfg, self.device)
 
     def rectify(self) -> None:
         """The rectifier alone (teacher forward + CISC maps), under the step's autocast."""
@@ -287,30 +263,20 @@ class TrainCase:
 
 
 def make_train_case(
-    variant: TrainVariant, spec: BenchSpec, device: torch.device, models: _Models,
+    variant: TrainVariant, spec: BenchSpec, device: torch.device, models: tuple,
     inputs: dict[str, Any],
 ) -> TrainCase:
     """Wire a variant's step function to shared models and inputs (see :func:`make_inputs`)."""
     from ciscr.engine.steps import retrain_step
     from ciscr.engine.train import _to_device
 
-    rect = None
-    if variant.method != "st":
-        rect = make_rectifier(
-            variant.method, spec, models.teacher, variant.amp, device, inputs["pool"],
-            torch.Generator().manual_seed(spec.seed + 7),
-        )
-    cfg = TrainCfg(amp=variant.amp, channels_last=variant.channels_last, lr=1e-6)
-    batches = {
-        n: _to_device(b, device, variant.channels_last) for n, b in inputs["batches"].items()
-    }
-    return TrainCase(variant, models, retrain_step(rect), rect, batches, cfg, device)
-
-
-def make_inputs(spec: BenchSpec) -> dict[str, Any]:
-    """Random batches and the labeled pool, identical for every variant."""
-    g = torch.Generator().manual_seed(spec.seed)
-    return {"batches": _batches(spec, g), "pool": _pool(spec, g)}
+    v, rect = variant, None
+    if v.method != "st":
+        rect = make_rectifier(v.method, spec, models[2], v.amp, device, inputs["pool"],
+                              torch.Generator().manual_seed(spec.seed + 7))
+    cfg = TrainCfg(amp=v.amp, channels_last=v.channels_last, lr=1e-6)
+    batches = {n: _to_device(b, device, v.channels_last) for n, b in inputs["batches"].items()}
+    return TrainCase(v, models, retrain_step(rect), rect, batches, cfg, device)
 
 
 # --------------------------------------------------------------------------- memory
@@ -338,46 +304,47 @@ def variant_memory(spec_d: dict[str, Any], variant_d: dict[str, Any]) -> float:
     process per variant is the only way ``ru_maxrss`` is per-variant.
     CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before building.
     """
-    spec, variant = BenchSpec(**spec_d), TrainVariant(**variant_d)
+    spec, v = BenchSpec(**spec_d), TrainVariant(**variant_d)
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    device = torch.device(spec.device)
+    device, cuda = torch.device(spec.device), spec.device.startswith("cuda")
     x = None
-    if variant.method == "teacher":
+    if v.method == "teacher":
         x = torch.randn(spec.batch, 3, spec.crop, spec.crop, device=device)
-        x = x.contiguous(memory_format=torch.channels_last) if variant.channels_last else x
+        x = x.contiguous(memory_format=torch.channels_last) if v.channels_last else x
     gc.collect()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
         base = _rss_bytes()
-    if x is not None:
-        _teacher_alone(spec, variant, device, x)
-    else:
-        models = _make_models(spec, device, variant.channels_last, variant.method != "st")
-        case = make_train_case(variant, spec, device, models, make_inputs(spec))
-        for _ in range(MEMORY_STEPS):
-            case()
-    if device.type == "cuda":
+    step = _teacher_alone(spec, v, device, x) if x is not None else make_train_case(
+        v, spec, device, _make_models(spec, device, v.channels_last, v.method != "st"),
+        make_inputs(spec))  # fmt: skip
+    for _ in range(MEMORY_STEPS):
+        step()
+    if cuda:
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        # Library code (libtorch, oneDNN kernels) is paged in as the variant first runs it;
-        # that file-backed growth is not the variant's memory, so it is subtracted.
-        code = _rss_bytes()[1] - base[1]
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base[0] - code
-    return peak / 2**20
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    # Library code (libtorch, oneDNN kernels) is paged in as the variant first runs it;
+    # that file-backed growth is not the variant's memory, so it is subtracted.
+    code = _rss_bytes()[1] - base[1]
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base[0] - code) / 2**20
 
 
-def _teacher_alone(spec: BenchSpec, v: TrainVariant, device: torch.device, x: torch.Tensor) -> None:
+def _teacher_alone(spec: BenchSpec, v: TrainVariant, device: torch.device,
+                   x: torch.Tensor) -> Callable[[], Any]:
+    """A no-grad teacher forward of ``x``, the teacher built now (its weights count)."""
     from ciscr.utils.misc import autocast
 
     teacher = _build(spec, device, v.channels_last, train=False)
-    for _ in range(MEMORY_STEPS):
+
+    def forward() -> None:
         with torch.no_grad(), autocast(device, v.amp):
             teacher(x).features.float()
+
+    return forward
 
 
 def measure_memory(spec: BenchSpec, variants: Sequence[TrainVariant]) -> dict[str, float]:
@@ -390,10 +357,8 @@ def measure_memory(spec: BenchSpec, variants: Sequence[TrainVariant]) -> dict[st
     # already imported). multiprocessing's forkserver would do the same but re-imports the
     # caller's __main__, which breaks scripts without a main guard.
     code = "from ciscr.timing.bench import _memory_server; _memory_server()"
-    with subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env=memory_env(),
-    ) as server:
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, env=memory_env()) as server:
         out = {}
         for v, a in zip(variants, args, strict=True):
             server.stdin.write(json.dumps(a) + "\n")
@@ -449,7 +414,7 @@ def _memory_server() -> None:
         print(_RESULT + value if value else "failed", flush=True)
 
 
-# --------------------------------------------------------------------------- FLOPs
+# --------------------------------------------------------------------------- FLOPs, profiles
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -463,7 +428,35 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-# --------------------------------------------------------------------------- pseudo / select
+def profile_ops(fn: Callable[[], Any]) -> dict[str, float]:
+    """Self CPU milliseconds per aten op of one call of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+
+
+def compare_profiles(
+    fn_a: Callable[[], Any], fn_b: Callable[[], Any], top: int = 10
+) -> list[dict[str, Any]]:
+    """Ops whose self CPU time differs most between one call of ``fn_a`` and of ``fn_b``
+    (after one untimed call of each): ``{"op", "a_ms", "b_ms", "diff_ms"}``, largest |diff|."""
+    fn_a(), fn_b()
+    a, b = profile_ops(fn_a), profile_ops(fn_b)
+    rows = [{"op": op, "a_ms": a.get(op, 0.0), "b_ms": b.get(op, 0.0),
+             "diff_ms": b.get(op, 0.0) - a.get(op, 0.0)} for op in set(a) | set(b)]  # fmt: skip
+    return sorted(rows, key=lambda r: -abs(r["diff_ms"]))[:top]
+
+
+def run_profiles(cases: dict[str, TrainCase]) -> dict[str, list[dict[str, Any]]]:
+    """torch.profiler comparisons of one step: ST vs bank (fp32), fp32 vs bf16 (ST)."""
+    st, bank, bf16 = (cases[n] for n in ("st/fp32/nchw", "bank_one/fp32/nchw", "st/bf16/nchw"))
+    return {"ST -> bank_one (fp32, nchw)": compare_profiles(st, bank),
+            "ST fp32 -> ST bf16 (nchw)": compare_profiles(st, bf16)}
+
+
+# --------------------------------------------------------------------------- the other groups
 
 
 def pseudo_cases(spec: BenchSpec, device: torch.device) -> dict[str, Callable[[], Any]]:
@@ -482,13 +475,12 @@ def pseudo_cases(spec: BenchSpec, device: torch.device) -> dict[str, Callable[[]
     x = torch.randn(1, 3, spec.image_h, spec.image_w, generator=g).to(device)
     views = {"single": ("whole", (1.0,), False), "tta": ("multiscale", TTA_SCALES, True)}
 
-    def case(view: str, cl: bool, amp: str):
+    def case(view: str, cl: bool, amp: str) -> Callable[[], Any]:
         mode, scales, flip = views[view]
 
         def run() -> None:
-            probs = predict_logits(
-                models[cl], x, mode, num_classes=spec.classes, scales=scales, flip=flip, amp=amp
-            )
+            probs = predict_logits(models[cl], x, mode, num_classes=spec.classes, scales=scales,
+                                   flip=flip, amp=amp)
             probs.argmax(1).to(torch.uint8).cpu()
 
         return run
@@ -526,26 +518,34 @@ def select_cases(spec: BenchSpec, device: torch.device, root: Path) -> dict[str,
 
     samples, pseudo_dir = _write_samples(root, spec)
     model = _build(spec, device, channels_last=False, train=False)
-    kw = {
-        "num_classes": spec.classes, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "device": device,
-    }
-    protos, present = compute_labeled_prototypes(model, samples, **kw)
-    anchors = class_anchors(protos, present)
+    kw = {"num_classes": spec.classes, "mean": (0.485, 0.456, 0.406),
+          "std": (0.229, 0.224, 0.225), "device": device}  # fmt: skip
+    anchors = class_anchors(*compute_labeled_prototypes(model, samples, **kw))
     cases: dict[str, Callable[[], Any]] = {}
     for a in AMPS:
         cases[f"select/prototypes/{_amp_name(a)}"] = lambda a=a: compute_labeled_prototypes(
-            model, samples, amp=a, **kw
-        )
+            model, samples, amp=a, **kw)
         cases[f"select/distances/{_amp_name(a)}"] = lambda a=a: image_distances(
-            model, samples, pseudo_dir, anchors, amp=a, **kw
-        )
+            model, samples, pseudo_dir, anchors, amp=a, **kw)
     return cases
 
 
-# --------------------------------------------------------------------------- data loading
+def simple_rows(times: dict[str, list[float]], images: int, base: str) -> list[dict[str, Any]]:
+    """Rows of a pseudo/select group: ``<group>/<what>/<precision>`` names; ``base`` is the
+    ``<what>`` every other one is compared with (same precision)."""
+    med = {n: median(v) for n, v in times.items()}
+    rows = []
+    for name, ts in times.items():
+        group, what, prec = name.split("/")
+        m = med[name]
+        rows.append({**timing_row(name, ts, images, what=what, precision=prec),
+                     f"ratio_to_{base}": m / med[f"{group}/{base}/{prec}"],
+                     "bf16_speedup": med[f"{group}/{what}/fp32"] / m if prec != "fp32" else None})
+    return rows
+
 
 LOADER_WORKERS = (0, 1)  # data.num_workers: the default, then the alternative
+LOADER_ITERS = 10  # iterations of each timed loader stage
 
 
 def _loader_overrides(spec: BenchSpec, iters: int) -> list[str]:
@@ -607,12 +607,10 @@ def _resolved_amp(device: torch.device) -> str:
     return resolve_amp(TrainCfg().amp, device)
 
 
-LOADER_ITERS = 10  # iterations of each timed loader stage
-
-
 def bench_loader(spec: BenchSpec, device: torch.device, iters: int) -> list[dict[str, Any]]:
     """Time a real ST stage with each ``data.num_workers`` value, round-robin (no warm-up
-    round beyond one: every call builds its model and loaders anew, as a stage does)."""
+    round beyond one: every call builds its model and loaders anew, as a stage does); images/s
+    counts the labeled + unlabeled images trained."""
     import logging
 
     quiet = logging.getLogger("ciscr")
@@ -625,66 +623,19 @@ def bench_loader(spec: BenchSpec, device: torch.device, iters: int) -> list[dict
             times = time_round_robin(cases, spec.repeats, min(spec.warmup, 1), device_sync(device))
     finally:
         quiet.setLevel(level)
-    return loader_rows(times, spec, iters)
+    rows = [timing_row(n, ts, 2 * spec.batch * iters) for n, ts in times.items()]
+    return [{**r, "ratio_to_workers0": r["median_s"] / rows[0]["median_s"], "bf16_speedup": None}
+            for r in rows]  # fmt: skip
 
 
-def loader_rows(times: dict[str, list[float]], spec: BenchSpec, iters: int) -> list[dict]:
-    """Rows of the loader group: images/s counts the labeled + unlabeled images trained."""
-    med = {n: median(v) for n, v in times.items()}
-    base = next(iter(med.values()))
-    return [{"name": n, "median_s": m, "times_s": times[n],
-             "spread": (max(times[n]) - min(times[n])) / m,
-             "images_per_s": 2 * spec.batch * iters / m, "ratio_to_workers0": m / base,
-             "bf16_speedup": None} for n, m in med.items()]  # fmt: skip
-
-
-# --------------------------------------------------------------------------- profiling
-
-
-def profile_ops(fn: Callable[[], Any], top: int = 12) -> list[dict[str, Any]]:
-    """Self CPU time per aten op of one call of ``fn`` (torch.profiler), largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    rows = [
-        {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
-        for e in prof.key_averages()
-    ]
-    rows.sort(key=lambda r: -r["self_ms"])
-    return rows[:top] if top else rows
-
-
-def compare_profiles(
-    fn_a: Callable[[], Any], fn_b: Callable[[], Any], top: int = 10
-) -> list[dict[str, Any]]:
-    """Ops whose self CPU time differs most between one call of ``fn_a`` and of ``fn_b``
-    (after one untimed call of each): ``{"op", "a_ms", "b_ms", "diff_ms"}``, largest |diff|."""
-    fn_a(), fn_b()
-    a = {r["op"]: r["self_ms"] for r in profile_ops(fn_a, 0)}
-    b = {r["op"]: r["self_ms"] for r in profile_ops(fn_b, 0)}
-    rows = [
-        {
-            "op": op, "a_ms": a.get(op, 0.0), "b_ms": b.get(op, 0.0),
-            "diff_ms": b.get(op, 0.0) - a.get(op, 0.0),
-        }
-        for op in set(a) | set(b)
-    ]
-    rows.sort(key=lambda r: -abs(r["diff_ms"]))
-    return rows[:top]
-
-
-# --------------------------------------------------------------------------- the groups
+# --------------------------------------------------------------------------- results
 
 
 def bench_train(spec: BenchSpec, device: torch.device, memory: bool = True) -> dict[str, Any]:
     """Time every train variant side by side, plus the rectifier / teacher breakdown."""
-    inputs = make_inputs(spec)
-    cases: dict[str, TrainCase] = {}
-    teacher_bytes = 0
+    inputs, cases = make_inputs(spec), {}
     for cl in (False, True):
         models = _make_models(spec, device, cl, teacher=True)
-        teacher_bytes = _tensor_bytes(models.teacher)
         for v in train_variants((cl,)):
             cases[v.name] = make_train_case(v, spec, device, models, inputs)
     fns: dict[str, Callable[[], Any]] = dict(cases)
@@ -694,77 +645,57 @@ def bench_train(spec: BenchSpec, device: torch.device, memory: bool = True) -> d
         if c.variant.method == "bank_one":  # the teacher forward is the same for every method
             fns[f"teacher/{name.split('/', 1)[1]}"] = c.teacher_forward
     times = time_round_robin(fns, spec.repeats, spec.warmup, device_sync(device))
-    flops = {m: count_flops(cases[TrainVariant(m, "none", False).name]) for m in METHODS}
-    variants = [c.variant for c in cases.values()]
-    teachers = [
-        TrainVariant("teacher", v.amp, v.channels_last) for v in variants if v.method == "st"
-    ]
-    mem = measure_memory(spec, variants + teachers) if memory else {}
+    flops = {m: count_flops(cases[f"{m}/fp32/nchw"]) for m in METHODS}
+    sts = [c.variant for c in cases.values() if c.variant.method == "st"]
+    teachers = [TrainVariant("teacher", v.amp, v.channels_last) for v in sts]
+    mem = measure_memory(spec, [c.variant for c in cases.values()] + teachers) if memory else {}
     # The ST peaks once more, in new processes: how far two identical measurements differ.
-    sts = [v for v in variants if v.method == "st"]
     again = measure_memory(spec, sts) if memory and device.type == "cpu" else {}
-    return {
-        "cases": cases, "times": times, "flops": flops, "memory_mib": mem,
-        "memory_repeat_mib": again, "teacher_mib": teacher_bytes / 2**20,
-    }
+    return {"cases": cases, "times": times, "flops": flops, "memory_mib": mem,
+            "memory_repeat_mib": again, "teacher_mib": _tensor_bytes(models[2]) / 2**20}
 
 
 def train_rows(
     raw: dict[str, Any], spec: BenchSpec, peak_tflops: float | None
 ) -> list[dict[str, Any]]:
     """One row per variant: median, images/s, ratios to ST / fp32 / NCHW, memory, FLOP rate."""
-    t, rows = raw["times"], []
+    t, mem, rows = raw["times"], raw["memory_mib"], []
     med = {n: median(v) for n, v in t.items()}
     for name, case in raw["cases"].items():
         v, m = case.variant, med[name]
-        fmt = "cl" if v.channels_last else "nchw"
-        st = med[TrainVariant("st", v.amp, v.channels_last).name]
-        fp32 = med[TrainVariant(v.method, "none", v.channels_last).name]
-        nchw = med[TrainVariant(v.method, v.amp, False).name]
+        prec, form = _amp_name(v.amp), "cl" if v.channels_last else "nchw"
         flops = raw["flops"][v.method]
-        row = {
-            "name": name, "method": v.method, "precision": _amp_name(v.amp), "format": fmt,
-            "median_s": m, "times_s": t[name], "spread": (max(t[name]) - min(t[name])) / m,
-            "images_per_s": 2 * spec.batch / m, "ratio_to_st": m / st,
-            "bf16_speedup": fp32 / m if v.amp != "none" else None,
-            "channels_last_speedup": nchw / m if v.channels_last else None,
+        row = timing_row(name, t[name], 2 * spec.batch, method=v.method, precision=prec,
+                         format=form)
+        row.update({
+            "ratio_to_st": m / med[f"st/{prec}/{form}"],
+            "bf16_speedup": med[f"{v.method}/fp32/{form}"] / m if v.amp != "none" else None,
+            "channels_last_speedup": med[f"{v.method}/{prec}/nchw"] / m if v.channels_last
+            else None,
             "rectifier_s": med.get(f"rectifier/{name}"),
-            "teacher_forward_s": med[f"teacher/{_amp_name(v.amp)}/{fmt}"],
-            "peak_mib": raw["memory_mib"].get(name),
-            "teacher_peak_mib": raw["memory_mib"].get(f"teacher/{_amp_name(v.amp)}/{fmt}"),
+            "teacher_forward_s": med[f"teacher/{prec}/{form}"], "peak_mib": mem.get(name),
+            "teacher_peak_mib": mem.get(f"teacher/{prec}/{form}"),
             "peak_mib_repeat": raw.get("memory_repeat_mib", {}).get(name), "flops": flops,
             "tflops_per_s": flops / m / 1e12,
-        }
+        })  # fmt: skip
         if peak_tflops:
             row["mfu"] = row["tflops_per_s"] / peak_tflops
         rows.append(row)
     return rows
 
 
-def simple_rows(times: dict[str, list[float]], images: int, base: str) -> list[dict[str, Any]]:
-    """Rows of a pseudo/select group: ``<group>/<what>/<precision>`` names; ``base`` is the
-    ``<what>`` every other one is compared with (same precision)."""
-    med = {n: median(v) for n, v in times.items()}
-    rows = []
-    for name, ts in times.items():
-        group, what, prec = name.split("/")
-        m = med[name]
-        rows.append(
-            {
-                "name": name, "what": what, "precision": prec, "median_s": m, "times_s": ts,
-                "spread": (max(ts) - min(ts)) / m, "images_per_s": images / m,
-                f"ratio_to_{base}": m / med[f"{group}/{base}/{prec}"],
-                "bf16_speedup": med[f"{group}/{what}/fp32"] / m if prec != "fp32" else None,
-            }
-        )
-    return rows
-
-
-# --------------------------------------------------------------------------- defaults
-
-
-def _median_of(rows: list[dict[str, Any]], name: str) -> float | None:
-    return next((r["median_s"] for r in rows if r["name"] == name), None)
+def train_group(spec: BenchSpec, device: torch.device, memory: bool, peak_tflops: float | None,
+                profile: bool | None) -> dict[str, Any]:
+    """The train group's part of the result: rows, targets, profiles (``profile``: None =
+    only when a target fails) and the findings."""
+    raw = bench_train(spec, device, memory)
+    rows = train_rows(raw, spec, peak_tflops)
+    tg = evaluate_targets(rows)
+    profiles = {}
+    if profile or (profile is None and any(not t["pass"] for t in tg)):
+        profiles = run_profiles(raw["cases"])
+    return {"train": rows, "targets": tg, "profiles": profiles,
+            "findings": findings(rows, tg, spec, profiles), "teacher_mib": raw["teacher_mib"]}
 
 
 def defaults_rows(res: dict[str, Any], amp: str) -> list[dict[str, Any]]:
@@ -772,44 +703,29 @@ def defaults_rows(res: dict[str, Any], amp: str) -> list[dict[str, Any]]:
     (its resolved value here vs the other precision) on the train step, TTA pseudo-labelling
     and whole-image evaluation; train.channels_last on the train step;
     train.infer_channels_last on TTA pseudo-labelling and whole-image evaluation;
-    data.num_workers on a real stage. ``speedup`` = alternative time / default time (> 1: the default is faster)."""
+    data.num_workers on a real stage. ``speedup`` = alternative time / default time (> 1: the
+    default is faster)."""
     prec = _amp_name(amp)
     other = "fp32" if prec == "bf16" else "bf16"
-    tr, ps, ld = res.get("train", []), res.get("pseudo", []), res.get("loader", [])
-    specs = [
-        ("train.amp", f"auto ({prec})", other, "train step (ST)",
-         _median_of(tr, f"st/{prec}/nchw"), _median_of(tr, f"st/{other}/nchw")),
-        ("train.amp", f"auto ({prec})", other, "pseudo-labelling (TTA)",
-         _median_of(ps, f"pseudo/tta/{prec}"), _median_of(ps, f"pseudo/tta/{other}")),
-        ("train.amp", f"auto ({prec})", other, "evaluation (whole image)",
-         _median_of(ps, f"pseudo/single/{prec}"), _median_of(ps, f"pseudo/single/{other}")),
-        ("train.channels_last", "false", "true", f"train step (ST, {prec})",
-         _median_of(tr, f"st/{prec}/nchw"), _median_of(tr, f"st/{prec}/cl")),
-        ("train.infer_channels_last", "true", "false", f"pseudo-labelling (TTA, {prec})",
-         _median_of(ps, f"pseudo/tta_cl/{prec}"), _median_of(ps, f"pseudo/tta/{prec}")),
-        ("train.infer_channels_last", "true", "false", f"evaluation (whole image, {prec})",
-         _median_of(ps, f"pseudo/single_cl/{prec}"), _median_of(ps, f"pseudo/single/{prec}")),
-    ]  # fmt: skip
+    med = {r["name"]: r["median_s"] for g in ("train", "pseudo", "loader") for r in res.get(g, [])}
+    # (setting, default, alternative, measured on, the default's variant, the alternative's)
+    specs = [("train.amp", f"auto ({prec})", other, on, v.format(prec), v.format(other))
+             for on, v in (("train step (ST)", "st/{}/nchw"),
+                           ("pseudo-labelling (TTA)", "pseudo/tta/{}"),
+                           ("evaluation (whole image)", "pseudo/single/{}"))]
+    specs.append(("train.channels_last", "false", "true", f"train step (ST, {prec})",
+                  f"st/{prec}/nchw", f"st/{prec}/cl"))
+    specs += [("train.infer_channels_last", "true", "false", f"{on}, {prec})",
+               f"pseudo/{v}_cl/{prec}", f"pseudo/{v}/{prec}")
+              for on, v in (("pseudo-labelling (TTA", "tta"), ("evaluation (whole image", "single"))]
+    ld = res.get("loader", [])
     if len(ld) == len(LOADER_WORKERS):
         specs.append(("data.num_workers", str(LOADER_WORKERS[0]), str(LOADER_WORKERS[1]),
-                      f"ST stage, {res.get('loader_iters')} iterations",
-                      ld[0]["median_s"], ld[1]["median_s"]))  # fmt: skip
+                      f"ST stage, {res.get('loader_iters')} iterations", ld[0]["name"],
+                      ld[1]["name"]))  # fmt: skip
     return [{"setting": k, "default": d, "alternative": a, "measured_on": on,
-             "default_s": ds, "alternative_s": as_, "speedup": as_ / ds}
-            for k, d, a, on, ds, as_ in specs if ds and as_]  # fmt: skip
-
-
-def _defaults_table(res: dict[str, Any]) -> list[str]:
-    rows = [[r["setting"], r["default"], r["alternative"], r["measured_on"],
-             fmt(r["default_s"]), fmt(r["alternative_s"]), fmt(r["speedup"], ".2f"),
-             "default" if r["speedup"] >= 1 else "ALTERNATIVE"]
-            for r in res.get("defaults", [])]  # fmt: skip
-    head = ["setting", "default", "alternative", "measured on", "default s", "alternative s",
-            "alternative / default", "faster"]
-    return md_table(head, rows)
-
-
-# --------------------------------------------------------------------------- targets
+             "default_s": med[dn], "alternative_s": med[an], "speedup": med[an] / med[dn]}
+            for k, d, a, on, dn, an in specs if med.get(dn) and med.get(an)]  # fmt: skip
 
 
 def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -819,43 +735,24 @@ def evaluate_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Memory: "no higher than ST's + the teacher" reads the teacher as what running it alone
     needs (``teacher_peak_mib``: its weights and one no-grad forward of the unlabeled batch).
     """
-    by = {r["name"]: r for r in rows}
-    out = []
+    by, out = {r["name"]: r for r in rows}, []
+
+    def add(target: str, row: dict[str, Any], value: float, op: str, limit: float,
+            spec: str = ".2f") -> None:
+        ok = value <= limit if op == "<=" else value >= limit
+        out.append({"target": target, "variant": row["name"], "value": value,
+                    "limit": f"{op} {limit:{spec}}", "pass": ok})
+
     for r in rows:
         if r["method"] in ("bank_one", "bank_all"):
-            out.append(
-                {
-                    "target": "bank step / ST step", "variant": r["name"],
-                    "value": r["ratio_to_st"], "limit": f"<= {BANK_TARGET:.2f}",
-                    "pass": r["ratio_to_st"] <= BANK_TARGET,
-                }
-            )
-            st = by[TrainVariant("st", *_key(r)).name]
+            add("bank step / ST step", r, r["ratio_to_st"], "<=", BANK_TARGET)
+            st = by[_st_name(r)]
             if None not in (r["peak_mib"], st["peak_mib"], r["teacher_peak_mib"]):
-                limit = st["peak_mib"] + r["teacher_peak_mib"]
-                out.append(
-                    {
-                        "target": "peak memory <= ST + teacher (MiB)", "variant": r["name"],
-                        "value": r["peak_mib"], "limit": f"<= {limit:.0f}",
-                        "pass": r["peak_mib"] <= limit,
-                    }
-                )
+                add("peak memory <= ST + teacher (MiB)", r, r["peak_mib"], "<=",
+                    st["peak_mib"] + r["teacher_peak_mib"], ".0f")
         if r["bf16_speedup"] is not None:
-            out.append(
-                {
-                    "target": "bf16 speed-up over fp32", "variant": r["name"],
-                    "value": r["bf16_speedup"], "limit": f">= {BF16_TARGET:.2f}",
-                    "pass": r["bf16_speedup"] >= BF16_TARGET,
-                }
-            )
+            add("bf16 speed-up over fp32", r, r["bf16_speedup"], ">=", BF16_TARGET)
     return out
-
-
-def _key(row: dict[str, Any]) -> tuple[str, bool]:
-    return ("none" if row["precision"] == "fp32" else row["precision"], row["format"] == "cl")
-
-
-# --------------------------------------------------------------------------- findings
 
 
 def _ms(x: float) -> str:
@@ -865,23 +762,17 @@ def _ms(x: float) -> str:
 def _bank_finding(r: dict[str, Any], st: dict[str, Any], batch: int) -> str:
     extra, teach = r["median_s"] - st["median_s"], r["teacher_forward_s"]
     share = teach / st["median_s"]
-    text = (
-        f"`{r['name']}` is {r['ratio_to_st']:.2f}x the ST step ({_ms(extra)} more). Timed "
-        f"alone, its rectifier takes {_ms(r['rectifier_s'])} and the teacher forward on the "
-        f"{batch} unlabeled images {_ms(teach)}, i.e. {share:.1%} of the ST step. "
-    )
+    text = (f"`{r['name']}` is {r['ratio_to_st']:.2f}x the ST step ({_ms(extra)} more). Timed "
+            f"alone, its rectifier takes {_ms(r['rectifier_s'])} and the teacher forward on the "
+            f"{batch} unlabeled images {_ms(teach)}, i.e. {share:.1%} of the ST step. ")
     if 1 + share > BANK_TARGET:
-        return text + (
-            f"The teacher forward alone exceeds the {BANK_TARGET - 1:.0%} budget: it is an "
-            f"inference forward of the same network on half the images the student trains on "
-            f"(forward + backward), so with this teacher a bank-mode step cannot cost less than "
-            f"about {1 + share:.2f}x ST; the rest of the gap is CISC maps, rectified loss and "
-            "noise."
-        )
-    return text + (
-        "The teacher forward fits the budget; the rest of the gap comes from the CISC maps, the "
-        "rectified loss and noise (see the profile below)."
-    )
+        return text + (f"The teacher forward alone exceeds the {BANK_TARGET - 1:.0%} budget: it "
+                       f"is an inference forward of the same network on half the images the "
+                       f"student trains on (forward + backward), so with this teacher a "
+                       f"bank-mode step cannot cost less than about {1 + share:.2f}x ST; the "
+                       "rest of the gap is CISC maps, rectified loss and noise.")
+    return text + ("The teacher forward fits the budget; the rest of the gap comes from the CISC "
+                   "maps, the rectified loss and noise (see the profile below).")
 
 
 def findings(
@@ -889,26 +780,20 @@ def findings(
     profiles: dict[str, list[dict[str, Any]]],
 ) -> list[str]:
     """Sentences explaining each failed target, computed from the measured figures."""
-    by = {r["name"]: r for r in rows}
-    out = []
+    by, out = {r["name"]: r for r in rows}, []
     q = by.get("query/fp32/nchw")
     if q:
-        out.append(
-            f"Query mode (the authors' scheme, teacher on the unlabeled AND the queried "
-            f"batch) measures {q['ratio_to_st']:.2f}x the ST step in fp32 (the issue "
-            "quotes 1.26-1.32x on this CPU)."
-        )
+        out.append(f"Query mode (the authors' scheme, teacher on the unlabeled AND the queried "
+                   f"batch) measures {q['ratio_to_st']:.2f}x the ST step in fp32 (the issue "
+                   "quotes 1.26-1.32x on this CPU).")
     failed = [(t, by[t["variant"]]) for t in targets if not t["pass"]]
-    for t, r in failed:
-        if t["target"].startswith("bank step"):
-            out.append(_bank_finding(r, by[TrainVariant("st", *_key(r)).name], spec.batch))
+    out += [_bank_finding(r, by[_st_name(r)], spec.batch) for t, r in failed
+            if t["target"].startswith("bank step")]  # fmt: skip
     slow = [f"`{r['name']}` {r['bf16_speedup']:.2f}x" for t, r in failed if "bf16" in t["target"]]
     if slow:
-        out.append(
-            f"bf16 autocast misses the {BF16_TARGET:.1f}x speed-up over fp32 for: "
-            + ", ".join(slow)
-            + " (the fp32 -> bf16 profile below shows which ops do not get faster)."
-        )
+        out.append(f"bf16 autocast misses the {BF16_TARGET:.1f}x speed-up over fp32 for: "
+                   + ", ".join(slow)
+                   + " (the fp32 -> bf16 profile below shows which ops do not get faster).")
     out += _memory_findings(rows, failed)
     for title, prof in profiles.items():
         top = ", ".join(f"{p['op']} {p['a_ms']:.0f}->{p['b_ms']:.0f} ms" for p in prof[:4])
@@ -918,19 +803,14 @@ def findings(
 
 def _memory_findings(rows: list[dict[str, Any]], failed: list[tuple[dict, dict]]) -> list[str]:
     by = {r["name"]: r for r in rows}
-    extra = [
-        (r["peak_mib"] - by[TrainVariant("st", *_key(r)).name]["peak_mib"], r["teacher_peak_mib"])
-        for r in rows
-        if r["method"].startswith("bank") and r["peak_mib"] is not None
-    ]
+    extra = [(r["peak_mib"] - by[_st_name(r)]["peak_mib"], r["teacher_peak_mib"])
+             for r in rows if r["method"].startswith("bank") and r["peak_mib"] is not None]
     if not extra or None in (e for pair in extra for e in pair):
         return []
     (lo, hi), (tlo, thi) = [(min(v), max(v)) for v in zip(*extra, strict=True)]
-    out = [
-        f"Memory: bank-mode steps peak {lo:.0f} to {hi:.0f} MiB above the ST step of the same "
-        f"precision and format; the teacher run alone (weights + one no-grad forward of the "
-        f"unlabeled batch) needs {tlo:.0f} to {thi:.0f} MiB."
-    ]
+    out = [f"Memory: bank-mode steps peak {lo:.0f} to {hi:.0f} MiB above the ST step of the "
+           f"same precision and format; the teacher run alone (weights + one no-grad forward of "
+           f"the unlabeled batch) needs {tlo:.0f} to {thi:.0f} MiB."]
     reps = [abs(r["peak_mib"] - r["peak_mib_repeat"]) for r in rows
             if r.get("peak_mib_repeat") is not None]  # fmt: skip
     if reps:
@@ -941,18 +821,6 @@ def _memory_findings(rows: list[dict[str, Any]], failed: list[tuple[dict, dict]]
     if over:
         out.append("Peak memory above ST's peak + the teacher alone: " + ", ".join(over) + ".")
     return out
-
-
-def run_profiles(cases: dict[str, TrainCase]) -> dict[str, list[dict[str, Any]]]:
-    """torch.profiler comparisons of one step: ST vs bank (fp32), fp32 vs bf16 (ST)."""
-    c = {
-        k: cases[TrainVariant(*k, False).name]
-        for k in [("st", "none"), ("bank_one", "none"), ("st", "bf16")]
-    }
-    return {
-        "ST -> bank_one (fp32, nchw)": compare_profiles(c["st", "none"], c["bank_one", "none"]),
-        "ST fp32 -> ST bf16 (nchw)": compare_profiles(c["st", "none"], c["st", "bf16"]),
-    }
 
 
 # --------------------------------------------------------------------------- run + report
@@ -970,94 +838,24 @@ def run_bench(
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = torch.device(spec.device)
-    result: dict[str, Any] = {
-        "date": now(), "command": command, "machine": machine_info(device),
-        "settings": asdict(spec), "peak_tflops": peak_tflops, "train": [], "pseudo": [],
-        "select": [], "loader": [], "loader_iters": loader_iters, "targets": [], "findings": [],
-        "profiles": {},
-    }
-    t0 = time.perf_counter()
-    if "train" in groups:
-        raw = bench_train(spec, device, memory)
-        result["train"] = train_rows(raw, spec, peak_tflops)
-        result["teacher_mib"] = raw["teacher_mib"]
-        result["targets"] = evaluate_targets(result["train"])
-        failed = any(not t["pass"] for t in result["targets"])
-        if profile or (profile is None and failed):
-            result["profiles"] = run_profiles(raw["cases"])
-        result["findings"] = findings(result["train"], result["targets"], spec, result["profiles"])
-        del raw
     sync = device_sync(device)
-    if "pseudo" in groups:
-        times = time_round_robin(pseudo_cases(spec, device), spec.repeats, spec.warmup, sync)
-        result["pseudo"] = simple_rows(times, 1, "single")
-    if "select" in groups:
-        with tempfile.TemporaryDirectory(prefix="ciscr-bench-") as tmp:
-            cases = select_cases(spec, device, Path(tmp))
-            times = time_round_robin(cases, spec.repeats, spec.warmup, sync)
-        result["select"] = simple_rows(times, spec.select_images, "prototypes")
-    if "loader" in groups:
-        result["loader"] = bench_loader(spec, device, loader_iters)
-    result["defaults"] = defaults_rows(result, _resolved_amp(device))
-    result["machine"]["load_avg_end"] = list(os.getloadavg())
-    result["wall_s"] = time.perf_counter() - t0
-    return result
-
-
-def _train_table(res: dict[str, Any]) -> list[str]:
-    mfu = res["peak_tflops"] is not None
-    head = [
-        "variant", "median s", "images/s", "x ST", "bf16 x", "cl x", "rectifier s", "peak MiB",
-        "TFLOP/s", *(["MFU"] if mfu else []), "spread",
-    ]
-    rows = [
-        [
-            r["name"], fmt(r["median_s"]), fmt(r["images_per_s"], ".2f"),
-            fmt(r["ratio_to_st"], ".2f"), fmt(r["bf16_speedup"], ".2f"),
-            fmt(r["channels_last_speedup"], ".2f"), fmt(r["rectifier_s"]),
-            fmt(r["peak_mib"], ".0f"), fmt(r["tflops_per_s"], ".4f"),
-            *([fmt(r.get("mfu"), ".1%")] if mfu else []), fmt(r["spread"], ".0%"),
-        ]
-        for r in res["train"]
-    ]
-    return md_table(head, rows)
-
-
-def _teacher_table(res: dict[str, Any]) -> list[str]:
-    rows = [
-        [
-            f"{r['precision']}/{r['format']}", fmt(r["teacher_forward_s"]),
-            fmt(r["teacher_forward_s"] / r["median_s"], ".1%"), fmt(r["teacher_peak_mib"], ".0f"),
-        ]
-        for r in res["train"]
-        if r["method"] == "st"
-    ]
-    head = ["precision/format", "teacher forward s", "share of the ST step", "teacher peak MiB"]
-    return md_table(head, rows)
-
-
-def _simple_table(rows: list[dict[str, Any]], base: str) -> list[str]:
-    key = f"ratio_to_{base}"
-    body = [
-        [
-            r["name"], fmt(r["median_s"]), fmt(r["images_per_s"], ".2f"), fmt(r[key], ".2f"),
-            fmt(r["bf16_speedup"], ".2f"), fmt(r["spread"], ".0%"),
-        ]
-        for r in rows
-    ]
-    return md_table(["variant", "median s", "images/s", f"x {base}", "bf16 x", "spread"], body)
-
-
-def _target_table(res: dict[str, Any]) -> list[str]:
-    rows = [
-        [
-            t["target"], t["variant"],
-            fmt(t["value"], ".0f" if t["target"].startswith("peak") else ".4f"), t["limit"],
-            "PASS" if t["pass"] else "FAIL",
-        ]
-        for t in res["targets"]
-    ]
-    return md_table(["target", "variant", "value", "limit", "result"], rows)
+    with measured(command, device, settings=asdict(spec), peak_tflops=peak_tflops, train=[],
+                  pseudo=[], select=[], loader=[], loader_iters=loader_iters, targets=[],
+                  findings=[], profiles={}) as res:  # fmt: skip
+        if "train" in groups:
+            res.update(train_group(spec, device, memory, peak_tflops, profile))
+        if "pseudo" in groups:
+            times = time_round_robin(pseudo_cases(spec, device), spec.repeats, spec.warmup, sync)
+            res["pseudo"] = simple_rows(times, 1, "single")
+        if "select" in groups:
+            with tempfile.TemporaryDirectory(prefix="ciscr-bench-") as tmp:
+                cases = select_cases(spec, device, Path(tmp))
+                times = time_round_robin(cases, spec.repeats, spec.warmup, sync)
+            res["select"] = simple_rows(times, spec.select_images, "prototypes")
+        if "loader" in groups:
+            res["loader"] = bench_loader(spec, device, loader_iters)
+        res["defaults"] = defaults_rows(res, _resolved_amp(device))
+    return res
 
 
 def _header(res: dict[str, Any]) -> list[str]:
@@ -1067,24 +865,49 @@ def _header(res: dict[str, Any]) -> list[str]:
     note += (" Absolute times are noisy; the ratios were measured side by side (round-robin) "
              "and are more robust. Rerun the same command on a quiet machine for final figures.")
     if busy and m["threads"] > 1:
-        note += (
-            " With several torch threads on a busy machine every parallel op waits for threads "
-            "the OS has descheduled, so single runs can be 10-100x slow: prefer --threads 1."
-        )
-    return [
-        f"# ciscr bench: {dev}",
-        "",
-        "> " + note,
-        "",
-        f"- date: {res['date']}",
-        f"- command: `{res['command']}`",
-        machine_line(m, threads=True),
+        note += (" With several torch threads on a busy machine every parallel op waits for "
+                 "threads the OS has descheduled, so single runs can be 10-100x slow: prefer "
+                 "--threads 1.")
+    return header(res, f"ciscr bench: {dev}", note, True, [
         f"- device: {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else ""),
         f"- sizes: {s['backbone']}, {s['classes']} classes, C={s['channels']}, crop {s['crop']}, "
         f"batch {s['batch']} labeled + {s['batch']} unlabeled per step; pseudo/select images "
         f"{s['image_h']}x{s['image_w']}; median of {s['repeats']} runs after {s['warmup']} "
-        f"warm-up rounds; wall time {res.get('wall_s', 0):.0f} s",
-    ]
+        f"warm-up rounds; wall time {res.get('wall_s', 0):.0f} s"])  # fmt: skip
+
+
+# The report's tables: (header, key or function of the row, format spec), see common.table.
+TRAIN_COLUMNS = [
+    ("variant", "name", ""), ("median s", "median_s", ".3f"), ("images/s", "images_per_s", ".2f"),
+    ("x ST", "ratio_to_st", ".2f"), ("bf16 x", "bf16_speedup", ".2f"),
+    ("cl x", "channels_last_speedup", ".2f"), ("rectifier s", "rectifier_s", ".3f"),
+    ("peak MiB", "peak_mib", ".0f"), ("TFLOP/s", "tflops_per_s", ".4f"),
+]  # fmt: skip
+TEACHER_COLUMNS = [
+    ("precision/format", lambda r: f"{r['precision']}/{r['format']}", ""),
+    ("teacher forward s", "teacher_forward_s", ".3f"),
+    ("share of the ST step", lambda r: r["teacher_forward_s"] / r["median_s"], ".1%"),
+    ("teacher peak MiB", "teacher_peak_mib", ".0f"),
+]
+TARGET_COLUMNS = [
+    ("target", "target", ""), ("variant", "variant", ""),
+    ("value", lambda t: fmt(t["value"], ".0f" if t["target"].startswith("peak") else ".4f"), ""),
+    ("limit", "limit", ""), ("result", lambda t: "PASS" if t["pass"] else "FAIL", ""),
+]
+DEFAULTS_COLUMNS = [
+    ("setting", "setting", ""), ("default", "default", ""), ("alternative", "alternative", ""),
+    ("measured on", "measured_on", ""), ("default s", "default_s", ".3f"),
+    ("alternative s", "alternative_s", ".3f"), ("alternative / default", "speedup", ".2f"),
+    ("faster", lambda r: "default" if r["speedup"] >= 1 else "ALTERNATIVE", ""),
+]
+PROFILE_COLUMNS = [("op", "op", ""), ("before ms", "a_ms", ".1f"), ("after ms", "b_ms", ".1f"),
+                   ("difference ms", "diff_ms", "+.1f")]  # fmt: skip
+
+
+def _simple_columns(base: str) -> list[tuple[str, Any, str]]:
+    return [("variant", "name", ""), ("median s", "median_s", ".3f"),
+            ("images/s", "images_per_s", ".2f"), (f"x {base}", f"ratio_to_{base}", ".2f"),
+            ("bf16 x", "bf16_speedup", ".2f"), ("spread", "spread", ".0%")]  # fmt: skip
 
 
 METHOD_NOTES = """\
@@ -1132,60 +955,41 @@ METHOD_NOTES = """\
 
 def format_report(res: dict[str, Any]) -> str:
     """The markdown report (also what is printed on stdout)."""
-    out = _header(res)
+
+    def section(title: str, *lines: str) -> list[str]:
+        return ["", title, "", *lines]
+
+    out, s = _header(res), res["settings"]
     if res.get("defaults"):
-        out += ["", "## Defaults vs their alternatives", "", *_defaults_table(res)]
+        out += section("## Defaults vs their alternatives", *table(res["defaults"],
+                                                                   DEFAULTS_COLUMNS))
     if res["train"]:
-        out += [
-            "",
-            "## Train step",
-            "",
-            *_train_table(res),
-            "",
-            "The teacher alone on the unlabeled batch (time; peak memory with its weights):",
-            "",
-            *_teacher_table(res),
-        ]
+        mfu = [("MFU", "mfu", ".1%")] if res["peak_tflops"] is not None else []
+        sts = [r for r in res["train"] if r["method"] == "st"]
+        out += section("## Train step", *table(res["train"], [*TRAIN_COLUMNS, *mfu,
+                                                              ("spread", "spread", ".0%")]),
+                       "", "The teacher alone on the unlabeled batch (time; peak memory with its "
+                       "weights):", "", *table(sts, TEACHER_COLUMNS))  # fmt: skip
         if res.get("teacher_mib") is not None:
             out += ["", f"Teacher weights and buffers: {res['teacher_mib']:.0f} MiB."]
-    if res["pseudo"]:
-        out += ["", "## Pseudo-labelling (one image)", "", *_simple_table(res["pseudo"], "single")]
-    if res["select"]:
-        out += [
-            "",
-            f"## Selection ({res['settings']['select_images']} images per run)",
-            "",
-            *_simple_table(res["select"], "prototypes"),
-        ]
-    if res.get("loader"):
-        out += ["", f"## Data loading (a real ST stage, {res['loader_iters']} iterations)", "",
-                *_simple_table(res["loader"], "workers0")]
+    for group, title, base in (
+        ("pseudo", "## Pseudo-labelling (one image)", "single"),
+        ("select", f"## Selection ({s['select_images']} images per run)", "prototypes"),
+        ("loader", f"## Data loading (a real ST stage, {res.get('loader_iters')} iterations)",
+         "workers0"),
+    ):  # fmt: skip
+        if res.get(group):
+            out += section(title, *table(res[group], _simple_columns(base)))
     if res["targets"]:
         n_pass = sum(t["pass"] for t in res["targets"])
-        out += ["", f"## Targets: {n_pass} of {len(res['targets'])} pass", "", *_target_table(res)]
+        out += section(f"## Targets: {n_pass} of {len(res['targets'])} pass",
+                       *table(res["targets"], TARGET_COLUMNS))
     if res["findings"]:
-        out += ["", "## Findings (generated from the figures above)", ""]
-        out += [f"- {f}" for f in res["findings"]]
+        out += section("## Findings (generated from the figures above)",
+                       *(f"- {f}" for f in res["findings"]))
     for title, prof in res["profiles"].items():
-        out += [
-            "",
-            f"### Profile: {title}",
-            "",
-            *md_table(
-                ["op", "before ms", "after ms", "difference ms"],
-                [
-                    [p["op"], fmt(p["a_ms"], ".1f"), fmt(p["b_ms"], ".1f"), fmt(p["diff_ms"], "+.1f")]
-                    for p in prof
-                ],
-            ),
-        ]
+        out += section(f"### Profile: {title}", *table(prof, PROFILE_COLUMNS))
     return "\n".join([*out, "", METHOD_NOTES])
-
-
-def write_results(res: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """``speed_<device type>.md`` and ``.json`` in ``out_dir`` (atomic writes)."""
-    name = f"speed_{torch.device(res['settings']['device']).type}"
-    return write_report_files(res, format_report(res), out_dir, name)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1194,76 +998,52 @@ GROUPS = ("train", "pseudo", "select", "loader")
 _SIZE_ARGS = ("batch", "crop", "classes", "channels", "repeats", "warmup")
 
 
-def _parse_only(text: str) -> tuple[str, ...]:
-    groups = tuple(g.strip() for g in text.split(",") if g.strip())
-    bad = [g for g in groups if g not in GROUPS]
-    if bad or not groups:
-        raise ConfigError(f"--only {text}: choose among {','.join(GROUPS)}")
-    return groups
-
-
 def spec_from_args(args: argparse.Namespace) -> BenchSpec:
     """Sizes from the command line; ``--quick`` fills in tiny values for those not given."""
     from ciscr.dist import resolve_device
 
-    base = BenchSpec(**QUICK) if args.quick else BenchSpec()
+    at_least(args, {k: 0 if k == "warmup" else 1 for k in _SIZE_ARGS})
     given = {k: getattr(args, k) for k in _SIZE_ARGS if getattr(args, k) is not None}
-    for k, v in given.items():
-        if v < (0 if k == "warmup" else 1):
-            raise ConfigError(f"--{k} {v}: must be >= {0 if k == 'warmup' else 1}")
     if args.image_size:
         try:
             h, w = (int(v) for v in args.image_size.lower().split("x"))
         except ValueError:
-            raise ConfigError(
-                f"--image-size {args.image_size}: expected HxW, e.g. 360x480"
-            ) from None
+            raise ConfigError(f"--image-size {args.image_size}: expected HxW, e.g. 360x480"
+                              ) from None  # fmt: skip
         given.update(image_h=h, image_w=w)
     if args.select_images is not None:
         given["select_images"] = max(1, args.select_images)
-    device = resolve_device(args.device)
-    return replace(base, backbone=args.backbone, device=str(device), threads=args.threads, **given)
+    base = BenchSpec(**QUICK) if args.quick else BenchSpec()
+    return replace(base, backbone=args.backbone, device=str(resolve_device(args.device)),
+                   threads=args.threads, **given)  # fmt: skip
 
 
 def command_line(args: argparse.Namespace, spec: BenchSpec) -> str:
     """The full command that reproduces this run (every size spelled out)."""
-    parts = [
-        "ciscr", "bench", "--backbone", spec.backbone, "--batch", str(spec.batch), "--crop",
-        str(spec.crop), "--classes", str(spec.classes), "--channels", str(spec.channels),
-        "--repeats", str(spec.repeats), "--warmup", str(spec.warmup), "--image-size",
-        f"{spec.image_h}x{spec.image_w}", "--select-images", str(spec.select_images), "--device",
-        args.device, "--only", args.only,
-    ]
+    parts = ["ciscr", "bench", "--backbone", spec.backbone,
+             *(w for k in _SIZE_ARGS for w in (f"--{k}", str(getattr(spec, k)))),
+             "--image-size", f"{spec.image_h}x{spec.image_w}", "--select-images",
+             str(spec.select_images), "--device", args.device, "--only", args.only]  # fmt: skip
     if "loader" in args.only:
         parts += ["--loader-iters", str(args.loader_iters)]
-    if args.threads:
-        parts += ["--threads", str(args.threads)]
-    if args.peak_tflops is not None:
-        parts += ["--peak-tflops", str(args.peak_tflops)]
-    if args.no_memory:
-        parts.append("--no-memory")
-    if args.quick:
-        parts.append("--quick")
-    if args.out is not None:
-        parts += ["--out", str(args.out)]
-    return shlex.join(parts)
+    return shlex.join([*parts, *spelled(args, {"threads": 0, "peak_tflops": None,
+                                               "no_memory": False, "quick": False,
+                                               "out": None})])  # fmt: skip
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``ciscr bench``: run, print the report, write it under ``--out`` if given."""
     spec = spec_from_args(args)
-    groups = _parse_only(args.only)
-    if args.loader_iters < 1:
-        raise ConfigError(f"--loader-iters {args.loader_iters}: must be >= 1")
+    groups = comma_list(args.only, "--only", GROUPS)
+    at_least(args, {"loader_iters": 1})
     peak = args.peak_tflops
     if peak is None and spec.device.startswith("cuda"):
         peak = DEFAULT_PEAK_TFLOPS
     profile = True if args.profile else (False if args.quick else None)
-    res = run_bench(
-        spec, groups, peak_tflops=peak, memory=not args.no_memory, profile=profile,
-        command=command_line(args, spec), loader_iters=args.loader_iters,
-    )
-    return print_and_write(format_report(res), args.out, lambda out: write_results(res, out))
+    res = run_bench(spec, groups, peak_tflops=peak, memory=not args.no_memory, profile=profile,
+                    command=command_line(args, spec), loader_iters=args.loader_iters)
+    name = f"speed_{torch.device(spec.device).type}"
+    return print_and_write(res, format_report(res), args.out, name)
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
@@ -1293,15 +1073,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="comma list of train,pseudo,select,loader")
     p.add_argument("--loader-iters", type=int, default=LOADER_ITERS,
                    help=f"iterations of each timed loader stage (default {LOADER_ITERS})")
-    p.add_argument(
-        "--peak-tflops", type=float,
-        help=f"peak for MFU (default {DEFAULT_PEAK_TFLOPS:g} on CUDA: H100/H200 bf16)",
-    )
+    p.add_argument("--peak-tflops", type=float,
+                   help=f"peak for MFU (default {DEFAULT_PEAK_TFLOPS:g} on CUDA: H100/H200 bf16)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    p.add_argument(
-        "--profile", action="store_true",
-        help="always add torch.profiler comparisons (default: when a target fails)",
-    )
+    p.add_argument("--profile", action="store_true",
+                   help="always add torch.profiler comparisons (default: when a target fails)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for tests and CI")
     command("bench")(cmd_bench)
 
@@ -1310,5 +1086,5 @@ __all__ = [
     "BenchSpec", "TrainVariant", "blob_labels", "cmd_bench", "compare_profiles", "count_flops",
     "evaluate_targets", "format_report", "make_rectifier", "make_train_case", "measure_memory",
     "pseudo_cases", "register_cli", "run_bench", "select_cases", "time_round_robin", "train_rows",
-    "train_variants", "variant_memory", "write_results",
+    "train_variants", "variant_memory",
 ]

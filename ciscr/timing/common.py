@@ -1,5 +1,5 @@
 """What every timing tool shares, written once: the round-robin timing, the machine and its
-noise, the markdown tables, and the report files.
+noise, the report's header, tables and files.
 
 ``ciscr bench`` (:mod:`ciscr.timing.bench`) and ``ciscr profile``
 (:mod:`ciscr.timing.profiling`, with :mod:`ciscr.timing.steptime`) measure different things
@@ -9,12 +9,13 @@ markdown tables and write ``<name>.md`` + ``<name>.json``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,30 +37,54 @@ def device_sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def in_rounds(measures: dict[str, Callable[[], float]], repeats: int, warmup: int,
+              rotate: bool = True) -> dict[str, list[float]]:
+    """{name: what its measurement returned in each counted round}: ``warmup`` uncounted then
+    ``repeats`` counted rounds, each calling every measurement once.
+
+    WHY rounds: a change of the machine's speed (another process, clock boost) then hits every
+    variant of a round alike. With ``rotate`` the starting point moves by one each round, so no
+    variant always runs right after the same neighbour (cache state, ...).
+    """
+    names = list(measures)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        shift = r % len(names) if rotate else 0
+        for n in names[shift:] + names[:shift]:
+            x = measures[n]()
+            if r >= warmup:
+                out[n].append(x)
+    return out
+
+
 def time_round_robin(
     fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, sync: Callable[[], None]
 ) -> dict[str, list[float]]:
-    """Seconds of each call, ``warmup`` untimed then ``repeats`` timed rounds over all ``fns``.
+    """Seconds of each call of ``fns``, timed in rotating rounds (:func:`in_rounds`)."""
 
-    Every round visits every function once; the starting point rotates by one each round so
-    no variant always runs right after the same neighbour (cache state, clock boost, ...).
-    """
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(warmup + repeats):
-        shift = r % len(names)
-        for n in names[shift:] + names[:shift]:
+    def timed(fn: Callable[[], Any]) -> Callable[[], float]:
+        def run() -> float:
             sync()
             t0 = time.perf_counter()
-            fns[n]()
+            fn()
             sync()
-            if r >= warmup:
-                times[n].append(time.perf_counter() - t0)
-    return times
+            return time.perf_counter() - t0
+
+        return run
+
+    return in_rounds({n: timed(fn) for n, fn in fns.items()}, repeats, warmup)
 
 
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
+
+
+def timing_row(name: str, times: Sequence[float], images: float, **fields: Any) -> dict[str, Any]:
+    """A result row of timed runs: ``name``, ``fields``, the median, the runs, their spread
+    ((max - min) / median) and images per second at the median."""
+    m = median(times)
+    return {"name": name, **fields, "median_s": m, "times_s": times,
+            "spread": (max(times) - min(times)) / m, "images_per_s": images / m}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the machine
@@ -76,20 +101,24 @@ def machine_info(device: torch.device) -> dict[str, Any]:
                 flags = line
     except OSError:
         pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "avx512_bf16": "avx512_bf16" in flags.split(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "load_avg_start": list(os.getloadavg()),
-    }
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "avx512_bf16": "avx512_bf16" in flags.split(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "device": str(device), "load_avg_start": list(os.getloadavg())}  # fmt: skip
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+@contextlib.contextmanager
+def measured(command: str, device: torch.device, **fields: Any) -> Iterator[dict[str, Any]]:
+    """The result of a tool's run, to fill in: date, command, machine and ``fields``; on
+    leaving, the load average at the end (see :func:`load_noise`) and the wall time."""
+    res = {"date": now(), "command": command, "machine": machine_info(device), **fields}
+    t0 = time.perf_counter()
+    yield res
+    res["machine"]["load_avg_end"] = list(os.getloadavg())
+    res["wall_s"] = time.perf_counter() - t0
 
 
 def load_noise(m: dict[str, Any], when: str, threads: str) -> tuple[bool, str]:
@@ -105,11 +134,16 @@ def load_noise(m: dict[str, Any], when: str, threads: str) -> tuple[bool, str]:
     return busy, note
 
 
-def machine_line(m: dict[str, Any], threads: bool) -> str:
-    """The report header's ``- machine:`` line (with the torch threads if ``threads``)."""
+def header(res: dict[str, Any], title: str, note: str, threads: bool,
+           more: Sequence[str]) -> list[str]:
+    """A report's first lines: title, the noise note, date, command, the machine (with the
+    torch threads if ``threads``), then ``more``."""
+    m = res["machine"]
     thr = f"{m['threads']} threads, " if threads else ""
-    return (f"- machine: {m['cpu']}, {m['cores']} cores, avx512_bf16 {m['avx512_bf16']}, torch "
-            f"{m['torch']}, {thr}python {m['python']}, {m['platform']}")
+    return [f"# {title}", "", "> " + note, "", f"- date: {res['date']}",
+            f"- command: `{res['command']}`",
+            f"- machine: {m['cpu']}, {m['cores']} cores, avx512_bf16 {m['avx512_bf16']}, torch "
+            f"{m['torch']}, {thr}python {m['python']}, {m['platform']}", *more]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- reports
@@ -131,22 +165,65 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
     return [line(headers), rule, *(line(r) for r in rows)]
 
 
-def write_report_files(res: dict[str, Any], text: str, out_dir: Path,
-                       name: str) -> tuple[Path, Path]:
-    """``<name>.md`` (``text``) and ``<name>.json`` (``res``) in ``out_dir``, atomically."""
+# A table column: (header, the row's key or a function of the row, the cell's format spec;
+# "" prints the value as it is).
+Column = tuple[str, Any, str]
+
+
+def table(rows: Sequence[Any], columns: Sequence[Column]) -> list[str]:
+    """A markdown table of ``rows`` (dicts, or anything the columns' functions read): one
+    line per row, its cells read and formatted (:func:`fmt`) as ``columns`` say."""
+
+    def cell(row: Any, key: str | Callable[[Any], Any], spec: str) -> str:
+        return fmt(key(row) if callable(key) else row.get(key), spec)
+
+    return md_table([c[0] for c in columns], [[cell(r, k, s) for _, k, s in columns] for r in rows])
+
+
+def print_and_write(res: dict[str, Any], text: str, out: Path | None, name: str) -> int:
+    """What both commands end with: the report on stdout and, under ``out``, ``<name>.md``
+    (``text``) and ``<name>.json`` (``res``), written atomically."""
     from ciscr.utils.io import atomic_write_json, atomic_write_text
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
-    atomic_write_json(js, res)
-    atomic_write_text(md, text)
-    return md, js
-
-
-def print_and_write(text: str, out: Path | None, write: Callable[[Path], tuple[Path, Path]]) -> int:
-    """What both commands end with: the report on stdout, and its files under ``--out``."""
     print(text)
     if out is not None:
-        md, js = write(out)
+        out.mkdir(parents=True, exist_ok=True)
+        md, js = out / f"{name}.md", out / f"{name}.json"
+        atomic_write_json(js, res)
+        atomic_write_text(md, text)
         print(f"wrote {md} and {js}")
     return 0
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def comma_list(text: str, flag: str, choices: Sequence[str]) -> list[str]:
+    """The items of a comma list option, each one of ``choices`` (else a one-line error)."""
+    from ciscr.errors import ConfigError
+
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or any(x not in choices for x in items):
+        raise ConfigError(f"{flag} {text}: choose among {','.join(choices)}")
+    return items
+
+
+def at_least(args: Any, lowest: dict[str, int]) -> None:
+    """A one-line error for the first option of ``lowest`` (dest: bound) given below it."""
+    from ciscr.errors import ConfigError
+
+    for dest, low in lowest.items():
+        v = getattr(args, dest)
+        if v is not None and v < low:
+            raise ConfigError(f"--{dest.replace('_', '-')} {v}: must be >= {low}")
+
+
+def spelled(args: Any, defaults: dict[str, Any]) -> list[str]:
+    """The options of ``args`` whose value differs from its default in ``defaults`` (dest:
+    default), as command-line words: a switch alone, any other option with its value."""
+    out: list[str] = []
+    for dest, default in defaults.items():
+        v = getattr(args, dest)
+        if v != default:
+            out += [f"--{dest.replace('_', '-')}", *([] if v is True else [str(v)])]
+    return out

@@ -12,9 +12,9 @@ scratch directory:
    again and trained side by side in one process, a block of steps each in turn, so that a
    drift of the machine's speed cancels out of the ratios; the stage targets are judged on it.
 3. **profiled**: the same runs under ``cProfile``, one profile per stage, summed into fixed
-   categories (train-batch loading and augmentation on the main process, the student step,
-   the rectifier and its query-mode teacher passes, evaluation, checkpoints, TTA
-   pseudo-labelling, prototypes and distances, report building) plus the functions with the
+   categories (:data:`CATEGORIES`: train-batch loading and augmentation on the main process,
+   the student step, the rectifier and its query-mode teacher passes, evaluation, checkpoints,
+   TTA pseudo-labelling, prototypes and distances, report building) plus the functions with the
    most own time; and ``torch.profiler`` over a window of training iterations of each
    training stage (ops by self CPU time).
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import importlib
 import io
 import os
 import pstats
@@ -42,14 +43,18 @@ from typing import Any
 
 from ciscr.errors import ConfigError
 from ciscr.timing.common import (
+    at_least,
+    comma_list,
+    fmt,
+    header,
     load_noise,
-    machine_line,
     md_table,
-    now,
+    measured,
     print_and_write,
-    write_report_files,
+    spelled,
+    table,
 )
-from ciscr.timing.stages import stage_time_rows
+from ciscr.timing.stages import STAGE_ORDER, stage_kind, stage_time_rows
 
 STAGE_TARGET = 1.15  # a CISC-R training stage / the ST stage at the same settings (issue 13)
 METHODS = ("st", "ciscr")
@@ -162,59 +167,39 @@ def _patched(module: Any, name: str, wrapper: Callable) -> Iterator[None]:
 @contextlib.contextmanager
 def instrument(records: list[StageRecord], profiled: bool) -> Iterator[None]:
     """Record every stage call into ``records``; with ``profiled``, under cProfile and (for
-    training stages) a torch.profiler window."""
-    import importlib
-
-    state: dict[str, _TorchWindow | None] = {"window": None}
-
-    def stage_wrapper(namer: Callable[[tuple], str]) -> Callable:
-        def wrap(fn: Callable) -> Callable:
-            def run(*args: Any, **kw: Any) -> Any:
-                name = namer(args)
-                prof = cProfile.Profile() if profiled else None
-                train = profiled and name.startswith("stage")
-                win = _TorchWindow(*TORCH_WINDOW, outer=prof) if train else None
-                state["window"] = win
-                t0 = time.perf_counter()
-                try:
-                    if prof is not None:
-                        prof.enable()
-                    return fn(*args, **kw)
-                finally:
-                    if prof is not None:
-                        prof.disable()
-                    # the stage's time without torch.profiler's start-up and parsing
-                    wall = time.perf_counter() - t0 - (win.paused if win else 0.0)
-                    if win is not None:
-                        win.finish()
-                    rec = StageRecord(name, wall)
-                    rec.stats = pstats.Stats(prof, stream=io.StringIO()) if prof else None
-                    if win is not None:
-                        rec.torch_ops, rec.torch_window = win.ops, win.window
-                    records.append(rec)
-                    state["window"] = None
-
-            return run
-
-        return wrap
-
-    with contextlib.ExitStack() as stack:
-        for mod, attr, namer in STAGE_FUNCTIONS:
-            stack.enter_context(_patched(importlib.import_module(mod), attr, stage_wrapper(namer)))
-        if profiled:
-            stack.enter_context(_label_step_and_rectifier(state))
-        yield
-
-
-@contextlib.contextmanager
-def _label_step_and_rectifier(state: dict[str, Any]) -> Iterator[None]:
-    """Wrap the train step and the Rectifier call: torch.profiler labels and window control."""
+    training stages) a torch.profiler window, the train step and the Rectifier call labelled
+    for torch.profiler (the step's wrapper also moves the window on)."""
     from torch.profiler import record_function
 
     import ciscr.engine.train as train
     from ciscr.engine.steps import Rectifier
 
-    def step_wrapper(fn: Callable) -> Callable:
+    state: dict[str, _TorchWindow | None] = {"window": None}
+
+    def stage(namer: Callable[[tuple], str], fn: Callable) -> Callable:
+        def run(*args: Any, **kw: Any) -> Any:
+            name = namer(args)
+            prof = cProfile.Profile() if profiled else None
+            train = profiled and name.startswith("stage")
+            win = _TorchWindow(*TORCH_WINDOW, outer=prof) if train else None
+            state["window"] = win
+            t0 = time.perf_counter()
+            try:
+                with prof or contextlib.nullcontext():
+                    return fn(*args, **kw)
+            finally:
+                # the stage's time without torch.profiler's start-up and parsing
+                wall = time.perf_counter() - t0 - (win.paused if win else 0.0)
+                if win is not None:
+                    win.finish()
+                stats = pstats.Stats(prof, stream=io.StringIO()) if prof else None
+                records.append(StageRecord(name, wall, stats,
+                                           *((win.ops, win.window) if win else ())))
+                state["window"] = None
+
+        return run
+
+    def step(fn: Callable) -> Callable:
         def one_step(*args: Any, **kw: Any) -> Any:
             if state["window"] is not None:
                 state["window"].before_step()
@@ -223,14 +208,20 @@ def _label_step_and_rectifier(state: dict[str, Any]) -> Iterator[None]:
 
         return one_step
 
-    def rect_wrapper(fn: Callable) -> Callable:
+    def rectifier(fn: Callable) -> Callable:
         def call(self: Any, *args: Any, **kw: Any) -> Any:
             with record_function("rectifier"):
                 return fn(self, *args, **kw)
 
         return call
 
-    with _patched(train, "_one_step", step_wrapper), _patched(Rectifier, "__call__", rect_wrapper):
+    with contextlib.ExitStack() as stack:
+        for mod, attr, namer in STAGE_FUNCTIONS:
+            stack.enter_context(_patched(importlib.import_module(mod), attr,
+                                         lambda fn, namer=namer: stage(namer, fn)))
+        if profiled:
+            stack.enter_context(_patched(train, "_one_step", step))
+            stack.enter_context(_patched(Rectifier, "__call__", rectifier))
         yield
 
 
@@ -267,125 +258,86 @@ def edge_seconds(stats: pstats.Stats, callee: Key | None, caller: Key | None = N
     return float(edge[3]) if edge else 0.0
 
 
-# A category: (label, depth, [(callee, caller or None), ...]); depth 0 rows are disjoint and
-# sum with "other" to the stage's time; depth 1 rows break down the row above them.
-Category = tuple[str, int, list[tuple[Key | None, Key | None]]]
-
-
-def training_categories() -> list[Category]:
-    """What a training stage spends its time on (see the module docstring)."""
-    from ciscr import run_services as rs
-    from ciscr import stage_plans as sp
-    from ciscr.data import datasets as ds
-    from ciscr.data import io as dio
-    from ciscr.data import pairs, transforms
-    from ciscr.engine import checkpoint as ck
-    from ciscr.engine import steps
-    from ciscr.engine import train as tr
-
-    get = code_key(tr._EpochIndexed.__getitem__)
-    loop = code_key(tr._run_iterations)
-    qp = code_key(steps.Rectifier._query_prototypes)
-    return [
-        ("build the student", 0, [(code_key(rs.fresh_model), None)]),
-        ("teacher + prototype bank", 0, [(code_key(sp.build_rectifier), None)]),
+# What each kind of stage spends its time on: (label, depth, functions). Depth 0 rows are
+# disjoint and sum with "other" to the stage's time; depth 1 rows break down the row above
+# them. A function is "module:qualname" under ciscr (":qualname/nested" for a function defined
+# inside it, "next()" for the builtin), its cumulative time counted; "callee < caller" counts
+# only the calls made by that caller (none where the caller does not exist).
+GET, QP = "engine.train:_EpochIndexed.__getitem__", "engine.steps:Rectifier._query_prototypes"
+LOOP = "engine.train:_run_iterations"
+LOAD_MODEL = ("load the model", 0, ["run_services:load_stage_model"])
+CATEGORIES: dict[str, list[tuple[str, int, list[str]]]] = {
+    "training": [
+        ("build the student", 0, ["run_services:fresh_model"]),
+        ("teacher + prototype bank", 0, ["stage_plans:build_rectifier"]),
+        # num_workers=0: the loader's generator only ever serves the training loop;
+        # otherwise the loop's next() on the worker loader (evaluation uses a for loop)
         ("train batches: load + augment (main process)", 0,
-         # num_workers=0: the loader's generator only ever serves the training loop;
-         # otherwise the loop's next() on the worker loader (evaluation uses a for loop)
-         [(code_key(tr.stream_loader, "<genexpr>"), None),
-          (code_key(ds.WorkerSafeLoader.__iter__), NEXT)]),
-        ("labeled images / pairs", 1, [(code_key(ds.SegDataset.__getitem__), get),
-                                       (code_key(pairs.PairDataset.__getitem__), get)]),
+         ["engine.train:stream_loader/<genexpr>",
+          "data.datasets:WorkerSafeLoader.__iter__ < next()"]),
+        ("labeled images / pairs", 1, [f"data.datasets:SegDataset.__getitem__ < {GET}",
+                                       f"data.pairs:PairDataset.__getitem__ < {GET}"]),
         # read through a ConcatDataset, and only ever by the training loop
-        ("unlabeled images + pseudo labels", 1,
-         [(code_key(ds.UnlabeledDataset.__getitem__), None)]),
-        ("of which strong augmentation", 1, [(code_key(transforms.strong_photometric), None)]),
-        ("of which image decoding (every caller)", 1, [(code_key(dio.read_image), None)]),
-        ("batches to device", 0, [(code_key(tr._to_device), None)]),
-        ("train step", 0, [(code_key(tr._one_step), None)]),
-        ("rectifier (teacher forward, CISC maps)", 1, [(code_key(steps.Rectifier.__call__), None)]),
-        ("query mode: teacher on queried images", 1, [(qp, None)]),
+        ("unlabeled images + pseudo labels", 1, ["data.datasets:UnlabeledDataset.__getitem__"]),
+        ("of which strong augmentation", 1, ["data.transforms:strong_photometric"]),
+        ("of which image decoding (every caller)", 1, ["data.io:read_image"]),
+        ("batches to device", 0, ["engine.train:_to_device"]),
+        ("train step", 0, ["engine.train:_one_step"]),
+        ("rectifier (teacher forward, CISC maps)", 1, ["engine.steps:Rectifier.__call__"]),
+        ("query mode: teacher on queried images", 1, [QP]),
         # read in a list comprehension: its own frame before Python 3.12, inlined after
         ("query mode: load + augment queried images", 1,
-         [(code_key(ds.SegDataset.__getitem__), c)
-          for c in (qp, code_key(steps.Rectifier._query_prototypes, "<listcomp>")) if c]),
+         [f"data.datasets:SegDataset.__getitem__ < {c}" for c in (QP, f"{QP}/<listcomp>")]),
         ("logging (jsonl, TensorBoard)", 0,
-         [(code_key(tr._Logger.step), None), (code_key(tr._Logger.__init__), None),
-          (code_key(tr._Logger.close), None), (code_key(tr._Logger.record), loop)]),
-        ("checkpoints (save, resume)", 0,
-         [(code_key(tr._save), None), (code_key(tr._resume), None),
-          (code_key(ck.save_checkpoint), loop)]),
-        ("evaluation", 0, [(code_key(rs.evaluate_model), None)]),
-    ]  # fmt: skip
+         ["engine.train:_Logger.step", "engine.train:_Logger.__init__",
+          "engine.train:_Logger.close", f"engine.train:_Logger.record < {LOOP}"]),
+        ("checkpoints (save, resume)", 0, ["engine.train:_save", "engine.train:_resume",
+                                           f"engine.checkpoint:save_checkpoint < {LOOP}"]),
+        ("evaluation", 0, ["run_services:evaluate_model"]),
+    ],
+    "pseudo-labelling": [
+        LOAD_MODEL,
+        ("pseudo_label", 0, ["pseudo:pseudo_label"]),
+        ("read + normalise images", 1, ["pseudo:load_eval_image"]),
+        ("TTA forward passes", 1, ["engine.evaluate:predict_logits"]),
+        ("write label PNGs", 1, ["data.io:save_mask_png"]),
+        ("score against ground truth", 1, ["data.io:read_mask < pseudo:_label_part",
+                                           "engine.evaluate:ConfusionMatrix.update < "
+                                           "pseudo:_label_part"]),
+    ],
+    "selection": [
+        LOAD_MODEL,
+        ("labeled prototypes (anchors)", 0, ["selection:compute_labeled_prototypes"]),
+        ("labeled distances (query lists)", 0,
+         ["selection:image_distances < pipeline:selection_stage"]),
+        ("unlabeled distances (halves)", 0,
+         ["selection:image_distances < pipeline:_split_unlabeled", "selection:crop_level_scores",
+          "selection:stability_scores"]),
+        ("per-image mIoU (AS query lists)", 0, ["selection:per_image_miou"]),
+        ("write selection files", 0,
+         ["selection:write_selection", "pipeline:_write_half_quality"]),
+        ("of which image reading (every caller)", 1, ["pseudo:load_eval_image"]),
+        ("of which teacher forward passes", 1, ["selection:_features"]),
+        ("of which Eq. 10 distances", 1, ["cisc:anchor_distance"]),
+    ],
+    "report": [(f"section {n}", 0, [f"report:_section_{n}"]) for n in (
+        "header", "curves", "iou", "pseudo_quality", "selection", "time", "cisc", "labels",
+        "predictions")],
+    "setup": [("load the dataset lists", 0, ["data.formats:load_dataset"]),
+              ("decode + check every image and mask", 0, ["data.check:validate_samples"])],
+}  # fmt: skip
 
 
-def pseudo_categories() -> list[Category]:
-    """What a pseudo-labelling stage spends its time on."""
-    from ciscr import pseudo as ps
-    from ciscr import run_services as rs
-    from ciscr.data import io as dio
-    from ciscr.engine import evaluate as ev
-
-    part = code_key(ps._label_part)
-    return [
-        ("load the model", 0, [(code_key(rs.load_stage_model), None)]),
-        ("pseudo_label", 0, [(code_key(ps.pseudo_label), None)]),
-        ("read + normalise images", 1, [(code_key(ps.load_eval_image), None)]),
-        ("TTA forward passes", 1, [(code_key(ev.predict_logits), None)]),
-        ("write label PNGs", 1, [(code_key(dio.save_mask_png), None)]),
-        ("score against ground truth", 1, [(code_key(dio.read_mask), part),
-                                           (code_key(ev.ConfusionMatrix.update), part)]),
-    ]  # fmt: skip
-
-
-def selection_categories() -> list[Category]:
-    """What the selection stage spends its time on."""
-    from ciscr import cisc
-    from ciscr import pipeline as pl
-    from ciscr import pseudo as ps
-    from ciscr import run_services as rs
-    from ciscr import selection as se
-
-    stage, split = code_key(pl.selection_stage), code_key(pl._split_unlabeled)
-    return [
-        ("load the model", 0, [(code_key(rs.load_stage_model), None)]),
-        ("labeled prototypes (anchors)", 0, [(code_key(se.compute_labeled_prototypes), None)]),
-        ("labeled distances (query lists)", 0, [(code_key(se.image_distances), stage)]),
-        ("unlabeled distances (halves)", 0, [(code_key(se.image_distances), split),
-                                             (code_key(se.crop_level_scores), None),
-                                             (code_key(se.stability_scores), None)]),
-        ("per-image mIoU (AS query lists)", 0, [(code_key(se.per_image_miou), None)]),
-        ("write selection files", 0, [(code_key(se.write_selection), None),
-                                      (code_key(pl._write_half_quality), None)]),
-        ("of which image reading (every caller)", 1, [(code_key(ps.load_eval_image), None)]),
-        ("of which teacher forward passes", 1, [(code_key(se._features), None)]),
-        ("of which Eq. 10 distances", 1, [(code_key(cisc.anchor_distance), None)]),
-    ]  # fmt: skip
-
-
-def other_categories(name: str) -> list[Category]:
-    """Setup (dataset checks) and report building."""
-    if name == "report":
-        from ciscr import report as rp
-
-        return [(f"section {n}", 0, [(code_key(getattr(rp, f"_section_{n}")), None)])
-                for n in ("header", "curves", "iou", "pseudo_quality", "selection", "time",
-                          "cisc", "labels", "predictions")]  # fmt: skip
-    from ciscr.data import check, formats
-
-    return [("load the dataset lists", 0, [(code_key(formats.load_dataset), None)]),
-            ("decode + check every image and mask", 0,
-             [(code_key(check.validate_samples), None)])]  # fmt: skip
-
-
-def categories_for(name: str) -> list[Category]:
-    if name.startswith("stage"):
-        return training_categories()
-    if name.startswith("pseudo"):
-        return pseudo_categories()
-    if name == "selection":
-        return selection_categories()
-    return other_categories(name)
+def _key_of(where: str) -> Key | None:
+    """The pstats key of a function named as in :data:`CATEGORIES`."""
+    if where == "next()":
+        return NEXT
+    path, _, nested = where.partition("/")
+    module, _, qualname = path.partition(":")
+    obj = importlib.import_module(f"ciscr.{module}")
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return code_key(obj, nested)
 
 
 def breakdown(rec: StageRecord) -> list[dict[str, Any]]:
@@ -393,32 +345,30 @@ def breakdown(rec: StageRecord) -> list[dict[str, Any]]:
     if rec.stats is None:
         return []
     rows, top = [], 0.0
-    for label, depth, edges in categories_for(rec.name):
-        sec = sum(edge_seconds(rec.stats, callee, caller) for callee, caller in edges)
-        if depth == 0:
-            top += sec
+    for label, depth, functions in CATEGORIES[rec.name if rec.name in ("setup", "report")
+                                              else stage_kind(rec.name)]:
+        sec = 0.0
+        for f in functions:
+            callee, by, caller = f.partition(" < ")
+            caller_key = _key_of(caller) if by else None
+            if caller_key is not None or not by:  # a caller that does not exist makes no calls
+                sec += edge_seconds(rec.stats, _key_of(callee), caller_key)
+        top += sec if depth == 0 else 0.0
         rows.append({"label": label, "depth": depth, "seconds": sec})
     rows.append({"label": "other", "depth": 0, "seconds": max(0.0, rec.seconds - top)})
     return rows
 
 
-def top_functions(stats: pstats.Stats, n: int = 10) -> list[dict[str, Any]]:
-    """The ``n`` functions with the most own time (``tottime``), any module."""
+def top_functions(stats: pstats.Stats, n: int = 10, ciscr: bool = False) -> list[dict[str, Any]]:
+    """The ``n`` functions with the most own time (``tottime``), any module; with ``ciscr``,
+    the ``n`` ciscr functions with the most cumulative time: what "other" is made of."""
     rows = []
     for (path, line, name), (_cc, calls, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if ciscr and (f"{os.sep}ciscr{os.sep}" not in path or path.endswith("profiling.py")):
+            continue
         where = name if path == "~" else f"{_short(path)}:{line}({name})"
         rows.append({"function": where, "calls": calls, "own_s": tt, "cumulative_s": ct})
-    return sorted(rows, key=lambda r: -r["own_s"])[:n]
-
-
-def top_cumulative(stats: pstats.Stats, n: int = 12) -> list[dict[str, Any]]:
-    """The ``n`` ciscr functions with the most cumulative time: what "other" is made of."""
-    rows = []
-    for (path, line, name), (_cc, calls, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        if f"{os.sep}ciscr{os.sep}" in path and not path.endswith("profiling.py"):
-            rows.append({"function": f"{_short(path)}:{line}({name})", "calls": calls,
-                         "own_s": tt, "cumulative_s": ct})  # fmt: skip
-    return sorted(rows, key=lambda r: -r["cumulative_s"])[:n]
+    return sorted(rows, key=lambda r: -r["cumulative_s" if ciscr else "own_s"])[:n]
 
 
 def _short(path: str) -> str:
@@ -458,12 +408,9 @@ def method_config(config: str, method: str, overrides: Sequence[str]) -> Any:
 
 def timed_rows(run_dir: Path, records: Sequence[StageRecord]) -> list[dict[str, Any]]:
     """The timed pass of one method: done.json rows, plus setup and report from the wrappers."""
-    rows = stage_time_rows(run_dir)
     by = {r.name: r.seconds for r in records}
-    for name in ("setup", "report"):
-        if name in by:
-            rows.append({"stage": name, "kind": name, "seconds": {}, "total": by[name]})
-    return rows
+    return [*stage_time_rows(run_dir), *({"stage": n, "kind": n, "seconds": {}, "total": by[n]}
+                                         for n in ("setup", "report") if n in by)]
 
 
 def profile_runs(config: str, overrides: Sequence[str], methods: Sequence[str], work: Path,
@@ -476,10 +423,10 @@ def profile_runs(config: str, overrides: Sequence[str], methods: Sequence[str], 
     the same work, show how much the machine's speed moved (:func:`noise_control`)."""
     out: dict[str, Any] = {"timed": {}, "timed_more": [], "profiled": {}}
     cfgs = {m: method_config(config, m, overrides) for m in methods}
-    order = [*methods, *([ST_END] if "st" in methods and len(methods) > 1 else [])]
+    paired = "st" in methods and len(methods) > 1
     for r in range(repeats if "timed" in passes else 0):
         rnd = {}
-        for method in order:
+        for method in [*methods, *([ST_END] if paired else [])]:
             run_dir = work / f"{method}-timed{r or ''}"
             cfg = cfgs["st" if method == ST_END else method]
             rnd[method] = timed_rows(run_dir, run_method(cfg, run_dir, False))
@@ -487,36 +434,38 @@ def profile_runs(config: str, overrides: Sequence[str], methods: Sequence[str], 
             out["timed_more"].append(rnd)
         else:
             out["timed"] = rnd
-    if "interleaved" in passes and "st" in methods and len(methods) > 1:
-        out["interleaved"] = _interleaved(cfgs, work)
+    if "interleaved" in passes and paired:  # over the first timed round's runs
+        from ciscr.timing.steptime import interleaved_pass
+
+        out["interleaved"] = interleaved_pass({m: (c, work / f"{m}-timed") for m, c in cfgs.items()})
     for method in methods if "profiled" in passes else ():
-        records = run_method(cfgs[method], work / f"{method}-profiled", True)
-        out["profiled"][method] = [_profiled_stage(rec) for rec in records]
+        out["profiled"][method] = [
+            {"stage": rec.name, "seconds": rec.seconds, "categories": breakdown(rec),
+             "top_functions": top_functions(rec.stats),
+             "top_ciscr_cumulative": top_functions(rec.stats, 12, ciscr=True),
+             "torch_window": rec.torch_window, "torch_ops": rec.torch_ops}
+            for rec in run_method(cfgs[method], work / f"{method}-profiled", True)]  # fmt: skip
     return out
-
-
-def _interleaved(cfgs: dict[str, Any], work: Path) -> dict[str, Any]:
-    """The interleaved pass (:mod:`ciscr.timing.steptime`) over the first timed round's runs."""
-    from ciscr.dist import resolve_device
-    from ciscr.timing.steptime import interleaved_pass
-
-    runs = {method: (cfg, work / f"{method}-timed") for method, cfg in cfgs.items()}
-    device = resolve_device(next(iter(cfgs.values())).device)
-    return interleaved_pass(runs, device)
-
-
-def _profiled_stage(rec: StageRecord) -> dict[str, Any]:
-    assert rec.stats is not None
-    return {"stage": rec.name, "seconds": rec.seconds, "categories": breakdown(rec),
-            "top_functions": top_functions(rec.stats),
-            "top_ciscr_cumulative": top_cumulative(rec.stats), "torch_window": rec.torch_window,
-            "torch_ops": rec.torch_ops}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- comparison, targets
 
 # Which ST stage a CISC-R stage is compared with: ST (retrain=one) has one retraining stage.
 ST_PARTNER = {"stage1": "stage1", "stage2": "stage2", "stage3": "stage2"}
+CISCR_METHODS = ("ciscr", "ciscr_bank")  # the CISC-R variants whose stages are compared with ST
+ST_END = "st_end"  # ST run again at the end of every timed round: the A/A control
+# The A/A control's largest |end / start - 1| for which the targets are judged. On a shared
+# (virtual) machine the same work can run markedly slower a few minutes later (the A/A table
+# of docs/results/profile_cpu.md); a 15 % target cannot be read through that, and the targets
+# then say "inconclusive" instead of PASS or FAIL.
+NOISE_LIMIT = 0.10
+# The stages whose ratio is a target. ciscr's CISC-R is the bank mode (the default of every
+# config). The paper's query mode runs the teacher on a queried labeled batch as well in
+# stages 2-3, by design (METHOD.md 7: about 1.7x ST's compute), so those rows are shown but
+# are not targets; its stage 1 (the paper's L_CISC on labeled pairs) is the same step in both
+# modes, so it is one.
+TARGET_STAGES = {"ciscr_bank": ("stage1", "stage2", "stage3"), "ciscr": ("stage1",)}
+Timed = dict[str, list[dict[str, Any]]]  # one timed round: method -> its stage rows
 
 
 def _per_iteration(row: dict[str, Any]) -> float | None:
@@ -531,46 +480,28 @@ def _step_seconds(row: dict[str, Any]) -> float | None:
     return row.get("step_median") or _per_iteration(row)
 
 
-CISCR_METHODS = ("ciscr", "ciscr_bank")  # the CISC-R variants whose stages are compared with ST
-ST_END = "st_end"  # ST run again at the end of every timed round: the A/A control
-# The A/A control's largest |end / start - 1| for which the targets are judged. On a shared
-# (virtual) machine the same work can run markedly slower a few minutes later (the A/A table
-# of docs/results/profile_cpu.md); a 15 % target cannot be read through that, and the targets
-# then say "inconclusive" instead of PASS or FAIL.
-NOISE_LIMIT = 0.10
-# The stages whose ratio is a target. ciscr's CISC-R is the bank mode (the default of every
-# config). The paper's query mode runs the teacher on a queried labeled batch as well in
-# stages 2-3, by design (METHOD.md 7: about 1.7x ST's compute), so those rows are shown but
-# are not targets; its stage 1 (the paper's L_CISC on labeled pairs) is the same step in both
-# modes, so it is one.
-TARGET_STAGES = {"ciscr_bank": ("stage1", "stage2", "stage3"), "ciscr": ("stage1",)}
-
-
-def _st_seconds(timed: dict[str, list[dict[str, Any]]], stage: str) -> float | None:
+def _st_seconds(timed: Timed, stage: str) -> float | None:
     """ST's step time of ``stage`` in a round: the mean of its runs at the start and the end
     of the round (the start's alone when the round has no ``st_end``)."""
-    xs = [_step_seconds(r) for m in ("st", ST_END) for r in timed.get(m, [])
-          if r["stage"] == stage]  # fmt: skip
+    xs = [_step_seconds(r) for m in ("st", ST_END) for r in timed.get(m, []) if r["stage"] == stage]
     xs = [x for x in xs if x]
     return sum(xs) / len(xs) if xs else None
 
 
-def _round_ratios(timed: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], tuple]:
+def _round_ratios(timed: Timed) -> dict[tuple[str, str], tuple]:
     """{(CISC-R variant, stage): (ST stage, CISC-R s, ST s, ratio)} of one timed round."""
     st_stages = {r["stage"] for r in timed.get("st", [])}
     out = {}
     for method in CISCR_METHODS:
         for r in timed.get(method, []):
             partner = ST_PARTNER.get(r["stage"], "")
-            if r["kind"] != "training" or partner not in st_stages:
-                continue
-            a, b = _step_seconds(r), _st_seconds(timed, partner)
-            out[method, r["stage"]] = (partner, a, b, a / b if a and b else None)
+            if r["kind"] == "training" and partner in st_stages:
+                a, b = _step_seconds(r), _st_seconds(timed, partner)
+                out[method, r["stage"]] = (partner, a, b, a / b if a and b else None)
     return out
 
 
-def noise_control(timed: dict[str, list[dict[str, Any]]],
-                  more: Sequence[dict[str, list[dict[str, Any]]]] = ()) -> dict[str, Any] | None:
+def noise_control(timed: Timed, more: Sequence[Timed] = ()) -> dict[str, Any] | None:
     """The A/A control: ST's step time at the end of each round / at its start, per training
     stage (the same work twice). ``deviation`` = the largest |ratio - 1| over the rounds and
     stages; None without ``st_end`` runs."""
@@ -584,12 +515,10 @@ def noise_control(timed: dict[str, list[dict[str, Any]]],
     if not ratios:
         return None
     dev = max(abs(x - 1) for xs in ratios.values() for x in xs)
-    return {"ratios": ratios, "deviation": dev, "limit": NOISE_LIMIT,
-            "quiet": dev <= NOISE_LIMIT}
+    return {"ratios": ratios, "deviation": dev, "limit": NOISE_LIMIT, "quiet": dev <= NOISE_LIMIT}
 
 
-def compare_stages(timed: dict[str, list[dict[str, Any]]],
-                   more: Sequence[dict[str, list[dict[str, Any]]]] = ()) -> list[dict[str, Any]]:
+def compare_stages(timed: Timed, more: Sequence[Timed] = ()) -> list[dict[str, Any]]:
     """CISC-R training stages vs ST's at the same settings, for each CISC-R variant that was
     run: seconds per step (:func:`_step_seconds`) of each, and their ratio; with further timed
     rounds (``more``), ``ratio`` is the median of the rounds' ratios (``ratios`` lists them)."""
@@ -622,8 +551,7 @@ def compare_interleaved(inter: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def targets(timed: dict[str, list[dict[str, Any]]],
-            more: Sequence[dict[str, list[dict[str, Any]]]] = (),
+def targets(timed: Timed, more: Sequence[Timed] = (),
             inter: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The issue's targets, per CISC-R variant: every training stage <= 1.15x ST's, and
     pseudo-labelling (pseudo0, pseudo1) + selection < one training stage (the mean of its
@@ -631,17 +559,16 @@ def targets(timed: dict[str, list[dict[str, Any]]],
     interleaved pass when there is one (``value``; the timed ratio is ``timed``), else on the
     timed pass (:func:`compare_stages`), inconclusive when its A/A control is over the limit."""
     noise = noise_control(timed, more)
-    judged = noise is None or noise["quiet"]
+    judged = inter or noise is None or noise["quiet"]
     paired = {c["key"]: c["ratio"] for c in (compare_interleaved(inter) if inter else [])}
     out = []
     for c in compare_stages(timed, more):
-        if c["stage"] not in TARGET_STAGES[c["method"]]:
-            continue
-        value = paired.get(f"{c['method']} {c['stage']}") if inter else c["ratio"]
-        ok = value is not None and value <= STAGE_TARGET
-        out.append({"target": f"{c['method']} {c['stage']} / ST {c['st_stage']} (s per step)",
-                    "value": value, "timed": c["ratio"], "limit": f"<= {STAGE_TARGET:.2f}",
-                    "pass": ok if (inter or judged) else None})
+        if c["stage"] in TARGET_STAGES[c["method"]]:
+            value = paired.get(f"{c['method']} {c['stage']}") if inter else c["ratio"]
+            ok = value is not None and value <= STAGE_TARGET
+            out.append({"target": f"{c['method']} {c['stage']} / ST {c['st_stage']} (s per step)",
+                        "value": value, "timed": c["ratio"], "limit": f"<= {STAGE_TARGET:.2f}",
+                        "pass": ok if judged else None})  # fmt: skip
     for method in CISCR_METHODS:
         rows = timed.get(method, [])
         train = [r["seconds"]["training"] for r in rows if r["kind"] == "training"]
@@ -657,59 +584,44 @@ def targets(timed: dict[str, list[dict[str, Any]]],
 # --------------------------------------------------------------------------- report
 
 
-def _f(x: Any, spec: str = ".2f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def _header(res: dict[str, Any]) -> list[str]:
     m = res["machine"]
     busy, note = load_noise(m, "", f"{m['threads']} torch threads")
     note += " Rerun the same command on a quiet machine for final figures." if busy else ""
-    return [f"# ciscr profile: {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads)",
-            "", "> " + note, "", f"- date: {res['date']}",
-            f"- command: `{res['command']}`", machine_line(m, threads=False),
-            f"- device: {m['device']}; train.amp {res['amp']} (resolved: {res['amp_resolved']})",
-            f"- config: `{res['config']}` with `{' '.join(res['overrides']) or '(no overrides)'}`;"
-            f" methods {', '.join(res['methods'])}; wall time {res['wall_s']:.0f} s"]  # fmt: skip
+    return header(res, f"ciscr profile: {m['cpu']} ({m['cores']} cores, {m['threads']} torch "
+                  "threads)", note, False, [
+        f"- device: {m['device']}; train.amp {res['amp']} (resolved: {res['amp_resolved']})",
+        f"- config: `{res['config']}` with `{' '.join(res['overrides']) or '(no overrides)'}`;"
+        f" methods {', '.join(res['methods'])}; wall time {res['wall_s']:.0f} s"])  # fmt: skip
 
 
 def _timed_table(res: dict[str, Any]) -> list[str]:
-    methods = list(res["timed"])
-    stages = [s for s in (*STAGE_ORDER_EXTRA,) if any(
-        r["stage"] == s for m in methods for r in res["timed"][m])]
-    by = {m: {r["stage"]: r for r in res["timed"][m]} for m in methods}
-    head = ["stage", *(f"{m} {c}" for m in methods for c in ("total s", "eval s", "s/it",
-                                                               "step s"))]
-    body = []
-    for s in stages:
-        cells = [s]
-        for m in methods:
-            r = by[m].get(s)
-            cells += ["-"] * 4 if r is None else [
-                _f(r["total"], ".1f"), _f(r["seconds"].get("evaluation"), ".1f"),
-                _f(_per_iteration(r), ".3f"), _f(r.get("step_median"), ".3f")]
-        body.append(cells)
-    body.append(["total", *(c for m in methods for c in (
-        _f(sum(r["total"] for r in res["timed"][m]), ".1f"), "", "", ""))])
-    return md_table(head, body)
+    by = {m: {r["stage"]: r for r in rows} for m, rows in res["timed"].items()}
+    stages = [s for s in ("setup", *STAGE_ORDER, "report") if any(s in b for b in by.values())]
 
+    def cells(r: dict[str, Any] | None) -> list[str]:  # total s, eval s, s/it, step s
+        return ["-"] * 4 if r is None else [
+            fmt(r["total"], ".1f"), fmt(r["seconds"].get("evaluation"), ".1f"),
+            fmt(_per_iteration(r)), fmt(r.get("step_median"))]  # fmt: skip
 
-STAGE_ORDER_EXTRA = ("setup", "stage1", "online", "pseudo0", "selection", "stage2", "pseudo1",
-                     "stage3", "pseudo_final", "report")
+    body = [[s, *(c for m in by for c in cells(by[m].get(s)))] for s in stages]
+    total = [c for rows in res["timed"].values()
+             for c in (fmt(sum(r["total"] for r in rows), ".1f"), "", "", "")]  # fmt: skip
+    head = ["stage", *(f"{m} {c}" for m in by for c in ("total s", "eval s", "s/it", "step s"))]
+    return md_table(head, [*body, ["total", *total]])
 
 
 def _category_table(stages: list[dict[str, Any]]) -> list[str]:
     """One column per stage of the same kind; seconds and share of the stage."""
-    labels = [(c["label"], c["depth"]) for c in stages[0]["categories"]]
     head = ["", *(f"{s['stage']} s" for s in stages), *(f"{s['stage']} %" for s in stages)]
     body = []
-    for i, (label, depth) in enumerate(labels):
+    for i, c in enumerate(stages[0]["categories"]):
         secs = [s["categories"][i]["seconds"] for s in stages]
         shares = [x / s["seconds"] if s["seconds"] else 0 for x, s in zip(secs, stages,
                                                                             strict=True)]
-        body.append([("- " if depth else "") + label, *(_f(x, ".2f") for x in secs),
+        body.append([("- " if c["depth"] else "") + c["label"], *(fmt(x, ".2f") for x in secs),
                      *(f"{x:.0%}" for x in shares)])
-    body.append(["stage total", *(_f(s["seconds"], ".2f") for s in stages),
+    body.append(["stage total", *(fmt(s["seconds"], ".2f") for s in stages),
                  *("100%" for _ in stages)])
     return md_table(head, body)
 
@@ -718,29 +630,26 @@ def _profiled_sections(method: str, stages: list[dict[str, Any]]) -> list[str]:
     out = []
     groups = {"training stages": [s for s in stages if s["stage"].startswith("stage")],
               "pseudo-labelling": [s for s in stages if s["stage"].startswith("pseudo")]}
-    groups.update({s["stage"]: [s] for s in stages if s["stage"] in ("selection", "setup",
-                                                                     "report")})
+    groups.update({s["stage"]: [s] for s in stages
+                   if s["stage"] in ("selection", "setup", "report")})
     for title, group in groups.items():
         if group:
             out += ["", f"### {method}: {title} (cProfile, seconds per category)", "",
                     *_category_table(group)]
     for s in stages:
         w = s.get("torch_window") or {}
-        if not s["torch_ops"]:
-            continue
-        out += ["", f"### {method} {s['stage']}: torch.profiler over {w.get('iterations')} "
-                f"iterations ({w.get('wall_s', 0):.2f} s; labelled step {w.get('step_s', 0):.2f}"
-                f" s, of which rectifier {w.get('rectifier_s', 0):.2f} s)", "",
-                *md_table(["op", "self CPU s", "calls"],
-                        [[o["op"], _f(o["self_s"], ".3f"), str(o["calls"])]
-                         for o in s["torch_ops"][:8]])]
+        if s["torch_ops"]:
+            out += ["", f"### {method} {s['stage']}: torch.profiler over {w.get('iterations')} "
+                    f"iterations ({w.get('wall_s', 0):.2f} s; labelled step "
+                    f"{w.get('step_s', 0):.2f} s, of which rectifier {w.get('rectifier_s', 0):.2f}"
+                    " s)", "", *table(s["torch_ops"][:8], [("op", "op", ""),
+                                      ("self CPU s", "self_s", ".3f"), ("calls", "calls", "")])]
     for s in stages:
-        if s["stage"] in ("setup", "report"):
-            continue
-        out += ["", f"### {method} {s['stage']}: functions with the most own time", "",
-                *md_table(["function", "calls", "own s", "cumulative s"],
-                        [[f["function"], str(f["calls"]), _f(f["own_s"], ".3f"),
-                          _f(f["cumulative_s"], ".3f")] for f in s["top_functions"][:6]])]
+        if s["stage"] not in ("setup", "report"):
+            out += ["", f"### {method} {s['stage']}: functions with the most own time", "",
+                    *table(s["top_functions"][:6], [
+                        ("function", "function", ""), ("calls", "calls", ""),
+                        ("own s", "own_s", ".3f"), ("cumulative s", "cumulative_s", ".3f")])]
     return out
 
 
@@ -792,38 +701,37 @@ def _noise_section(noise: dict[str, Any] | None) -> list[str]:
     return ["", "A/A control: ST run again at the end of each round, the same work as at its "
             f"start (end / start step time). Largest deviation {noise['deviation']:.2f}, limit "
             f"{noise['limit']:.2f}: {verdict}.", "",
-            *md_table(["ST stage", "end / start per round"],
-                    [[st, " ".join(_f(x) for x in xs)] for st, xs in noise["ratios"].items()])]
+            *table(list(noise["ratios"].items()), [
+                ("ST stage", lambda r: r[0], ""),
+                ("end / start per round", lambda r: " ".join(fmt(x, ".2f") for x in r[1]), "")])]
 
 
 def _targets_section(tg: list[dict[str, Any]]) -> list[str]:
     if not tg:
         return []
-    res = {True: "PASS", False: "FAIL", None: "INCONCLUSIVE"}
-    n_pass = sum(t["pass"] is True for t in tg)
-    n_open = sum(t["pass"] is None for t in tg)
+    result = {True: "PASS", False: "FAIL", None: "INCONCLUSIVE"}
+    n_pass, n_open = sum(t["pass"] is True for t in tg), sum(t["pass"] is None for t in tg)
     return ["", f"## Targets: {n_pass} of {len(tg)} pass"
             + (f", {n_open} inconclusive" if n_open else ""), "",
             "A stage is judged on the interleaved pass when it ran (`value`), else on the timed "
             "pass; `timed` is the timed pass's ratio.", "",
-            *md_table(["target", "value", "timed", "limit", "result"],
-                    [[t["target"], _f(t["value"]), _f(t.get("timed")), t["limit"],
-                      res[t["pass"]]] for t in tg])]
+            *table(tg, [("target", "target", ""), ("value", "value", ".2f"),
+                        ("timed", "timed", ".2f"), ("limit", "limit", ""),
+                        ("result", lambda t: result[t["pass"]], "")])]
 
 
 def _interleaved_section(inter: dict[str, Any] | None) -> list[str]:
     if not inter:
         return []
-    rows = compare_interleaved(inter)
     return ["", "## Stage steps side by side (interleaved pass)", "",
             f"Every training stage of the timed runs planned again and trained in turn, "
             f"{inter['block']} steps (batch loading included) a round, {inter['rounds']} rounds "
             f"after {inter['warmup']} warm-up round(s); a ratio is the median over the rounds "
             "of the ratio within a round. The first row is the A/A control: ST's stage 2 "
             "against a second plan of itself (the resolution of this measurement).", "",
-            *md_table(["stage", "vs", "s per step", "vs s per step", "ratio"],
-                    [[r["key"], r["st_key"], _f(r["s_per_step"], ".4f"),
-                      _f(r["st_s_per_step"], ".4f"), _f(r["ratio"])] for r in rows])]
+            *table(compare_interleaved(inter), [
+                ("stage", "key", ""), ("vs", "st_key", ""), ("s per step", "s_per_step", ".4f"),
+                ("vs s per step", "st_s_per_step", ".4f"), ("ratio", "ratio", ".2f")])]
 
 
 def format_report(res: dict[str, Any]) -> str:
@@ -836,12 +744,12 @@ def format_report(res: dict[str, Any]) -> str:
         if comp:
             out += ["", f"CISC-R training stages vs ST (median seconds per step; {1 + len(more)}"
                     " timed round(s), the ratio is the median of the rounds'):", "",
-                    *md_table(["CISC-R stage", "ST stage", "CISC-R step s", "ST step s",
-                             "ratio per round", "ratio"],
-                            [[f"{c['method']} {c['stage']}", c["st_stage"],
-                              _f(c["ciscr_s_per_it"], ".4f"), _f(c["st_s_per_it"], ".4f"),
-                              " ".join(_f(x) for x in c["ratios"]), _f(c["ratio"])]
-                             for c in comp])]  # fmt: skip
+                    *table(comp, [
+                        ("CISC-R stage", lambda c: f"{c['method']} {c['stage']}", ""),
+                        ("ST stage", "st_stage", ""), ("CISC-R step s", "ciscr_s_per_it", ".4f"),
+                        ("ST step s", "st_s_per_it", ".4f"),
+                        ("ratio per round", lambda c: " ".join(fmt(x, ".2f") for x in c["ratios"]),
+                         ""), ("ratio", "ratio", ".2f")])]  # fmt: skip
         out += _noise_section(noise_control(res["timed"], more))
         out += _interleaved_section(res.get("interleaved"))
         out += _targets_section(targets(res["timed"], more, res.get("interleaved")))
@@ -850,11 +758,6 @@ def format_report(res: dict[str, Any]) -> str:
         for method, stages in res["profiled"].items():
             out += _profiled_sections(method, stages)
     return "\n".join([*out, "", HOW])
-
-
-def write_results(res: dict[str, Any], out_dir: Path, name: str) -> tuple[Path, Path]:
-    """``<name>.md`` and ``<name>.json`` in ``out_dir`` (atomic writes)."""
-    return write_report_files(res, format_report(res), out_dir, name)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -870,74 +773,45 @@ def run_profile(config: str, overrides: Sequence[str], *, methods: Sequence[str]
     import torch
 
     from ciscr.dist import resolve_device
-    from ciscr.timing.common import machine_info
     from ciscr.utils.misc import resolve_amp
 
     cfg = method_config(config, methods[0], overrides)  # a bad override fails here, before any run
     device = resolve_device(cfg.device)
-    res: dict[str, Any] = {
-        "date": now(), "command": command, "machine": machine_info(device), "config": config,
-        "overrides": list(overrides), "methods": list(methods), "passes": list(passes),
-        "amp": cfg.train.amp, "amp_resolved": resolve_amp(cfg.train.amp, device),
-        "threads": torch.get_num_threads(),
-    }  # fmt: skip
-    t0 = time.perf_counter()
-    tmp = None if work is not None else Path(tempfile.mkdtemp(prefix="ciscr-profile-"))
-    try:
-        res.update(profile_runs(config, overrides, methods, work or tmp, passes, repeats))
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    res["machine"]["load_avg_end"] = list(os.getloadavg())
-    res["wall_s"] = time.perf_counter() - t0
+    with measured(command, device, config=config, overrides=list(overrides),
+                  methods=list(methods), passes=list(passes), amp=cfg.train.amp,
+                  amp_resolved=resolve_amp(cfg.train.amp, device),
+                  threads=torch.get_num_threads()) as res:  # fmt: skip
+        tmp = None if work is not None else Path(tempfile.mkdtemp(prefix="ciscr-profile-"))
+        try:
+            res.update(profile_runs(config, overrides, methods, work or tmp, passes, repeats))
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
     return res
-
-
-def _check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("suponly", "st", "stpp", "ciscr", "ciscr_bank")]
-    if bad or not methods:
-        raise ConfigError(f"--methods {args.methods}: choose among suponly,st,stpp,ciscr,"
-                          "ciscr_bank")
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
-    if not passes or any(p not in PASSES for p in passes):
-        raise ConfigError(f"--passes {args.passes}: choose among {','.join(PASSES)}")
-    if "interleaved" in passes and "timed" not in passes:
-        raise ConfigError(f"--passes {args.passes}: interleaved times the stages of the timed "
-                          "runs; add timed")
-    if args.work is not None and args.work.exists() and any(args.work.iterdir()):
-        raise ConfigError(f"--work {args.work}: exists and is not empty; profiles need new runs")
-    if args.threads < 0:
-        raise ConfigError(f"--threads {args.threads}: must be >= 0")
-    if args.repeats < 1:
-        raise ConfigError(f"--repeats {args.repeats}: must be >= 1")
-    return methods, passes
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces this profile."""
-    parts = ["ciscr", "profile", args.config, *args.overrides, "--methods", args.methods,
-             "--passes", args.passes]
-    if args.threads:
-        parts += ["--threads", str(args.threads)]
-    if args.repeats != 1:
-        parts += ["--repeats", str(args.repeats)]
-    if args.out is not None:
-        parts += ["--out", str(args.out), "--name", args.name]
-    return shlex.join(parts)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """``ciscr profile``: run, print the report, write it under ``--out`` if given."""
     import torch
 
-    methods, passes = _check_args(args)
+    methods = comma_list(args.methods, "--methods",
+                         ("suponly", "st", "stpp", "ciscr", "ciscr_bank"))
+    passes = comma_list(args.passes, "--passes", PASSES)
+    if "interleaved" in passes and "timed" not in passes:
+        raise ConfigError(f"--passes {args.passes}: interleaved times the stages of the timed "
+                          "runs; add timed")
+    if args.work is not None and args.work.exists() and any(args.work.iterdir()):
+        raise ConfigError(f"--work {args.work}: exists and is not empty; profiles need new runs")
+    at_least(args, {"threads": 0, "repeats": 1})
     if args.threads:
         torch.set_num_threads(args.threads)
+    command = shlex.join(["ciscr", "profile", args.config, *args.overrides, "--methods",
+                          args.methods, "--passes", args.passes,
+                          *spelled(args, {"threads": 0, "repeats": 1}),
+                          *(["--out", str(args.out), "--name", args.name] if args.out else [])])
     res = run_profile(args.config, list(args.overrides), methods=methods, passes=passes,
-                      work=args.work, command=command_line(args), repeats=args.repeats)
-    return print_and_write(format_report(res), args.out,
-                           lambda out: write_results(res, out, args.name))
+                      work=args.work, command=command, repeats=args.repeats)
+    return print_and_write(res, format_report(res), args.out, args.name)
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
@@ -968,5 +842,5 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
 __all__ = [
     "breakdown", "cmd_profile", "compare_stages", "edge_seconds", "format_report", "instrument",
-    "register_cli", "run_profile", "targets", "write_results",
+    "register_cli", "run_profile", "targets",
 ]

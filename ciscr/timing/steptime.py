@@ -14,6 +14,7 @@ timed twice, as two separate plans: their ratio (an A/A control) shows the resol
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ import torch
 
 from ciscr.run_services import RunContext
 from ciscr.stage_plans import StagePlan
+from ciscr.timing.common import in_rounds
 
 ROUNDS = 10  # rounds of the interleaved pass
 BLOCK = 4  # steps of a stage per round (batch loading included, as in a real stage)
@@ -81,14 +83,9 @@ class _Trainer:
 def time_steps(trainers: dict[str, _Trainer], rounds: int = ROUNDS, block: int = BLOCK,
                warmup: int = WARMUP) -> dict[str, list[float]]:
     """{key: seconds per step in each counted round}: every trainer runs ``block`` steps in
-    turn, ``warmup + rounds`` times."""
-    times: dict[str, list[float]] = {k: [] for k in trainers}
-    for r in range(warmup + rounds):
-        for key, trainer in trainers.items():
-            s = trainer.steps(block)
-            if r >= warmup:
-                times[key].append(s)
-    return times
+    turn, in the same order every round, ``warmup + rounds`` times."""
+    return in_rounds({k: functools.partial(t.steps, block) for k, t in trainers.items()},
+                     rounds, warmup, rotate=False)
 
 
 def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -97,15 +94,17 @@ def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def interleaved_pass(runs: dict[str, tuple[Any, Path]], device: torch.device,
+def interleaved_pass(runs: dict[str, tuple[Any, Path]], device: torch.device | None = None,
                      rounds: int | None = None, block: int | None = None) -> dict[str, Any]:
     """Time every training stage of the finished runs ``{method: (cfg, run_dir)}`` side by
-    side (``rounds`` / ``block``: default :data:`ROUNDS` / :data:`BLOCK`). Returns seconds
-    per step per round (``times``, keys "<method> <stage>" and, with ST, :data:`AA_KEY`) and
-    the settings."""
+    side on ``device`` (default: the first config's), ``rounds`` / ``block`` (default
+    :data:`ROUNDS` / :data:`BLOCK`). Returns seconds per step per round (``times``, keys
+    "<method> <stage>" and, with ST, :data:`AA_KEY`) and the settings."""
+    from ciscr.dist import resolve_device
     from ciscr.run_setup import setup_run
 
     rounds, block = rounds or ROUNDS, block or BLOCK
+    device = device or resolve_device(next(iter(runs.values()))[0].device)
     trainers: dict[str, _Trainer] = {}
     for method, (cfg, run_dir) in runs.items():
         ctx = setup_run(cfg, run_dir, device)
