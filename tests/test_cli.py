@@ -150,3 +150,10 @@ def test_ciscr_presets_train_on_confident_pixels_and_st_keeps_its_published_reci
 
     assert threshold("ciscr") == threshold("ciscr_bank") == threshold("unimatch") == 0.95
     assert threshold("st") == threshold("stpp") == 0.0
+
+
+@pytest.mark.parametrize("name", ["pascal_unimatch", "cityscapes_unimatch", "coco_unimatch"])
+def test_the_unimatch_reproduction_configs_keep_its_published_loss(name):
+    from ciscr.config import load_config
+
+    assert load_config(name, []).method.labeled_weight == 0.5  # (CE_l + L_u) / 2
