@@ -481,9 +481,10 @@ def table_recipe_change(runs: dict, spec: dict[str, Any], labels: dict[str, str]
     rows = ["| method | seed | recipe 1 | now | change | minus the control, now |",
             "|---|---|---|---|---|---|"]
     for row in [*spec["main"], *spec["options"]]:
-        for (r, seed), rec in sorted(old.items(), key=lambda kv: kv[0][1]):
-            now, ctrl = runs.get((row, seed)), runs.get((spec["control"], seed))
-            if r != row or not now:
+        for seed in sorted({s for _, s in old}):
+            rec, now = old.get((row, seed)), runs.get((row, seed))
+            ctrl = runs.get((spec["control"], seed))
+            if not rec or not now:
                 continue
             diff = 100 * (now["val_miou"] - rec["val_miou"])
             vs = f"{100 * (now['val_miou'] - ctrl['val_miou']):+.2f}" if ctrl else "n/a"
