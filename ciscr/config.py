@@ -299,6 +299,12 @@ class MethodCfg(BaseModel):
     confidence_weighting: bool = Field(
         False, description="multiply the unlabeled loss weight by the teacher's confidence"
     )
+    class_balance: bool = Field(
+        False,
+        description="with confidence_threshold (or confidence_weighting): each class of the "
+        "pseudo labels keeps its share of the unlabeled loss, the threshold choosing only which "
+        "of its pixels teach (per batch; a class with no pixel kept stays out)",
+    )
     image_score: Literal["present", "all"] = Field(
         "present",
         description="Algorithm 1 image distance: sum of D_k over the classes in the pseudo label "

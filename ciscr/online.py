@@ -47,7 +47,8 @@ def online_recipe(ctx: RunContext) -> OnlineRecipe:
     _, w_views, w_fp = recipe_weights(m.strong_views, m.feature_perturbation)
     return OnlineRecipe(
         strong_views=m.strong_views, fp=m.feature_perturbation, fp_p=m.fp_dropout,
-        threshold=m.confidence_threshold, cisc=m.online_cisc, weight_labeled=m.labeled_weight,
+        threshold=m.confidence_threshold, class_balance=m.class_balance, cisc=m.online_cisc,
+        weight_labeled=m.labeled_weight,
         weight_views=w_views, weight_fp=w_fp, unlabeled_weight=m.unlabeled_weight,
         min_ratio=m.min_class_ratio, ignore_index=ctx.cfg.data.ignore_index,
         prototype_source=m.prototype_source, refresh=m.prototype_refresh, ohem=m.ohem(),

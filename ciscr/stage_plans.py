@@ -254,7 +254,8 @@ def unlabeled_loss(ctx: RunContext, total_iters: int) -> UnlabeledLoss:
     m = ctx.cfg.method
     return UnlabeledLoss(weight=m.unlabeled_weight,
                          rampup_iters=round(m.unlabeled_rampup * total_iters),
-                         threshold=m.confidence_threshold, by_confidence=m.confidence_weighting)
+                         threshold=m.confidence_threshold, by_confidence=m.confidence_weighting,
+                         class_balance=m.class_balance, num_classes=ctx.info.num_classes)
 
 
 def _retrain_streams(ctx: RunContext, parts: list[tuple[list[Sample], Path]]):

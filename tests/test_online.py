@@ -1,6 +1,7 @@
 """The online family (FixMatch, UniMatch, UniMatch + CISC): losses against hand values,
 threshold masking, CutMix alignment, the FP branch, the prototype memory, and real tiny runs."""
 
+import copy
 import math
 
 import pytest
@@ -176,6 +177,21 @@ def test_unimatch_loss_is_the_weighted_sum_of_its_parts():
     want = 0.5 * s["ce_labeled"] + 0.125 * (s["loss_s1"] + s["loss_s2"]) + 0.25 * s["loss_fp"]
     assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
     assert s["mask_ratio"] == 1.0 and 0.0 <= s["pseudo_acc"] <= 1.0
+
+
+def test_class_balance_changes_nothing_when_every_pixel_is_kept_and_rescales_a_cut():
+    model, b = _model(), _batches()
+    twin = copy.deepcopy(model)  # a step updates BN's running statistics: each gets its own
+    torch.manual_seed(1)
+    plain, _ = OnlineStep(OnlineRecipe(threshold=0.0), 3)(model, b, 0)
+    torch.manual_seed(1)
+    balanced, _ = OnlineStep(OnlineRecipe(threshold=0.0, class_balance=True), 3)(twin, b, 0)
+    assert float(balanced) == pytest.approx(float(plain), rel=1e-6)
+    step = OnlineStep(OnlineRecipe(threshold=0.5, class_balance=True), 3)
+    torch.manual_seed(1)
+    _, s = step(model, b, 0)
+    # the kept pixels of each class carry its whole count: the mean weight exceeds the kept share
+    assert 0.0 < s["mask_ratio"] < 1.0 and s["weight_mean"] > s["mask_ratio"]
 
 
 def test_cisc_step_keeps_its_memory_in_the_state_dict():

@@ -4,6 +4,7 @@ of the unlabeled loss, Eq. 10's clamp, and the method registry."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,12 +14,12 @@ from ciscr import cisc
 from ciscr.config import METHOD_PRESETS, load_config
 from ciscr.data.datasets import MixedDataset
 from ciscr.data.pairs import PairDataset, class_presence, crop_class_shares
-from ciscr.engine.losses import ce_loss
+from ciscr.engine.losses import ce_loss, class_balanced
 from ciscr.engine.steps import UnlabeledLoss, mixed_step
 from ciscr.errors import ConfigError
 from ciscr.methods import RECIPES, get_recipe
 from ciscr.runner import run_training
-from ciscr.stage_plans import stpp_snapshot_iters
+from ciscr.stage_plans import stpp_snapshot_iters, unlabeled_loss
 
 SMALL = [
     "data.synthetic.num_train=20", "data.synthetic.num_val=2", "data.synthetic.size=32",
@@ -113,6 +114,34 @@ def test_unlabeled_loss_ramp_threshold_and_confidence_weight_by_hand():
     assert UnlabeledLoss(threshold=0.9).pixel_weights(conf).tolist() == [0.0, 1.0, 1.0]
     w = UnlabeledLoss(threshold=0.9, by_confidence=True).pixel_weights(conf)
     assert w.tolist() == pytest.approx([0.0, 0.95, 0.99])
+
+
+def test_class_balanced_gives_each_class_its_pixel_share_by_hand():
+    labels = torch.tensor([[[0, 0, 0], [1, 1, 1], [1, 2, 255]]])
+    valid = labels != 255
+    mask = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 1.0]]])
+    w = class_balanced(mask, labels, valid, num_classes=3)
+    # class 0: 3 pixels, 2 kept -> 1.5 each; class 1: 4 pixels, 2 kept -> 2.0 each; class 2:
+    # 1 pixel, none kept -> stays 0; the ignored pixel keeps its weight.
+    assert w.tolist() == [[[1.5, 1.5, 0.0], [2.0, 0.0, 0.0], [2.0, 0.0, 1.0]]]
+    soft = class_balanced(mask * 0.5, labels, valid, 3)
+    assert torch.equal(soft, w.masked_fill(~valid, 0.5))  # any weights: only the class sums count
+    ones = torch.ones(1, 3, 3)
+    assert torch.equal(class_balanced(ones, labels, valid, 3), ones)  # nothing cut: unchanged
+
+
+def test_unlabeled_loss_class_balance_is_wired_and_needs_the_labels():
+    conf = torch.tensor([[0.5, 0.99], [0.99, 0.99]])
+    labels = torch.tensor([[0, 0], [1, 1]])
+    u = UnlabeledLoss(threshold=0.9, class_balance=True, num_classes=2)
+    assert u.pixel_weights(conf, labels, labels >= 0).tolist() == [[0.0, 2.0], [1.0, 1.0]]
+    with pytest.raises(ValueError, match="class_balance"):
+        u.pixel_weights(conf)
+    ctx = SimpleNamespace(cfg=load_config("synthetic", ["method.class_balance=true",
+                                                        "method.confidence_threshold=0.9"]),
+                          info=SimpleNamespace(num_classes=5))
+    built = unlabeled_loss(ctx, 100)
+    assert built.class_balance and built.num_classes == 5 and built.threshold == 0.9
 
 
 class Crops(torch.utils.data.Dataset):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ciscr import cisc, dist
-from ciscr.engine.losses import labeled_loss
+from ciscr.engine.losses import class_balanced, labeled_loss
 
 # --------------------------------------------------------------------------- pure functions
 
@@ -175,6 +175,7 @@ class OnlineRecipe:
     fp: bool = True
     fp_p: float = 0.5
     threshold: float = 0.95
+    class_balance: bool = False  # each class keeps its pseudo-label share (losses.class_balanced)
     cisc: str = "none"  # none | mask | alone
     # ciscr: 1.0, the labeled CE as SupOnly trains it (method.labeled_weight); UniMatch's code:
     # 0.5, i.e. (CE_l + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2.
@@ -275,8 +276,8 @@ class OnlineStep:
                     fp_p=r.fp_p)  # 2. labeled + weak (+ FP on the weak rows)
         loss_l = labeled_loss(out.logits[:n_l], lb["mask"], r.ignore_index, r.ohem)
         conf_w, label_w = confidence_and_label(out.logits[n_l:])
-        w_w, w_mix = self._pixel_weights(out, n_l, lb, conf_w, label_w, out_mix, conf_mix,
-                                         label_mix)
+        w_w, w_mix = self._pixel_weights(out, lb, (conf_w, label_w, ub["valid"]),
+                                         out_mix, (conf_mix, label_mix, mb["valid"]))
         strong = torch.cat([cutmix(ub[f"image_s{v}"], mb[f"image_s{v}"], ub[f"box{v}"])
                             for v in range(1, r.strong_views + 1)])
         logits_s = model(strong).logits.chunk(r.strong_views)  # 3. the strong views
@@ -295,12 +296,17 @@ class OnlineStep:
         scalars.update(self._monitor(loss_l, label_w, w_w, ub, r.ignore_index))
         return loss, scalars
 
-    def _pixel_weights(self, out, n_l, lb, conf_w, label_w, out_mix, conf_mix, label_mix):
-        """Per-pixel weights of the weak and the mixing images: the confidence mask, times
-        (``mask``) or instead of it (``alone``) the CISC weight."""
-        r = self.r
+    def _pixel_weights(self, out, lb, weak, out_mix, mix):
+        """Per-pixel weights of the weak and the mixing images (``weak``, ``mix``: their
+        confidence, pseudo label and valid pixels): the confidence mask (class-balanced with
+        ``class_balance``), times (``mask``) or instead of it (``alone``) the CISC weight."""
+        r, n_l = self.r, lb["image"].shape[0]
+        (conf_w, label_w, valid_w), (conf_mix, label_mix, valid_mix) = weak, mix
         w_w = (conf_w >= r.threshold).float()
         w_mix = (conf_mix >= r.threshold).float()
+        if r.class_balance:
+            w_w = class_balanced(w_w, label_w, valid_w, self.num_classes)
+            w_mix = class_balanced(w_mix, label_mix, valid_mix, self.num_classes)
         if self.memory is None:
             return w_w, w_mix
         sums, counts = batch_prototypes(out.features[:n_l].detach(), lb["mask"],

@@ -22,7 +22,7 @@ from torch import nn
 from ciscr import cisc
 from ciscr.data.datasets import make_generator
 from ciscr.data.pairs import PARTNERS, TRIES, crop_class_shares
-from ciscr.engine.losses import ce_loss, labeled_loss
+from ciscr.engine.losses import ce_loss, class_balanced, labeled_loss
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -238,27 +238,39 @@ class UnlabeledLoss:
     ``weight``: lambda; ``rampup_iters``: lambda ramps up as exp(-5 (1 - t/T)^2) over the first
     T iterations (Laine & Aila's sigmoid ramp); ``threshold``: pixels whose teacher confidence
     is below it count 0 (they stay in the denominator, as in FixMatch); ``by_confidence``:
-    multiply by the confidence itself.
+    multiply by the confidence itself; ``class_balance`` (needs ``num_classes``): each class of
+    the pseudo labels keeps its share of the loss (:func:`~ciscr.engine.losses.class_balanced`).
     """
 
     weight: float = 1.0
     rampup_iters: int = 0
     threshold: float = 0.0
     by_confidence: bool = False
+    class_balance: bool = False
+    num_classes: int = 0
 
     def lam(self, it: int) -> float:
         if self.rampup_iters <= 0 or it >= self.rampup_iters:
             return self.weight
         return self.weight * math.exp(-5.0 * (1.0 - it / self.rampup_iters) ** 2)
 
-    def pixel_weights(self, conf: torch.Tensor | None) -> torch.Tensor | None:
-        """(B, H, W) weights from the teacher confidence (B, H, W), or None when all are 1."""
+    def pixel_weights(self, conf: torch.Tensor | None, labels: torch.Tensor | None = None,
+                      valid: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, H, W) weights from the teacher confidence (B, H, W), or None when all are 1;
+        ``labels`` (B, H, W) and ``valid`` (B, H, W) bool, the pixels the loss counts: what
+        ``class_balance`` balances over."""
         if conf is None or (self.threshold <= 0 and not self.by_confidence):
             return None
         w = torch.ones_like(conf)
         if self.threshold > 0:
             w = w * (conf >= self.threshold).to(w.dtype)
-        return w * conf if self.by_confidence else w
+        w = w * conf if self.by_confidence else w
+        if self.class_balance:
+            if labels is None or valid is None or self.num_classes < 1:
+                raise ValueError("class_balance needs the pseudo labels, their valid pixels "
+                                 "and num_classes")
+            w = class_balanced(w, labels, valid, self.num_classes)
+        return w
 
 
 def retrain_step(
@@ -273,7 +285,7 @@ def retrain_step(
         n = lb["image"].shape[0]
         logits = model(torch.cat([lb["image"], ub["image"]])).logits
         loss_l = ce_loss(logits[:n], lb["mask"], ignore_index)
-        pw = unl.pixel_weights(ub.get("conf"))
+        pw = unl.pixel_weights(ub.get("conf"), ub["pseudo"], ub["pseudo"] != ignore_index)
         if weights is None:
             loss_u = ce_loss(logits[n:], ub["pseudo"], ignore_index, weight_map=pw)
         elif "cmaps" in weights:
@@ -298,7 +310,8 @@ def mixed_step(ignore_index: int = 255, unl: UnlabeledLoss = UnlabeledLoss()):
     def step(model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
         b = batches["mixed"]
         is_pseudo = b["is_pseudo"].view(-1, 1, 1).to(b["conf"].dtype)
-        pw = unl.pixel_weights(b["conf"])
+        pw = unl.pixel_weights(b["conf"], b["mask"],
+                               (b["mask"] != ignore_index) & b["is_pseudo"].view(-1, 1, 1).bool())
         w_pseudo = unl.lam(it) * (pw if pw is not None else torch.ones_like(b["conf"]))
         w = (1.0 - is_pseudo) + is_pseudo * w_pseudo
         loss = ce_loss(model(b["image"]).logits, b["mask"], ignore_index, weight_map=w)
