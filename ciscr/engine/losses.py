@@ -62,12 +62,14 @@ def class_balanced(
     Returns:
         (B, H, W) weights, same dtype as ``weight``; the counts are over the whole batch.
     """
-    lab = labels.masked_fill(~valid, 0).clamp(0, num_classes - 1).flatten()
-    v = valid.to(torch.float32).flatten()
-    n = torch.bincount(lab, weights=v, minlength=num_classes)
-    s = torch.bincount(lab, weights=weight.float().flatten() * v, minlength=num_classes)
+    lab = labels.masked_fill(~valid, 0).clamp(0, num_classes - 1)
+    w = weight.float() * valid
+    # One masked sum per class, not a weighted bincount / index_add: those add floats with
+    # atomics on CUDA, in no fixed order, and the result would differ from run to run.
+    s = torch.stack([(w * (lab == c)).sum() for c in range(num_classes)])
+    n = torch.stack([(valid & (lab == c)).sum() for c in range(num_classes)]).float()
     scale = torch.where(s > 0, n / s.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    out = weight.float() * scale[lab].view_as(weight)
+    out = weight.float() * scale[lab]
     return torch.where(valid, out, weight.float()).to(weight.dtype)
 
 
