@@ -240,3 +240,14 @@ def test_budget_curves_come_from_runs_then_archive_then_the_previous_record(tmp_
         "that trained them, before their artefacts were archived): 40 epochs s0"]
 
 
+
+
+def test_line_kinds_tells_code_from_prose_comments_and_blanks(tmp_path):
+    import line_kinds
+
+    f = tmp_path / "m.py"
+    f.write_text('"""Doc\nstring."""\n\n# a comment\nX = 1  # not a comment line\n'
+                 'NOTE = """\n1\n2\n3\n"""\n')
+    assert line_kinds.line_kinds(f) == {"lines": 10, "blank": 1, "comment": 1, "prose": 7,
+                                        "code": 1}
+    assert line_kinds.main([str(tmp_path / "missing.py")]) == 1
