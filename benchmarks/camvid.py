@@ -317,6 +317,12 @@ def safe_report(args: argparse.Namespace, argv: list[str]) -> None:
               file=sys.stderr, flush=True)
 
 
+def varies() -> dict[str, str]:
+    """Option row -> the main row of the same method preset, which it varies by its overrides
+    (FixMatch has none)."""
+    return {o: ROWS[o][1] for o in OPTIONS if ROWS[o][1] in MAIN}
+
+
 def report(args: argparse.Namespace, argv: list[str]) -> Path:
     archive.mirror(Path(args.runs), archive_root(args))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -326,7 +332,7 @@ def report(args: argparse.Namespace, argv: list[str]) -> Path:
     runs.update({(r, s): camvid_report.collect(finished_dir(args, r, s), r, s)
                  for s in opt_seeds for r in OPTIONS})
     spec = {"labels": {r: v[0] for r, v in ROWS.items()}, "main": MAIN, "options": OPTIONS,
-            "base": BASE_ROW, "control": CONTROL}
+            "base": BASE_ROW, "control": CONTROL, "varies": varies()}
     return camvid_report.write(args, runs, seeds, opt_seeds, argv, spec)
 
 

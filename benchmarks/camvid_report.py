@@ -281,6 +281,27 @@ def targets(runs: dict, seeds: list[int], judged: bool,
     return out
 
 
+def table_option_vs_main(runs: dict, varies: dict[str, str], seeds: list[int],
+                         labels: dict[str, str]) -> list[str]:
+    """Each option row against the main row whose method it varies (same seed, same base):
+    the difference and the classes it moved most, read from the runs' per-class IoU."""
+    out = ["| option | the main row it varies | minus that row (paired) | the 3 classes it moved "
+           "most (IoU points vs that row) |", "|---|---|---|---|"]
+    for opt, main in varies.items():
+        pairs = [(runs[(opt, s)], runs[(main, s)]) for s in seeds
+                 if runs.get((opt, s)) and runs.get((main, s))]
+        if not pairs:
+            continue
+        d = paired([a["val_miou"] for a, _ in pairs], [m["val_miou"] for _, m in pairs])[1]
+        names = pairs[0][0]["class_names"] or []
+        per = [statistics.fmean(100 * ((a["iou"][k] or 0.0) - (m["iou"][k] or 0.0))
+                                for a, m in pairs) for k in range(len(names))]
+        most = sorted(range(len(names)), key=lambda k: -abs(per[k]))[:3]
+        out.append(f"| {labels[opt]} | {labels[main]} | {d} | "
+                   + ", ".join(f"{names[k]} {per[k]:+.1f}" for k in most) + " |")
+    return out if len(out) > 2 else []
+
+
 def table_where_lost(runs: dict, rows: list[str], seeds: list[int], labels: dict[str, str],
                      control: str) -> list[str]:
     """For each row below the control on the paired mean: the classes where it lost most IoU
@@ -411,7 +432,8 @@ def write(args: argparse.Namespace, runs: dict, seeds: list[int], opt_seeds: lis
         *table_pool_labels(runs, seeds), "",
         *table_recipe_change(runs, spec, labels, out / RECIPE1), "",
         *(["## Option rows (one seed each)", "",
-           *table_main(runs, [control, *spec["options"]], opt_seeds, labels, control, base), ""]
+           *table_main(runs, [control, *spec["options"]], opt_seeds, labels, control, base), "",
+           *table_option_vs_main(runs, spec.get("varies", {}), opt_seeds, labels), ""]
           if opt_seeds else []),
         "## Superseded protocols", "",
         "- protocol 2 (each method from ImageNet, 3840-iteration stage 1; one run finished in "

@@ -163,3 +163,13 @@ def test_the_readme_headline_is_replaced_between_its_marks_only(tmp_path):
     runs = {("suponly_continued", 0): {"val_miou": 0.5}, ("unimatch", 0): {"val_miou": 0.52}}
     line = rep.headline(runs, [0, 1], {"unimatch": "UniMatch"}, "python benchmarks/camvid.py")
     assert "seed(s) 0 of 3" in line and "UniMatch +2.00" in line
+
+
+def test_each_option_row_is_compared_with_the_main_row_it_varies():
+    assert camvid.varies()["bank_cb"] == "ciscr_bank" and "fixmatch" not in camvid.varies()
+    rec = lambda m, iou: {"val_miou": m, "iou": iou, "class_names": ["a", "b"]}  # noqa: E731
+    runs = {("bank_cb", 0): rec(0.50, [0.6, 0.4]), ("ciscr_bank", 0): rec(0.52, [0.5, 0.54])}
+    lines = rep.table_option_vs_main(runs, {"bank_cb": "ciscr_bank", "bank_thr": "ciscr_bank"},
+                                     [0], {"bank_cb": "CB", "ciscr_bank": "Bank"})
+    assert lines[2:] == ["| CB | Bank | -2.00 (n=1) | b -14.0, a +10.0 |"]  # unfinished: no row
+    assert rep.table_option_vs_main({}, {"bank_cb": "ciscr_bank"}, [0], {}) == []
