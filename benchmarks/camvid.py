@@ -83,9 +83,9 @@ MAIN = [CONTROL, "stpp", "ciscr", "ciscr_bank", "unimatch", "unimatch_cisc"]
 # base under-labels, the cause the threshold removed from CISC-R (docs/METHOD-NOTES.md).
 # bank_cb, unicisc_cb: the pool diagnostic (the report's "the base's pseudo labels, class by
 # class") shows the 0.95 threshold keeping 93 % of road's pixels and 11 % of fence's, and the
-# rows losing to the control on fence, pavement and car (seeds 0-1): class_balance gives each class back its
-# pseudo-label share of the loss (ciscr.engine.losses.class_balanced; docs/METHOD-NOTES.md says
-# what the rows measured).
+# rows losing to the control on fence, pavement and car (seeds 0-1): class_balance gives each
+# class back its pseudo-label share of the loss (ciscr.engine.losses.class_balanced;
+# docs/METHOD-NOTES.md says what the rows measured).
 # The options run as two chains, OPTIONS' first half and its second, the costly ciscr_fresh last.
 OPTIONS = ["bank_cb", "stpp_thr", "fixmatch", "bank_thr",
            "unicisc_cb", "bank_conf", "bank_ramp", "ciscr_fresh"]
