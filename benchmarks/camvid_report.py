@@ -281,6 +281,19 @@ def targets(runs: dict, seeds: list[int], judged: bool,
     return out
 
 
+def run_pairs(runs: dict, row: str, ref: str, seeds: list[int]) -> list[tuple[dict, dict]]:
+    """(row's record, ref's record) for each seed where both finished."""
+    return [(runs[(row, s)], runs[(ref, s)]) for s in seeds
+            if runs.get((row, s)) and runs.get((ref, s))]
+
+
+def class_differences(pairs: list[tuple[dict, dict]]) -> tuple[list[str], list[float]]:
+    """(class names, mean over the pairs of row IoU - ref IoU per class, in IoU points)."""
+    names = pairs[0][0]["class_names"] or []
+    return names, [statistics.fmean(100 * ((a["iou"][k] or 0.0) - (b["iou"][k] or 0.0))
+                                    for a, b in pairs) for k in range(len(names))]
+
+
 def table_option_vs_main(runs: dict, varies: dict[str, str], seeds: list[int],
                          labels: dict[str, str]) -> list[str]:
     """Each option row against the main row whose method it varies (same seed, same base):
@@ -288,14 +301,11 @@ def table_option_vs_main(runs: dict, varies: dict[str, str], seeds: list[int],
     out = ["| option | the main row it varies | minus that row (paired) | the 3 classes it moved "
            "most (IoU points vs that row) |", "|---|---|---|---|"]
     for opt, main in varies.items():
-        pairs = [(runs[(opt, s)], runs[(main, s)]) for s in seeds
-                 if runs.get((opt, s)) and runs.get((main, s))]
+        pairs = run_pairs(runs, opt, main, seeds)
         if not pairs:
             continue
         d = paired([a["val_miou"] for a, _ in pairs], [m["val_miou"] for _, m in pairs])[1]
-        names = pairs[0][0]["class_names"] or []
-        per = [statistics.fmean(100 * ((a["iou"][k] or 0.0) - (m["iou"][k] or 0.0))
-                                for a, m in pairs) for k in range(len(names))]
+        names, per = class_differences(pairs)
         most = sorted(range(len(names)), key=lambda k: -abs(per[k]))[:3]
         out.append(f"| {labels[opt]} | {labels[main]} | {d} | "
                    + ", ".join(f"{names[k]} {per[k]:+.1f}" for k in most) + " |")
@@ -309,16 +319,13 @@ def table_where_lost(runs: dict, rows: list[str], seeds: list[int], labels: dict
     out = ["| method | minus the control | the 3 classes it lost most on (IoU points vs control) |",
            "|---|---|---|"]
     for r in rows:
-        pairs = [(runs[(r, s)], runs[(control, s)]) for s in seeds
-                 if runs.get((r, s)) and runs.get((control, s))]
+        pairs = run_pairs(runs, r, control, seeds)
         if not pairs:
             continue
         d = statistics.fmean(100 * (a["val_miou"] - c["val_miou"]) for a, c in pairs)
         if d >= 0:
             continue
-        names = pairs[0][0]["class_names"] or []
-        per = [statistics.fmean(100 * ((a["iou"][k] or 0.0) - (c["iou"][k] or 0.0))
-                                for a, c in pairs) for k in range(len(names))]
+        names, per = class_differences(pairs)
         worst = sorted(range(len(names)), key=lambda k: per[k])[:3]
         out.append(f"| {labels[r]} | {d:+.2f} | "
                    + ", ".join(f"{names[k]} {per[k]:+.1f}" for k in worst) + " |")

@@ -63,14 +63,16 @@ def class_balanced(
         (B, H, W) weights, same dtype as ``weight``; the counts are over the whole batch.
     """
     lab = labels.masked_fill(~valid, 0).clamp(0, num_classes - 1)
-    w = weight.float() * valid
+    w32 = weight.float()
+    w = w32 * valid
     # One masked sum per class, not a weighted bincount / index_add: those add floats with
     # atomics on CUDA, in no fixed order, and the result would differ from run to run.
-    s = torch.stack([(w * (lab == c)).sum() for c in range(num_classes)])
-    n = torch.stack([(valid & (lab == c)).sum() for c in range(num_classes)]).float()
+    s, n = torch.zeros(num_classes, device=w.device), torch.zeros(num_classes, device=w.device)
+    for c in range(num_classes):
+        hit = lab == c
+        s[c], n[c] = (w * hit).sum(), (valid & hit).sum()
     scale = torch.where(s > 0, n / s.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    out = weight.float() * scale[lab]
-    return torch.where(valid, out, weight.float()).to(weight.dtype)
+    return torch.where(valid, w32 * scale[lab], w32).to(weight.dtype)
 
 
 def ohem_ce(

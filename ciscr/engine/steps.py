@@ -309,9 +309,9 @@ def mixed_step(ignore_index: int = 255, unl: UnlabeledLoss = UnlabeledLoss()):
 
     def step(model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
         b = batches["mixed"]
-        is_pseudo = b["is_pseudo"].view(-1, 1, 1).to(b["conf"].dtype)
-        pw = unl.pixel_weights(b["conf"], b["mask"],
-                               (b["mask"] != ignore_index) & b["is_pseudo"].view(-1, 1, 1).bool())
+        pseudo_rows = b["is_pseudo"].view(-1, 1, 1).bool()
+        is_pseudo = pseudo_rows.to(b["conf"].dtype)
+        pw = unl.pixel_weights(b["conf"], b["mask"], (b["mask"] != ignore_index) & pseudo_rows)
         w_pseudo = unl.lam(it) * (pw if pw is not None else torch.ones_like(b["conf"]))
         w = (1.0 - is_pseudo) + is_pseudo * w_pseudo
         loss = ce_loss(model(b["image"]).logits, b["mask"], ignore_index, weight_map=w)
