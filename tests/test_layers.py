@@ -203,3 +203,23 @@ def test_the_checks_fail_on_a_circle_and_an_upward_import(tmp_path):
     assert find_cycles(toy) == [["ciscr.a", "ciscr.b"], ["ciscr.high", "ciscr.low"]]
     layers = [("bottom", ["ciscr", "ciscr.low", "ciscr.a", "ciscr.b"]), ("top", ["ciscr.high"])]
     assert upward_imports(toy, layers) == ["ciscr.low (bottom) imports ciscr.high (top)"]
+
+
+def unmapped_modules(design: str, files: dict[str, Path]) -> list[str]:
+    """The modules whose file name is not in the first code block of DESIGN.md (the module
+    map); package ``__init__``/``__main__`` files are not listed there."""
+    block = design.split("```")[1]
+    return [m for m, f in sorted(files.items())
+            if f.name not in ("__init__.py", "__main__.py") and f.name not in block
+            and f.stem not in block]  # fmt: skip
+
+
+def test_design_md_maps_every_module():
+    design = (REPO / "docs" / "DESIGN.md").read_text()
+    assert unmapped_modules(design, module_files()) == [], "add it to docs/DESIGN.md's map"
+
+
+def test_the_map_check_fails_on_a_module_it_does_not_name(tmp_path):
+    files = {"ciscr.named": tmp_path / "named.py", "ciscr.newcomer": tmp_path / "newcomer.py"}
+    assert unmapped_modules("intro\n```\nnamed.py  what it does\n```\n", files) == [
+        "ciscr.newcomer"]
