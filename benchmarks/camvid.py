@@ -151,7 +151,9 @@ def row_overrides(args: argparse.Namespace, row: str, seed: int) -> list[str]:
     init = [] if row == BASE_ROW else [f"model.init={base_checkpoint(args, seed)}"]
     return [f"data.root={args.data}", f"model.pretrained={args.weights}",
             f"method.name={preset}", f"seed={seed}", f"data.labeled={args.labeled}",
-            "train.progress=false", *init, *extra, *args.overrides]
+            # The precision protocol 3 was run at (bf16 autocast, native on its CPUs); the
+            # packaged config's `auto` would make fp32 runs elsewhere, not this protocol.
+            "train.progress=false", "train.amp=bf16", *init, *extra, *args.overrides]
 
 
 def current_protocol(args: argparse.Namespace, row: str, seed: int, rd: Path) -> bool:
@@ -223,10 +225,13 @@ def run_one(args: argparse.Namespace, row: str, seed: int, threads: int) -> None
 
 
 def launch(args: argparse.Namespace, row: str, seed: int, threads: int) -> None:
-    """``ciscr run`` of one row with ``threads`` torch threads; the wall and CPU time of every
-    invocation go to wall.json."""
-    rd = run_dir(args, row, seed)
-    cmd = ciscr_command(args, row, seed)
+    """``ciscr run`` of one row with ``threads`` torch threads (:func:`run_command`)."""
+    run_command(run_dir(args, row, seed), ciscr_command(args, row, seed), threads)
+
+
+def run_command(rd: Path, cmd: list[str], threads: int) -> None:
+    """Run ``cmd`` (a ``ciscr run --out rd``) with ``threads`` torch threads, its output in
+    ``rd/run.log``; the wall and CPU time of every invocation go to wall.json."""
     print("$", shlex.join(cmd), flush=True)
     # WHY: N torch processes each using every core slow each other down several-fold.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

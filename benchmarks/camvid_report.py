@@ -544,14 +544,14 @@ def headline(runs: dict, seeds: list[int], labels: dict[str, str], cmd: str) -> 
             "docs/results/camvid.md, targets there).")
 
 
-def update_readme(path: Path, line: str) -> None:
-    """Replace the text between README_MARK in ``path`` by ``line`` (nothing when absent)."""
+def update_readme(path: Path, line: str, marks: tuple[str, str] = README_MARK) -> None:
+    """Replace the text between ``marks`` in ``path`` by ``line`` (nothing when absent)."""
     if not path.exists():
         return
     text = path.read_text()
-    start, end = text.find(README_MARK[0]), text.find(README_MARK[1])
+    start, end = text.find(marks[0]), text.find(marks[1])
     if start < 0 or end < start:
         return
-    new = text[:start + len(README_MARK[0])] + "\n" + line + "\n" + text[end:]
+    new = text[:start + len(marks[0])] + "\n" + line + "\n" + text[end:]
     if new != text:
         atomic_write_bytes(path, new.encode())

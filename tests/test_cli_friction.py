@@ -151,3 +151,30 @@ def test_eval_help_explains_the_checkpoint(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "checkpoint.pt written by ciscr train/run" in capsys.readouterr().out
+
+
+def test_precision_follows_the_machine_and_explicit_emulated_bf16_warns(tmp_path, logs,
+                                                                        quiet_machine,
+                                                                        monkeypatch):
+    """Issue 33: on a CPU without native bf16 the packaged camvid config trains in fp32, and an
+    explicit train.amp=bf16 runs as asked with one warning naming train.amp=auto."""
+    from ciscr.utils import misc
+
+    monkeypatch.setattr(misc, "_this_cpu_fast_bf16", lambda: False)  # an AVX2-only CPU
+    cfg = load_config("camvid")
+    assert cfg.train.amp == "auto" and misc.resolve_amp(cfg.train.amp, "cpu") == "none"
+    for name in ("synthetic", "camvid", "pascal", "cityscapes", "coco"):
+        assert load_config(name).train.amp == "auto", name
+    out = tmp_path / "run"
+    assert main(["train", "synthetic", "--out", str(out), *TINY, "threads=1",
+                 "train.amp=bf16"]) == 0
+    warned = [r.getMessage() for r in logs.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("warning: train.amp=bf16")
+    assert "train.amp=auto" in warned[0] and "precision bf16 autocast" in logs.text
+    logs.clear()
+    assert main(["train", "synthetic", "--out", str(tmp_path / "auto"), *TINY, "threads=1"]) == 0
+    assert "no native bf16" not in logs.text and "precision fp32 (train.amp=auto)" in logs.text
+    monkeypatch.setattr(misc, "_this_cpu_fast_bf16", lambda: True)
+    assert "native" in runner._bf16_cpu() and "picks bf16" in runner._bf16_cpu()
+    monkeypatch.setattr(misc, "_this_cpu_fast_bf16", lambda: False)
+    assert "emulated" in runner._bf16_cpu() and "picks fp32" in runner._bf16_cpu()

@@ -1,0 +1,366 @@
+"""CamVid protocol 4, the label curve: with few labels, every method trained from ImageNet for
+the same steps, does the unlabeled data pay, and does it pay per CPU hour?
+
+Per split (12, 23 and 46 labeled images: 1/32, 1/16, 1/8 of the 367-image pool, drawn with the
+seed; the rest of the pool unlabeled) and seed, every row trains from ImageNet on the same split:
+
+- ``suponly``: N iterations on the labeled images;
+- ``unimatch``, ``unimatch_cisc`` (ours): N iterations;
+- ``ciscr``: CISC-R (bank), stage 1 = the split's ``suponly`` run (shared, not retrained), then
+  stages 2 and 3 of N iterations each (3N in all), each continuing from the stage before
+  (``method.init=previous``); ``ciscr_fresh`` (seed 0 at 12 labels) is the paper's form, stages
+  2 and 3 from ImageNet: the measurement behind that choice (docs/METHOD-NOTES.md);
+- ``suponly_compute``: SupOnly given the measured CPU time of the row it is compared with (the
+  rule below).
+
+Options (seed 0, 12 labels, after the main rows): FixMatch, ST++ (stages shared with CISC-R),
+and SupOnly's learning curve (N/2, 2N, 4N, 8N iterations) for the figure.
+
+    python benchmarks/camvid_labels.py                 # the whole queue, resumable
+    python benchmarks/camvid_labels.py --splits 12 --seeds 0
+    python benchmarks/camvid_labels.py --report-only
+
+**N** (fixed before any semi-supervised row ran, the same for every row and split): the largest
+240 x 2^k iterations (k >= 0; 240 = 20 passes of 12 iterations) for which one (split, seed) of
+main rows fits 150 minutes of wall time on the 2-core machine, two jobs at a time, at the step
+costs measured before the queue started (one thread per job: SupOnly ~2.1 s, UniMatch ~6.4 s,
+UniMatch + CISC ~8.5 s per fp32 step; the issue's pilot and this protocol's first minutes). Its
+CPU time is then ~N x (2.1 + 6.4 + 8.5 + 2 x 2.1 x 1.6 (CISC-R's stages) + 2.1 x 3.5
+(``suponly_compute``)) s, over two chains ~N x 17 s of wall: N = 480 (~140 min), while 960
+would take twice the budget. 480 iterations = 40 passes over 12 batches (``iters_per_epoch``
+12 in every stage: the 12-label split's one batch of 8 repeated, as every split alike).
+
+**suponly_compute** (the CPU-time rule): SupOnly trains N x CPU(row) / CPU(suponly) iterations,
+rounded to whole passes of 12, where CPU(x) is the measured CPU seconds of a finished run (all
+its own invocations: training, evaluations, pseudo-labelling; CISC-R's includes its stage 1,
+the ``suponly`` run). ``suponly_compute`` is matched to UniMatch + CISC's CPU time, or to the
+mean of UniMatch's and UniMatch + CISC's where the two are within 10 %; UniMatch (when not) and
+CISC-R (unless within 10 % of that figure) get their own run, ``suponly_compute_<row>``.
+
+Every run is ``ciscr run camvid ... train.amp=auto`` (bf16 where this CPU runs it natively,
+else fp32) in ``runs/camvid_labels/l<labeled>/<row>_s<seed>``; each invocation records its wall
+and CPU seconds (wall.json) and the CPU, its bf16 support and the precision used
+(machine.jsonl). Two runs at a time, one torch thread each; every run resumes from its last
+checkpoint when the command is rerun. Finished stages are archived into the committed
+``docs/results/camvid_labels-runs/`` and the report (``camvid_labels_report.py``) is written
+after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import archive  # noqa: E402  (benchmarks/, on sys.path when run as a script)
+import camvid  # noqa: E402
+import camvid_labels_report  # noqa: E402
+import camvid_report  # noqa: E402
+
+from ciscr.utils.io import atomic_write_json  # noqa: E402
+
+N_ITERS = 480  # the rule in the header
+IPE = 12  # iterations per pass, every stage
+EVAL_EVERY = 10  # passes between logged val evaluations (the CPU-minute figure); never selects
+SPLITS = (12, 46, 23)  # the queue's order: the smallest split carries the headline
+COMMON = ["train.progress=false", "train.amp=auto", f"train.iters_per_epoch={IPE}",
+          f"train.eval_every_epochs={EVAL_EVERY}", "method.score_final_pseudo=false"]
+_BANK = ["method.stage1_cisc_loss=false"]  # stage 1 IS the suponly run (shared)
+# row -> (label, method preset, extra overrides)
+ROWS: dict[str, tuple[str, str, list[str]]] = {
+    "suponly": ("SupOnly", "suponly", []),
+    "unimatch": ("UniMatch", "unimatch", []),
+    "unimatch_cisc": ("UniMatch + CISC (ours)", "unimatch_cisc", []),
+    "ciscr": ("CISC-R (bank), stages continued", "ciscr_bank", [*_BANK, "method.init=previous"]),
+    "suponly_compute": ("SupOnly, UniMatch (+ CISC)'s CPU time", "suponly", []),
+    "suponly_compute_unimatch": ("SupOnly, UniMatch's CPU time", "suponly", []),
+    "suponly_compute_ciscr": ("SupOnly, CISC-R's CPU time", "suponly", []),
+    "ciscr_fresh": ("CISC-R (bank), stages from ImageNet (the paper)", "ciscr_bank",
+                    [*_BANK, "method.init=fresh"]),
+    "fixmatch": ("FixMatch", "fixmatch", []),
+    "stpp": ("ST++", "stpp", []),
+    **{f"suponly_{k}n": (f"SupOnly, {k} N iterations", "suponly", []) for k in (0.5, 2, 4, 8)},
+}
+MAIN = ["suponly", "unimatch", "unimatch_cisc", "ciscr", "suponly_compute"]
+COMPUTE = {"suponly_compute": ["unimatch_cisc", "unimatch"],
+           "suponly_compute_unimatch": ["unimatch"], "suponly_compute_ciscr": ["ciscr"]}
+CURVE = {f"suponly_{k}n": k for k in (0.5, 2, 4, 8)}  # SupOnly's curve: N x these iterations
+# Two chains of a (split, seed), balanced by the measured cost per row; suponly_compute waits for
+# the rows whose CPU time it is given.
+# (no core idles while suponly_compute waits: CISC-R's only need is suponly's stage 1).
+CHAINS = [["suponly", "unimatch", "suponly_compute"], ["unimatch_cisc", "ciscr"]]
+SHARED_WITH = {"ciscr": ("suponly", ("stage1",)),
+               "ciscr_fresh": ("ciscr", ("stage1", "pseudo0", "selection")),
+               "stpp": ("ciscr", ("stage1", "pseudo0"))}
+MATCH = "compute_match.json"  # in a suponly_compute run: the rows and CPU it was given
+MACHINE = "machine.jsonl"  # in every run: one line per invocation (CPU, bf16, precision)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared/data/camvid"))
+    p.add_argument("--weights", default=str(REPO.parent / "shared/weights/mobilenet_v2_imagenet.pth"))
+    p.add_argument("--splits", default=",".join(map(str, SPLITS)), help="labeled images")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--no-options", action="store_true", help="main rows only")
+    p.add_argument("--iters", type=int, default=N_ITERS, help="N (NOT the protocol unless 480)")
+    p.add_argument("--runs", default=str(REPO / "runs/camvid_labels"))
+    p.add_argument("--out", default=str(REPO / "docs/results"))
+    p.add_argument("--name", default="camvid_labels")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, each with cores/jobs threads")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run (repeatable); NOT the protocol: for a "
+                        "smoke test, with its own --runs and --out")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- where runs are
+
+
+def split_runs(args: argparse.Namespace, split: int) -> Path:
+    return Path(args.runs) / f"l{split}"
+
+
+def split_archive(args: argparse.Namespace, split: int) -> Path:
+    return Path(args.out) / f"{args.name}-runs" / f"l{split}"
+
+
+def run_dir(args: argparse.Namespace, split: int, row: str, seed: int) -> Path:
+    return split_runs(args, split) / f"{row}_s{seed}"
+
+
+def finished_dir(args: argparse.Namespace, split: int, row: str, seed: int) -> Path | None:
+    """The finished run (live, else archived) when made with this protocol's config; else None."""
+    return archive.locate([run_dir(args, split, row, seed)], split_archive(args, split),
+                          "results.json", lambda rd: current_protocol(args, split, row, seed, rd))
+
+
+def row_iterations(args: argparse.Namespace, split: int, row: str, seed: int) -> int | None:
+    """The iterations of each training stage of ``row`` (None: a compute row not planned yet)."""
+    if row in CURVE:
+        return int(CURVE[row] * args.iters)
+    if row in COMPUTE:
+        rec = camvid_report.read(run_dir(args, split, row, seed) / MATCH) or camvid_report.read(
+            split_archive(args, split) / f"{row}_s{seed}" / MATCH)
+        return rec["iterations"] if rec else None
+    return args.iters
+
+
+def row_overrides(args: argparse.Namespace, split: int, row: str, seed: int,
+                  iterations: int) -> list[str]:
+    _, preset, extra = ROWS[row]
+    passes = iterations // IPE
+    return [f"data.root={args.data}", f"model.pretrained={args.weights}",
+            f"method.name={preset}", f"seed={seed}", f"data.labeled={split}", *COMMON,
+            f"train.epochs={passes}", f"train.unlabeled_epochs={passes}", *extra, *args.overrides]
+
+
+def current_protocol(args: argparse.Namespace, split: int, row: str, seed: int,
+                     rd: Path) -> bool:
+    """Whether ``rd`` was made with the config this benchmark runs for ``row`` (data and weight
+    paths aside: another machine puts them elsewhere); warns when not."""
+    import yaml
+
+    from ciscr.config import load_config
+    from ciscr.errors import ConfigError
+    from ciscr.run_setup import check_same_config
+
+    iterations = row_iterations(args, split, row, seed)
+    saved = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").exists() else {}
+    keep = [f"data.root={saved.get('data', {}).get('root', args.data)}",
+            f"model.pretrained={saved.get('model', {}).get('pretrained', args.weights)}"]
+    try:
+        cfg = load_config("camvid", row_overrides(args, split, row, seed, iterations or 0) + keep)
+        check_same_config(cfg, rd / "config.yaml")
+    except (ConfigError, OSError) as err:
+        print(f"warning: {rd} is not counted: {err}", file=sys.stderr)
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- the CPU-time rule
+
+
+def cpu_seconds(args: argparse.Namespace, split: int, row: str, seed: int) -> float | None:
+    """A finished run's measured CPU seconds (CISC-R's with its stage 1, the suponly run)."""
+    rd = finished_dir(args, split, row, seed)
+    own = (camvid_report.read(rd / "wall.json") or {}).get("cpu_seconds") if rd else None
+    if own is None or row != "ciscr":
+        return own
+    stage1 = cpu_seconds(args, split, "suponly", seed)
+    return None if stage1 is None else own + stage1
+
+
+def compute_plan(args: argparse.Namespace, split: int, seed: int,
+                 row: str) -> dict[str, object] | None:
+    """What ``row`` (a suponly_compute row) is given by the rule in the header: {"rows": the
+    rows matched, "cpu_seconds": their (mean) CPU time, "iterations": its steps, "needed":
+    whether the rule asks for this run at all}; None until the rows it needs have finished."""
+    cpu = {r: cpu_seconds(args, split, r, seed) for r in ("suponly", "unimatch", "unimatch_cisc")}
+    if row == "suponly_compute_ciscr":
+        cpu["ciscr"] = cpu_seconds(args, split, "ciscr", seed)
+    if any(v is None for v in cpu.values()):
+        return None
+    pair_close = abs(cpu["unimatch"] - cpu["unimatch_cisc"]) <= 0.1 * cpu["unimatch_cisc"]
+    shared = ["unimatch_cisc", "unimatch"] if pair_close else ["unimatch_cisc"]
+    shared_cpu = sum(cpu[r] for r in shared) / len(shared)
+    if row == "suponly_compute":
+        rows, needed = shared, True
+    elif row == "suponly_compute_unimatch":
+        rows, needed = ["unimatch"], not pair_close
+    else:
+        rows, needed = ["ciscr"], abs(cpu["ciscr"] - shared_cpu) > 0.1 * shared_cpu
+    given = sum(cpu[r] for r in rows) / len(rows)
+    iterations = max(IPE, round(args.iters * given / cpu["suponly"] / IPE) * IPE)
+    return {"rows": rows, "cpu_seconds": given, "suponly_cpu_seconds": cpu["suponly"],
+            "iterations": iterations, "needed": needed}
+
+
+# --------------------------------------------------------------------------- running
+
+
+def machine_record() -> dict[str, object]:
+    """This invocation's CPU, whether it runs bf16 natively, and the precision auto picks."""
+    from ciscr.utils.misc import cpu_has_fast_bf16, resolve_amp
+
+    return {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": camvid_report.machine(), "bf16_native": cpu_has_fast_bf16(),
+            "precision": resolve_amp("auto", "cpu")}
+
+
+def share_stages(args: argparse.Namespace, split: int, row: str, seed: int) -> None:
+    """Copy the stages ``row`` shares with its source run (finished there, absent here)."""
+    if row not in SHARED_WITH:
+        return
+    source, stages = SHARED_WITH[row]
+    src, dst = run_dir(args, split, source, seed), run_dir(args, split, row, seed)
+    for stage in stages:
+        if (src / stage / "done.json").exists() and not (dst / stage).exists():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src / stage, dst / stage)
+            # The machine time of a copied stage belongs to its source run.
+            (dst / stage / camvid.COPIED).write_text(f"{src / stage}\n")
+
+
+def run_one(args: argparse.Namespace, split: int, row: str, seed: int, threads: int) -> None:
+    """Run (or finish) one row unless it is finished (here or archived) or not needed."""
+    if finished_dir(args, split, row, seed) is not None:
+        return
+    rd = run_dir(args, split, row, seed)
+    if row in COMPUTE and row_iterations(args, split, row, seed) is None:
+        plan = compute_plan(args, split, seed, row)
+        if plan is None:
+            raise RuntimeError(f"{rd.name}: the rows whose CPU time it is given are not finished")
+        if not plan["needed"]:
+            print(f"skip: {rd.name} (the rule shares suponly_compute)", flush=True)
+            return
+        rd.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(rd / MATCH, plan)
+    share_stages(args, split, row, seed)
+    rd.mkdir(parents=True, exist_ok=True)
+    with open(rd / MACHINE, "a") as f:
+        f.write(json.dumps(machine_record()) + "\n")
+    cmd = [sys.executable, "-m", "ciscr", "run", "camvid", "--out", str(rd),
+           *row_overrides(args, split, row, seed, row_iterations(args, split, row, seed))]
+    camvid.run_command(rd, cmd, threads)
+
+
+def wait_for(args: argparse.Namespace, split: int, seed: int, rows: list[str],
+             failed: threading.Event) -> None:
+    """Block until ``rows`` of (split, seed) are finished and their CPU time recorded (another
+    chain trains them; wall.json is written after the run's process exits)."""
+    while any(cpu_seconds(args, split, r, seed) is None for r in rows):
+        if failed.is_set():
+            raise RuntimeError(f"waited for {rows}: another chain failed")
+        time.sleep(30)
+
+
+def run_phase(args: argparse.Namespace, split: int, seed: int, chains: list[list[str]],
+              argv: list[str]) -> None:
+    """Rows of one (split, seed), ``args.jobs`` chains at a time; the report after every run."""
+    lock, failed = threading.Lock(), threading.Event()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def run_chain(chain: list[str]) -> None:
+        try:
+            for r in chain:
+                if r in COMPUTE:
+                    wait_for(args, split, seed, ["suponly", *COMPUTE[r]], failed)
+                run_one(args, split, r, seed, threads)
+                with lock:
+                    safe_report(args, argv)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(run_chain, c) for c in chains if c]
+    errors = [str(e) for f in futures if (e := f.exception()) is not None]
+    if errors:
+        raise SystemExit("\n".join(errors))
+
+
+def queue(args: argparse.Namespace) -> list[tuple[int, int, list[list[str]]]]:
+    """(split, seed, chains) in the order they run: the smallest split's seeds first (seed 0's
+    own extras before seed 1: ciscr_fresh decides the CISC-R row), options last."""
+    splits, seeds = [int(x) for x in args.splits.split(",")], [int(x) for x in args.seeds.split(",")]
+    extra_compute = ["suponly_compute_unimatch", "suponly_compute_ciscr"]
+    out = []
+    for split in splits:
+        for seed in seeds:
+            out.append((split, seed, CHAINS))
+            first = split == min(splits) and seed == seeds[0]
+            out.append((split, seed, [["ciscr_fresh", "suponly_0.5n", "suponly_2n"]
+                                      if first and not args.no_options else [], extra_compute]))
+    if not args.no_options:
+        split, seed = min(splits), seeds[0]
+        out.append((split, seed, [["fixmatch", "suponly_8n"], ["stpp", "suponly_4n"]]))
+    return out
+
+
+def safe_report(args: argparse.Namespace, argv: list[str]) -> None:
+    """The report after a run; a report bug must not stop the training queue."""
+    try:
+        report(args, argv)
+    except Exception as err:  # noqa: BLE001
+        print(f"warning: the report failed ({type(err).__name__}: {err}); training goes on",
+              file=sys.stderr, flush=True)
+
+
+def report(args: argparse.Namespace, argv: list[str]) -> Path:
+    splits, seeds = [int(x) for x in args.splits.split(",")], [int(x) for x in args.seeds.split(",")]
+    runs = {}
+    for split in splits:
+        archive.mirror(split_runs(args, split), split_archive(args, split))
+        for row in ROWS:
+            for seed in seeds:
+                rd = finished_dir(args, split, row, seed)
+                if rd is not None:
+                    runs[(split, row, seed)] = camvid_labels_report.collect(rd, split, row, seed)
+    spec = {"labels": {r: v[0] for r, v in ROWS.items()}, "main": MAIN, "compute": COMPUTE,
+            "curve": CURVE, "iters": args.iters}
+    return camvid_labels_report.write(args, runs, splits, seeds, argv, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if not args.report_only:
+        for split, seed, chains in queue(args):
+            run_phase(args, split, seed, chains, argv)
+    print(report(args, argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

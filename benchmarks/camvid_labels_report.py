@@ -1,0 +1,362 @@
+"""The protocol-4 report (``benchmarks/camvid_labels.py``): each finished run's figures read from
+its own artefacts, the targets judged on the paired differences, the markdown, JSON and figures.
+
+Nothing here trains and nothing is typed in: every figure comes from a run directory (live or
+archived under ``docs/results/camvid_labels-runs/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from camvid_report import (
+    TRAIN_STAGES,
+    fmt,
+    in_progress,
+    paired,
+    read,
+    read_yaml,
+    update_readme,
+)
+
+from ciscr.utils.io import atomic_write_bytes, atomic_write_json, read_jsonl
+
+README_MARK = ("<!-- camvid-labels-headline: written by benchmarks/camvid_labels.py -->",
+               "<!-- /camvid-labels-headline -->")
+SSL = ["unimatch", "unimatch_cisc", "ciscr"]
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+def collect(rd: Path, split: int, row: str, seed: int) -> dict[str, Any]:
+    """One finished run's figures: val mIoU (its last checkpoint), per-class IoU, its training
+    iterations (stages copied from another run included), its own measured wall / CPU seconds,
+    the precision and CPU of each invocation, and its logged evaluations over training."""
+    res = read(rd / "results.json")
+    final = res["final_metrics"]
+    own = read(rd / "wall.json") or {}
+    machines = [json.loads(x) for x in (rd / "machine.jsonl").read_text().splitlines()
+                if x.strip()] if (rd / "machine.jsonl").exists() else []
+    iterations, evals = 0, []
+    for st in [s for s in res["stages"] if s in TRAIN_STAGES]:
+        recs = read_jsonl(rd / st / "train.jsonl") if (rd / st / "train.jsonl").exists() else []
+        evals += [(iterations + r["iteration"], r["val_miou"]) for r in recs if "val_miou" in r]
+        iterations += max((r["iteration"] for r in recs), default=0)
+    if not evals or evals[-1][0] != iterations:  # the final evaluation (the last checkpoint)
+        evals.append((iterations, final["miou"]))
+    return {"row": row, "seed": seed, "labeled": int(split), "val_miou": final["miou"],
+            "iou": final["iou"], "class_names": final.get("class_names"),
+            "iterations": iterations, "cpu_seconds": own.get("cpu_seconds"),
+            "wall_seconds": own.get("seconds"),
+            "precision": sorted({"fp32" if m["precision"] == "none" else m["precision"]
+                                 for m in machines}),
+            "cpu_source": own.get("cpu_source", "wait4 of the benchmark's own invocations"),
+            "machines": sorted({f"{m['machine']} (bf16 {'native' if m['bf16_native'] else 'emulated'})"
+                                for m in machines}),
+            "evals": evals, "run_dir": str(rd),
+            "config": {k: read_yaml(rd / "config.yaml").get("train", {}).get(k)
+                       for k in ("epochs", "unlabeled_epochs", "iters_per_epoch", "amp")}}
+
+
+def add_totals(runs: dict) -> None:
+    """CISC-R's CPU and wall time include its stage 1, the split's suponly run (shared);
+    ``cpu_minutes`` is each run's total, the figure every cost comparison uses."""
+    for (split, row, seed), r in runs.items():
+        cpu, wall = r["cpu_seconds"], r["wall_seconds"]
+        if row == "ciscr":
+            sup = runs.get((split, "suponly", seed)) or {}
+            cpu = None if cpu is None or sup.get("cpu_seconds") is None else cpu + sup["cpu_seconds"]
+            wall = None if wall is None or sup.get("wall_seconds") is None else wall + sup["wall_seconds"]
+        r["cpu_minutes"] = None if cpu is None else cpu / 60
+        r["wall_minutes"] = None if wall is None else wall / 60
+
+
+def vals(runs: dict, split: int, row: str, seeds: list[int], key: str = "val_miou") -> list:
+    return [(runs.get((split, row, s)) or {}).get(key) for s in seeds]
+
+
+def mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
+    got = [x for x in xs if x is not None]
+    if not got:
+        return None, None
+    return statistics.fmean(got), (statistics.stdev(got) if len(got) > 1 else None)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def table_split(runs: dict, split: int, rows: list[str], seeds: list[int],
+                labels: dict[str, str]) -> list[str]:
+    out = [f"| {split} labels | val mIoU, mean ± std | per seed | minus SupOnly (paired ± SE) "
+           "| minus SupOnly at its CPU time | iterations | CPU min | wall min | precision |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        xs = vals(runs, split, r, seeds)
+        if all(x is None for x in xs):
+            continue
+        got = [runs[(split, r, s)] for s in seeds if runs.get((split, r, s))]
+        m, sd = mean_std(xs)
+        per = " / ".join(fmt(x) for x in xs)
+        _, d_sup = paired(xs, vals(runs, split, "suponly", seeds))
+        _, d_cmp = paired(xs, vals(runs, split, compute_row_of(runs, split, r, seeds), seeds))
+        cost = {k: mean_std([g[k] for g in got])[0] for k in ("iterations", "cpu_minutes",
+                                                               "wall_minutes")}
+        prec = ", ".join(sorted({p for g in got for p in g["precision"]})) or "n/a"
+        out.append(f"| {labels[r]} | {fmt(m, sd)} | {per} | {d_sup if r != 'suponly' else ''} "
+                   f"| {d_cmp if r in SSL else ''} | {_num(cost['iterations'])} "
+                   f"| {_num(cost['cpu_minutes'], 1)} | {_num(cost['wall_minutes'], 1)} | {prec} |")
+    return out
+
+
+def _num(x: float | None, digits: int = 0) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def compute_row_of(runs: dict, split: int, row: str, seeds: list[int]) -> str:
+    """The SupOnly run given ``row``'s CPU time (its compute_match.json says which rows)."""
+    for name in ("suponly_compute", f"suponly_compute_{row}"):
+        for s in seeds:
+            rec = runs.get((split, name, s))
+            if rec and row in (read(Path(rec["run_dir"]) / "compute_match.json") or {}).get("rows", []):
+                return name
+    return f"suponly_compute_{row}"
+
+
+def table_per_class(runs: dict, split: int, rows: list[str], seeds: list[int],
+                    labels: dict[str, str]) -> list[str]:
+    names = next((r["class_names"] for r in runs.values() if r.get("class_names")), None)
+    if not names:
+        return ["(no finished run)"]
+    out = ["| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in rows:
+        got = [runs[(split, r, s)] for s in seeds if runs.get((split, r, s))]
+        if got:
+            cells = [fmt(statistics.fmean([g["iou"][k] or 0.0 for g in got]))
+                     for k in range(len(names))]
+            out.append(f"| {labels[r]} (n={len(got)}) | " + " | ".join(cells) + " |")
+    return out
+
+
+def table_plans(runs: dict, splits: list[int], seeds: list[int], compute: dict) -> list[str]:
+    out = ["| split | seed | SupOnly run | given the CPU time of | CPU min given | SupOnly's "
+           "CPU min at N | its iterations |", "|---|---|---|---|---|---|---|"]
+    for split in splits:
+        for s in seeds:
+            for name in compute:
+                rec = runs.get((split, name, s))
+                plan = read(Path(rec["run_dir"]) / "compute_match.json") if rec else None
+                if plan:
+                    out.append(f"| {split} | {s} | {name} | {', '.join(plan['rows'])} "
+                               f"| {plan['cpu_seconds'] / 60:.1f} "
+                               f"| {plan['suponly_cpu_seconds'] / 60:.1f} | {plan['iterations']} |")
+    return out
+
+
+def curve_points(runs: dict, split: int, seed: int, curve: dict, iters: int) -> list[tuple]:
+    """SupOnly's learning curve: (iterations, val mIoU of the LAST checkpoint, CPU minutes)
+    of every SupOnly run of (split, seed), each its own schedule."""
+    names = ["suponly", *curve, "suponly_compute", "suponly_compute_unimatch",
+             "suponly_compute_ciscr"]
+    pts = {(r["iterations"], r["val_miou"], r["cpu_minutes"])
+           for n in names if (r := runs.get((split, n, seed)))}
+    return sorted(pts)
+
+
+def table_curve(points: list[tuple]) -> list[str]:
+    out = ["| iterations | val mIoU (last checkpoint) | CPU min | gain over the previous |",
+           "|---|---|---|---|"]
+    prev = None
+    for it, m, cpu in points:
+        gain = "" if prev is None else f"{100 * (m - prev[1]):+.2f} (x{it / prev[0]:.1f} steps)"
+        out.append(f"| {it} | {fmt(m)} | {_num(cpu, 1)} | {gain} |")
+        prev = (it, m)
+    return out
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def best_of(runs: dict, split: int, a: str, b: str, seeds: list[int]) -> list[float | None]:
+    return [None if x is None or y is None else max(x, y)
+            for x, y in zip(vals(runs, split, a, seeds), vals(runs, split, b, seeds), strict=True)]
+
+
+def best_compute_pair(runs: dict, split: int, seeds: list[int]) -> tuple[list, list]:
+    """Per seed: the best semi-supervised row's mIoU and SupOnly's at that row's CPU time."""
+    xs, refs = [], []
+    for s in seeds:
+        cands = [(runs[(split, r, s)]["val_miou"], r) for r in SSL if runs.get((split, r, s))]
+        best = max(cands) if len(cands) == len(SSL) else None
+        ref = runs.get((split, compute_row_of(runs, split, best[1], [s]), s)) if best else None
+        xs.append(best[0] if best and ref else None)
+        refs.append(ref["val_miou"] if best and ref else None)
+    return xs, refs
+
+
+def targets(runs: dict, splits: list[int], seeds: list[int], judged: bool) -> list[dict]:
+    small, large = min(splits), max(splits)
+    sup = {k: vals(runs, k, "suponly", seeds) for k in splits}
+    checks = [(f"{small} labels, equal steps: the better of UniMatch / UniMatch + CISC >= "
+               "SupOnly + 6", best_of(runs, small, "unimatch", "unimatch_cisc", seeds), sup[small], 6.0),
+              (f"{small} labels, equal CPU time: the best semi-supervised row >= SupOnly given "
+               "that row's CPU time + 0", *best_compute_pair(runs, small, seeds), 0.0),
+              (f"{small} labels, equal steps: CISC-R >= SupOnly + 4",
+               vals(runs, small, "ciscr", seeds), sup[small], 4.0)]
+    if large != small:
+        checks.append((f"{large} labels, equal steps: the better of UniMatch / UniMatch + CISC "
+                       ">= SupOnly + 3", best_of(runs, large, "unimatch", "unimatch_cisc", seeds),
+                       sup[large], 3.0))
+    checks += [(f"{k} labels: UniMatch + CISC >= UniMatch", vals(runs, k, "unimatch_cisc", seeds),
+                vals(runs, k, "unimatch", seeds), 0.0) for k in sorted(splits)]
+    out = []
+    for text, xs, ref, need in checks:
+        d, txt = paired(xs, ref)
+        n = sum(x is not None and r is not None for x, r in zip(xs, ref, strict=True))
+        if d is None:
+            verdict = "not measured yet"
+        elif not judged:
+            verdict = f"not judged (not the protocol): {txt}"
+        else:
+            verdict = f"{'MET' if d >= need else 'MISSED'} ({txt}" + (
+                ")" if n >= 3 else f"; {n} of 3 seeds, not final)")
+        out.append({"target": text, "difference": d, "seeds": n, "verdict": verdict})
+    return out
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, str],
+            curve: dict, stem: Path) -> list[str]:
+    """Two PNGs: val mIoU against labeled images (one line per main row) and, at the smallest
+    split, val mIoU against CPU minutes (each run's logged evaluations, SupOnly's curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in ["suponly", *SSL, "suponly_compute"]:
+        pts = [(k, *mean_std(vals(runs, k, r, seeds))) for k in sorted(splits)]
+        pts = [(k, m, sd or 0.0) for k, m, sd in pts if m is not None]
+        if pts:
+            ax[0].errorbar([p[0] for p in pts], [100 * p[1] for p in pts],
+                           yerr=[100 * p[2] for p in pts], marker="o", capsize=3, label=labels[r])
+    ax[0].set(xlabel="labeled images", ylabel="val mIoU (%), mean ± std over seeds",
+              title="CamVid: the label curve")
+    small = min(splits)
+    for r in [*SSL, "ciscr_fresh", "fixmatch", "stpp"]:
+        for s in seeds:
+            rec = runs.get((small, r, s))
+            if rec and rec["evals"] and rec["cpu_minutes"]:
+                per_it = rec["cpu_minutes"] / rec["iterations"]
+                ax[1].plot([it * per_it for it, _ in rec["evals"]],
+                           [100 * m for _, m in rec["evals"]], marker=".", alpha=0.8,
+                           label=f"{labels[r]} s{s}")
+    for s in seeds:
+        pts = curve_points(runs, small, s, curve, 0)
+        if pts:
+            ax[1].plot([p[2] for p in pts], [100 * p[1] for p in pts], "k--o",
+                       label=f"SupOnly, last checkpoint of runs of each length, s{s}")
+    ax[1].set(xlabel="CPU minutes (1 thread)", ylabel="val mIoU (%)",
+              title=f"{small} labels: mIoU against CPU time")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    png = stem.with_suffix(".png")
+    fig.savefig(png.with_suffix(".tmp.png"), dpi=110)
+    plt.close(fig)
+    png.with_suffix(".tmp.png").replace(png)
+    return [f"![label curve and CPU time]({png.name})",
+            "", "Right panel: a run's evaluations are placed at CPU minutes = its measured CPU "
+            "time x the share of its iterations done (pseudo-labelling and evaluations spread "
+            "evenly: an approximation); the dashed line is SupOnly's curve from the last "
+            "checkpoints of whole runs, each with its own learning-rate schedule."]
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def machines(runs: dict) -> list[str]:
+    return sorted({m for r in runs.values() for m in r["machines"]}) or ["(not recorded)"]
+
+
+def headline(runs: dict, splits: list[int], seeds: list[int], cmd: str,
+             labels: dict[str, str]) -> str:
+    """One line for README "Results": at the smallest split, each semi-supervised row's paired
+    difference with SupOnly at equal steps and with SupOnly at that row's CPU time."""
+    small = min(splits)
+    sup = vals(runs, small, "suponly", seeds)
+    n = sum(x is not None for x in sup)
+    parts = []
+    for r in SSL:
+        d, _ = paired(vals(runs, small, r, seeds), sup)
+        dc, _ = paired(vals(runs, small, r, seeds),
+                       vals(runs, small, compute_row_of(runs, small, r, seeds), seeds))
+        if d is not None:
+            parts.append(f"{labels.get(r, r)} {d:+.2f} at equal steps"
+                         + (f", {dc:+.2f} at equal CPU time" if dc is not None else ""))
+    if not parts:
+        return f"CamVid label curve: no semi-supervised row finished yet (`{cmd}`)."
+    return (f"CamVid label curve, {small} labeled images, {n} of 3 seeds, mIoU points over "
+            f"SupOnly: {'; '.join(parts)} (`{cmd}`; docs/results/camvid_labels.md).")
+
+
+def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[int],
+          argv: list[str], spec: dict[str, Any]) -> Path:
+    """docs/results/<name>.md, .json and .png. ``spec``: labels, main, compute, curve, iters."""
+    add_totals(runs)
+    labels, out = spec["labels"], Path(args.out)
+    cmd = ("python benchmarks/camvid_labels.py " + shlex.join(
+        a for a in argv if a != "--report-only")).strip()
+    judged = not args.overrides and spec["iters"] == 480
+    stem = out / args.name
+    tgt = targets(runs, splits, seeds, judged)
+    order = [*spec["main"], *[c for c in spec["compute"] if c != "suponly_compute"]]
+    md = [f"# CamVid protocol 4: the label curve{'' if judged else ' (NOT the protocol)'}", "",
+          f"Command: `{cmd}` (resumable; `--report-only` rewrites this page). Generated "
+          f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}; nothing typed by hand.",
+          "", "Every row from ImageNet on the same labeled split of its seed, val mIoU of the "
+          f"LAST checkpoint (101 val images). N = {spec['iters']} iterations per training stage "
+          "(the rule: benchmarks/camvid_labels.py's header). Costs are each run's own measured "
+          "CPU and wall time on 2 cores, two runs at a time, one thread each; CISC-R's include "
+          "its stage 1 (the SupOnly run).", "", "Machines (CPU, bf16 support, as recorded by "
+          "each invocation):", *[f"- {m}" for m in machines(runs)], "",
+          *[f"- CPU time of `l{k[0]}/{k[1]}_s{k[2]}`: {r['cpu_source']}" for k, r in
+            sorted(runs.items()) if not r["cpu_source"].startswith("wait4")], "",
+          "## Targets", "",
+          *[f"- {t['target']}: {t['verdict']}" for t in tgt], ""]
+    for split in splits:
+        md += [f"## {split} labeled images", "", *table_split(runs, split, order, seeds, labels),
+               "", "Per-class IoU (mean over the seeds finished):", "",
+               *table_per_class(runs, split, order, seeds, labels), ""]
+    small = min(splits)
+    md += ["## Options (seed 0, the smallest split)", "",
+           *table_split(runs, small, ["suponly", "ciscr", "ciscr_fresh", "fixmatch", "stpp"],
+                        seeds[:1], labels), "",
+           "## SupOnly's learning curve (smallest split, seed 0)", "",
+           *table_curve(curve_points(runs, small, seeds[0], spec["curve"], spec["iters"])), "",
+           "## SupOnly given a row's CPU time (the rule's plans)", "",
+           *table_plans(runs, splits, seeds, spec["compute"]), "",
+           "## Figure", "", *figures(runs, splits, seeds, labels, spec["curve"], stem), "",
+           "## In progress", ""]
+    for split in splits:
+        md += in_progress(Path(args.runs) / f"l{split}") or []
+    md.append("")
+    atomic_write_bytes(stem.with_suffix(".md"), "\n".join(md).encode())
+    atomic_write_json(stem.with_suffix(".json"), {
+        "command": cmd, "judged": judged, "iterations_n": spec["iters"],
+        "machines": machines(runs), "targets": tgt,
+        "runs": [{k: v for k, v in r.items() if k != "class_names"} for r in runs.values()]})
+    if judged:
+        update_readme(Path(args.out).parents[1] / "README.md", headline(runs, splits, seeds, cmd, labels),
+                      README_MARK)
+    return stem.with_suffix(".md")

@@ -1,0 +1,107 @@
+"""benchmarks/camvid_labels.py (protocol 4, the label curve): the CPU-time rule, the targets by
+hand, and the whole queue end to end on tiny data (its own runs and output folders)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import camvid_labels as cl  # noqa: E402
+import camvid_labels_report as rep  # noqa: E402
+
+from ciscr.methods import RECIPES  # noqa: E402
+
+
+def _tiny_camvid(root: Path, n_train: int = 10, n_val: int = 2) -> Path:
+    """A folder-format dataset of 3 classes, 48 x 64 images whose masks follow the colours."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            mask = np.zeros((48, 64), np.uint8)
+            mask[:, 20:] = 1
+            mask[30:, 40:] = 2
+            img = (mask[..., None] * 80 + rng.integers(0, 40, (48, 64, 3))).astype(np.uint8)
+            for sub, arr, ext in (("images", img, "jpg"), ("masks", mask, "png")):
+                (root / sub / split).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(root / sub / split / f"{split}{i}.{ext}")
+    (root / "classes.txt").write_text("sky\nroad\ncar\n")
+    return root
+
+
+def test_every_row_is_a_method_and_the_compute_rows_wait_for_what_they_are_given():
+    for label, preset, _ in cl.ROWS.values():
+        assert preset in RECIPES and label
+    assert sorted(r for c in cl.CHAINS for r in c) == sorted(cl.MAIN)
+    for chain in cl.CHAINS:  # a row sharing a source's stages runs after it in its chain
+        for row in chain:
+            src = cl.SHARED_WITH.get(row, (None,))[0]
+            assert src not in chain or chain.index(src) < chain.index(row)
+
+
+def _args(tmp_path: Path, *extra: str):
+    return cl.parse_args(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *extra])
+
+
+def test_the_cpu_time_rule_by_hand(tmp_path, monkeypatch):
+    a = _args(tmp_path)
+    cpu = {"suponly": 1000.0, "unimatch": 3000.0, "unimatch_cisc": 3200.0, "ciscr": 1500.0}
+    monkeypatch.setattr(cl, "cpu_seconds", lambda args, split, row, seed: cpu.get(row))
+    plan = cl.compute_plan(a, 12, 0, "suponly_compute")
+    # within 10 %: one run given the mean, 480 x 3100 / 1000 = 1488 -> whole passes of 12: 1488
+    assert plan["rows"] == ["unimatch_cisc", "unimatch"] and plan["iterations"] == 1488
+    assert not cl.compute_plan(a, 12, 0, "suponly_compute_unimatch")["needed"]
+    ciscr = cl.compute_plan(a, 12, 0, "suponly_compute_ciscr")
+    assert ciscr["needed"] and ciscr["iterations"] == 720  # 480 x 1.5
+    cpu["unimatch"] = 2000.0  # not within 10 % of UniMatch + CISC: each gets its own
+    assert cl.compute_plan(a, 12, 0, "suponly_compute")["rows"] == ["unimatch_cisc"]
+    own = cl.compute_plan(a, 12, 0, "suponly_compute_unimatch")
+    assert own["needed"] and own["iterations"] == 960
+    cpu["ciscr"] = None
+    assert cl.compute_plan(a, 12, 0, "suponly_compute_ciscr") is None  # not finished yet
+
+
+def test_targets_by_hand():
+    def rec(m):
+        return {"val_miou": m, "run_dir": "/nowhere"}
+
+    runs = {(12, r, 0): rec(m) for r, m in [("suponly", 0.40), ("unimatch", 0.45),
+                                            ("unimatch_cisc", 0.47), ("ciscr", 0.43)]}
+    runs[(46, "suponly", 0)], runs[(46, "unimatch", 0)] = rec(0.50), rec(0.52)
+    runs[(46, "unimatch_cisc", 0)] = rec(0.51)
+    tgt = rep.targets(runs, [12, 46], [0], judged=True)
+    assert tgt[0]["verdict"] == "MET (+7.00 (n=1); 1 of 3 seeds, not final)"
+    assert tgt[1]["verdict"] == "not measured yet"  # no SupOnly at the CPU time yet
+    assert tgt[2]["verdict"].startswith("MISSED (+3.00")  # CISC-R +3 < +4
+    assert tgt[3]["verdict"].startswith("MISSED (+2.00")  # 46 labels: +2 < +3
+    assert [t["verdict"][:4] for t in tgt[4:]] == ["MET ", "MISS"]  # UniMatch + CISC, 12 / 46
+
+
+def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
+    data = _tiny_camvid(tmp_path / "data")
+    tiny = ["train.crop_size=32", "train.batch_size=2", "train.unlabeled_batch_size=2",
+            "model.channels=16", "train.ckpt_every=6"]
+    argv = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--data", str(data),
+            "--weights", "", "--splits", "2", "--seeds", "0", "--iters", "24", "--no-options",
+            *[x for t in tiny for x in ("--set", t)]]
+    assert cl.main(argv) == 0
+    md = (tmp_path / "out" / "camvid_labels.md").read_text()
+    assert "(NOT the protocol)" in md and "not judged (not the protocol)" in md
+    rec = json.loads((tmp_path / "out" / "camvid_labels.json").read_text())
+    runs = {(r["labeled"], r["row"]): r for r in rec["runs"]}
+    for split in (2,):
+        for row in ("suponly", "unimatch", "unimatch_cisc", "ciscr", "suponly_compute"):
+            r = runs[(split, row)]
+            assert r["seed"] == 0 and 0.0 <= r["val_miou"] <= 1.0 and r["cpu_minutes"] > 0
+        assert runs[(split, "ciscr")]["iterations"] == 3 * 24  # stage 1 shared + 2 stages
+    plan = json.loads((tmp_path / "runs" / "l2" / "suponly_compute_s0" / cl.MATCH).read_text())
+    assert runs[(2, "suponly_compute")]["iterations"] == plan["iterations"] > 24
+    assert (tmp_path / "out" / "camvid_labels.png").stat().st_size > 0
+    assert (tmp_path / "out" / "camvid_labels-runs" / "l2" / "suponly_s0" / "results.json").exists()
+    # Rerun: everything is finished (live or archived), nothing trains again.
+    before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
+    assert cl.main(argv) == 0
+    assert before == {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
