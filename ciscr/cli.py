@@ -123,11 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="JSON file (default: next to the checkpoint, "
                    "<stem>_eval_<mode>[-<hash of other eval settings>][_<other data root>].json)")
     p = sub.add_parser("demo", help="SupOnly vs CISC-R (and more) on the built-in synthetic data")
-    p.add_argument("--out", type=Path, default=Path("ciscr-demo"), help="run directory")
+    p.add_argument("--out", type=Path, default=Path("ciscr-demo"),
+                   help="run directory, one sub-folder per method (default: ciscr-demo in the "
+                        "current folder; rerun the same command to resume)")
     p.add_argument("--methods", default="suponly,ciscr_bank",
                    help="comma list of rows, e.g. suponly,ciscr_bank,unimatch (default: "
                         "suponly,ciscr_bank)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="changes to the demo's config (the packaged 'synthetic' one) for every "
+                        "row, e.g. train.epochs=20 threads=1")
     p = sub.add_parser("info", help="versions, device, threads, bf16/CUDA/DDP availability")
     for extra in _EXTRA_PARSERS:
         extra(sub)

@@ -48,13 +48,15 @@ def demo_table(rows: list[tuple[str, dict[str, Any], float, bool]],
     ``rows``: (label, results.json of the run, wall seconds, reused from an earlier demo).
     """
     base = rows[0][1]["final_metrics"]["miou"]
-    short = [n[:9] for n in class_names]
-    head = f"{'method':<36}{'val mIoU':>9}{'gain':>8}" + "".join(f"{n:>10}" for n in short)
+    # Each class column is as wide as its whole name (never cut: "background", not "backgroun").
+    widths = [max(10, len(n) + 1) for n in class_names]
+    head = f"{'method':<36}{'val mIoU':>9}{'gain':>8}" + "".join(
+        f"{n:>{w}}" for n, w in zip(class_names, widths, strict=True))
     lines = [head + f"{'wall s':>9}", "-" * (len(head) + 9)]
     for label, res, seconds, reused in rows:
         m = res["final_metrics"]
         gain = "" if res is rows[0][1] else f"{100 * (m['miou'] - base):+.2f}"
-        ious = "".join(f"{_pct(x):>10}" for x in m["iou"])
+        ious = "".join(f"{_pct(x):>{w}}" for x, w in zip(m["iou"], widths, strict=True))
         wall = f"{seconds:.0f}" + (" (reused)" if reused else "")
         lines.append(f"{label:<36}{_pct(m['miou']):>9}{gain:>8}{ious} {wall:>8}")
     learned = [any((r[1]["final_metrics"]["iou"][k] or 0) >= LEARNED for r in rows)

@@ -73,7 +73,6 @@ def test_missing_corrupt_truncated_and_foreign_files(tmp_path: Path) -> None:
         "half.pt": data[:mid],
         "minus10.pt": data[:-10],
         "empty.pt": b"",
-        "random.pt": np.random.default_rng(0).bytes(5000),
         "flipped.pt": data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1 :],
     }
     for name, payload in cases.items():
@@ -81,6 +80,13 @@ def test_missing_corrupt_truncated_and_foreign_files(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match="checkpoint is corrupt or truncated") as e:
             load_checkpoint(tmp_path / name)
         assert str(e.value).startswith(str(tmp_path / name)) and "\n" not in str(e.value)
+    # Issue 33: a file that never was a checkpoint is not called corrupt (nor to be deleted).
+    (tmp_path / "notes.pt").write_text("some text renamed .pt\n")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    for name in ("notes.pt", "random.pt"):
+        with pytest.raises(CheckpointError, match="not a ciscr checkpoint") as e:
+            load_checkpoint(tmp_path / name)
+        assert "corrupt or truncated" not in str(e.value)
     torch.save({"model": {}}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a ciscr checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")

@@ -73,6 +73,10 @@ def test_demo_table_shows_gains_per_class_ious_and_learned_classes():
     assert table[3].split()[1:3] == ["45.00", "+15.00"]
     assert table[4].split()[-2:] == ["40", "(reused)"]
     assert "3 of 3" in table[5]  # square is learned by UniMatch only (10 % >= 5 %)
+    assert table[0].split()[-5:] == ["background", "disc", "square", "wall", "s"]  # never cut
+    long = demo_table(rows[:1], ["background", "a_very_long_class_name", "x"]).splitlines()
+    assert "a_very_long_class_name" in long[0] and long[2].split()[-4:] == ["90.00", "0.00",
+                                                                             "0.00", "12"]
 
 
 def test_demo_budget_is_pinned():

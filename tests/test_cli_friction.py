@@ -178,3 +178,12 @@ def test_precision_follows_the_machine_and_explicit_emulated_bf16_warns(tmp_path
     assert "native" in runner._bf16_cpu() and "picks bf16" in runner._bf16_cpu()
     monkeypatch.setattr(misc, "_this_cpu_fast_bf16", lambda: False)
     assert "emulated" in runner._bf16_cpu() and "picks fp32" in runner._bf16_cpu()
+
+
+def test_demo_help_gives_the_out_default_and_what_key_value_does():
+    import os
+
+    out = subprocess.run([sys.executable, "-m", "ciscr", "demo", "--help"], capture_output=True,
+                         text=True, check=True, env={**os.environ, "COLUMNS": "300"}).stdout
+    flat = " ".join(out.split())
+    assert "default: ciscr-demo" in flat and "changes to the demo's config" in flat

@@ -105,6 +105,15 @@ def _check_archive(path: Path) -> None:
             pass
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read checkpoint ({err.strerror or err})") from None
+    # A truncated checkpoint still starts with the zip signature; a file that does not was
+    # never one (a text file renamed .pt, another program's output): say that, not "corrupt".
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise _corrupt(path, "empty file")
+    if head != b"PK\x03\x04":
+        raise CheckpointError(f"{path}: not a ciscr checkpoint (not a file written by "
+                              "torch.save; evaluate the checkpoint.pt of a run's stage)")
     try:
         if not zipfile.is_zipfile(path):
             raise _corrupt(path, "not a zip archive")
