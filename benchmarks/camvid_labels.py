@@ -25,9 +25,11 @@ and SupOnly's learning curve (N/2, 2N, 4N, 8N iterations) for the figure.
 main rows fits 150 minutes of wall time on the 2-core machine, two jobs at a time, at the step
 costs measured before the queue started (one thread per job: SupOnly ~2.1 s, UniMatch ~6.4 s,
 UniMatch + CISC ~8.5 s per fp32 step; the issue's pilot and this protocol's first minutes). Its
-CPU time is then ~N x (2.1 + 6.4 + 8.5 + 2 x 2.1 x 1.6 (CISC-R's stages) + 2.1 x 3.5
-(``suponly_compute``)) s, over two chains ~N x 17 s of wall: N = 480 (~140 min), while 960
-would take twice the budget. 480 iterations = 40 passes over 12 batches (``iters_per_epoch``
+CPU time is then ~N x (2.1 + 6.4 + 8.5 + 2 x c (CISC-R's two stages, c not yet measured
+then: its first logged steps, on a machine shared with a test run, took 4.5-5 s, so c <= 5) +
+2.1 x 3.5 (``suponly_compute``)) s <= N x 34 s, over two chains <= N x 17 s of wall plus
+evaluations: N = 480 (<= ~140 min), while 960 would take twice the budget. The report's cost
+table gives the measured figures; a split whose (split, seed) exceeds 150 min says so there. 480 iterations = 40 passes over 12 batches (``iters_per_epoch``
 12 in every stage: the 12-label split's one batch of 8 repeated, as every split alike).
 
 **suponly_compute** (the CPU-time rule): SupOnly trains N x CPU(row) / CPU(suponly) iterations,
