@@ -207,7 +207,12 @@ def share_stages(args: argparse.Namespace, row: str, seed: int) -> None:
     if row not in SHARED_WITH:
         return
     source, stages = SHARED_WITH[row]
-    src, dst = run_dir(args, source, seed), run_dir(args, row, seed)
+    copy_stages(run_dir(args, source, seed), run_dir(args, row, seed), stages)
+
+
+def copy_stages(src: Path, dst: Path, stages: tuple[str, ...]) -> None:
+    """Copy each of ``stages`` finished in run ``src`` and absent from run ``dst``, marked as
+    copied (COPIED names the source)."""
     for stage in stages:
         if (src / stage / "done.json").exists() and not (dst / stage).exists():
             dst.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -245,13 +244,7 @@ def share_stages(args: argparse.Namespace, split: int, row: str, seed: int) -> N
     if row not in SHARED_WITH:
         return
     source, stages = SHARED_WITH[row]
-    src, dst = run_dir(args, split, source, seed), run_dir(args, split, row, seed)
-    for stage in stages:
-        if (src / stage / "done.json").exists() and not (dst / stage).exists():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(src / stage, dst / stage)
-            # The machine time of a copied stage belongs to its source run.
-            (dst / stage / camvid.COPIED).write_text(f"{src / stage}\n")
+    camvid.copy_stages(run_dir(args, split, source, seed), run_dir(args, split, row, seed), stages)
 
 
 def run_one(args: argparse.Namespace, split: int, row: str, seed: int, threads: int) -> None:

@@ -19,6 +19,7 @@ from camvid_report import (
     TRAIN_STAGES,
     fmt,
     in_progress,
+    judge,
     paired,
     read,
     read_yaml,
@@ -217,15 +218,7 @@ def targets(runs: dict, splits: list[int], seeds: list[int], judged: bool) -> li
                 vals(runs, k, "unimatch", seeds), 0.0) for k in sorted(splits)]
     out = []
     for text, xs, ref, need in checks:
-        d, txt = paired(xs, ref)
-        n = sum(x is not None and r is not None for x, r in zip(xs, ref, strict=True))
-        if d is None:
-            verdict = "not measured yet"
-        elif not judged:
-            verdict = f"not judged (not the protocol): {txt}"
-        else:
-            verdict = f"{'MET' if d >= need else 'MISSED'} ({txt}" + (
-                ")" if n >= 3 else f"; {n} of 3 seeds, not final)")
+        d, n, verdict = judge(xs, ref, need, judged, "not the protocol")
         out.append({"target": text, "difference": d, "seeds": n, "verdict": verdict})
     return out
 

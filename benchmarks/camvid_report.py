@@ -266,19 +266,22 @@ def targets(runs: dict, seeds: list[int], judged: bool,
                values(runs, "unimatch", seeds), 0.0)]
     checks += [(f"{(labels or {}).get(r, r)} >= control", values(runs, r, seeds), ctl, 0.0)
                for r in ("stpp", "ciscr", "ciscr_bank", "unimatch", "unimatch_cisc")]
-    out = []
-    for text, xs, ref, need in checks:
-        d, txt = paired(xs, ref)
-        n = sum(x is not None and r is not None for x, r in zip(xs, ref, strict=True))
-        if d is None:
-            verdict = "not measured yet"
-        elif not judged:
-            verdict = f"not judged (overrides): {txt}"
-        else:
-            verdict = f"{'MET' if d >= need else 'MISSED'} ({txt}" + (
-                ")" if n >= 3 else f"; {n} of 3 seeds, not final)")
-        out.append(f"- {text}: {verdict}")
-    return out
+    return [f"- {text}: {judge(xs, ref, need, judged, 'overrides')[2]}"
+            for text, xs, ref, need in checks]
+
+
+def judge(xs: list[float | None], ref: list[float | None], need: float, judged: bool,
+          why_not: str) -> tuple[float | None, int, str]:
+    """(paired mean difference in points, seeds paired, verdict) of the target "xs >= ref +
+    need": MET / MISSED over the paired seeds (final at 3), or why it is not judged."""
+    d, txt = paired(xs, ref)
+    n = sum(x is not None and r is not None for x, r in zip(xs, ref, strict=True))
+    if d is None:
+        return d, n, "not measured yet"
+    if not judged:
+        return d, n, f"not judged ({why_not}): {txt}"
+    return d, n, f"{'MET' if d >= need else 'MISSED'} ({txt}" + (
+        ")" if n >= 3 else f"; {n} of 3 seeds, not final)")
 
 
 def run_pairs(runs: dict, row: str, ref: str, seeds: list[int]) -> list[tuple[dict, dict]]:
