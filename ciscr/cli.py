@@ -1,4 +1,5 @@
-"""The ``ciscr`` command: train | run | eval | predict | demo | bench | report | visualize | info.
+"""The ``ciscr`` command: train | run | eval | predict | demo | compare | bench | report | visualize
+| info (and export, profile).
 
 User errors (:class:`ciscr.errors.CiscrError`) print one ``error: ...`` line and exit with 2;
 anything else is a bug and keeps its traceback.
@@ -38,6 +39,9 @@ _MORE_EXAMPLES = {
   ciscr demo
   ciscr demo --out my-demo --methods suponly,ciscr_bank,unimatch
   ciscr demo --out quick-demo train.epochs=20 threads=1""",
+    "compare": """examples:
+  ciscr compare runs/suponly runs/unimatch
+  ciscr compare runs/suponly runs/unimatch runs/ciscr --out comparison""",
     "report": """examples:
   ciscr report runs/synth
   ciscr report runs/synth --max-gallery 0""",
@@ -219,9 +223,24 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        _close_progress_bars()
+        # A training stage says what a rerun will do (resume from which iteration, or restart).
+        print(f"interrupted: {err}" if str(err) else
+              "interrupted: rerun the same command to resume (finished stages are kept)",
+              file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars a Ctrl-C left open (pseudo-labelling, data check) now, so that
+    none prints its last line after the 'interrupted' message at interpreter exit."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a core dependency
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 # Commands that run a model without a config of their own (train/run/eval/demo apply the
@@ -257,7 +276,8 @@ def _register_optional_commands() -> None:
     """Import modules that add commands (each calls ``register_cli`` at import)."""
     import importlib
 
-    for mod in ("ciscr.predict", "ciscr.export", "ciscr.report", "ciscr.timing.bench",
+    for mod in ("ciscr.predict", "ciscr.export", "ciscr.report", "ciscr.compare",
+                "ciscr.timing.bench",
                 "ciscr.timing.profiling", "ciscr.visualize"):
         try:
             m = importlib.import_module(mod)

@@ -31,3 +31,7 @@ class TrainingError(CiscrError):
 
 class DependencyError(CiscrError):
     """An optional dependency (a pip extra such as ``ciscr[onnx]``) is not installed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, carrying what rerunning the same command will do (one line)."""

@@ -106,7 +106,7 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
     lab_ids, unl_ids = [s.id for s in ctx.labeled], [s.id for s in ctx.unlabeled]
     if is_done(out):
         return read_selection(out, labeled_ids=lab_ids, unlabeled_ids=unl_ids)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     m0 = load_stage_model(ctx, ctx.run_dir / "stage1")
     kw = _eval_kwargs(ctx)
     protos, present = compute_labeled_prototypes(m0, ctx.labeled, **kw)
@@ -131,7 +131,8 @@ def selection_stage(ctx: RunContext, pseudo0: Path) -> Selection:
                         query_scores=distance_table(lab_ids, d_lab))
         _write_half_quality(ctx, out, pseudo0, reliable, unreliable)
     mark_done(out, {"reliable": len(reliable), "unreliable": len(unreliable),
-                    "wall_seconds": round(time.perf_counter() - t0, 2)})
+                    "wall_seconds": round(time.perf_counter() - t0, 2),
+                    "cpu_seconds": round(time.process_time() - c0, 2)})
     log.info("selection: %d reliable / %d unreliable unlabeled images (%s); query lists: %s",
              len(reliable), len(unreliable), ctx.cfg.method.selection,
              ", ".join(f"{ctx.info.class_names[k]} {len(v)}" for k, v in sorted(queries.items())))

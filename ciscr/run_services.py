@@ -14,6 +14,7 @@ a new method family (or a method in a test file) builds on these and nothing els
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import time
@@ -33,7 +34,7 @@ from ciscr.engine.evaluate import ConfusionMatrix, eval_chunk_indices, evaluate
 from ciscr.engine.train import Stream, iters_per_epoch
 from ciscr.models import build_model, inference_layout
 from ciscr.pseudo import pseudo_label
-from ciscr.utils.io import atomic_write_json, read_json
+from ciscr.utils.io import atomic_write_json, read_json, read_jsonl
 from ciscr.utils.misc import seed_everything
 from ciscr.warmstart import (
     INIT_STAGE,
@@ -194,19 +195,41 @@ def epoch_eval_hook(ctx: RunContext):
 
 def finish_stage(ctx: RunContext, out: Path, model: nn.Module, t0: float) -> dict[str, Any]:
     """Evaluate a trained stage's model, write ``metrics.json`` and mark the stage done."""
-    t_eval = time.perf_counter()
+    t_eval, c_eval = time.perf_counter(), time.process_time()
     metrics = evaluate_model(ctx, model)
     t_end = time.perf_counter()
     if dist.is_main():
         atomic_write_json(out / "metrics.json", metrics)
-    # Wall time of the invocation that finished the stage (a resumed stage counts only its
-    # last part), training and evaluation included.
+    trained = trained_record(out)
+    # wall_seconds: the invocation that finished the stage (a resumed stage counts only its
+    # last part), training and evaluation included. cpu_seconds: this process's CPU time for
+    # the whole stage, summed over the invocations that trained it (train.jsonl's last record,
+    # kept in the checkpoint across resumes), plus the final evaluation.
     summary = {"val_miou": metrics["miou"], "checkpoint": str(out / "checkpoint.pt"),
+               "iterations": trained.get("iteration", 0),
                "wall_seconds": round(t_end - t0, 1),
+               "cpu_seconds": round(trained.get("train_cpu_seconds", 0.0)
+                                    + time.process_time() - c_eval, 1),
+               # the whole stage's wall time, summed over invocations like cpu_seconds
+               "stage_wall_seconds": round(trained.get("train_wall_seconds", 0.0)
+                                           + t_end - t_eval, 1),
                "eval_seconds": round(t_end - t_eval, 2)}  # the final evaluation alone
     mark_done(out, summary)
     log.info("%s: val mIoU %.2f", out.name, 100 * metrics["miou"])
     return summary
+
+
+def trained_record(stage_dir: Path) -> dict[str, Any]:
+    """The last iteration a stage's ``train.jsonl`` logged and its training CPU/wall seconds
+    ({} for a stage that trained nothing, e.g. stage 1 taken from ``model.init``)."""
+    path = stage_dir / "train.jsonl"
+    out: dict[str, Any] = {}
+    for rec in read_jsonl(path) if path.exists() else []:
+        out["iteration"] = max(out.get("iteration", 0), int(rec.get("iteration", 0)))
+        for key in ("train_cpu_seconds", "train_wall_seconds"):
+            if key in rec:
+                out[key] = float(rec[key])
+    return out
 
 
 def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Sample]) -> Path:
@@ -216,7 +239,7 @@ def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Samp
     if is_done(out):
         return labels
     m, d = ctx.cfg.method, ctx.cfg.data
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model = load_stage_model(ctx, model_dir)
     quality = pseudo_label(
         model, samples, labels, num_classes=ctx.info.num_classes, mean=d.mean, std=d.std,
@@ -227,7 +250,8 @@ def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Samp
     if dist.is_main():
         atomic_write_json(out / "quality.json", quality)
     mark_done(out, {"num_images": len(samples), "pseudo_miou": quality.get("miou"),
-                    "wall_seconds": round(time.perf_counter() - t0, 2)})
+                    "wall_seconds": round(time.perf_counter() - t0, 2),
+                    "cpu_seconds": round(time.process_time() - c0, 2)})
     score = quality.get("miou")
     log.info("%s: %d images pseudo-labelled%s", name, len(samples),
              "" if score is None else f", pseudo-label mIoU {100 * score:.2f} (vs ground truth)")
@@ -286,7 +310,7 @@ def evaluate_init(ctx: RunContext) -> dict[str, Any] | None:
     out = ctx.run_dir / INIT_STAGE
     if is_done(out):
         return read_json(out / "done.json")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_model(ctx, load_model_file(ctx, Path(ctx.cfg.model.init)))
@@ -294,7 +318,8 @@ def evaluate_init(ctx: RunContext) -> dict[str, Any] | None:
         atomic_write_json(out / "metrics.json", metrics)
     summary = {"val_miou": metrics["miou"], "checkpoint": ctx.cfg.model.init,
                "sha256": ctx.cfg.model.init_sha256,
-               "wall_seconds": round(time.perf_counter() - t0, 1)}
+               "wall_seconds": round(time.perf_counter() - t0, 1),
+               "cpu_seconds": round(time.process_time() - c0, 1)}
     mark_done(out, summary)
     log.info("init: val mIoU %.2f (%s)", 100 * metrics["miou"], ctx.cfg.model.init)
     return summary
@@ -305,12 +330,16 @@ def finish_run(ctx: RunContext, stages: dict[str, dict[str, Any]], final: str) -
     write ``results.json``: the same ending for every method."""
     m, rd = ctx.cfg.method, ctx.run_dir
     if m.score_final_pseudo and any(s.mask is not None for s in ctx.unlabeled):
+        if not is_done(rd / "pseudo_final"):
+            log.info("pseudo_final: labelling the %d unlabeled images with the final model to "
+                     "score its pseudo labels against their masks (a diagnostic in the report, "
+                     "no training; method.score_final_pseudo=false skips it)", len(ctx.unlabeled))
         pseudo_stage(ctx, "pseudo_final", rd / final, ctx.unlabeled)
         stages["pseudo_final"] = read_json(rd / "pseudo_final" / "done.json")
     final_metrics = read_json(rd / final / "metrics.json")
     results = {
         "method": m.name, "final_stage": final, "stages": stages, "run_dir": str(rd),
-        "final_metrics": final_metrics,
+        "final_metrics": final_metrics, **run_record(ctx, stages),
         **start_comparison(rd, ctx.cfg, final, final_metrics["miou"]),
     }
     if results.get("warning") and dist.is_main():
@@ -318,3 +347,41 @@ def finish_run(ctx: RunContext, stages: dict[str, dict[str, Any]], final: str) -
     if dist.is_main():
         atomic_write_json(rd / "results.json", results)
     return results
+
+
+def run_record(ctx: RunContext, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What ``ciscr compare`` needs to say whether two runs compare and what each cost: the
+    training budget, which images (hashes of the id lists), the machine and precision, and the
+    CPU / wall seconds summed over the stages (CPU: this process; see finish_stage)."""
+    from ciscr.utils.misc import cpu_model_name, resolve_amp
+
+    def ids_hash(samples: list[Sample]) -> str:
+        return hashlib.sha256("\n".join(sorted(s.id for s in samples)).encode()).hexdigest()[:16]
+
+    d = ctx.cfg.data
+    amp = resolve_amp(ctx.cfg.train.amp, ctx.device)
+    return {
+        "budget": {"iterations": sum(int(s.get("iterations", 0)) for s in stages.values()),
+                   "lr": ctx.cfg.train.lr},
+        "data": {"format": d.format, "root": str(Path(d.root).expanduser().resolve())
+                 if d.root else "", "labeled": len(ctx.labeled),
+                 "unlabeled": len(ctx.unlabeled), "val": len(ctx.val),
+                 "labeled_ids_sha256": ids_hash(ctx.labeled), "val_ids_sha256": ids_hash(ctx.val)},
+        "machine": {"device": str(ctx.device), "cpu": cpu_model_name(),
+                    "precision": {"none": "fp32"}.get(amp, amp),
+                    "threads": torch.get_num_threads(), "processes": dist.world_size()},
+        "cpu_seconds": _total(stages, "cpu_seconds"),
+        "wall_seconds": _total(stages, "stage_wall_seconds", "wall_seconds"),
+    }
+
+
+def _total(stages: dict[str, dict[str, Any]], *keys: str) -> float | None:
+    """The sum over stages of the first of ``keys`` each has (None when one has none: a stage
+    finished by an older ciscr that did not record it)."""
+    total = 0.0
+    for s in stages.values():
+        value = next((s[k] for k in keys if s.get(k) is not None), None)
+        if value is None:
+            return None
+        total += float(value)
+    return round(total, 1)

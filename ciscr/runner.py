@@ -239,9 +239,26 @@ def run_summary(ctx: RunContext, resumed: bool = False, threads_how: str = "") -
     rule = _labeled_fraction(ctx)[0]
     if rule:
         lines.insert(2, rule)
+    if cfg.model.init:
+        lines.append(_warm_budget_line(ctx))
     if done:
         lines.append(f"resuming: {', '.join(done)} already done (skipped)")
     return "\n".join(lines)
+
+
+def _warm_budget_line(ctx: RunContext) -> str:
+    """A run from ``model.init``: its training budget next to the one its start had, so that a
+    gain over the start is read with both in view."""
+    from ciscr.run_services import stage1_iterations
+    from ciscr.warmstart import init_budget
+
+    t = ctx.cfg.train
+    base = init_budget(ctx.cfg.model.init)
+    lr0 = f" at lr {base['lr']:g}" if isinstance(base.get("lr"), (int, float)) else ""
+    return (f"budget: {stage1_iterations(ctx)} iterations at lr {t.lr:g} (train.epochs={t.epochs}"
+            f" passes over the labeled list; train.warm_epochs / train.warm_lr set them) on a "
+            f"start whose checkpoint trained {base.get('iterations', 'unknown')} iterations"
+            f"{lr0}")
 
 
 def _labeled_fraction(ctx: RunContext) -> tuple[str | None, str | None]:
@@ -327,9 +344,7 @@ def evaluate_checkpoint(ckpt_path: Path, overrides: list[str], out: Path | None)
     from ciscr.run_services import RunContext, evaluate_model
 
     ckpt = load_checkpoint(ckpt_path)
-    meta = ckpt.get("meta") or {}
-    if "config" not in meta:
-        raise CheckpointError(f"{ckpt_path}: has no embedded config (not written by ciscr train/run)")
+    meta = _eval_meta(ckpt_path, ckpt)
     cfg = from_dict(apply_overrides(meta["config"], overrides), f"{ckpt_path} config",
                     overrides)
     info = dist.init_distributed(cfg.device)
@@ -363,6 +378,31 @@ def evaluate_checkpoint(ckpt_path: Path, overrides: list[str], out: Path | None)
         return metrics
     finally:
         dist.cleanup()
+
+
+def _eval_meta(ckpt_path: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The run config and class count to evaluate ``ckpt`` with: its own meta; for a stage's
+    ``snapshot_*.pt`` written before snapshots carried one, that of the stage's checkpoint.pt
+    beside it (same run, same model). CheckpointError saying what the file is otherwise."""
+    from ciscr.engine.checkpoint import load_checkpoint
+
+    meta = ckpt.get("meta") or {}
+    if "config" in meta:
+        return meta
+    sibling = ckpt_path.with_name("checkpoint.pt")
+    if "model" in ckpt and "iteration" in ckpt and sibling.is_file() and sibling != ckpt_path:
+        meta = load_checkpoint(sibling).get("meta") or {}
+        if "config" in meta:
+            log.info("%s: a training snapshot (iteration %d); its run's config is taken from %s",
+                     ckpt_path.name, ckpt["iteration"], sibling)
+            return meta
+    if "model" in ckpt and "iteration" in ckpt:
+        raise CheckpointError(
+            f"{ckpt_path}: a training snapshot (model weights at iteration {ckpt['iteration']}) "
+            f"without its run's config, and no checkpoint.pt of that run beside it to take the "
+            "config from: evaluate the stage's checkpoint.pt, or copy it next to the snapshot")
+    raise CheckpointError(f"{ckpt_path}: has no embedded config (not a checkpoint written by "
+                          "ciscr train/run)")
 
 
 def _abs_root(root: str) -> str:

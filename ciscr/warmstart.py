@@ -164,14 +164,34 @@ def _last_logged(path: Path, key: str) -> float | None:
     return value
 
 
+def init_budget(path: str | Path) -> dict[str, Any]:
+    """What the checkpoint at ``path`` was trained with: ``iterations`` (its stage's, from the
+    checkpoint) and ``lr`` (its config's ``train.lr``); None where it does not say."""
+    from ciscr.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    train = ((ckpt.get("meta") or {}).get("config") or {}).get("train") or {}
+    return {"iterations": ckpt.get("iteration"), "lr": train.get("lr")}
+
+
+def _start_budget(run_dir: Path, cfg: Config, stage: str) -> dict[str, Any]:
+    if stage == INIT_STAGE:
+        return init_budget(cfg.model.init)
+    done = run_dir / stage / "done.json"
+    iters = json.loads(done.read_text()).get("iterations") if done.exists() else None
+    return {"iterations": iters, "lr": cfg.train.lr}
+
+
 def start_comparison(run_dir: Path, cfg: Config, final: str, final_miou: float) -> dict[str, Any]:
-    """results.json's verdict: the final model against its own supervised start, and when it
-    lost, a warning with the causes :func:`regression_causes` can see ({} without a start)."""
+    """results.json's verdict: the final model against its own supervised start (with the
+    start's training budget), and when it lost, a warning with the causes
+    :func:`regression_causes` can see ({} without a start)."""
     start = start_metrics(run_dir, final)
     if start is None:
         return {}
     stage, miou = start
-    out: dict[str, Any] = {"start": {"stage": stage, "val_miou": miou},
+    out: dict[str, Any] = {"start": {"stage": stage, "val_miou": miou,
+                                     **_start_budget(run_dir, cfg, stage)},
                            "gain_over_start": final_miou - miou}
     if final_miou < miou:
         causes = regression_causes(run_dir, cfg, final)
@@ -181,11 +201,30 @@ def start_comparison(run_dir: Path, cfg: Config, final: str, final_miou: float) 
     return out
 
 
+def _budget_words(b: dict[str, Any] | None) -> str:
+    if not b or b.get("iterations") is None:
+        return "unknown iterations"
+    lr = f" at lr {b['lr']:g}" if isinstance(b.get("lr"), (int, float)) else ""
+    return f"{b['iterations']} iterations{lr}"
+
+
 def format_comparison(results: dict[str, Any]) -> str | None:
-    """One console line: final vs start and the difference (None without a start)."""
+    """Console lines: final vs start, the budgets of both, and what the difference is NOT
+    (a gain over a control) with how to get the one that is (None without a start)."""
     start = results.get("start")
     if not start:
         return None
     final = results["final_metrics"]["miou"]
-    return (f"vs its supervised start ({start['stage']}): {100 * start['val_miou']:.2f} -> "
-            f"{100 * final:.2f} ({100 * results['gain_over_start']:+.2f} mIoU)")
+    init = start["stage"] == INIT_STAGE
+    lines = [f"vs its supervised start ({start['stage']}): {100 * start['val_miou']:.2f} -> "
+             f"{100 * final:.2f} ({100 * results['gain_over_start']:+.2f} mIoU); this run: "
+             f"{_budget_words(results.get('budget'))}, the start: {_budget_words(start)}"]
+    if results.get("method") == "suponly":
+        lines.append("note: this SupOnly run is the control for semi-supervised runs from the "
+                     "same model.init: `ciscr compare THIS_RUN OTHER_RUN` pairs them")
+    else:
+        same = " from the same model.init" if init else ""
+        lines.append("note: a gain over the start is not a gain over a control: train the "
+                     f"control, method.name=suponly{same} for as many iterations on the same "
+                     "labeled images, then `ciscr compare CONTROL_RUN THIS_RUN`")
+    return "\n".join(lines)

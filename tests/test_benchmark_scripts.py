@@ -251,3 +251,29 @@ def test_line_kinds_tells_code_from_prose_comments_and_blanks(tmp_path):
     assert line_kinds.line_kinds(f) == {"lines": 10, "blank": 1, "comment": 1, "prose": 7,
                                         "code": 1}
     assert line_kinds.main([str(tmp_path / "missing.py")]) == 1
+
+
+def test_suite_time_reads_pytest_summary_without_its_time():
+    import suite_time
+
+    out = "....\n=========== 506 passed, 1 skipped in 461.23s (0:07:41) ===========\n"
+    assert suite_time.summary_counts(out) == "506 passed, 1 skipped"
+    assert suite_time.summary_counts("3 failed, 2 passed in 1.0s") == "3 failed, 2 passed"
+    with pytest.raises(SystemExit):
+        suite_time.summary_counts("no summary here")
+
+
+def test_precision_ratio_writes_both_steps_with_the_cpu(tmp_path, monkeypatch):
+    import precision_ratio
+
+    monkeypatch.setattr(sys, "argv", ["precision_ratio.py", "--repeats", "1", "--warmup", "0",
+                                      "--batch", "2", "--crop", "32", "--out", str(tmp_path)])
+    threads = torch.get_num_threads()
+    try:
+        assert precision_ratio.main() == 0
+    finally:
+        torch.set_num_threads(threads)
+    (page,) = tmp_path.glob("precision_*.md")
+    text = page.read_text()
+    assert "- fp32 step: " in text and "- bf16 step: " in text and "bf16 / fp32 time: " in text
+    assert "train.amp=auto picks" in text and "- machine: " in text

@@ -187,3 +187,75 @@ def test_demo_help_gives_the_out_default_and_what_key_value_does():
                          text=True, check=True, env={**os.environ, "COLUMNS": "300"}).stdout
     flat = " ".join(out.split())
     assert "default: ciscr-demo" in flat and "changes to the demo's config" in flat
+
+
+def test_eval_of_a_snapshot_uses_its_run_config(tmp_path, capsys, quiet_machine):
+    """Issue 33: a stage's snapshot_*.pt is evaluable (its meta, or for a snapshot written
+    before snapshots carried one, the config of the checkpoint.pt beside it)."""
+    from ciscr.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    assert main(["train", "synthetic", "--out", str(out), *TINY, "threads=1",
+                 "train.epochs=2"]) == 0
+    snap = sorted((out / "stage1").glob("snapshot_*.pt"))[0]
+    assert main(["eval", str(snap)]) == 0
+    first = json.loads(snap.with_name(f"{snap.stem}_eval_whole.json").read_text())
+    assert first["iteration"] == load_checkpoint(snap)["iteration"]
+    old = tmp_path / "old" / "stage1"
+    old.mkdir(parents=True)
+    ckpt = load_checkpoint(snap)
+    save_checkpoint(old / snap.name, {"model": ckpt["model"], "iteration": ckpt["iteration"]})
+    assert main(["eval", str(old / snap.name)]) == 2
+    err = capsys.readouterr().err
+    assert "a training snapshot (model weights at iteration" in err
+    assert "evaluate the stage's checkpoint.pt" in err
+    (old / "checkpoint.pt").write_bytes((out / "stage1" / "checkpoint.pt").read_bytes())
+    assert main(["eval", str(old / snap.name)]) == 0
+    again = json.loads((old / f"{snap.stem}_eval_whole.json").read_text())
+    assert again["miou"] == pytest.approx(first["miou"], abs=1e-6)
+
+
+def test_interrupt_message_comes_from_the_stage(monkeypatch, capsys):
+    from ciscr.errors import Interrupted
+
+    def stopped(cfg, out):
+        raise Interrupted("stage1 stopped at iteration 3/9 before its first checkpoint")
+
+    monkeypatch.setattr(runner, "run_training", stopped)
+    assert main(["train", "synthetic", "--out", "unused"]) == 130
+    assert capsys.readouterr().err == ("interrupted: stage1 stopped at iteration 3/9 before its "
+                                       "first checkpoint\n")
+
+
+def test_final_pseudo_labelling_says_why_and_how_to_skip(tmp_path, logs, quiet_machine):
+    out = tmp_path / "run"
+    assert main(["run", "synthetic", "--out", str(out), *TINY, "threads=1",
+                 "method.name=suponly", "method.score_final_pseudo=true"]) == 0
+    line = next(r.getMessage() for r in logs.records if r.getMessage().startswith("pseudo_final:"))
+    assert "labelling the 8 unlabeled images with the final model" in line
+    assert "method.score_final_pseudo=false skips it" in line
+    res = json.loads((out / "results.json").read_text())
+    assert res["stages"]["pseudo_final"]["cpu_seconds"] > 0
+
+
+def test_ctrl_c_prints_nothing_after_the_interrupted_line(tmp_path, monkeypatch, capsys,
+                                                         quiet_machine):
+    """Issue 33: the progress bar's last line comes before 'interrupted: ...', never after."""
+    from ciscr.engine import train
+
+    real = train._one_step
+
+    def ctrl_c_at_second_step(model, st, step_fn, batches, t, cfg, device):
+        if t == 1:
+            raise KeyboardInterrupt
+        return real(model, st, step_fn, batches, t, cfg, device)
+
+    monkeypatch.setattr(train, "_one_step", ctrl_c_at_second_step)
+    out = tmp_path / "run"
+    assert main(["train", "synthetic", "--out", str(out), *TINY, "threads=1",
+                 "train.progress=true", "train.ckpt_every=50"]) == 130
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last.startswith("interrupted: stage1 stopped at iteration 1/2 before its first "
+                           "checkpoint") and "\r" not in last
+    assert "stage1:" in err  # the bar was drawn, before the message

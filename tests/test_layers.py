@@ -33,7 +33,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     # the timing tools' lower half: a run's time table (the summary's and the report's) and
     # what bench and profile share; the two commands themselves are commands
     ("timing records", ["ciscr.timing", "ciscr.timing.stages", "ciscr.timing.common"]),
-    ("commands", ["ciscr.runner", "ciscr.report", "ciscr.visualize", "ciscr.predict",
+    ("commands", ["ciscr.runner", "ciscr.report", "ciscr.compare", "ciscr.visualize",
+                  "ciscr.predict",
                   "ciscr.export", "ciscr.demo", "ciscr.timing.bench", "ciscr.timing.profiling",
                   "ciscr.timing.steptime", "ciscr.cli", "ciscr.__main__"]),
     ("benchmarks (outside the package)", ["benchmarks.*"]),

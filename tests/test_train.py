@@ -55,14 +55,38 @@ def test_killed_run_resumes_exactly(tmp_path):
             raise KeyboardInterrupt  # the process "dies" after checkpointing iteration 2
         return inner(model, batches, it)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stopped:
         run(tmp_path / "cut", cfg(), dies_at_third)
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["iteration"] == 2
+    # What a rerun will do, said by the stage that was stopped (ciscr's CLI prints it).
+    assert "stopped at iteration 2/4" in str(stopped.value)
+    assert "resume it from its last checkpoint, iteration 2" in str(stopped.value)
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert cut["iteration"] == 2 and cut["spent"]["cpu"] > 0
     resumed = run(tmp_path / "cut", cfg())
-    logged = [r["iteration"] for r in read_jsonl(tmp_path / "cut" / "train.jsonl")]
+    records = read_jsonl(tmp_path / "cut" / "train.jsonl")
+    logged = [r["iteration"] for r in records if "loss" in r]
     assert logged == [1, 2, 3, 4]  # continued from the saved iteration, none repeated
+    # The stage's CPU time spans both invocations: the last record adds to the first's share.
+    assert records[-1]["iteration"] == 4 and records[-1]["train_cpu_seconds"] >= round(
+        cut["spent"]["cpu"], 1)
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_interrupt_before_the_first_checkpoint_says_the_stage_restarts(tmp_path):
+    inner = supervised_step()
+
+    def dies_at_second(model, batches, it):
+        if it == 1:
+            raise KeyboardInterrupt
+        return inner(model, batches, it)
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run(tmp_path / "cut", cfg(ckpt_every=50), dies_at_second)
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    assert "stopped at iteration 1/4 before its first checkpoint (train.ckpt_every=50)" in str(
+        stopped.value)
+    assert "start this stage again from iteration 0" in str(stopped.value)
 
 
 def test_step_seconds_time_the_steps_not_the_evaluations(tmp_path):
@@ -90,7 +114,7 @@ def test_step_seconds_time_the_steps_not_the_evaluations(tmp_path):
 
 def test_poly_schedule_per_iteration(tmp_path):
     run(tmp_path, cfg(epochs=1, iters_per_epoch=4, lr=0.1, head_lr_mult=10))
-    lrs = [r["lr"] for r in read_jsonl(tmp_path / "train.jsonl")]
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "train.jsonl") if "lr" in r]
     assert lrs == pytest.approx([0.1 * (1 - t / 4) ** 0.9 for t in range(1, 5)])
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["iteration"] == ckpt["total_iters"] == 4

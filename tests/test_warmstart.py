@@ -69,7 +69,8 @@ def test_stagewise_method_takes_the_checkpoint_as_its_stage1(base, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["fixmatch", "suponly"])
-def test_online_and_suponly_train_on_from_the_checkpoint(base, tmp_path, method, capsys):
+def test_online_and_suponly_train_on_from_the_checkpoint(base, tmp_path, method, capsys,
+                                                        caplog):
     out = tmp_path / method
     assert run(out, f"method.name={method}", f"model.init={base}") == 0
     stage = "online" if method == "fixmatch" else "stage1"
@@ -78,9 +79,22 @@ def test_online_and_suponly_train_on_from_the_checkpoint(base, tmp_path, method,
     base_miou = json.loads((base.parent / "metrics.json").read_text())["miou"]
     assert start == pytest.approx(base_miou, abs=1e-6)  # the checkpoint itself was evaluated
     res = json.loads((out / "results.json").read_text())
-    assert res["start"] == {"stage": "init", "val_miou": start}
-    assert "vs its supervised start (init)" in capsys.readouterr().out
-    assert load_config(out / "config.yaml").train.lr == load_config("synthetic").train.lr
+    lr = load_config("synthetic").train.lr
+    # The start's budget (what its checkpoint trained) beside this run's, in results.json ...
+    assert res["start"] == {"stage": "init", "val_miou": start, "iterations": T, "lr": lr}
+    assert res["budget"] == {"iterations": T, "lr": lr}
+    # ... in the start summary, and at the end with what the gain over the start is not.
+    printed = capsys.readouterr()
+    assert f"budget: {T} iterations at lr {lr:g}" in caplog.text
+    assert f"on a start whose checkpoint trained {T} iterations at lr {lr:g}" in caplog.text
+    assert "vs its supervised start (init)" in printed.out
+    assert f"this run: {T} iterations at lr {lr:g}, the start: {T} iterations" in printed.out
+    if method == "suponly":
+        assert "this SupOnly run is the control" in printed.out
+    else:
+        assert "a gain over the start is not a gain over a control" in printed.out
+        assert "ciscr compare CONTROL_RUN THIS_RUN" in printed.out
+    assert load_config(out / "config.yaml").train.lr == lr
 
 
 def test_warm_settings_replace_epochs_and_lr_only_with_an_init():

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from ciscr.engine.streams import (  # noqa: F401 - Stream, IndexStream, stream_l
     stream_loader,
     stream_loaders,
 )
-from ciscr.errors import CheckpointError, CiscrError, TrainingError
+from ciscr.errors import CheckpointError, CiscrError, Interrupted, TrainingError
 from ciscr.utils.io import append_jsonl, atomic_write_text, read_jsonl
 from ciscr.utils.misc import autocast, make_grad_scaler
 
@@ -78,6 +78,10 @@ class StageState:
     iteration: int
     total: int
     step: Any = None  # the step function; its state_dict() (if any) goes into the checkpoint
+    # Process CPU and wall seconds spent training up to the last checkpoint, summed over the
+    # invocations that ran this stage (iterations redone after a kill are counted once).
+    spent: dict[str, float] = field(default_factory=lambda: {"cpu": 0.0, "wall": 0.0})
+    saved_at: int | None = None  # iteration of the stage's last checkpoint (None: none yet)
 
 
 def _save(path: Path, st: StageState, meta: dict[str, Any]) -> None:
@@ -98,6 +102,7 @@ def _save(path: Path, st: StageState, meta: dict[str, Any]) -> None:
             "rng_ranks": rngs,
             # A stateful step (the online CISC prototype memory) resumes where it was.
             "step_state": st.step.state_dict() if hasattr(st.step, "state_dict") else None,
+            "spent": dict(st.spent),
             "meta": meta,
         },
     )
@@ -123,6 +128,8 @@ def _resume(path: Path, st: StageState) -> None:
     if ckpt.get("step_state") is not None and hasattr(st.step, "load_state_dict"):
         st.step.load_state_dict(ckpt["step_state"])
     st.iteration = int(ckpt["iteration"])
+    st.saved_at = st.iteration
+    st.spent = {k: float(v) for k, v in (ckpt.get("spent") or {"cpu": 0.0, "wall": 0.0}).items()}
 
 
 def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -207,6 +214,7 @@ def _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch,
     loaders = stream_loaders(streams, seed, st.iteration, st.total, num_workers)
     log = _Logger(out_dir, st.iteration, st.total, desc, cfg.progress, cfg.log_every)
     ckpt_path = out_dir / CKPT_NAME
+    clock = _Clock(st.spent)
     try:
         for t in range(st.iteration, st.total):
             t_step = time.perf_counter()
@@ -218,8 +226,10 @@ def _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch,
             log.step(st.iteration, scalars, st.optimizer.param_groups[0]["lr"],
                      time.perf_counter() - t_step)
             if st.iteration in snapshots and dist.is_main():
+                # meta (the run's config) makes a snapshot evaluable on its own (ciscr eval).
                 save_checkpoint(out_dir / f"snapshot_{st.iteration:07d}.pt",
-                                {"model": st.model.state_dict(), "iteration": st.iteration})
+                                {"model": st.model.state_dict(), "iteration": st.iteration,
+                                 "meta": meta})
             epoch_done = st.iteration % per_epoch == 0
             # The epoch hook runs BEFORE the checkpoint: a run killed in between redoes both,
             # so its log ends up exactly like an uninterrupted run's.
@@ -232,10 +242,41 @@ def _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch,
                     log.record(st.iteration, on_epoch_end(st.model, st.iteration // per_epoch))
                 ddp_model.train()
             if st.iteration % cfg.ckpt_every == 0 or st.iteration == st.total:
+                st.spent = clock.total()
                 _save(ckpt_path, st, meta)
+                st.saved_at = st.iteration
+        log.record(st.total, {"train_cpu_seconds": round(st.spent["cpu"], 1),
+                              "train_wall_seconds": round(st.spent["wall"], 1)})
+    except KeyboardInterrupt:
+        log.close()  # the progress bar's last line comes before the message, not after it
+        raise Interrupted(_interrupt_note(desc, st, cfg.ckpt_every)) from None
     finally:
         log.close()
         dist.barrier()
+
+
+class _Clock:
+    """CPU (this process) and wall seconds since construction, added to ``base``."""
+
+    def __init__(self, base: dict[str, float]) -> None:
+        self.base = dict(base)
+        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+
+    def total(self) -> dict[str, float]:
+        return {"cpu": self.base["cpu"] + time.process_time() - self.cpu0,
+                "wall": self.base["wall"] + time.perf_counter() - self.wall0}
+
+
+def _interrupt_note(desc: str, st: StageState, ckpt_every: int) -> str:
+    """What rerunning the same command will do for the interrupted stage (made true by
+    ``train_stage``: it resumes from ``checkpoint.pt`` when there is one, else from 0)."""
+    where = f"{desc} stopped at iteration {st.iteration}/{st.total}"
+    if st.saved_at is None:
+        return (f"{where} before its first checkpoint (train.ckpt_every={ckpt_every}): rerun "
+                "the same command to start this stage again from iteration 0 (finished stages "
+                "are kept)")
+    return (f"{where}; rerun the same command to resume it from its last checkpoint, "
+            f"iteration {st.saved_at} (finished stages are kept)")
 
 
 def _diverged(desc: str, loss: float, iteration: int, ckpt_path: Path) -> TrainingError:
@@ -332,7 +373,10 @@ class _Logger:
                     self.tb.add_scalar(k, v, it)
 
     def close(self) -> None:
+        """Idempotent: the interrupt path closes the bar early, ``finally`` again."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None

@@ -92,17 +92,11 @@ def timing_row(name: str, times: Sequence[float], images: float, **fields: Any) 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model and flags, cores, threads, versions, accelerator, load average."""
-    cpu, flags = platform.processor() or "unknown", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("unknown", platform.processor()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
+    from ciscr.utils.misc import cpu_flags, cpu_model_name
+
+    cpu, flags = cpu_model_name(), cpu_flags()
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "avx512_bf16": "avx512_bf16" in flags.split(), "torch": torch.__version__,
+            "avx512_bf16": "avx512_bf16" in flags, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "device": str(device), "load_avg_start": list(os.getloadavg())}  # fmt: skip
     if device.type == "cuda":

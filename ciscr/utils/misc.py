@@ -78,6 +78,21 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set()
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (else the platform's processor string, else
+    "unknown"): what a speed figure is recorded with."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def cpu_has_fast_bf16(flags: set[str] | None = None) -> bool:
     """True when the CPU runs bf16 matmuls / convolutions natively (AVX512-BF16 or AMX) and
     torch's oneDNN backend can use them. ``flags``: CPU flags (default: this machine's)."""
