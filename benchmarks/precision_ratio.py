@@ -7,8 +7,9 @@ ratio where it runs and writes it with the CPU's name and bf16 support:
 
     python benchmarks/precision_ratio.py          # -> docs/results/precision_<cpu slug>.md
 
-The step is the SupOnly training step the CamVid benchmark runs (DeepLabV3+ MobileNetV2, batch
-8, crop 224, 11 classes, random weights: speed does not depend on them), with the same
+The step is the SupOnly training step the CamVid benchmark runs (the packaged ``camvid``
+config's DeepLabV3+ MobileNetV2, batch 8, crop 224, 11 classes, random weights: speed does not
+depend on them), with the same
 ``ciscr.engine.train._one_step``, timed round-robin (fp32, bf16 alternating, so drift on a
 shared machine hits both), one torch thread as the benchmark's jobs use. Run it on a quiet
 machine.
@@ -27,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ciscr.config import ModelCfg, TrainCfg  # noqa: E402
+from ciscr.config import load_config  # noqa: E402
 from ciscr.engine.steps import supervised_step  # noqa: E402
 from ciscr.engine.train import _one_step, new_stage_state  # noqa: E402
 from ciscr.models import build_model  # noqa: E402
@@ -37,10 +38,12 @@ from ciscr.utils.misc import cpu_has_fast_bf16  # noqa: E402
 
 
 def step_case(amp: str, batch: int, crop: int, classes: int):
-    """A callable that runs one training step at ``amp`` ("none" | "bf16")."""
+    """A callable that runs one training step at ``amp`` ("none" | "bf16") of the packaged
+    camvid config's model (its output stride, decoder width, dropouts)."""
     torch.manual_seed(0)
-    model = build_model(ModelCfg(backbone="mobilenet_v2", channels=128), classes).train()
-    cfg = TrainCfg(amp=amp, lr=1e-6)
+    camvid = load_config("camvid")
+    model = build_model(camvid.model.model_copy(update={"pretrained": ""}), classes).train()
+    cfg = camvid.train.model_copy(update={"amp": amp, "lr": 1e-6})
     st = new_stage_state(model, supervised_step(), cfg, 10**6, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     batches = {"labeled": {"image": torch.randn(batch, 3, crop, crop, generator=g),
@@ -72,8 +75,8 @@ def main() -> int:
         f"- bf16 step: {bf16:.2f} s (median of {args.repeats}: "
         f"{', '.join(f'{t:.2f}' for t in times['bf16'])})",
         f"- bf16 / fp32 time: {bf16 / fp32:.2f}x ({'faster' if bf16 < fp32 else 'slower'} in bf16)",
-        f"- step: SupOnly, DeepLabV3+ MobileNetV2 (C=128), batch {args.batch}, crop {args.crop}, "
-        "11 classes, 1 torch thread",
+        f"- step: SupOnly, the camvid config's DeepLabV3+ MobileNetV2, batch {args.batch}, crop "
+        f"{args.crop}, 11 classes, 1 torch thread",
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; 1-min load average "
         f"{m['load_avg_start'][0]:.1f} at the start",
         f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",

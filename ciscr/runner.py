@@ -546,7 +546,8 @@ def bf16_emulated_warning(cfg: Config, device: torch.device) -> str:
     if cfg.train.amp != "bf16" or device.type != "cpu" or cpu_has_fast_bf16():
         return ""
     return ("warning: train.amp=bf16: this CPU has no native bf16 (no AVX512-BF16 / AMX), so bf16 is "
-            "emulated here and runs several times slower than fp32; train.amp=auto picks the "
+            "emulated here and runs slower than fp32 (by how much depends on the CPU); "
+            "train.amp=auto picks the "
             "fast precision for each machine")
 
 
