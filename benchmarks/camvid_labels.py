@@ -14,7 +14,9 @@ seed; the rest of the pool unlabeled) and seed, every row trains from ImageNet o
   rule below).
 
 Options (seed 0, 12 labels, after the main rows): FixMatch, ST++ (stages shared with CISC-R),
-and SupOnly's learning curve (N/2, 2N, 4N, 8N iterations) for the figure.
+SupOnly's learning curve (N/2, 2N, 4N, 8N iterations) for the figure, and two of section 2's
+levers on the online step's cost (one strong view; an unlabeled batch of 2), each one setting,
+whose step cost ``benchmarks/camvid_levers.py`` measures.
 
     python benchmarks/camvid_labels.py                 # the whole queue, resumable
     python benchmarks/camvid_labels.py --splits 12 --seeds 0
@@ -90,6 +92,12 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "fixmatch": ("FixMatch", "fixmatch", []),
     "stpp": ("ST++", "stpp", []),
     **{f"suponly_{k}n": (f"SupOnly, {k} N iterations", "suponly", []) for k in (0.5, 2, 4, 8)},
+    # Section 2's levers on the online step's cost, one setting each (their step cost:
+    # benchmarks/camvid_levers.py); options until the report shows one helps across seeds.
+    "unimatch_cisc_1view": ("UniMatch + CISC, one strong view", "unimatch_cisc",
+                            ["method.strong_views=1"]),
+    "unimatch_cisc_ub2": ("UniMatch + CISC, unlabeled batch 2", "unimatch_cisc",
+                          ["train.unlabeled_batch_size=2"]),
 }
 MAIN = ["suponly", "unimatch", "unimatch_cisc", "ciscr", "suponly_compute"]
 COMPUTE = {"suponly_compute": ["unimatch_cisc", "unimatch"],
@@ -319,7 +327,8 @@ def queue(args: argparse.Namespace) -> list[tuple[int, int, list[list[str]]]]:
                                       if first and not args.no_options else [], extra_compute]))
     if not args.no_options:
         split, seed = min(splits), seeds[0]
-        out.append((split, seed, [["fixmatch", "suponly_8n"], ["stpp", "suponly_4n"]]))
+        out.append((split, seed, [["fixmatch", "suponly_8n", "unimatch_cisc_1view"],
+                                  ["stpp", "suponly_4n", "unimatch_cisc_ub2"]]))
     return out
 
 

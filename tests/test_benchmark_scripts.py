@@ -1,5 +1,6 @@
 """The pure helpers of benchmarks/ (the CamVid comparison's scheduling and its diagnostic)."""
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -277,3 +278,17 @@ def test_precision_ratio_writes_both_steps_with_the_cpu(tmp_path, monkeypatch):
     text = page.read_text()
     assert "- fp32 step: " in text and "- bf16 step: " in text and "bf16 / fp32 time: " in text
     assert "train.amp=auto picks" in text and "- machine: " in text
+
+
+def test_camvid_levers_reads_steps_and_tabulates_ratios(tmp_path):
+    import camvid_levers as lev
+
+    (tmp_path / "online").mkdir()
+    recs = [{"iteration": i, "step_seconds": s} for i, s in enumerate([9.0, 6.0, 4.0, 5.0], 1)]
+    recs.append({"iteration": 4, "train_cpu_seconds": 20.0})
+    (tmp_path / "online" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert lev.step_seconds(tmp_path, skip=1) == [6.0, 4.0, 5.0]
+    med = {name: 8.0 for name in lev.LEVERS} | {"suponly": 2.0, "one_strong_view": 6.0}
+    page = lev.format_table(med, steps=6, skip=2)
+    assert "| one strong view instead of two | `method.strong_views=1` | 6.00 | 3.00 | 0.75 |" in page
+    assert "steps 3-6" in page and "no setting in ciscr yet" in page
