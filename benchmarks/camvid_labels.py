@@ -14,9 +14,10 @@ seed; the rest of the pool unlabeled) and seed, every row trains from ImageNet o
   rule below).
 
 Options (seed 0, 12 labels, after the main rows): FixMatch, ST++ (stages shared with CISC-R),
-SupOnly's learning curve (N/2, 2N, 4N, 8N iterations) for the figure, and two of section 2's
-levers on the online step's cost (one strong view; an unlabeled batch of 2), each one setting,
-whose step cost ``benchmarks/camvid_levers.py`` measures.
+SupOnly's learning curve (N/2, 2N, 4N, 8N iterations) for the figure, and three of section
+2's levers on the online step's cost (one strong view; an unlabeled batch of 2; the unlabeled
+branch every 2nd step), each one setting, whose step cost ``benchmarks/camvid_levers.py``
+measures.
 
     python benchmarks/camvid_labels.py                 # the whole queue, resumable
     python benchmarks/camvid_labels.py --splits 12 --seeds 0
@@ -98,6 +99,8 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
                             ["method.strong_views=1"]),
     "unimatch_cisc_ub2": ("UniMatch + CISC, unlabeled batch 2", "unimatch_cisc",
                           ["train.unlabeled_batch_size=2"]),
+    "unimatch_cisc_every2": ("UniMatch + CISC, unlabeled branch every 2nd step",
+                             "unimatch_cisc", ["method.unlabeled_every=2"]),
 }
 MAIN = ["suponly", "unimatch", "unimatch_cisc", "ciscr", "suponly_compute"]
 COMPUTE = {"suponly_compute": ["unimatch_cisc", "unimatch"],
@@ -328,7 +331,8 @@ def queue(args: argparse.Namespace) -> list[tuple[int, int, list[list[str]]]]:
     if not args.no_options:
         split, seed = min(splits), seeds[0]
         out.append((split, seed, [["fixmatch", "suponly_8n", "unimatch_cisc_1view"],
-                                  ["stpp", "suponly_4n", "unimatch_cisc_ub2"]]))
+                                  ["stpp", "suponly_4n", "unimatch_cisc_ub2",
+                                   "unimatch_cisc_every2"]]))
     return out
 
 

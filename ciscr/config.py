@@ -312,6 +312,14 @@ class MethodCfg(BaseModel):
     )
     # ---- the online family (FixMatch, UniMatch)
     strong_views: int = Field(2, ge=1, le=2, description="online: strongly augmented views")
+    unlabeled_every: int = Field(
+        1,
+        ge=1,
+        description="online: the unlabeled branch runs on every k-th step only (the others "
+        "train on the labeled batch alone, at a SupOnly step's cost), at the recipe's own "
+        "weights; 1 = every step (the published recipes). A lever on the cost per CPU hour "
+        "(issue 32), off until protocol 4 shows it helps",
+    )
     labeled_weight: float = Field(
         1.0,
         gt=0,

@@ -52,6 +52,7 @@ def online_recipe(ctx: RunContext) -> OnlineRecipe:
         weight_views=w_views, weight_fp=w_fp, unlabeled_weight=m.unlabeled_weight,
         min_ratio=m.min_class_ratio, ignore_index=ctx.cfg.data.ignore_index,
         prototype_source=m.prototype_source, refresh=m.prototype_refresh, ohem=m.ohem(),
+        unlabeled_every=m.unlabeled_every,
     )
 
 

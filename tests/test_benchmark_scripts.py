@@ -291,4 +291,5 @@ def test_camvid_levers_reads_steps_and_tabulates_ratios(tmp_path):
     med = {name: 8.0 for name in lev.LEVERS} | {"suponly": 2.0, "one_strong_view": 6.0}
     page = lev.format_table(med, steps=6, skip=2)
     assert "| one strong view instead of two | `method.strong_views=1` | 6.00 | 3.00 | 0.75 |" in page
+    assert "`method.unlabeled_every=2`" in page
     assert "steps 3-6" in page and "no setting in ciscr yet" in page

@@ -324,3 +324,32 @@ def test_online_methods_train_the_labeled_loss_at_the_controls_weight(name):
     assert online_recipe(SimpleNamespace(cfg=cfg)).weight_labeled == 1.0
     published = load_config("synthetic", [f"method.name={name}", "method.labeled_weight=0.5"])
     assert online_recipe(SimpleNamespace(cfg=published)).weight_labeled == 0.5
+
+
+def test_unlabeled_every_k_runs_the_unlabeled_branch_on_every_kth_step_only():
+    from ciscr.config import load_config
+    from ciscr.engine.losses import labeled_loss
+
+    model, b = _model(), _batches()
+    step = OnlineStep(OnlineRecipe(threshold=0.0, unlabeled_every=3), 3)
+    calls = []
+    forward = model.forward
+    model.forward = lambda x, *a, **k: calls.append(x.shape[0]) or forward(x, *a, **k)
+    for it in range(6):
+        calls.clear()
+        torch.manual_seed(1)
+        loss, scalars = step(model, b, it)
+        if (it + 1) % 3:  # steps 1, 2, 4, 5: the labeled batch alone, one forward
+            assert calls == [2] and set(scalars) == {"ce_labeled"}
+            torch.manual_seed(1)  # the same dropout draws: the same forward as the step's
+            want = labeled_loss(model(b["labeled"]["image"]).logits, b["labeled"]["mask"], 255)
+            assert float(loss) == pytest.approx(float(want), rel=1e-5)
+        else:  # steps 3 and 6: the whole UniMatch step (mixing, labeled + weak, strong views)
+            assert calls == [2, 4, 4] and "mask_ratio" in scalars
+    from types import SimpleNamespace
+
+    from ciscr.online import online_recipe
+
+    cfg = load_config("synthetic", ["method.name=unimatch", "method.unlabeled_every=2"])
+    assert online_recipe(SimpleNamespace(cfg=cfg)).unlabeled_every == 2
+    assert load_config("synthetic", ["method.name=unimatch"]).method.unlabeled_every == 1

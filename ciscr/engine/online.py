@@ -188,6 +188,7 @@ class OnlineRecipe:
     prototype_source: str = "bank"  # bank | memory (cisc only; see OnlineStep)
     refresh: int = 50  # bank: recomputed every this many steps
     ohem: tuple[float, int] | None = None  # labeled loss: (thresh, min_kept per image) or CE
+    unlabeled_every: int = 1  # the unlabeled branch on every k-th step only (method.unlabeled_every)
 
 
 def recipe_weights(strong_views: int, fp: bool) -> tuple[float, tuple[float, ...], float]:
@@ -266,6 +267,11 @@ class OnlineStep:
     def __call__(self, model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
         r, lb, ub, mb = self.r, batches["labeled"], batches["unlabeled"], batches["mix"]
         self._refresh_bank(model, it)
+        # (it + 1): the k-th, 2k-th ... step, so that logged iterations (multiples of
+        # train.log_every) are unlabeled steps whenever k divides log_every.
+        if r.unlabeled_every > 1 and (it + 1) % r.unlabeled_every:
+            loss_l = labeled_loss(model(lb["image"]).logits, lb["mask"], r.ignore_index, r.ohem)
+            return r.weight_labeled * loss_l, {"ce_labeled": float(loss_l.detach())}
         with torch.no_grad():  # 1. the mixing images' pseudo labels, eval mode as UniMatch
             model.eval()
             out_mix = model(mb["image_w"])
