@@ -30,7 +30,7 @@ costs measured before the queue started (one thread per job: SupOnly ~2.1 s, Uni
 UniMatch + CISC ~8.5 s per fp32 step; the issue's pilot and this protocol's first minutes). Its
 CPU time is then ~N x (2.1 + 6.4 + 8.5 + 2 x c (CISC-R's two stages, c not yet measured
 then: its first logged steps, on a machine shared with a test run, took 4.5-5 s, so c <= 5) +
-2.1 x 3.5 (``suponly_compute``)) s <= N x 34 s, over two chains <= N x 17 s of wall plus
+2.1 x 3.5 (``suponly_compute``)) s <= N x 34 s, over two cores <= N x 17 s of wall plus
 evaluations: N = 480 (<= ~140 min), while 960 would take twice the budget. The report's cost
 table gives each row's measured CPU and wall minutes. 480 iterations = 40 passes over 12 batches (``iters_per_epoch``
 12 in every stage: the 12-label split's one batch of 8 repeated, as every split alike).
@@ -58,7 +58,6 @@ import json
 import os
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -106,10 +105,10 @@ MAIN = ["suponly", "unimatch", "unimatch_cisc", "ciscr", "suponly_compute"]
 COMPUTE = {"suponly_compute": ["unimatch_cisc", "unimatch"],
            "suponly_compute_unimatch": ["unimatch"], "suponly_compute_ciscr": ["ciscr"]}
 CURVE = {f"suponly_{k}n": k for k in (0.5, 2, 4, 8)}  # SupOnly's curve: N x these iterations
-# Two chains of a (split, seed), balanced by the measured cost per row; suponly_compute waits for
-# the rows whose CPU time it is given.
-# (no core idles while suponly_compute waits: CISC-R's only need is suponly's stage 1).
-CHAINS = [["suponly", "unimatch", "suponly_compute"], ["unimatch_cisc", "ciscr"]]
+# A (split, seed)'s main rows in the order they are started, two at a time: the longest first
+# on the two cores (measured cost per row), a row waiting for what it needs (needs()) never
+# holding a core while another row can run.
+ORDER = ["suponly", "unimatch_cisc", "unimatch", "ciscr", "suponly_compute"]
 SHARED_WITH = {"ciscr": ("suponly", ("stage1",)),
                "ciscr_fresh": ("ciscr", ("stage1", "pseudo0", "selection")),
                "stpp": ("ciscr", ("stage1", "pseudo0"))}
@@ -281,58 +280,76 @@ def run_one(args: argparse.Namespace, split: int, row: str, seed: int, threads: 
     camvid.run_command(rd, cmd, threads)
 
 
-def wait_for(args: argparse.Namespace, split: int, seed: int, rows: list[str],
-             failed: threading.Event) -> None:
-    """Block until ``rows`` of (split, seed) are finished and their CPU time recorded (another
-    chain trains them; wall.json is written after the run's process exits)."""
-    while any(cpu_seconds(args, split, r, seed) is None for r in rows):
-        if failed.is_set():
-            raise RuntimeError(f"waited for {rows}: another chain failed")
-        time.sleep(30)
+def needs(row: str) -> list[str]:
+    """The rows ``row`` starts from or is given the CPU time of (same split and seed)."""
+    deps = ["suponly", *COMPUTE[row]] if row in COMPUTE else []
+    return deps + ([SHARED_WITH[row][0]] if row in SHARED_WITH else [])
 
 
-def run_phase(args: argparse.Namespace, split: int, seed: int, chains: list[list[str]],
+def run_phase(args: argparse.Namespace, split: int, seed: int, rows: list[str],
               argv: list[str]) -> None:
-    """Rows of one (split, seed), ``args.jobs`` chains at a time; the report after every run."""
-    lock, failed = threading.Lock(), threading.Event()
+    """Rows of one (split, seed), ``args.jobs`` at a time: each free worker starts the first
+    row (in ``rows`` order) whose needs are finished, so no core idles while a row waits (e.g.
+    suponly_compute for the rows whose CPU time it is given); the report after every run."""
+    cond = threading.Condition()
+    pending, running, failed = list(rows), set(), []
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
-    def run_chain(chain: list[str]) -> None:
-        try:
-            for r in chain:
-                if r in COMPUTE:
-                    wait_for(args, split, seed, ["suponly", *COMPUTE[r]], failed)
-                run_one(args, split, r, seed, threads)
-                with lock:
+    def done(row: str) -> bool:  # finished with its CPU time recorded (wall.json)
+        return cpu_seconds(args, split, row, seed) is not None
+
+    def take() -> str | None:  # under cond
+        while pending and not failed:
+            row = next((r for r in pending if all(done(d) for d in needs(r))), None)
+            if row is not None:
+                pending.remove(row)
+                running.add(row)
+                return row
+            if not running:
+                raise RuntimeError(f"l{split} s{seed}: {pending} wait for rows that are neither "
+                                   "finished nor queued")
+            cond.wait(timeout=30)
+        return None
+
+    def worker() -> None:
+        while True:
+            with cond:
+                row = take()
+            if row is None:
+                return
+            try:
+                run_one(args, split, row, seed, threads)
+            except BaseException:
+                failed.append(row)
+                raise
+            finally:
+                with cond:
+                    running.discard(row)
                     safe_report(args, argv)
-        except BaseException:
-            failed.set()
-            raise
+                    cond.notify_all()
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_chain, c) for c in chains if c]
+        futures = [pool.submit(worker) for _ in range(args.jobs)]
     errors = [str(e) for f in futures if (e := f.exception()) is not None]
     if errors:
         raise SystemExit("\n".join(errors))
 
 
-def queue(args: argparse.Namespace) -> list[tuple[int, int, list[list[str]]]]:
-    """(split, seed, chains) in the order they run: the smallest split's seeds first (seed 0's
+def queue(args: argparse.Namespace) -> list[tuple[int, int, list[str]]]:
+    """(split, seed, rows) in the order they run: the smallest split's seeds first (seed 0's
     own extras before seed 1: ciscr_fresh decides the CISC-R row), options last."""
     splits, seeds = [int(x) for x in args.splits.split(",")], [int(x) for x in args.seeds.split(",")]
     extra_compute = ["suponly_compute_unimatch", "suponly_compute_ciscr"]
     out = []
     for split in splits:
         for seed in seeds:
-            out.append((split, seed, CHAINS))
-            first = split == min(splits) and seed == seeds[0]
-            out.append((split, seed, [["ciscr_fresh", "suponly_0.5n", "suponly_2n"]
-                                      if first and not args.no_options else [], extra_compute]))
+            first = split == min(splits) and seed == seeds[0] and not args.no_options
+            extras = ["ciscr_fresh", "suponly_0.5n", "suponly_2n"] if first else []
+            out.append((split, seed, [*ORDER, *extras, *extra_compute]))
     if not args.no_options:
-        split, seed = min(splits), seeds[0]
-        out.append((split, seed, [["fixmatch", "suponly_8n", "unimatch_cisc_1view"],
-                                  ["stpp", "suponly_4n", "unimatch_cisc_ub2",
-                                   "unimatch_cisc_every2"]]))
+        out.append((min(splits), seeds[0], ["fixmatch", "stpp", "suponly_8n", "suponly_4n",
+                                            "unimatch_cisc_1view", "unimatch_cisc_ub2",
+                                            "unimatch_cisc_every2"]))
     return out
 
 
@@ -364,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if not args.report_only:
-        for split, seed, chains in queue(args):
-            run_phase(args, split, seed, chains, argv)
+        for split, seed, rows in queue(args):
+            run_phase(args, split, seed, rows, argv)
     print(report(args, argv))
     return 0
 

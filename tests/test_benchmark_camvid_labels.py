@@ -35,11 +35,15 @@ def _tiny_camvid(root: Path, n_train: int = 10, n_val: int = 2) -> Path:
 def test_every_row_is_a_method_and_the_compute_rows_wait_for_what_they_are_given():
     for label, preset, _ in cl.ROWS.values():
         assert preset in RECIPES and label
-    assert sorted(r for c in cl.CHAINS for r in c) == sorted(cl.MAIN)
-    for chain in cl.CHAINS:  # a row sharing a source's stages runs after it in its chain
-        for row in chain:
-            src = cl.SHARED_WITH.get(row, (None,))[0]
-            assert src not in chain or chain.index(src) < chain.index(row)
+    assert sorted(cl.ORDER) == sorted(cl.MAIN)
+    args = cl.parse_args([])
+    seen: set[str] = set()
+    for _, _, rows in cl.queue(args):  # what a row needs is queued before it (or earlier)
+        for row in rows:
+            assert set(cl.needs(row)) <= seen | set(rows[:rows.index(row)]), row
+        seen |= set(rows)
+    assert cl.needs("suponly_compute") == ["suponly", "unimatch_cisc", "unimatch"]
+    assert cl.needs("ciscr_fresh") == ["ciscr"]
 
 
 def _args(tmp_path: Path, *extra: str):
