@@ -66,11 +66,11 @@ def _run_dir(arg: str) -> Path:
 
 def _stage_iterations(run: Path, res: dict[str, Any]) -> int | None:
     """The run's training iterations: results.json's budget, else the stages' train.jsonl."""
-    from ciscr.run_services import trained_record
+    from ciscr.run_services import logged_iterations
 
     if (res.get("budget") or {}).get("iterations") is not None:
         return int(res["budget"]["iterations"])
-    total = sum(trained_record(run / name).get("iteration", 0) for name in res.get("stages", {}))
+    total = sum(logged_iterations(run / name) for name in res.get("stages", {}))
     return total or None
 
 

@@ -200,36 +200,38 @@ def finish_stage(ctx: RunContext, out: Path, model: nn.Module, t0: float) -> dic
     t_end = time.perf_counter()
     if dist.is_main():
         atomic_write_json(out / "metrics.json", metrics)
-    trained = trained_record(out)
+    spent = stage_spent(out)
     # wall_seconds: the invocation that finished the stage (a resumed stage counts only its
-    # last part), training and evaluation included. cpu_seconds: this process's CPU time for
-    # the whole stage, summed over the invocations that trained it (train.jsonl's last record,
-    # kept in the checkpoint across resumes), plus the final evaluation.
+    # last part), training and evaluation included. cpu_seconds / stage_wall_seconds: the
+    # whole stage, its training summed over the invocations that ran it (the checkpoint keeps
+    # the sum up to itself), plus the final evaluation; CPU time of this process.
     summary = {"val_miou": metrics["miou"], "checkpoint": str(out / "checkpoint.pt"),
-               "iterations": trained.get("iteration", 0),
+               "iterations": spent["iteration"],
                "wall_seconds": round(t_end - t0, 1),
-               "cpu_seconds": round(trained.get("train_cpu_seconds", 0.0)
-                                    + time.process_time() - c_eval, 1),
-               # the whole stage's wall time, summed over invocations like cpu_seconds
-               "stage_wall_seconds": round(trained.get("train_wall_seconds", 0.0)
-                                           + t_end - t_eval, 1),
+               "cpu_seconds": round(spent["cpu"] + time.process_time() - c_eval, 1),
+               "stage_wall_seconds": round(spent["wall"] + t_end - t_eval, 1),
                "eval_seconds": round(t_end - t_eval, 2)}  # the final evaluation alone
     mark_done(out, summary)
     log.info("%s: val mIoU %.2f", out.name, 100 * metrics["miou"])
     return summary
 
 
-def trained_record(stage_dir: Path) -> dict[str, Any]:
-    """The last iteration a stage's ``train.jsonl`` logged and its training CPU/wall seconds
-    ({} for a stage that trained nothing, e.g. stage 1 taken from ``model.init``)."""
+def stage_spent(stage_dir: Path) -> dict[str, Any]:
+    """A training stage's iterations and the CPU / wall seconds its training took, from its
+    checkpoint (zeros for a stage that trained nothing, e.g. stage 1 taken from model.init)."""
+    from ciscr.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(stage_dir / "checkpoint.pt")
+    spent = ckpt.get("spent") or {}
+    return {"iteration": int(ckpt.get("iteration") or 0), "cpu": float(spent.get("cpu", 0.0)),
+            "wall": float(spent.get("wall", 0.0))}
+
+
+def logged_iterations(stage_dir: Path) -> int:
+    """The last iteration a stage's ``train.jsonl`` logged (0 without one)."""
     path = stage_dir / "train.jsonl"
-    out: dict[str, Any] = {}
-    for rec in read_jsonl(path) if path.exists() else []:
-        out["iteration"] = max(out.get("iteration", 0), int(rec.get("iteration", 0)))
-        for key in ("train_cpu_seconds", "train_wall_seconds"):
-            if key in rec:
-                out[key] = float(rec[key])
-    return out
+    return max((int(r.get("iteration", 0)) for r in read_jsonl(path)), default=0) \
+        if path.exists() else 0
 
 
 def pseudo_stage(ctx: RunContext, name: str, model_dir: Path, samples: list[Sample]) -> Path:

@@ -285,7 +285,7 @@ def test_camvid_levers_reads_steps_and_tabulates_ratios(tmp_path):
 
     (tmp_path / "online").mkdir()
     recs = [{"iteration": i, "step_seconds": s} for i, s in enumerate([9.0, 6.0, 4.0, 5.0], 1)]
-    recs.append({"iteration": 4, "train_cpu_seconds": 20.0})
+    recs.append({"iteration": 4, "val_miou": 0.5})
     (tmp_path / "online" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert lev.step_seconds(tmp_path, skip=1) == [6.0, 4.0, 5.0]
     med = {name: 8.0 for name in lev.LEVERS} | {"suponly": 2.0, "one_strong_view": 6.0}

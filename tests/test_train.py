@@ -63,12 +63,10 @@ def test_killed_run_resumes_exactly(tmp_path):
     cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert cut["iteration"] == 2 and cut["spent"]["cpu"] > 0
     resumed = run(tmp_path / "cut", cfg())
-    records = read_jsonl(tmp_path / "cut" / "train.jsonl")
-    logged = [r["iteration"] for r in records if "loss" in r]
+    logged = [r["iteration"] for r in read_jsonl(tmp_path / "cut" / "train.jsonl")]
     assert logged == [1, 2, 3, 4]  # continued from the saved iteration, none repeated
-    # The stage's CPU time spans both invocations: the last record adds to the first's share.
-    assert records[-1]["iteration"] == 4 and records[-1]["train_cpu_seconds"] >= round(
-        cut["spent"]["cpu"], 1)
+    # The stage's CPU time spans both invocations: the final checkpoint adds to the first's.
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["spent"]["cpu"] > cut["spent"]["cpu"]
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
@@ -114,7 +112,7 @@ def test_step_seconds_time_the_steps_not_the_evaluations(tmp_path):
 
 def test_poly_schedule_per_iteration(tmp_path):
     run(tmp_path, cfg(epochs=1, iters_per_epoch=4, lr=0.1, head_lr_mult=10))
-    lrs = [r["lr"] for r in read_jsonl(tmp_path / "train.jsonl") if "lr" in r]
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "train.jsonl")]
     assert lrs == pytest.approx([0.1 * (1 - t / 4) ** 0.9 for t in range(1, 5)])
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["iteration"] == ckpt["total_iters"] == 4

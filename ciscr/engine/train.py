@@ -245,8 +245,6 @@ def _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch,
                 st.spent = clock.total()
                 _save(ckpt_path, st, meta)
                 st.saved_at = st.iteration
-        log.record(st.total, {"train_cpu_seconds": round(st.spent["cpu"], 1),
-                              "train_wall_seconds": round(st.spent["wall"], 1)})
     except KeyboardInterrupt:
         log.close()  # the progress bar's last line comes before the message, not after it
         raise Interrupted(_interrupt_note(desc, st, cfg.ckpt_every)) from None
