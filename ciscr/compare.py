@@ -143,10 +143,13 @@ def comparability_warnings(runs: list[RunFacts]) -> list[str]:
             out.append(f"warning: {r.path}: trained {r.iterations} iterations, the control "
                        f"{ctrl.iterations}: the difference mixes the method with the budget "
                        "(compare at equal steps, or at equal CPU minutes)")
-    machines = {(r.cpu, r.precision) for r in runs}
-    if len(machines) > 1:
+    recorded = [r for r in runs if r.cpu != "not recorded"]
+    if len({(r.cpu, r.precision) for r in recorded}) > 1:
         out.append("note: the runs' CPU minutes come from different CPUs or precisions: "
-                   + "; ".join(f"{r.path}: {r.cpu}, {r.precision}" for r in runs))
+                   + "; ".join(f"{r.path}: {r.cpu}, {r.precision}" for r in recorded))
+    if len(recorded) < len(runs):
+        out.append("note: CPU model and precision not recorded (finished by an older ciscr): "
+                   + ", ".join(r.path for r in runs if r.cpu == "not recorded"))
     return out
 
 
@@ -213,11 +216,8 @@ def format_compare(runs: list[RunFacts]) -> str:
     if runs[0].class_names:
         parts += ["", "per-class IoU %", text_table(class_rows(runs))]
     warnings = comparability_warnings(runs)
-    if not warnings:
-        recorded = all(r.cpu != "not recorded" for r in runs)
-        warnings = ["comparable: same val images, labeled split and start; "
-                    + ("CPU minutes from the same CPU and precision" if recorded else
-                       "CPU model not recorded for some runs (finished by an older ciscr)")]
+    if not any(w.startswith("warning:") for w in warnings):
+        warnings.insert(0, "comparable: same val images, labeled split and start")
     return "\n".join([*parts, "", *warnings])
 
 

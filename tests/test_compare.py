@@ -68,8 +68,10 @@ def test_movers_and_budget_warning_by_hand(tmp_path):
     other = read_run(str(_fake(tmp_path / "o", 0.6, [0.45, 0.9, None], iters=300)))
     # c is absent from the other run's val set: skipped; b moved most.
     assert movers(ctrl, other) == [("b", pytest.approx(0.4)), ("a", pytest.approx(-0.05))]
-    warnings = comparability_warnings([ctrl, other])
+    warnings = [w for w in comparability_warnings([ctrl, other]) if w.startswith("warning:")]
     assert len(warnings) == 1 and "trained 300 iterations, the control 100" in warnings[0]
+    # Runs finished without the machine record: said, not passed off as the same machine.
+    assert "note: CPU model and precision not recorded" in format_compare([ctrl, other])
     text = format_compare([ctrl, other])
     assert "+10.00" in text and "b +40.00, a -5.00" in text and "90.00 (+40.00)" in text
 
