@@ -248,10 +248,15 @@ def write_compare(runs: list[RunFacts], out: Path) -> list[Path]:
     """compare.json / compare.png / compare.html in ``out`` (atomically), their paths."""
     import html
 
-    from ciscr.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from ciscr.utils.io import (
+        atomic_write_bytes,
+        atomic_write_json,
+        atomic_write_text,
+        check_writable_dir,
+    )
     from ciscr.visualize import figure_png
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(out)
     paths = [out / "compare.json", out / "compare.png", out / "compare.html"]
     atomic_write_json(paths[0], {"runs": [asdict(r) for r in runs],
                                  "warnings": comparability_warnings(runs)})

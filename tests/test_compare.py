@@ -93,3 +93,11 @@ def test_bad_runs_are_one_line(tmp_path, capsys, setup, message):
 def test_one_run_is_not_a_comparison(tmp_path, capsys):
     assert main(["compare", str(_fake(tmp_path / "c", 0.5, [0.5, 0.5, 0.5]))]) == 2
     assert "two or more runs" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    ctrl = _fake(tmp_path / "c", 0.5, [0.5, 0.5, 0.5])
+    other = _fake(tmp_path / "o", 0.6, [0.6, 0.6, 0.6])
+    (tmp_path / "taken").write_text("x")
+    assert main(["compare", str(ctrl), str(other), "--out", str(tmp_path / "taken")]) == 2
+    assert "--out" in capsys.readouterr().err and (tmp_path / "taken").read_text() == "x"
