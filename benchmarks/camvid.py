@@ -256,8 +256,10 @@ def run_command(rd: Path, cmd: list[str], threads: int) -> None:
 def add_wall_time(rd: Path, seconds: float, cpu_seconds: float) -> None:
     path = rd / "wall.json"
     old = json.loads(path.read_text()) if path.exists() else {}
+    # invocations: how many exited (protocol 4 compares it with the starts in machine.jsonl).
     atomic_write_json(path, {"seconds": old.get("seconds", 0.0) + seconds,
-                             "cpu_seconds": old.get("cpu_seconds", 0.0) + cpu_seconds})
+                             "cpu_seconds": old.get("cpu_seconds", 0.0) + cpu_seconds,
+                             "invocations": old.get("invocations", 1 if old else 0) + 1})
 
 
 def ensure_base(args: argparse.Namespace, seed: int, rows: list[str]) -> None:

@@ -203,10 +203,12 @@ def current_protocol(args: argparse.Namespace, split: int, row: str, seed: int,
 
 
 def cpu_seconds(args: argparse.Namespace, split: int, row: str, seed: int) -> float | None:
-    """A finished run's measured CPU seconds (CISC-R's with its stage 1, the suponly run)."""
+    """A finished run's measured CPU seconds (CISC-R's with its stage 1, the suponly run):
+    camvid_labels_report.run_cost's figure; None when not finished or not known."""
     rd = finished_dir(args, split, row, seed)
-    own = (camvid_report.read(rd / "wall.json") or {}).get("cpu_seconds") if rd else None
-    if own is None or row != "ciscr":
+    cost = camvid_labels_report.run_cost(rd) if rd else {"cpu_seconds": None}
+    own = cost["cpu_seconds"]
+    if own is None or row != "ciscr" or cost["includes_shared"]:
         return own
     stage1 = cpu_seconds(args, split, "suponly", seed)
     return None if stage1 is None else own + stage1
@@ -295,8 +297,15 @@ def run_phase(args: argparse.Namespace, split: int, seed: int, rows: list[str],
     pending, running, failed = list(rows), set(), []
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
-    def done(row: str) -> bool:  # finished with its CPU time recorded (wall.json)
-        return cpu_seconds(args, split, row, seed) is not None
+    def done(row: str) -> bool:  # finished with its CPU time known
+        if cpu_seconds(args, split, row, seed) is not None:
+            return True
+        rd = finished_dir(args, split, row, seed)
+        if rd is not None and (rd / "wall.json").exists():
+            raise RuntimeError(f"{rd}: finished, but its CPU time is unknown (an invocation was "
+                               "killed before ciscr recorded CPU time in its checkpoints): move "
+                               "it away to rerun it")
+        return False
 
     def take() -> str | None:  # under cond
         while pending and not failed:

@@ -36,13 +36,46 @@ SSL = ["unimatch", "unimatch_cisc", "ciscr"]
 # --------------------------------------------------------------------------- collecting
 
 
+def invocations_complete(rd: Path, wall: dict[str, Any]) -> bool:
+    """Whether wall.json holds every invocation of the run: each start writes a machine.jsonl
+    line, each exit adds to wall.json (``invocations``; older wall.json: one). An invocation
+    killed with its session never reaches wall.json, so its CPU time is missing there."""
+    if "cpu_source" in wall:  # a run started by hand, recorded as such
+        return True
+    started = len([x for x in (rd / "machine.jsonl").read_text().splitlines() if x.strip()]) \
+        if (rd / "machine.jsonl").exists() else 1
+    return int(wall.get("invocations", 1)) >= started
+
+
+def run_cost(rd: Path) -> dict[str, Any]:
+    """A finished run's CPU and wall seconds and where they come from: ciscr's own record
+    (results.json: each stage's CPU time summed over its invocations, kept in the checkpoints,
+    so a killed invocation's work up to its last checkpoint counts; stages copied from another
+    row are included), else the wait4 sum of wall.json when no invocation was killed; else
+    unknown (None)."""
+    res = read(rd / "results.json") or {}
+    if res.get("cpu_seconds") is not None:
+        return {"cpu_seconds": float(res["cpu_seconds"]), "wall_seconds": res.get("wall_seconds"),
+                "includes_shared": True,
+                "cpu_source": "ciscr's own record (results.json: each stage's CPU time, summed "
+                              "over its invocations)"}
+    wall = read(rd / "wall.json") or {}
+    if not invocations_complete(rd, wall):
+        return {"cpu_seconds": None, "wall_seconds": None, "includes_shared": False,
+                "cpu_source": "unknown: an invocation was killed before ciscr recorded CPU "
+                              "time in its checkpoints (rerun the row to measure it)"}
+    return {"cpu_seconds": wall.get("cpu_seconds"), "wall_seconds": wall.get("seconds"),
+            "includes_shared": False,
+            "cpu_source": wall.get("cpu_source", "wait4 of the benchmark's own invocations")}
+
+
 def collect(rd: Path, split: int, row: str, seed: int) -> dict[str, Any]:
     """One finished run's figures: val mIoU (its last checkpoint), per-class IoU, its training
     iterations (stages copied from another run included), its own measured wall / CPU seconds,
     the precision and CPU of each invocation, and its logged evaluations over training."""
     res = read(rd / "results.json")
     final = res["final_metrics"]
-    own = read(rd / "wall.json") or {}
+    cost = run_cost(rd)
     machines = [json.loads(x) for x in (rd / "machine.jsonl").read_text().splitlines()
                 if x.strip()] if (rd / "machine.jsonl").exists() else []
     iterations, evals = 0, []
@@ -54,11 +87,9 @@ def collect(rd: Path, split: int, row: str, seed: int) -> dict[str, Any]:
         evals.append((iterations, final["miou"]))
     return {"row": row, "seed": seed, "labeled": int(split), "val_miou": final["miou"],
             "iou": final["iou"], "class_names": final.get("class_names"),
-            "iterations": iterations, "cpu_seconds": own.get("cpu_seconds"),
-            "wall_seconds": own.get("seconds"),
+            "iterations": iterations, **cost,
             "precision": sorted({"fp32" if m["precision"] == "none" else m["precision"]
                                  for m in machines}),
-            "cpu_source": own.get("cpu_source", "wait4 of the benchmark's own invocations"),
             "machines": sorted({f"{m['machine']} (bf16 {'native' if m['bf16_native'] else 'emulated'})"
                                 for m in machines}),
             "evals": evals, "run_dir": str(rd),
@@ -67,11 +98,12 @@ def collect(rd: Path, split: int, row: str, seed: int) -> dict[str, Any]:
 
 
 def add_totals(runs: dict) -> None:
-    """CISC-R's CPU and wall time include its stage 1, the split's suponly run (shared);
-    ``cpu_minutes`` is each run's total, the figure every cost comparison uses."""
+    """CISC-R's CPU and wall time include its stage 1, the split's suponly run (shared; already
+    in ciscr's own record); ``cpu_minutes`` is each run's total, the figure every cost
+    comparison uses."""
     for (split, row, seed), r in runs.items():
         cpu, wall = r["cpu_seconds"], r["wall_seconds"]
-        if row == "ciscr":
+        if row == "ciscr" and not r.get("includes_shared"):
             sup = runs.get((split, "suponly", seed)) or {}
             cpu = None if cpu is None or sup.get("cpu_seconds") is None else cpu + sup["cpu_seconds"]
             wall = None if wall is None or sup.get("wall_seconds") is None else wall + sup["wall_seconds"]
@@ -320,11 +352,14 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
           "", "Every row from ImageNet on the same labeled split of its seed, val mIoU of the "
           f"LAST checkpoint (101 val images). N = {spec['iters']} iterations per training stage "
           "(the rule: benchmarks/camvid_labels.py's header). Costs are each run's own measured "
-          "CPU and wall time on 2 cores, two runs at a time, one thread each; CISC-R's include "
-          "its stage 1 (the SupOnly run).", "", "Machines (CPU, bf16 support, as recorded by "
+          "CPU and wall time on 2 cores, two runs at a time, one thread each, from ciscr's own "
+          "record (results.json: each stage's CPU time summed over the invocations that ran it, "
+          "kept in its checkpoints, so a session's end loses nothing measured) or, for runs "
+          "finished before ciscr kept it, the wait4 sum of the benchmark's invocations; CISC-R's "
+          "include its stage 1 (the SupOnly run).", "", "Machines (CPU, bf16 support, as recorded by "
           "each invocation):", *[f"- {m}" for m in machines(runs)], "",
           *[f"- CPU time of `l{k[0]}/{k[1]}_s{k[2]}`: {r['cpu_source']}" for k, r in
-            sorted(runs.items()) if not r["cpu_source"].startswith("wait4")], "",
+            sorted(runs.items()) if not r["cpu_source"].startswith(("wait4", "ciscr's own"))], "",
           "## Targets", "",
           *[f"- {t['target']}: {t['verdict']}" for t in tgt], ""]
     for split in splits:

@@ -109,3 +109,27 @@ def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
     assert cl.main(argv) == 0
     assert before == {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
+
+
+def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unknown(tmp_path):
+    def run(name: str, results: dict, wall: dict | None, starts: int) -> Path:
+        rd = tmp_path / name
+        rd.mkdir()
+        (rd / "results.json").write_text(json.dumps(results))
+        if wall is not None:
+            (rd / "wall.json").write_text(json.dumps(wall))
+        (rd / "machine.jsonl").write_text("{}\n" * starts)
+        return rd
+
+    own = run("own", {"cpu_seconds": 100.0, "wall_seconds": 120.0}, {"cpu_seconds": 5.0}, 3)
+    assert rep.run_cost(own)["cpu_seconds"] == 100.0 and rep.run_cost(own)["includes_shared"]
+    whole = run("whole", {}, {"cpu_seconds": 50.0, "seconds": 60.0, "invocations": 2}, 2)
+    assert rep.run_cost(whole)["cpu_seconds"] == 50.0
+    # A session ended during the first of two invocations: wall.json lacks its CPU time.
+    killed = run("killed", {}, {"cpu_seconds": 50.0, "seconds": 60.0}, 2)
+    cost = rep.run_cost(killed)
+    assert cost["cpu_seconds"] is None and cost["cpu_source"].startswith("unknown")
+    runs = {(12, "suponly", 0): {"cpu_seconds": 10.0, "wall_seconds": 20.0},
+            (12, "ciscr", 0): {"cpu_seconds": 30.0, "wall_seconds": 40.0, "includes_shared": True}}
+    rep.add_totals(runs)  # ciscr's own record already holds its copied stage 1
+    assert runs[(12, "ciscr", 0)]["cpu_minutes"] == 0.5
