@@ -293,3 +293,22 @@ def test_camvid_levers_reads_steps_and_tabulates_ratios(tmp_path):
     assert "| one strong view instead of two | `method.strong_views=1` | 6.00 | 3.00 | 0.75 |" in page
     assert "`method.unlabeled_every=2`" in page
     assert "steps 3-6" in page and "no setting in ciscr yet" in page
+
+
+def test_readme_suite_time_is_the_measured_one_or_says_it_is_not_measured():
+    import re
+
+    import suite_time
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    start, end = (readme.index(m) + len(m) for m in suite_time.README_MARK)
+    block = readme[start:end - len(suite_time.README_MARK[1])].strip()
+    page = repo / "docs" / "results" / "test_suite.md"
+    if block == "(not measured yet)":
+        assert not page.exists()
+        return
+    text = page.read_text()  # the README's figures are the results file's, not typed
+    minutes = re.search(r"- wall time: ([\d.]+) min", text).group(1)
+    counts = re.search(r"- result: (.+)", text).group(1)
+    assert f"ran in {minutes} minutes ({counts})" in block
