@@ -101,8 +101,11 @@ def read_run(arg: str) -> RunFacts:
 
     run = _run_dir(arg)
     res = _read_json(run / "results.json")
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() \
-        else {}
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) \
+            if (run / "config.yaml").is_file() else {}
+    except (OSError, yaml.YAMLError) as err:
+        raise CiscrError(f"{run / 'config.yaml'}: unreadable ({err})") from None
     fm = res.get("final_metrics") or {}
     if "miou" not in fm:
         raise CiscrError(f"{run / 'results.json'}: has no final_metrics.miou (not written by ciscr)")
