@@ -26,7 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from camvid_report import machine  # noqa: E402  (beside this file)
+from camvid_labels import ROWS  # noqa: E402  (beside this file: protocol 4's lever rows)
+from camvid_report import machine  # noqa: E402
 
 from ciscr.utils.io import atomic_write_bytes, atomic_write_json, read_jsonl  # noqa: E402
 
@@ -35,15 +36,15 @@ LEVERS: dict[str, tuple[str, str, list[str]]] = {
     "suponly": ("SupOnly (reference)", "suponly", []),
     "unimatch_cisc": ("UniMatch + CISC as published (reference)", "unimatch_cisc", []),
     "one_strong_view": ("one strong view instead of two", "unimatch_cisc",
-                        ["method.strong_views=1"]),
+                        ROWS["unimatch_cisc_1view"][2]),
     "half_unlabeled_batch": ("unlabeled batch 2 instead of 4", "unimatch_cisc",
-                             ["train.unlabeled_batch_size=2"]),
+                             ROWS["unimatch_cisc_ub2"][2]),
     "no_feature_perturbation": ("no feature-perturbation branch", "unimatch_cisc",
                                 ["method.feature_perturbation=false"]),
     "prototype_memory": ("CISC prototypes from a memory of the labeled batches, no bank "
                          "forward", "unimatch_cisc", ["method.prototype_source=memory"]),
     "unlabeled_every_2": ("the unlabeled branch every 2nd step", "unimatch_cisc",
-                          ["method.unlabeled_every=2"]),
+                          ROWS["unimatch_cisc_every2"][2]),
     "unimatch": ("UniMatch without CISC", "unimatch", []),
 }
 # Levers the issue names that ciscr has no setting for yet: said, not faked.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 from datetime import datetime, timezone
@@ -336,14 +335,12 @@ def table_where_lost(runs: dict, rows: list[str], seeds: list[int], labels: dict
 
 
 def machine() -> str:
+    """The CPU, its core count and torch's version: what every figure here is measured on."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    from ciscr.utils.misc import cpu_model_name
+
+    return f"{cpu_model_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def seed_times(archive_dir: Path) -> list[str]:

@@ -78,8 +78,11 @@ def _precision(res: dict[str, Any], cfg: dict[str, Any]) -> str:
     recorded = (res.get("machine") or {}).get("precision")
     if recorded:
         return str(recorded)
-    amp = (cfg.get("train") or {}).get("amp", "?")
-    return {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}.get(amp, f"{amp} (not recorded)")
+    from ciscr.utils.misc import precision_name  # torch: only where a record lacks it
+
+    amp = str((cfg.get("train") or {}).get("amp", "?"))
+    # "auto" (or a missing key) cannot be resolved after the fact: it depended on that machine.
+    return precision_name(amp) if amp in ("none", "bf16", "fp16") else f"{amp} (not recorded)"
 
 
 def _keys(res: dict[str, Any], cfg: dict[str, Any]) -> dict[str, tuple[str, str]]:

@@ -355,7 +355,7 @@ def run_record(ctx: RunContext, stages: dict[str, dict[str, Any]]) -> dict[str, 
     """What ``ciscr compare`` needs to say whether two runs compare and what each cost: the
     training budget, which images (hashes of the id lists), the machine and precision, and the
     CPU / wall seconds summed over the stages (CPU: this process; see finish_stage)."""
-    from ciscr.utils.misc import cpu_model_name, resolve_amp
+    from ciscr.utils.misc import cpu_model_name, precision_name, resolve_amp
 
     def ids_hash(samples: list[Sample]) -> str:
         return hashlib.sha256("\n".join(sorted(s.id for s in samples)).encode()).hexdigest()[:16]
@@ -370,7 +370,7 @@ def run_record(ctx: RunContext, stages: dict[str, dict[str, Any]]) -> dict[str, 
                  "unlabeled": len(ctx.unlabeled), "val": len(ctx.val),
                  "labeled_ids_sha256": ids_hash(ctx.labeled), "val_ids_sha256": ids_hash(ctx.val)},
         "machine": {"device": str(ctx.device), "cpu": cpu_model_name(),
-                    "precision": {"none": "fp32"}.get(amp, amp),
+                    "precision": precision_name(amp),
                     "threads": torch.get_num_threads(), "processes": dist.world_size()},
         "cpu_seconds": _total(stages, "cpu_seconds"),
         "wall_seconds": _total(stages, "stage_wall_seconds", "wall_seconds"),

@@ -208,10 +208,10 @@ def _warn_at_start(cfg: Config, device: torch.device) -> None:
 
 def _precision(cfg: Config, device: torch.device) -> str:
     """What ``train.amp`` means on this device (``auto`` resolved), in words."""
-    from ciscr.utils.misc import resolve_amp
+    from ciscr.utils.misc import precision_name, resolve_amp
 
     amp = resolve_amp(cfg.train.amp, device)
-    words = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[amp]
+    words = precision_name(amp) + ("" if amp == "none" else " autocast")
     return f"{words} (train.amp=auto)" if cfg.train.amp == "auto" else words
 
 

@@ -6,7 +6,13 @@ import torch
 from ciscr.config import TrainCfg, load_config
 from ciscr.errors import ConfigError
 from ciscr.utils import misc
-from ciscr.utils.misc import autocast, cpu_flags, cpu_has_fast_bf16, resolve_amp
+from ciscr.utils.misc import (
+    autocast,
+    cpu_flags,
+    cpu_has_fast_bf16,
+    precision_name,
+    resolve_amp,
+)
 
 SAPPHIRE = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 SKYLAKE = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
@@ -45,6 +51,12 @@ def test_auto_resolves_per_device(monkeypatch):
 def test_explicit_modes_are_kept(mode):
     assert resolve_amp(mode, "cpu", fast_cpu_bf16=True) == mode
     assert resolve_amp(mode, "cpu", fast_cpu_bf16=False) == mode
+
+
+def test_precision_names_the_resolved_mode_and_refuses_auto():
+    assert [precision_name(m) for m in ("none", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    with pytest.raises(ValueError, match="auto"):
+        precision_name("auto")
 
 
 def test_autocast_auto_follows_the_resolution(monkeypatch):

@@ -55,6 +55,7 @@ from ciscr.timing.common import (
     time_round_robin,
     timing_row,
 )
+from ciscr.utils.misc import precision_name
 
 METHODS = ("st", "query", "bank_one", "bank_all")
 AMPS = ("none", "bf16")
@@ -98,11 +99,7 @@ class TrainVariant:
 
     @property
     def name(self) -> str:
-        return f"{self.method}/{_amp_name(self.amp)}/{'cl' if self.channels_last else 'nchw'}"
-
-
-def _amp_name(amp: str) -> str:
-    return "fp32" if amp == "none" else amp
+        return f"{self.method}/{precision_name(self.amp)}/{'cl' if self.channels_last else 'nchw'}"
 
 
 def _st_name(row: dict[str, Any]) -> str:
@@ -485,7 +482,7 @@ def pseudo_cases(spec: BenchSpec, device: torch.device) -> dict[str, Callable[[]
 
         return run
 
-    return {f"pseudo/{v}{'_cl' if cl else ''}/{_amp_name(a)}": case(v, cl, a)
+    return {f"pseudo/{v}{'_cl' if cl else ''}/{precision_name(a)}": case(v, cl, a)
             for cl in (False, True) for v in views for a in AMPS}  # fmt: skip
 
 
@@ -523,9 +520,9 @@ def select_cases(spec: BenchSpec, device: torch.device, root: Path) -> dict[str,
     anchors = class_anchors(*compute_labeled_prototypes(model, samples, **kw))
     cases: dict[str, Callable[[], Any]] = {}
     for a in AMPS:
-        cases[f"select/prototypes/{_amp_name(a)}"] = lambda a=a: compute_labeled_prototypes(
+        cases[f"select/prototypes/{precision_name(a)}"] = lambda a=a: compute_labeled_prototypes(
             model, samples, amp=a, **kw)
-        cases[f"select/distances/{_amp_name(a)}"] = lambda a=a: image_distances(
+        cases[f"select/distances/{precision_name(a)}"] = lambda a=a: image_distances(
             model, samples, pseudo_dir, anchors, amp=a, **kw)
     return cases
 
@@ -597,7 +594,7 @@ def loader_cases(spec: BenchSpec, device: torch.device, root: Path,
 
         return run
 
-    return {f"loader/workers{w}/{_amp_name(_resolved_amp(device))}": case(w)
+    return {f"loader/workers{w}/{precision_name(_resolved_amp(device))}": case(w)
             for w in LOADER_WORKERS}  # fmt: skip
 
 
@@ -663,7 +660,7 @@ def train_rows(
     med = {n: median(v) for n, v in t.items()}
     for name, case in raw["cases"].items():
         v, m = case.variant, med[name]
-        prec, form = _amp_name(v.amp), "cl" if v.channels_last else "nchw"
+        prec, form = precision_name(v.amp), "cl" if v.channels_last else "nchw"
         flops = raw["flops"][v.method]
         row = timing_row(name, t[name], 2 * spec.batch, method=v.method, precision=prec,
                          format=form)
@@ -705,7 +702,7 @@ def defaults_rows(res: dict[str, Any], amp: str) -> list[dict[str, Any]]:
     train.infer_channels_last on TTA pseudo-labelling and whole-image evaluation;
     data.num_workers on a real stage. ``speedup`` = alternative time / default time (> 1: the
     default is faster)."""
-    prec = _amp_name(amp)
+    prec = precision_name(amp)
     other = "fp32" if prec == "bf16" else "bf16"
     med = {r["name"]: r["median_s"] for g in ("train", "pseudo", "loader") for r in res.get(g, [])}
     # (setting, default, alternative, measured on, the default's variant, the alternative's)

@@ -128,6 +128,15 @@ def resolve_amp(amp: str, device: torch.device | str, *, fast_cpu_bf16: bool | N
     return "none"
 
 
+def precision_name(amp: str) -> str:
+    """The arithmetic a resolved ``train.amp`` mode trains in, as results and reports name it:
+    "none" -> "fp32", "bf16" / "fp16" unchanged (``auto`` must be resolved first:
+    :func:`resolve_amp`)."""
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"precision_name: {amp!r} is not a resolved train.amp mode")
+    return "fp32" if amp == "none" else amp
+
+
 def _check_amp(device: torch.device, amp: str) -> None:
     if amp not in AMP_SETTINGS:
         raise ConfigError(f"train.amp={amp}: must be one of {', '.join(AMP_SETTINGS)}")
