@@ -46,7 +46,10 @@ Every run is ``ciscr run camvid ... train.amp=auto`` (bf16 where this CPU runs i
 else fp32) in ``runs/camvid_labels/l<labeled>/<row>_s<seed>``; each invocation records its wall
 and CPU seconds (wall.json) and the CPU, its bf16 support and the precision used
 (machine.jsonl). Two runs at a time, one torch thread each; every run resumes from its last
-checkpoint when the command is rerun. Finished stages are archived into the committed
+checkpoint when the command is rerun. After each run that uses the unlabeled pool (and
+``suponly``), ``camvid_labels_diagnostics.py`` scores its final model's pseudo labels on the
+pool per class (the diagnostics the issue asks for where a target is missed; outside the run's
+CPU record). Finished stages are archived into the committed
 ``docs/results/camvid_labels-runs/`` and the report (``camvid_labels_report.py``) is written
 after every run.
 """
@@ -56,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import archive  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 import camvid  # noqa: E402
+import camvid_labels_diagnostics as diagnostics  # noqa: E402
 import camvid_labels_report  # noqa: E402
 import camvid_report  # noqa: E402
 
@@ -101,6 +106,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "unimatch_cisc_every2": ("UniMatch + CISC, unlabeled branch every 2nd step",
                              "unimatch_cisc", ["method.unlabeled_every=2"]),
 }
+LEVER_ROWS = ["unimatch_cisc_1view", "unimatch_cisc_ub2", "unimatch_cisc_every2"]
 MAIN = ["suponly", "unimatch", "unimatch_cisc", "ciscr", "suponly_compute"]
 COMPUTE = {"suponly_compute": ["unimatch_cisc", "unimatch"],
            "suponly_compute_unimatch": ["unimatch"], "suponly_compute_ciscr": ["ciscr"]}
@@ -282,6 +288,23 @@ def run_one(args: argparse.Namespace, split: int, row: str, seed: int, threads: 
     camvid.run_command(rd, cmd, threads)
 
 
+def diagnose(args: argparse.Namespace, split: int, row: str, seed: int, threads: int) -> None:
+    """A finished run's diagnostics (camvid_labels_diagnostics.py: its final model's pseudo
+    labels on the unlabeled pool), while its checkpoint is here; not for SupOnly's longer runs
+    (the curve and compute rows: the issue asks about the rows that use the pool). Outside the
+    run's own CPU record; a failure is reported and the queue goes on."""
+    rd = run_dir(args, split, row, seed)
+    if (row in CURVE or row in COMPUTE or (rd / diagnostics.OUT).exists() or not (rd / "results.json").exists()
+            or not any(rd.glob("*/checkpoint.pt"))):
+        return
+    cmd = [sys.executable, str(Path(diagnostics.__file__).resolve()), str(rd)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    print(done.stdout.strip() if done.returncode == 0 else
+          f"warning: diagnostics of {rd} failed: {done.stderr.strip().splitlines()[-1:]}",
+          file=sys.stdout if done.returncode == 0 else sys.stderr, flush=True)
+
+
 def needs(row: str) -> list[str]:
     """The rows ``row`` starts from or is given the CPU time of (same split and seed)."""
     deps = ["suponly", *COMPUTE[row]] if row in COMPUTE else []
@@ -328,6 +351,7 @@ def run_phase(args: argparse.Namespace, split: int, seed: int, rows: list[str],
                 return
             try:
                 run_one(args, split, row, seed, threads)
+                diagnose(args, split, row, seed, threads)
             except BaseException:
                 failed.append(row)
                 raise
@@ -357,8 +381,7 @@ def queue(args: argparse.Namespace) -> list[tuple[int, int, list[str]]]:
             out.append((split, seed, [*ORDER, *extras, *extra_compute]))
     if not args.no_options:
         out.append((min(splits), seeds[0], ["fixmatch", "stpp", "suponly_8n", "suponly_4n",
-                                            "unimatch_cisc_1view", "unimatch_cisc_ub2",
-                                            "unimatch_cisc_every2"]))
+                                            *LEVER_ROWS]))
     return out
 
 
@@ -382,7 +405,7 @@ def report(args: argparse.Namespace, argv: list[str]) -> Path:
                 if rd is not None:
                     runs[(split, row, seed)] = camvid_labels_report.collect(rd, split, row, seed)
     spec = {"labels": {r: v[0] for r, v in ROWS.items()}, "main": MAIN, "compute": COMPUTE,
-            "curve": CURVE, "iters": args.iters}
+            "curve": CURVE, "iters": args.iters, "levers": LEVER_ROWS}
     return camvid_labels_report.write(args, runs, splits, seeds, argv, spec)
 
 

@@ -27,6 +27,7 @@ from camvid_report import (
 )
 
 from ciscr.utils.io import atomic_write_bytes, atomic_write_json, read_jsonl
+from ciscr.utils.misc import precision_name
 
 README_MARK = ("<!-- camvid-labels-headline: written by benchmarks/camvid_labels.py -->",
                "<!-- /camvid-labels-headline -->")
@@ -88,13 +89,26 @@ def collect(rd: Path, split: int, row: str, seed: int) -> dict[str, Any]:
     return {"row": row, "seed": seed, "labeled": int(split), "val_miou": final["miou"],
             "iou": final["iou"], "class_names": final.get("class_names"),
             "iterations": iterations, **cost,
-            "precision": sorted({"fp32" if m["precision"] == "none" else m["precision"]
-                                 for m in machines}),
+            "precision": sorted({precision_name(m["precision"]) for m in machines}),
             "machines": sorted({f"{m['machine']} (bf16 {'native' if m['bf16_native'] else 'emulated'})"
                                 for m in machines}),
             "evals": evals, "run_dir": str(rd),
+            "diagnostics": read(rd / "label_diagnostics.json"), "monitor": online_monitor(rd),
             "config": {k: read_yaml(rd / "config.yaml").get("train", {}).get(k)
                        for k in ("epochs", "unlabeled_epochs", "iters_per_epoch", "amp")}}
+
+
+def online_monitor(rd: Path) -> dict[str, float] | None:
+    """An online run's own monitor over the last quarter of its logged steps (train.jsonl):
+    the share of unlabeled pixels that passed the mask and, scored against the pool's ground
+    truth (logged, never trained on), the accuracy of the pseudo labels and of those passed."""
+    path = rd / "online" / "train.jsonl"
+    recs = [r for r in read_jsonl(path) if "mask_ratio" in r] if path.exists() else []
+    if not recs:
+        return None
+    last = recs[len(recs) * 3 // 4:]
+    return {k: statistics.fmean(r[k] for r in last) for k in
+            ("mask_ratio", "pseudo_acc", "pseudo_acc_selected") if all(k in r for r in last)}
 
 
 def add_totals(runs: dict) -> None:
@@ -210,6 +224,58 @@ def table_curve(points: list[tuple]) -> list[str]:
         gain = "" if prev is None else f"{100 * (m - prev[1]):+.2f} (x{it / prev[0]:.1f} steps)"
         out.append(f"| {it} | {fmt(m)} | {_num(cpu, 1)} | {gain} |")
         prev = (it, m)
+    return out
+
+
+DIAG_COLUMNS = (("pseudo_miou", "pseudo-label mIoU"), ("pseudo_acc", "pixel accuracy"),
+                ("mask_ratio", "passed the mask"), ("mask_precision", "right where passed"),
+                ("taught", "right and passed"))
+
+
+def table_diagnostics(runs: dict, split: int, rows: list[str], seeds: list[int],
+                      labels: dict[str, str]) -> list[str]:
+    """The final models' pseudo labels on the unlabeled pool (camvid_labels_diagnostics.py),
+    each online row's own monitor over its last quarter, mean over the seeds diagnosed."""
+    out = ["| row (seeds) | " + " | ".join(t for _, t in DIAG_COLUMNS) + " | AUROC confidence "
+           "| AUROC CISC | training, last quarter: passed / right / right where passed |",
+           "|---|" + "---|" * (len(DIAG_COLUMNS) + 3)]
+    for r in rows:
+        got = [d for s in seeds if (d := (runs.get((split, r, s)) or {}).get("diagnostics"))]
+        if not got:
+            continue
+        cells = [pct([g[k] for g in got]) for k, _ in DIAG_COLUMNS]
+        cells += [f"{statistics.fmean(g['auroc'][n] for g in got):.3f}" for n in ("confidence", "cisc")]
+        mons = [m for s in seeds if (m := (runs.get((split, r, s)) or {}).get("monitor"))]
+        cells.append(" / ".join(pct([m.get(k) for m in mons]) for k in
+                                ("mask_ratio", "pseudo_acc", "pseudo_acc_selected")) if mons else "")
+        out.append(f"| {labels[r]} ({len(got)}) | " + " | ".join(cells) + " |")
+    return out if len(out) > 2 else ["(no run diagnosed yet: `python "
+                                     "benchmarks/camvid_labels_diagnostics.py --all`)"]
+
+
+def pct(xs: list[float | None]) -> str:
+    """The mean of the known values, in percent, one decimal (n/a when none)."""
+    got = [x for x in xs if x is not None]
+    return "n/a" if not got else f"{100 * statistics.fmean(got):.1f}"
+
+
+def table_taught(runs: dict, split: int, rows: list[str], seeds: list[int],
+                 labels: dict[str, str]) -> list[str]:
+    """Per class: the pool's share, then each diagnosed row's pseudo-label IoU and the share of
+    the class its unlabeled loss would teach right (passed the mask and right), in percent."""
+    diag = {r: [d for s in seeds if (d := (runs.get((split, r, s)) or {}).get("diagnostics"))]
+            for r in rows}
+    diag = {r: v for r, v in diag.items() if v}
+    if not diag:
+        return []
+    names = next(iter(diag.values()))[0]["classes"]
+    out = ["| class | share of the pool | " + " | ".join(
+        f"{labels[r]}: IoU / taught" for r in diag) + " |", "|---|---|" + "---|" * len(diag)]
+    for k, name in enumerate(names):
+        share = pct([d["per_class"]["gt_share"][k] for v in diag.values() for d in v])
+        cells = [f"{pct([d['per_class']['pseudo_iou'][k] for d in v])} / "
+                 f"{pct([d['per_class']['taught'][k] for d in v])}" for v in diag.values()]
+        out.append(f"| {name} | {share} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -367,9 +433,28 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
                "", "Per-class IoU (mean over the seeds finished):", "",
                *table_per_class(runs, split, order, seeds, labels), ""]
     small = min(splits)
+    options = ["suponly", "unimatch_cisc", *spec["levers"], "ciscr", "ciscr_fresh", "fixmatch",
+               "stpp"]
     md += ["## Options (seed 0, the smallest split)", "",
-           *table_split(runs, small, ["suponly", "ciscr", "ciscr_fresh", "fixmatch", "stpp"],
-                        seeds[:1], labels), "",
+           *table_split(runs, small, options, seeds[:1], labels), "",
+           "## Diagnostics: what the unlabeled branch could learn from", "",
+           "Each run's FINAL model labels its split's unlabeled pool as an online step labels "
+           "its weak view, scored against the pool's ground truth (never trained on; "
+           "`benchmarks/camvid_labels_diagnostics.py`, run by the queue after each run): "
+           "pseudo-label mIoU and pixel accuracy, the share of pixels that pass the confidence "
+           "mask, the share of those that are right, the share of all pixels that pass and are "
+           "right, and the AUROC of telling right from wrong labels by the confidence and by the "
+           "CISC weight (the labeled images' prototype bank through the same model); then the "
+           "online rows' own monitor over the last quarter of training (the pixels passed, the "
+           "online labels' accuracy, their accuracy where passed). A SupOnly row shows what its "
+           "pseudo labels would have been. Percent, mean over the seeds diagnosed.", ""]
+    for split in splits:
+        md += [f"{split} labels:", "", *table_diagnostics(runs, split, [*order, *options[2:]],
+                                                           seeds, labels), ""]
+    md += [f"Per class at {small} labels (pseudo-label IoU / share of the class's pixels that "
+           "pass the mask and are right), mean over the seeds diagnosed:", "",
+           *table_taught(runs, small, ["suponly", "unimatch", "unimatch_cisc", "ciscr"], seeds,
+                         labels), "",
            "## SupOnly's learning curve (smallest split, seed 0)", "",
            *table_curve(curve_points(runs, small, seeds[0], spec["curve"], spec["iters"])), "",
            "## SupOnly given a row's CPU time (the rule's plans)", "",

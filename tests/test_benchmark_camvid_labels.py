@@ -104,11 +104,35 @@ def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
     plan = json.loads((tmp_path / "runs" / "l2" / "suponly_compute_s0" / cl.MATCH).read_text())
     assert runs[(2, "suponly_compute")]["iterations"] == plan["iterations"] > 24
     assert (tmp_path / "out" / "camvid_labels.png").stat().st_size > 0
+    diag = json.loads((tmp_path / "runs" / "l2" / "unimatch_s0" / "label_diagnostics.json")
+                      .read_text())  # the queue diagnosed the run, over its whole pool (8)
+    assert diag["images"] == 8 and diag["stage"] == "online" and 0 <= diag["taught"] <= 1
+    assert runs[(2, "unimatch")]["diagnostics"] == diag
+    assert "| UniMatch (1) |" in md.split("## Diagnostics")[1]
     assert (tmp_path / "out" / "camvid_labels-runs" / "l2" / "suponly_s0" / "results.json").exists()
     # Rerun: everything is finished (live or archived), nothing trains again.
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
     assert cl.main(argv) == 0
     assert before == {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
+
+
+def test_diagnostic_counts_and_figures_by_hand():
+    import camvid_labels_diagnostics as diag
+    import torch
+
+    label = torch.tensor([[0, 0, 1], [1, 2, 2]])
+    gt = torch.tensor([[0, 1, 1], [1, 2, 255]])  # one void pixel, left out
+    passed = torch.tensor([[True, True, False], [True, True, True]])
+    c = diag.count_pixels(label, passed, gt, 3, 255)
+    assert {k: v.tolist() for k, v in c.items()} == {
+        "gt": [1, 3, 1], "pred": [2, 2, 1], "hit": [1, 2, 1], "passed": [2, 1, 1],
+        "passed_hit": [1, 1, 1]}
+    s = diag.summarize(c, ["a", "b", "c"])
+    pc = s["per_class"]
+    assert pc["pseudo_iou"] == [0.5, 2 / 3, 1.0] and pc["mask_ratio"] == [1.0, 0.5, 1.0]
+    assert pc["mask_precision"] == [0.5, 1.0, 1.0] and pc["taught"] == [1.0, 1 / 3, 1.0]
+    assert s["pseudo_acc"] == 4 / 5 and s["mask_ratio"] == 4 / 5 and s["taught"] == 3 / 5
+    assert abs(s["pseudo_miou"] - (0.5 + 2 / 3 + 1.0) / 3) < 1e-12
 
 
 def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unknown(tmp_path):
