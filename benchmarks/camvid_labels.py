@@ -14,10 +14,10 @@ seed; the rest of the pool unlabeled) and seed, every row trains from ImageNet o
   rule below).
 
 Options (seed 0, 12 labels, after the main rows): FixMatch, ST++ (stages shared with CISC-R),
-SupOnly's learning curve (N/2, 2N, 4N, 8N iterations) for the figure, and three of section
+SupOnly's learning curve (N/2, 2N, 4N, 8N iterations) for the figure, and four of section
 2's levers on the online step's cost (one strong view; an unlabeled batch of 2; the unlabeled
-branch every 2nd step), each one setting, whose step cost ``benchmarks/camvid_levers.py``
-measures.
+branch every 2nd step; unlabeled views at half resolution), each one setting, whose step cost
+``benchmarks/camvid_levers.py`` measures.
 
     python benchmarks/camvid_labels.py                 # the whole queue, resumable
     python benchmarks/camvid_labels.py --splits 12 --seeds 0
@@ -105,8 +105,11 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
                           ["train.unlabeled_batch_size=2"]),
     "unimatch_cisc_every2": ("UniMatch + CISC, unlabeled branch every 2nd step",
                              "unimatch_cisc", ["method.unlabeled_every=2"]),
+    "unimatch_cisc_halfres": ("UniMatch + CISC, unlabeled views at half resolution",
+                              "unimatch_cisc", ["train.unlabeled_resolution=0.5"]),
 }
-LEVER_ROWS = ["unimatch_cisc_1view", "unimatch_cisc_ub2", "unimatch_cisc_every2"]
+LEVER_ROWS = ["unimatch_cisc_1view", "unimatch_cisc_ub2", "unimatch_cisc_every2",
+              "unimatch_cisc_halfres"]
 MAIN = ["suponly", "unimatch", "unimatch_cisc", "ciscr", "suponly_compute"]
 COMPUTE = {"suponly_compute": ["unimatch_cisc", "unimatch"],
            "suponly_compute_unimatch": ["unimatch"], "suponly_compute_ciscr": ["ciscr"]}

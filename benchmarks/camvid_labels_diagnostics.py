@@ -13,7 +13,8 @@ benchmark knows the pool's ground truth (it never enters training), so per class
 - ``pseudo_iou``: IoU of the pseudo labels with the ground truth (what a teacher this good
   gives); ``pseudo_miou`` averages it over the classes;
 - ``mask_ratio``: the share of the pixels labelled as the class whose confidence passes the
-  run's ``method.confidence_threshold`` (the mask ratio per class);
+  run's ``method.confidence_threshold`` (the mask ratio per class; a run without one, SupOnly,
+  is scored at the online methods' 0.95);
 - ``mask_precision``: the share of those that are right;
 - ``taught``: the share of the class's ground-truth pixels that pass AND are right: how much
   of the class the unlabeled loss teaches correctly;
@@ -40,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from camvid_diagnostics import STEP, Tally  # noqa: E402  (beside this file)
 
+from ciscr.config import METHOD_PRESETS  # noqa: E402
 from ciscr.engine.online import class_weights, confidence_and_label  # noqa: E402
 from ciscr.pseudo import eval_mode, load_eval_image, read_labels  # noqa: E402
 from ciscr.utils.io import atomic_write_json  # noqa: E402
@@ -106,7 +108,8 @@ def diagnose(rd: Path, max_images: int = 0) -> dict[str, Any]:
     run, stage = RunView(rd), final_stage(rd)
     model, meta = run.model(stage)
     d, m, amp = run.cfg.data, run.cfg.method, run.cfg.train.amp
-    tau = float(m.confidence_threshold)
+    # A run without a threshold (SupOnly): the online methods' own, what UniMatch would pass.
+    tau = float(m.confidence_threshold or METHOD_PRESETS["unimatch"]["confidence_threshold"])
     bank = labeled_bank(run.labeled, run.k, mean=d.mean, std=d.std, ignore_index=run.ign,
                         min_ratio=m.min_class_ratio, amp=amp, device="cpu")
     protos, known = bank(model, 0)

@@ -150,6 +150,10 @@ class TrainCfg(BaseModel):
     unlabeled_batch_size: int = Field(0, ge=0, description="0 = same as batch_size")
     crop_size: int = Field(321, ge=16)
     scale_range: tuple[float, float] = (0.5, 2.0)
+    unlabeled_resolution: float = Field(
+        1.0, gt=0, le=1, description="online family: the unlabeled views at this fraction of the "
+        "labeled views' resolution (scale_range and crop_size times it): the same field of view "
+        "in fewer pixels, a cheaper unlabeled branch; 1 = the published recipes")
     lr: float = Field(0.001, gt=0, description="backbone learning rate")
     head_lr_mult: float = Field(10.0, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

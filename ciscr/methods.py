@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ciscr.config import METHOD_PRESETS, MethodCfg
+from ciscr.config import METHOD_PRESETS, Config, MethodCfg
 from ciscr.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -27,9 +27,22 @@ if TYPE_CHECKING:
 StageRun = Callable[["RunContext"], tuple[dict[str, dict[str, Any]], str]]
 
 
+def online_only_settings(cfg: Config) -> list[str]:
+    """The online family's cost levers set away from their defaults (a stage-wise method has
+    no such branch: it would ignore them)."""
+    return [key for key, moved in (
+        ("train.unlabeled_resolution", cfg.train.unlabeled_resolution != 1.0),
+        ("method.unlabeled_every", cfg.method.unlabeled_every != 1)) if moved]
+
+
 def _stagewise(ctx: RunContext) -> tuple[dict[str, dict[str, Any]], str]:
     from ciscr.pipeline import run_stagewise
 
+    moved = online_only_settings(ctx.cfg)
+    if moved:  # refused, not silently ignored
+        raise ConfigError(f"{', '.join(moved)}: settings of the online methods (fixmatch, "
+                          f"unimatch, unimatch_cisc); method.name={ctx.cfg.method.name} trains "
+                          "stage-wise and has no unlabeled branch to apply them to")
     return run_stagewise(ctx)
 
 

@@ -96,9 +96,11 @@ def labeled_bank(samples: list[Sample], num_classes: int, *, mean: Sequence[floa
 
 def _views(ctx: RunContext, seed: int) -> UnlabeledViews:
     d, t, m = ctx.cfg.data, ctx.cfg.train, ctx.cfg.method
+    r = t.unlabeled_resolution  # < 1: the same field of view in fewer pixels (a cheaper branch)
     return UnlabeledViews(
         ctx.unlabeled, num_classes=ctx.info.num_classes, ignore_index=d.ignore_index,
-        mean=d.mean, std=d.std, crop_size=t.crop_size, scale_range=t.scale_range, seed=seed,
+        mean=d.mean, std=d.std, crop_size=max(16, round(t.crop_size * r)),
+        scale_range=(t.scale_range[0] * r, t.scale_range[1] * r), seed=seed,
         views=m.strong_views, cutmix_p=m.cutmix_p,
     )
 

@@ -17,6 +17,7 @@ from ciscr.engine.online import (
     class_weights,
     confidence_and_label,
     cutmix,
+    forward_labeled_and_weak,
     masked_ce,
     merge_bank,
     recipe_weights,
@@ -353,3 +354,50 @@ def test_unlabeled_every_k_runs_the_unlabeled_branch_on_every_kth_step_only():
     cfg = load_config("synthetic", ["method.name=unimatch", "method.unlabeled_every=2"])
     assert online_recipe(SimpleNamespace(cfg=cfg)).unlabeled_every == 2
     assert load_config("synthetic", ["method.name=unimatch"]).method.unlabeled_every == 1
+
+
+def test_smaller_unlabeled_views_get_their_own_forward_and_the_step_trains():
+    from types import SimpleNamespace
+
+    from ciscr.config import load_config
+    from ciscr.online import _views
+
+    model, x_l, x_w = _model().train(), torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    torch.manual_seed(1)
+    joint = forward_labeled_and_weak(model, x_l, x_w, True, 0.0)  # equal sizes: one forward
+    torch.manual_seed(1)
+    cat = model(torch.cat([x_l, x_w]), fp_last=3, fp_p=0.0)
+    assert torch.equal(joint.logits_w, cat.logits[2:]) and torch.equal(joint.fp_logits, cat.fp_logits)
+    small = forward_labeled_and_weak(model, x_l, x_w[..., :16, :16], True, 0.5)
+    assert small.logits_l.shape == (2, 3, 32, 32) and small.logits_w.shape == (3, 3, 16, 16)
+    assert small.fp_logits.shape == (3, 3, 16, 16) and small.features_w.shape[-1] == 4
+    # A whole UniMatch + CISC step on half-size unlabeled batches: 4 forwards, a finite loss.
+    lb, ub = _batches(size=32), _batches(size=16)
+    b = {"labeled": lb["labeled"], "unlabeled": ub["unlabeled"], "mix": ub["mix"]}
+    step = OnlineStep(OnlineRecipe(threshold=0.0, cisc="mask", prototype_source="memory"), 3)
+    calls, forward = [], model.forward
+    model.forward = lambda x, *a, **k: calls.append(tuple(x.shape)) or forward(x, *a, **k)
+    loss, scalars = step(model, b, 0)
+    loss.backward()
+    assert calls == [(2, 3, 16, 16), (2, 3, 32, 32), (2, 3, 16, 16), (4, 3, 16, 16)]
+    assert math.isfinite(float(loss)) and scalars["mask_ratio"] == 1.0
+    # The setting: the unlabeled views' crop and scale range times it; 1 by default.
+    cfg = load_config("synthetic", ["method.name=unimatch", "train.unlabeled_resolution=0.5"])
+    ctx = SimpleNamespace(cfg=cfg, unlabeled=[], info=SimpleNamespace(num_classes=3))
+    t = cfg.train
+    assert (_views(ctx, 0).weak.crop_size, _views(ctx, 0).weak.scale_range) == (
+        round(t.crop_size / 2), (t.scale_range[0] / 2, t.scale_range[1] / 2))
+    assert load_config("synthetic", ["method.name=unimatch"]).train.unlabeled_resolution == 1.0
+
+
+@pytest.mark.parametrize("setting", ["train.unlabeled_resolution=0.5", "method.unlabeled_every=2"])
+def test_stagewise_methods_refuse_the_online_cost_levers(setting):
+    from types import SimpleNamespace
+
+    from ciscr.config import load_config
+    from ciscr.errors import ConfigError
+    from ciscr.methods import get_recipe
+
+    cfg = load_config("synthetic", ["method.name=ciscr", setting])
+    with pytest.raises(ConfigError, match=setting.split("=")[0] + ".*stage-wise"):
+        get_recipe("ciscr").run(SimpleNamespace(cfg=cfg))

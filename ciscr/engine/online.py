@@ -5,9 +5,10 @@ batch to CutMix with. Read :meth:`OnlineStep.__call__` top to bottom for the who
 
 1. the mixing images' weak views -> the current model in eval mode, no gradient -> pseudo label
    and confidence (UniMatch predicts them in eval mode);
-2. labeled + unlabeled weak views in one forward (train mode), with UniMatch's feature
-   perturbation (FP) on the unlabeled rows -> CE on the labeled part; the weak predictions
-   (detached) are the pseudo labels;
+2. labeled + unlabeled weak views in one forward (train mode; two where the unlabeled views
+   are smaller, ``train.unlabeled_resolution``), with UniMatch's feature perturbation (FP) on
+   the unlabeled rows -> CE on the labeled part; the weak predictions (detached) are the
+   pseudo labels;
 3. each strong view, CutMixed with the mixing image's strong view inside its box, supervised
    by the pseudo label mixed by the same box (labels, confidence, validity and CISC weight);
 4. loss = w_l * CE_l + lambda * sum_v w_v * L_v, each L_v = sum(CE * mask) / #valid pixels
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +205,37 @@ def recipe_weights(strong_views: int, fp: bool) -> tuple[float, tuple[float, ...
 BankFn = Callable[[nn.Module, int], tuple[torch.Tensor, torch.Tensor]]
 
 
+class LabeledAndWeak(NamedTuple):
+    """The model's outputs on a labeled batch and on the unlabeled weak views (step 2)."""
+
+    logits_l: torch.Tensor
+    logits_w: torch.Tensor
+    features_l: torch.Tensor
+    features_w: torch.Tensor
+    fp_logits: torch.Tensor | None
+
+
+def forward_labeled_and_weak(model: nn.Module, x_l: torch.Tensor, x_w: torch.Tensor, fp: bool,
+                             fp_p: float) -> LabeledAndWeak:
+    """Step 2's forward (train mode), with UniMatch's feature perturbation on the weak rows.
+
+    One forward of both batches, as UniMatch does (BatchNorm normalises them together), when
+    their sizes match; two when they do not (``train.unlabeled_resolution`` < 1 makes the
+    unlabeled views smaller than the labeled crops: a cheaper unlabeled branch, whose
+    BatchNorm statistics are then the unlabeled batch's own).
+    x_l (B_l, 3, H, W), x_w (B_u, 3, h, w).
+    """
+    n_l, n_u = x_l.shape[0], x_w.shape[0]
+    if x_l.shape[-2:] == x_w.shape[-2:]:
+        out = model(torch.cat([x_l, x_w]), fp_last=n_u if fp else 0, fp_p=fp_p)
+        return LabeledAndWeak(out.logits[:n_l], out.logits[n_l:], out.features[:n_l],
+                              out.features[n_l:], out.fp_logits)
+    out_l = model(x_l)
+    out_w = model(x_w, fp_last=n_u if fp else 0, fp_p=fp_p)
+    return LabeledAndWeak(out_l.logits, out_w.logits, out_l.features, out_w.features,
+                          out_w.fp_logits)
+
+
 def merge_bank(
     old: tuple[torch.Tensor, torch.Tensor] | None, new: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,11 +309,9 @@ class OnlineStep:
             out_mix = model(mb["image_w"])
             model.train()
         conf_mix, label_mix = confidence_and_label(out_mix.logits)
-        n_l, n_u = lb["image"].shape[0], ub["image_w"].shape[0]
-        out = model(torch.cat([lb["image"], ub["image_w"]]), fp_last=n_u if r.fp else 0,
-                    fp_p=r.fp_p)  # 2. labeled + weak (+ FP on the weak rows)
-        loss_l = labeled_loss(out.logits[:n_l], lb["mask"], r.ignore_index, r.ohem)
-        conf_w, label_w = confidence_and_label(out.logits[n_l:])
+        out = forward_labeled_and_weak(model, lb["image"], ub["image_w"], r.fp, r.fp_p)  # 2.
+        loss_l = labeled_loss(out.logits_l, lb["mask"], r.ignore_index, r.ohem)
+        conf_w, label_w = confidence_and_label(out.logits_w)
         w_w, w_mix = self._pixel_weights(out, lb, (conf_w, label_w, ub["valid"]),
                                          out_mix, (conf_mix, label_mix, mb["valid"]))
         strong = torch.cat([cutmix(ub[f"image_s{v}"], mb[f"image_s{v}"], ub[f"box{v}"])
@@ -302,11 +332,11 @@ class OnlineStep:
         scalars.update(self._monitor(loss_l, label_w, w_w, ub, r.ignore_index))
         return loss, scalars
 
-    def _pixel_weights(self, out, lb, weak, out_mix, mix):
+    def _pixel_weights(self, out: LabeledAndWeak, lb, weak, out_mix, mix):
         """Per-pixel weights of the weak and the mixing images (``weak``, ``mix``: their
         confidence, pseudo label and valid pixels): the confidence mask (class-balanced with
         ``class_balance``), times (``mask``) or instead of it (``alone``) the CISC weight."""
-        r, n_l = self.r, lb["image"].shape[0]
+        r = self.r
         (conf_w, label_w, valid_w), (conf_mix, label_mix, valid_mix) = weak, mix
         w_w = (conf_w >= r.threshold).float()
         w_mix = (conf_mix >= r.threshold).float()
@@ -315,15 +345,15 @@ class OnlineStep:
             w_mix = class_balanced(w_mix, label_mix, valid_mix, self.num_classes)
         if self.memory is None:
             return w_w, w_mix
-        sums, counts = batch_prototypes(out.features[:n_l].detach(), lb["mask"],
+        sums, counts = batch_prototypes(out.features_l.detach(), lb["mask"],
                                         self.num_classes, r.min_ratio, r.ignore_index)
         # Every process adds its share of the labeled batch: identical memories on all ranks.
         sums, counts = dist.all_reduce_sum(sums), dist.all_reduce_sum(counts)
         self.memory.update(sums / counts.clamp_min(1.0).unsqueeze(1), counts > 0)
         protos, known = ((self.memory.protos, self.memory.known) if r.prototype_source == "memory"
                          else self.bank)
-        protos = protos.to(out.features.device)
-        c_w = class_weights(out.features[n_l:].detach(), protos, known, label_w)
+        protos = protos.to(out.features_w.device)
+        c_w = class_weights(out.features_w.detach(), protos, known, label_w)
         c_mix = class_weights(out_mix.features, protos, known, label_mix)
         if r.cisc == "alone":
             return c_w, c_mix
