@@ -90,8 +90,9 @@ def format_table(med: dict[str, float], steps: int, skip: int) -> str:
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} on {machine()}, one torch "
         "thread, train.amp=auto. Mean `step_seconds` (batch loading + step) of steps "
         f"{skip + 1}-{steps} of one short run per setting. Not counted: the CISC bank's refresh "
-        "(every 50 steps a forward of the labeled images) and the evaluations. mIoU is not "
-        "measured here: a lever's mIoU is a protocol-4 row of its own.", "",
+        "(every 50 steps a forward of the labeled images) and the evaluations. A few steps "
+        "of a short run give a rough figure (the machine's noise is not averaged out); a "
+        "lever's protocol-4 row measures its CPU time over a whole run, and its mIoU.", "",
         "| setting | overrides | s / step | x SupOnly | x UniMatch + CISC |",
         "|---|---|---|---|---|", *rows, "",
         "Levers of the issue with no setting in ciscr yet: " + "; ".join(MISSING) + ".", "",
