@@ -401,6 +401,50 @@ def headline(runs: dict, splits: list[int], seeds: list[int], cmd: str,
             f"SupOnly: {'; '.join(parts)} (`{cmd}`; docs/results/camvid_labels.md).")
 
 
+def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, str],
+           curve: dict) -> str:
+    """The sentence README "Results" gives a user, written from the measured paired differences
+    at the smallest split: does the best semi-supervised row pay per step (against SupOnly at N)
+    and per CPU hour (against SupOnly given its CPU time), and how much SupOnly gained from
+    doubling its steps (its curve, seed 0): the case for training longer instead."""
+    small = min(splits)
+    sup = vals(runs, small, "suponly", seeds)
+    per_step = {r: paired(vals(runs, small, r, seeds), sup) for r in SSL}
+    per_step = {r: v for r, v in per_step.items() if v[0] is not None}
+    if not per_step:
+        return "Not written yet: no semi-supervised row has finished."
+    best = max(per_step, key=lambda r: per_step[r][0])
+    d, d_txt = per_step[best]
+    dc, dc_txt = paired(vals(runs, small, best, seeds),
+                        vals(runs, small, compute_row_of(runs, small, best, seeds), seeds))
+    n = sum(x is not None and y is not None
+            for x, y in zip(vals(runs, small, best, seeds), sup, strict=True))
+    out = [f"With {small} labeled images and N = {runs_iters(runs, small)} steps ({n} of "
+           f"{len(seeds)} seeds so far), the best semi-supervised row here, {labels[best]}, "
+           f"{'gains' if d > 0 else 'does not gain'} over SupOnly at equal steps ({d_txt} "
+           "mIoU points)"]
+    if dc is None:
+        out.append("; per CPU hour it is not measured yet (SupOnly given its CPU time has not "
+                   "finished).")
+    elif dc >= 0:
+        out.append(f", and still leads SupOnly trained for the same CPU time ({dc_txt}): on "
+                   "this budget the unlabeled images pay per CPU hour too.")
+    else:
+        out.append(f", but SupOnly trained for the same CPU time is ahead of it ({dc_txt}): on "
+                   "this budget, train SupOnly longer before paying for an unlabeled branch")
+        pts = curve_points(runs, small, seeds[0], curve, 0)
+        doubling = [(b[1] - a[1]) for a, b in zip(pts, pts[1:], strict=False) if b[0] == 2 * a[0]]
+        out.append(f" (SupOnly gained {100 * doubling[-1]:+.2f} points from its last measured "
+                   "doubling of steps, seed 0); use the unlabeled images once more steps stop "
+                   "paying." if doubling else ".")
+    return "".join(out)
+
+
+def runs_iters(runs: dict, split: int) -> str:
+    its = sorted({r["iterations"] for (k, row, _), r in runs.items() if k == split and row == "suponly"})
+    return ", ".join(map(str, its)) or "n/a"
+
+
 def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[int],
           argv: list[str], spec: dict[str, Any]) -> Path:
     """docs/results/<name>.md, .json and .png. ``spec``: labels, main, compute, curve, iters."""
@@ -411,6 +455,7 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
     judged = not args.overrides and spec["iters"] == 480
     stem = out / args.name
     tgt = targets(runs, splits, seeds, judged)
+    tip = advice(runs, splits, seeds, labels, spec["curve"])
     order = [*spec["main"], *[c for c in spec["compute"] if c != "suponly_compute"]]
     md = [f"# CamVid protocol 4: the label curve{'' if judged else ' (NOT the protocol)'}", "",
           f"Command: `{cmd}` (resumable; `--report-only` rewrites this page). Generated "
@@ -427,7 +472,9 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
           *[f"- CPU time of `l{k[0]}/{k[1]}_s{k[2]}`: {r['cpu_source']}" for k, r in
             sorted(runs.items()) if not r["cpu_source"].startswith(("wait4", "ciscr's own"))], "",
           "## Targets", "",
-          *[f"- {t['target']}: {t['verdict']}" for t in tgt], ""]
+          *[f"- {t['target']}: {t['verdict']}" for t in tgt], "",
+          "## When it pays (the sentence README gives users, written from the figures below)", "",
+          tip, ""]
     for split in splits:
         md += [f"## {split} labeled images", "", *table_split(runs, split, order, seeds, labels),
                "", "Per-class IoU (mean over the seeds finished):", "",
@@ -467,9 +514,11 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
     atomic_write_bytes(stem.with_suffix(".md"), "\n".join(md).encode())
     atomic_write_json(stem.with_suffix(".json"), {
         "command": cmd, "judged": judged, "iterations_n": spec["iters"],
-        "machines": machines(runs), "targets": tgt,
+        "machines": machines(runs), "targets": tgt, "advice": tip,
         "runs": [{k: v for k, v in r.items() if k != "class_names"} for r in runs.values()]})
     if judged:
-        update_readme(Path(args.out).parents[1] / "README.md", headline(runs, splits, seeds, cmd, labels),
+        update_readme(Path(args.out).parents[1] / "README.md",
+                      headline(runs, splits, seeds, cmd, labels) + "\n\n"
+                      + f"![the label curve](docs/results/{stem.name}.png)\n\n" + tip,
                       README_MARK)
     return stem.with_suffix(".md")

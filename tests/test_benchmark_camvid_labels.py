@@ -84,6 +84,27 @@ def test_targets_by_hand():
     assert [t["verdict"][:4] for t in tgt[4:]] == ["MET ", "MISS"]  # UniMatch + CISC, 12 / 46
 
 
+def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
+    def rec(m, it=480, rd="/nowhere"):
+        return {"val_miou": m, "iterations": it, "cpu_minutes": it / 20, "run_dir": rd}
+
+    runs = {(12, r, 0): rec(m) for r, m in [("suponly", 0.40), ("unimatch", 0.45),
+                                            ("unimatch_cisc", 0.47), ("ciscr", 0.43)]}
+    labels = {r: r.upper() for r in cl.ROWS}
+    first = rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
+    assert "UNIMATCH_CISC, gains over SupOnly at equal steps (+7.00 (n=1)" in first
+    assert "(1 of 3 seeds so far)" in first and "per CPU hour it is not measured yet" in first
+    match = tmp_path / "compute"
+    match.mkdir()
+    (match / cl.MATCH).write_text(json.dumps({"rows": ["unimatch_cisc", "unimatch"]}))
+    runs[(12, "suponly_compute", 0)] = rec(0.50, 1440, str(match))
+    runs[(12, "suponly_2n", 0)] = rec(0.46, 960)
+    later = rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
+    assert "SupOnly trained for the same CPU time is ahead of it (-3.00 (n=1))" in later
+    # SupOnly's curve: 480 -> 960 is a doubling (+6), 960 -> 1440 (the compute row) is not.
+    assert "train SupOnly longer" in later and "gained +6.00 points from its last" in later
+
+
 def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
     data = _tiny_camvid(tmp_path / "data")
     tiny = ["train.crop_size=32", "train.batch_size=2", "train.unlabeled_batch_size=2",
