@@ -53,10 +53,10 @@ COUNTS = ("gt", "pred", "hit", "passed", "passed_hit")  # per-class pixel counts
 
 def final_stage(rd: Path) -> str:
     """The run's last training stage (the one whose checkpoint is its result)."""
-    stages = sorted((d.name for d in rd.glob("stage*") if (d / "done.json").exists()),
-                    key=lambda s: int(s[5:]) if s[5:].isdigit() else -1)
     if (rd / "online" / "done.json").exists():
         return "online"
+    stages = sorted((d.name for d in rd.glob("stage*") if (d / "done.json").exists()),
+                    key=lambda s: int(s[5:]) if s[5:].isdigit() else -1)
     if not stages:
         raise FileNotFoundError(f"{rd}: no finished training stage")
     return stages[-1]
