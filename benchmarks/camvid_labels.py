@@ -13,8 +13,10 @@ seed; the rest of the pool unlabeled) and seed, every row trains from ImageNet o
 - ``suponly_compute``: SupOnly given the measured CPU time of the row it is compared with (the
   rule below).
 
-Options (seed 0, 12 labels, after the main rows): FixMatch, ST++ (stages shared with CISC-R),
-SupOnly's learning curve (N/2, 2N, 4N, 8N iterations) for the figure, and four of section
+SupOnly's learning curve at 12 labels, seed 0 (N/2 and 2N with seed 0's rows; 4N and 8N
+right after the three 12-label seeds, before the other splits): the figure, and the report's
+advice on training longer. Options (seed 0, 12 labels, after the main rows): FixMatch, ST++
+(stages shared with CISC-R), and four of section
 2's levers on the online step's cost (one strong view; an unlabeled batch of 2; the unlabeled
 branch every 2nd step; unlabeled views at half resolution), each one setting, whose step cost
 ``benchmarks/camvid_levers.py`` measures.
