@@ -44,10 +44,11 @@ def test_every_row_is_a_method_and_the_compute_rows_wait_for_what_they_are_given
         seen |= set(rows)
     assert cl.needs("suponly_compute") == ["suponly", "unimatch_cisc", "unimatch"]
     assert cl.needs("ciscr_fresh") == ["ciscr"]
-    # The smallest split's seeds first, then SupOnly's curve there, the other splits, options.
+    # The smallest split's seeds, SupOnly's curve there, the largest split, options, 23 labels.
     phases = [(split, seed, rows) for split, seed, rows in cl.queue(args)]
-    assert [p[:2] for p in phases[:5]] == [(12, 0), (12, 1), (12, 2), (12, 0), (46, 0)]
-    assert phases[3][2] == ["suponly_8n", "suponly_4n"] and phases[-1][2][0] == "fixmatch"
+    assert [p[:2] for p in phases] == [(12, 0), (12, 1), (12, 2), (12, 0), (46, 0), (46, 1),
+                                       (46, 2), (12, 0), (23, 0), (23, 1), (23, 2)]
+    assert phases[3][2] == ["suponly_8n", "suponly_4n"] and phases[7][2][0] == "fixmatch"
 
 
 def _args(tmp_path: Path, *extra: str):
