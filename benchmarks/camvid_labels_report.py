@@ -440,6 +440,21 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
     return "".join(out)
 
 
+def stage_start(runs: dict, split: int, seed: int) -> str:
+    """The measurement behind CISC-R's main row (METHOD-NOTES): its later stages continued from
+    stage 1 (``ciscr``) against from ImageNet (``ciscr_fresh``, the paper), same split and seed."""
+    a, b = (runs.get((split, r, seed)) for r in ("ciscr", "ciscr_fresh"))
+    if not a or not b:
+        return (f"CISC-R's later stages, continued against from ImageNet (seed {seed}, {split} "
+                "labels): not measured yet.")
+    d = 100 * (a["val_miou"] - b["val_miou"])
+    verdict = ("continuing wins: the main row `ciscr` (method.init=previous) stands" if d >= 0
+               else "from ImageNet wins: the main row should switch to `ciscr_fresh`'s start")
+    return (f"CISC-R's later stages (seed {seed}, {split} labels): continued from stage 1 "
+            f"{fmt(a['val_miou'])}, from ImageNet (the paper) {fmt(b['val_miou'])}, {d:+.2f} "
+            f"points for continuing, at the same {a['iterations']} iterations: {verdict}.")
+
+
 def runs_iters(runs: dict, split: int) -> str:
     its = sorted({r["iterations"] for (k, row, _), r in runs.items() if k == split and row == "suponly"})
     return ", ".join(map(str, its)) or "n/a"
@@ -484,6 +499,7 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
                "stpp"]
     md += ["## Options (seed 0, the smallest split)", "",
            *table_split(runs, small, options, seeds[:1], labels), "",
+           stage_start(runs, small, seeds[0]), "",
            "## Diagnostics: what the unlabeled branch could learn from", "",
            "Each run's FINAL model labels its split's unlabeled pool as an online step labels "
            "its weak view, scored against the pool's ground truth (never trained on; "

@@ -110,6 +110,16 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
     assert "train SupOnly longer" in later and "gained +6.00 points from its last" in later
 
 
+def test_the_stage_start_line_says_which_start_won():
+    runs = {(12, "ciscr", 0): {"val_miou": 0.47, "iterations": 1440}}
+    assert "not measured yet" in rep.stage_start(runs, 12, 0)
+    runs[(12, "ciscr_fresh", 0)] = {"val_miou": 0.45, "iterations": 1440}
+    line = rep.stage_start(runs, 12, 0)
+    assert "47.00, from ImageNet (the paper) 45.00, +2.00 points" in line and "stands" in line
+    runs[(12, "ciscr_fresh", 0)]["val_miou"] = 0.48
+    assert "should switch" in rep.stage_start(runs, 12, 0)
+
+
 def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
     data = _tiny_camvid(tmp_path / "data")
     tiny = ["train.crop_size=32", "train.batch_size=2", "train.unlabeled_batch_size=2",
