@@ -415,28 +415,38 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
         return "Not written yet: no semi-supervised row has finished."
     best = max(per_step, key=lambda r: per_step[r][0])
     d, d_txt = per_step[best]
-    dc, dc_txt = paired(vals(runs, small, best, seeds),
-                        vals(runs, small, compute_row_of(runs, small, best, seeds), seeds))
     n = sum(x is not None and y is not None
             for x, y in zip(vals(runs, small, best, seeds), sup, strict=True))
+    its = sorted({r["iterations"] for (k, row, _), r in runs.items() if k == small and row == best})
+    stages = "" if its == [runs_iters_n(runs, small)] else \
+        f" (N per training stage, {'/'.join(map(str, its))} in all)"
     out = [f"With {small} labeled images and N = {runs_iters(runs, small)} steps ({n} of "
-           f"{len(seeds)} seeds so far), the best semi-supervised row here, {labels[best]}, "
-           f"{'gains' if d > 0 else 'does not gain'} over SupOnly at equal steps ({d_txt} "
-           "mIoU points)"]
-    if dc is None:
-        out.append("; per CPU hour it is not measured yet (SupOnly given its CPU time has not "
-                   "finished).")
-    elif dc >= 0:
-        out.append(f", and still leads SupOnly trained for the same CPU time ({dc_txt}): on "
-                   "this budget the unlabeled images pay per CPU hour too.")
-    else:
-        out.append(f", but SupOnly trained for the same CPU time is ahead of it ({dc_txt}): on "
-                   "this budget, train SupOnly longer before paying for an unlabeled branch")
-        pts = curve_points(runs, small, seeds[0], curve, 0)
-        doubling = [(b[1] - a[1]) for a, b in zip(pts, pts[1:], strict=False) if b[0] == 2 * a[0]]
-        out.append(f" (SupOnly gained {100 * doubling[-1]:+.2f} points from its last measured "
-                   "doubling of steps, seed 0); use the unlabeled images once more steps stop "
-                   "paying." if doubling else ".")
+           f"{len(seeds)} seeds so far), the best semi-supervised row here, {labels[best]}"
+           f"{stages}, {'gains' if d > 0 else 'does not gain'} over SupOnly at N steps "
+           f"({d_txt} mIoU points). "]
+    per_cpu = {r: paired(vals(runs, small, r, seeds),
+                         vals(runs, small, compute_row_of(runs, small, r, seeds), seeds))
+               for r in per_step}
+    measured = {r: v for r, v in per_cpu.items() if v[0] is not None}
+    pending = [labels[r] for r in per_step if r not in measured]
+    later = f" ({', '.join(pending)}: not measured yet)" if pending else ""
+    if not measured:
+        return "".join(out) + "Per CPU hour: not measured yet (SupOnly given a row's CPU time " \
+            "has not finished)."
+    lead = max(measured, key=lambda r: measured[r][0])
+    each = "; ".join(f"{labels[r]} {v[1]}" for r, v in measured.items())
+    if measured[lead][0] >= 0:
+        return "".join(out) + (f"Per CPU hour, {labels[lead]} still leads SupOnly trained for "
+                               f"the same CPU time ({each}){later}: on this budget the unlabeled "
+                               "images pay per CPU hour too.")
+    out.append(f"Per CPU hour, SupOnly trained for the same CPU time is ahead of every "
+               f"semi-supervised row measured ({each}){later}: on this budget, train SupOnly "
+               "longer before paying for an unlabeled branch")
+    pts = curve_points(runs, small, seeds[0], curve, 0)
+    doubling = [(b[1] - a[1]) for a, b in zip(pts, pts[1:], strict=False) if b[0] == 2 * a[0]]
+    out.append(f" (SupOnly gained {100 * doubling[-1]:+.2f} points from its last measured "
+               "doubling of steps, seed 0); use the unlabeled images once more steps stop "
+               "paying." if doubling else ".")
     return "".join(out)
 
 
@@ -453,6 +463,12 @@ def stage_start(runs: dict, split: int, seed: int) -> str:
     return (f"CISC-R's later stages (seed {seed}, {split} labels): continued from stage 1 "
             f"{fmt(a['val_miou'])}, from ImageNet (the paper) {fmt(b['val_miou'])}, {d:+.2f} "
             f"points for continuing, at the same {a['iterations']} iterations: {verdict}.")
+
+
+def runs_iters_n(runs: dict, split: int) -> int | None:
+    """SupOnly's iterations at ``split`` (N), the first when runs differ."""
+    its = sorted({r["iterations"] for (k, row, _), r in runs.items() if k == split and row == "suponly"})
+    return its[0] if its else None
 
 
 def runs_iters(runs: dict, split: int) -> str:

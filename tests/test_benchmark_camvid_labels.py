@@ -97,15 +97,20 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
                                             ("unimatch_cisc", 0.47), ("ciscr", 0.43)]}
     labels = {r: r.upper() for r in cl.ROWS}
     first = rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
-    assert "UNIMATCH_CISC, gains over SupOnly at equal steps (+7.00 (n=1)" in first
-    assert "(1 of 3 seeds so far)" in first and "per CPU hour it is not measured yet" in first
+    assert "UNIMATCH_CISC, gains over SupOnly at N steps (+7.00 (n=1)" in first
+    assert "(1 of 3 seeds so far)" in first and "Per CPU hour: not measured yet" in first
     match = tmp_path / "compute"
     match.mkdir()
     (match / cl.MATCH).write_text(json.dumps({"rows": ["unimatch_cisc", "unimatch"]}))
     runs[(12, "suponly_compute", 0)] = rec(0.50, 1440, str(match))
     runs[(12, "suponly_2n", 0)] = rec(0.46, 960)
     later = rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
-    assert "SupOnly trained for the same CPU time is ahead of it (-3.00 (n=1))" in later
+    runs[(12, "ciscr", 0)] = rec(0.49, 1440)  # the best now, with 3 stages of N
+    assert "CISCR (N per training stage, 1440 in all), gains over SupOnly at N steps (+9.00" in \
+        rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
+    assert "SupOnly trained for the same CPU time is ahead of every semi-supervised row " \
+        "measured (UNIMATCH -5.00 (n=1); UNIMATCH_CISC -3.00 (n=1)) (CISCR: not measured yet)" \
+        in later
     # SupOnly's curve: 480 -> 960 is a doubling (+6), 960 -> 1440 (the compute row) is not.
     assert "train SupOnly longer" in later and "gained +6.00 points from its last" in later
 
