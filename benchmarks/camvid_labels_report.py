@@ -392,8 +392,11 @@ def headline(runs: dict, splits: list[int], seeds: list[int], cmd: str,
         d, _ = paired(vals(runs, small, r, seeds), sup)
         dc, _ = paired(vals(runs, small, r, seeds),
                        vals(runs, small, compute_row_of(runs, small, r, seeds), seeds))
+        its = {rec["iterations"] for (k, row, _), rec in runs.items() if k == small and row == r}
+        steps = ("at equal steps" if its == {runs_iters_n(runs, small)} else
+                 f"at N steps per stage ({'/'.join(map(str, sorted(its)))} in all)")
         if d is not None:
-            parts.append(f"{labels.get(r, r)} {d:+.2f} at equal steps"
+            parts.append(f"{labels.get(r, r)} {d:+.2f} {steps}"
                          + (f", {dc:+.2f} at equal CPU time" if dc is not None else ""))
     if not parts:
         return f"CamVid label curve: no semi-supervised row finished yet (`{cmd}`)."
