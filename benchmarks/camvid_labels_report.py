@@ -392,9 +392,9 @@ def headline(runs: dict, splits: list[int], seeds: list[int], cmd: str,
         d, _ = paired(vals(runs, small, r, seeds), sup)
         dc, _ = paired(vals(runs, small, r, seeds),
                        vals(runs, small, compute_row_of(runs, small, r, seeds), seeds))
-        its = {rec["iterations"] for (k, row, _), rec in runs.items() if k == small and row == r}
-        steps = ("at equal steps" if its == {runs_iters_n(runs, small)} else
-                 f"at N steps per stage ({'/'.join(map(str, sorted(its)))} in all)")
+        its = iterations_of(runs, small, r)
+        steps = ("at equal steps" if its == iterations_of(runs, small, "suponly")[:1] else
+                 f"at N steps per stage ({'/'.join(map(str, its))} in all)")
         if d is not None:
             parts.append(f"{labels.get(r, r)} {d:+.2f} {steps}"
                          + (f", {dc:+.2f} at equal CPU time" if dc is not None else ""))
@@ -420,10 +420,11 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
     d, d_txt = per_step[best]
     n = sum(x is not None and y is not None
             for x, y in zip(vals(runs, small, best, seeds), sup, strict=True))
-    its = sorted({r["iterations"] for (k, row, _), r in runs.items() if k == small and row == best})
-    stages = "" if its == [runs_iters_n(runs, small)] else \
+    its = iterations_of(runs, small, best)
+    stages = "" if its == iterations_of(runs, small, "suponly")[:1] else \
         f" (N per training stage, {'/'.join(map(str, its))} in all)"
-    out = [f"With {small} labeled images and N = {runs_iters(runs, small)} steps ({n} of "
+    n_its = ", ".join(map(str, iterations_of(runs, small, "suponly"))) or "n/a"
+    out = [f"With {small} labeled images and N = {n_its} steps ({n} of "
            f"{len(seeds)} seeds so far), the best semi-supervised row here, {labels[best]}"
            f"{stages}, {'gains' if d > 0 else 'does not gain'} over SupOnly at N steps "
            f"({d_txt} mIoU points). "]
@@ -468,15 +469,9 @@ def stage_start(runs: dict, split: int, seed: int) -> str:
             f"points for continuing, at the same {a['iterations']} iterations: {verdict}.")
 
 
-def runs_iters_n(runs: dict, split: int) -> int | None:
-    """SupOnly's iterations at ``split`` (N), the first when runs differ."""
-    its = sorted({r["iterations"] for (k, row, _), r in runs.items() if k == split and row == "suponly"})
-    return its[0] if its else None
-
-
-def runs_iters(runs: dict, split: int) -> str:
-    its = sorted({r["iterations"] for (k, row, _), r in runs.items() if k == split and row == "suponly"})
-    return ", ".join(map(str, its)) or "n/a"
+def iterations_of(runs: dict, split: int, row: str) -> list[int]:
+    """The training iterations of ``row``'s finished runs at ``split`` (sorted, distinct)."""
+    return sorted({r["iterations"] for (k, name, _), r in runs.items() if k == split and name == row})
 
 
 def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[int],
