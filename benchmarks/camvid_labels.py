@@ -215,15 +215,17 @@ def current_protocol(args: argparse.Namespace, split: int, row: str, seed: int,
 
 
 def cpu_seconds(args: argparse.Namespace, split: int, row: str, seed: int) -> float | None:
-    """A finished run's measured CPU seconds (CISC-R's with its stage 1, the suponly run):
-    camvid_labels_report.run_cost's figure; None when not finished or not known."""
+    """A finished run's measured CPU seconds (CISC-R's with its stage 1, the suponly run, by
+    camvid_labels_report.with_stage1); None when not finished or not known."""
     rd = finished_dir(args, split, row, seed)
-    cost = camvid_labels_report.run_cost(rd) if rd else {"cpu_seconds": None}
-    own = cost["cpu_seconds"]
-    if own is None or row != "ciscr" or cost["includes_shared"]:
-        return own
-    stage1 = cpu_seconds(args, split, "suponly", seed)
-    return None if stage1 is None else own + stage1
+    if rd is None:
+        return None
+    own = camvid_labels_report.run_cost(rd)
+    stage1 = None
+    if row == "ciscr" and not own["includes_shared"]:
+        srd = finished_dir(args, split, "suponly", seed)
+        stage1 = camvid_labels_report.run_cost(srd) if srd else None
+    return camvid_labels_report.with_stage1(row, own, stage1)["cpu_seconds"]
 
 
 def compute_plan(args: argparse.Namespace, split: int, seed: int,

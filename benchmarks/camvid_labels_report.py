@@ -111,18 +111,26 @@ def online_monitor(rd: Path) -> dict[str, float] | None:
             ("mask_ratio", "pseudo_acc", "pseudo_acc_selected") if all(k in r for r in last)}
 
 
+def with_stage1(row: str, own: dict[str, Any], stage1: dict[str, Any] | None) -> dict[str, Any]:
+    """A run's total CPU and wall seconds: CISC-R's include its stage 1, the split's suponly run
+    (shared, not retrained), unless its own record already does (``includes_shared``); None
+    where a part is unknown. The one rule the queue (the CPU given to suponly_compute_ciscr)
+    and the report (every cost comparison) both use."""
+    keys = ("cpu_seconds", "wall_seconds")
+    if row != "ciscr" or own.get("includes_shared"):
+        return {k: own.get(k) for k in keys}
+    sup = stage1 or {}
+    return {k: None if own.get(k) is None or sup.get(k) is None else own[k] + sup[k]
+            for k in keys}
+
+
 def add_totals(runs: dict) -> None:
-    """CISC-R's CPU and wall time include its stage 1, the split's suponly run (shared; already
-    in ciscr's own record); ``cpu_minutes`` is each run's total, the figure every cost
+    """``cpu_minutes`` / ``wall_minutes``: each run's total (with_stage1), the figure every cost
     comparison uses."""
     for (split, row, seed), r in runs.items():
-        cpu, wall = r["cpu_seconds"], r["wall_seconds"]
-        if row == "ciscr" and not r.get("includes_shared"):
-            sup = runs.get((split, "suponly", seed)) or {}
-            cpu = None if cpu is None or sup.get("cpu_seconds") is None else cpu + sup["cpu_seconds"]
-            wall = None if wall is None or sup.get("wall_seconds") is None else wall + sup["wall_seconds"]
-        r["cpu_minutes"] = None if cpu is None else cpu / 60
-        r["wall_minutes"] = None if wall is None else wall / 60
+        total = with_stage1(row, r, runs.get((split, "suponly", seed)))
+        r["cpu_minutes"] = None if total["cpu_seconds"] is None else total["cpu_seconds"] / 60
+        r["wall_minutes"] = None if total["wall_seconds"] is None else total["wall_seconds"] / 60
 
 
 def vals(runs: dict, split: int, row: str, seeds: list[int], key: str = "val_miou") -> list:

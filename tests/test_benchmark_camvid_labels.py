@@ -203,3 +203,9 @@ def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unkno
             (12, "ciscr", 0): {"cpu_seconds": 30.0, "wall_seconds": 40.0, "includes_shared": True}}
     rep.add_totals(runs)  # ciscr's own record already holds its copied stage 1
     assert runs[(12, "ciscr", 0)]["cpu_minutes"] == 0.5
+    # An older ciscr record without its copied stage 1: the suponly run's time is added once.
+    older = {"cpu_seconds": 30.0, "wall_seconds": 40.0, "includes_shared": False}
+    assert rep.with_stage1("ciscr", older, runs[(12, "suponly", 0)]) == \
+        {"cpu_seconds": 40.0, "wall_seconds": 60.0}
+    assert rep.with_stage1("ciscr", older, None)["cpu_seconds"] is None
+    assert rep.with_stage1("unimatch", older, runs[(12, "suponly", 0)])["cpu_seconds"] == 30.0
