@@ -214,6 +214,27 @@ def table_plans(runs: dict, splits: list[int], seeds: list[int], compute: dict) 
     return out
 
 
+def budget_lines(runs: dict, split: int, seeds: list[int], rows: list[str]) -> list[str]:
+    """Per seed, what its finished main and compute runs cost together against the issue's
+    budget (one (split, seed) of main rows in <= 150 minutes of wall, two runs at a time on 2
+    cores): their CPU minutes (CISC-R's without its shared stage 1, counted once, in SupOnly)
+    over the 2 cores, a lower bound on that wall, and their measured wall minutes over 2."""
+    out = []
+    for s in seeds:
+        got = {r: runs[(split, r, s)] for r in rows if runs.get((split, r, s))}
+        if not got or any(got[r].get("cpu_minutes") is None for r in got):
+            continue
+        cpu = sum(g["cpu_minutes"] for g in got.values())
+        wall = sum(g["wall_minutes"] or 0.0 for g in got.values())
+        if "ciscr" in got and "suponly" in got:  # its stage 1 is the suponly run: once
+            cpu -= got["suponly"]["cpu_minutes"]
+            wall -= got["suponly"]["wall_minutes"] or 0.0
+        out.append(f"- seed {s} ({', '.join(got)}): {cpu:.0f} CPU min, {cpu / 2:.0f} min of "
+                   f"wall on 2 cores at best; measured wall / 2: {wall / 2:.0f} min "
+                   f"(the issue's budget: 150)")
+    return out
+
+
 def curve_points(runs: dict, split: int, seed: int, curve: dict, iters: int) -> list[tuple]:
     """SupOnly's learning curve: (iterations, val mIoU of the LAST checkpoint, CPU minutes)
     of every SupOnly run of (split, seed), each its own schedule."""
@@ -482,6 +503,69 @@ def iterations_of(runs: dict, split: int, row: str) -> list[int]:
     return sorted({r["iterations"] for (k, name, _), r in runs.items() if k == split and name == row})
 
 
+INTRO = ("Every row from ImageNet on the same labeled split of its seed, val mIoU of the LAST "
+         "checkpoint (101 val images). N = {iters} iterations per training stage (the rule: "
+         "benchmarks/camvid_labels.py's header). Costs are each run's own measured CPU and wall "
+         "time on 2 cores, two runs at a time, one thread each, from ciscr's own record "
+         "(results.json: each stage's CPU time summed over the invocations that ran it, kept in "
+         "its checkpoints, so a session's end loses nothing measured) or, for runs finished "
+         "before ciscr kept it, the wait4 sum of the benchmark's invocations; CISC-R's include "
+         "its stage 1 (the SupOnly run).")
+DIAG_INTRO = ("Each run's FINAL model labels its split's unlabeled pool as an online step labels "
+              "its weak view, scored against the pool's ground truth (never trained on; "
+              "`benchmarks/camvid_labels_diagnostics.py`, run by the queue after each run): "
+              "pseudo-label mIoU and pixel accuracy, the share of pixels that pass the confidence "
+              "mask, the share of those that are right, the share of all pixels that pass and "
+              "are right, and the AUROC of telling right from wrong labels by the confidence and "
+              "by the CISC weight (the labeled images' prototype bank through the same model); "
+              "then the online rows' own monitor over the last quarter of training (the pixels "
+              "passed, the online labels' accuracy, their accuracy where passed). A SupOnly row "
+              "shows what its pseudo labels would have been. Percent, mean over the seeds "
+              "diagnosed.")
+
+
+def md_head(runs: dict, cmd: str, judged: bool, iters: int, tgt: list[dict],
+            tip: str) -> list[str]:
+    """The page's title, command, protocol and machines, then the targets and the advice."""
+    return [f"# CamVid protocol 4: the label curve{'' if judged else ' (NOT the protocol)'}", "",
+            f"Command: `{cmd}` (resumable; `--report-only` rewrites this page). Generated "
+            f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}; nothing typed by hand.",
+            "", INTRO.format(iters=iters), "",
+            "Machines (CPU, bf16 support, as recorded by each invocation):",
+            *[f"- {m}" for m in machines(runs)], "",
+            *[f"- CPU time of `l{k[0]}/{k[1]}_s{k[2]}`: {r['cpu_source']}" for k, r in
+              sorted(runs.items()) if not r["cpu_source"].startswith(("wait4", "ciscr's own"))],
+            "", "## Targets", "", *[f"- {t['target']}: {t['verdict']}" for t in tgt], "",
+            "## When it pays (the sentence README gives users, written from the figures below)",
+            "", tip, ""]
+
+
+def md_splits(runs: dict, splits: list[int], seeds: list[int], order: list[str],
+              labels: dict[str, str]) -> list[str]:
+    """Per split: the rows' table, their per-class IoU and what a seed's rows cost together."""
+    md = []
+    for split in splits:
+        md += [f"## {split} labeled images", "", *table_split(runs, split, order, seeds, labels),
+               "", "Per-class IoU (mean over the seeds finished):", "",
+               *table_per_class(runs, split, order, seeds, labels), ""]
+        cost = budget_lines(runs, split, seeds, order)
+        md += ["What a seed's finished main and compute rows cost together:", "", *cost, ""] \
+            if cost else []
+    return md
+
+
+def md_diagnostics(runs: dict, splits: list[int], seeds: list[int], rows: list[str],
+                   labels: dict[str, str]) -> list[str]:
+    """The pseudo-label diagnostics per split, and per class at the smallest split."""
+    md = ["## Diagnostics: what the unlabeled branch could learn from", "", DIAG_INTRO, ""]
+    for split in splits:
+        md += [f"{split} labels:", "", *table_diagnostics(runs, split, rows, seeds, labels), ""]
+    return md + [f"Per class at {min(splits)} labels (pseudo-label IoU / share of the class's "
+                 "pixels that pass the mask and are right), mean over the seeds diagnosed:", "",
+                 *table_taught(runs, min(splits), ["suponly", "unimatch", "unimatch_cisc",
+                                                   "ciscr"], seeds, labels), ""]
+
+
 def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[int],
           argv: list[str], spec: dict[str, Any]) -> Path:
     """docs/results/<name>.md, .json and .png. ``spec``: labels, main, compute, curve, iters."""
@@ -494,58 +578,21 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
     tgt = targets(runs, splits, seeds, judged)
     tip = advice(runs, splits, seeds, labels, spec["curve"])
     order = [*spec["main"], *[c for c in spec["compute"] if c != "suponly_compute"]]
-    md = [f"# CamVid protocol 4: the label curve{'' if judged else ' (NOT the protocol)'}", "",
-          f"Command: `{cmd}` (resumable; `--report-only` rewrites this page). Generated "
-          f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}; nothing typed by hand.",
-          "", "Every row from ImageNet on the same labeled split of its seed, val mIoU of the "
-          f"LAST checkpoint (101 val images). N = {spec['iters']} iterations per training stage "
-          "(the rule: benchmarks/camvid_labels.py's header). Costs are each run's own measured "
-          "CPU and wall time on 2 cores, two runs at a time, one thread each, from ciscr's own "
-          "record (results.json: each stage's CPU time summed over the invocations that ran it, "
-          "kept in its checkpoints, so a session's end loses nothing measured) or, for runs "
-          "finished before ciscr kept it, the wait4 sum of the benchmark's invocations; CISC-R's "
-          "include its stage 1 (the SupOnly run).", "", "Machines (CPU, bf16 support, as recorded by "
-          "each invocation):", *[f"- {m}" for m in machines(runs)], "",
-          *[f"- CPU time of `l{k[0]}/{k[1]}_s{k[2]}`: {r['cpu_source']}" for k, r in
-            sorted(runs.items()) if not r["cpu_source"].startswith(("wait4", "ciscr's own"))], "",
-          "## Targets", "",
-          *[f"- {t['target']}: {t['verdict']}" for t in tgt], "",
-          "## When it pays (the sentence README gives users, written from the figures below)", "",
-          tip, ""]
-    for split in splits:
-        md += [f"## {split} labeled images", "", *table_split(runs, split, order, seeds, labels),
-               "", "Per-class IoU (mean over the seeds finished):", "",
-               *table_per_class(runs, split, order, seeds, labels), ""]
     small = min(splits)
     options = ["suponly", "unimatch_cisc", *spec["levers"], "ciscr", "ciscr_fresh", "fixmatch",
                "stpp"]
-    md += ["## Options (seed 0, the smallest split)", "",
-           *table_split(runs, small, options, seeds[:1], labels), "",
-           stage_start(runs, small, seeds[0]), "",
-           "## Diagnostics: what the unlabeled branch could learn from", "",
-           "Each run's FINAL model labels its split's unlabeled pool as an online step labels "
-           "its weak view, scored against the pool's ground truth (never trained on; "
-           "`benchmarks/camvid_labels_diagnostics.py`, run by the queue after each run): "
-           "pseudo-label mIoU and pixel accuracy, the share of pixels that pass the confidence "
-           "mask, the share of those that are right, the share of all pixels that pass and are "
-           "right, and the AUROC of telling right from wrong labels by the confidence and by the "
-           "CISC weight (the labeled images' prototype bank through the same model); then the "
-           "online rows' own monitor over the last quarter of training (the pixels passed, the "
-           "online labels' accuracy, their accuracy where passed). A SupOnly row shows what its "
-           "pseudo labels would have been. Percent, mean over the seeds diagnosed.", ""]
-    for split in splits:
-        md += [f"{split} labels:", "", *table_diagnostics(runs, split, [*order, *options[2:]],
-                                                           seeds, labels), ""]
-    md += [f"Per class at {small} labels (pseudo-label IoU / share of the class's pixels that "
-           "pass the mask and are right), mean over the seeds diagnosed:", "",
-           *table_taught(runs, small, ["suponly", "unimatch", "unimatch_cisc", "ciscr"], seeds,
-                         labels), "",
-           "## SupOnly's learning curve (smallest split, seed 0)", "",
-           *table_curve(curve_points(runs, small, seeds[0], spec["curve"], spec["iters"])), "",
-           "## SupOnly given a row's CPU time (the rule's plans)", "",
-           *table_plans(runs, splits, seeds, spec["compute"]), "",
-           "## Figure", "", *figures(runs, splits, seeds, labels, spec["curve"], stem), "",
-           "## In progress", ""]
+    md = [*md_head(runs, cmd, judged, spec["iters"], tgt, tip),
+          *md_splits(runs, splits, seeds, order, labels),
+          "## Options (seed 0, the smallest split)", "",
+          *table_split(runs, small, options, seeds[:1], labels), "",
+          stage_start(runs, small, seeds[0]), "",
+          *md_diagnostics(runs, splits, seeds, [*order, *options[2:]], labels),
+          "## SupOnly's learning curve (smallest split, seed 0)", "",
+          *table_curve(curve_points(runs, small, seeds[0], spec["curve"], spec["iters"])), "",
+          "## SupOnly given a row's CPU time (the rule's plans)", "",
+          *table_plans(runs, splits, seeds, spec["compute"]), "",
+          "## Figure", "", *figures(runs, splits, seeds, labels, spec["curve"], stem), "",
+          "## In progress", ""]
     for split in splits:
         md += in_progress(Path(args.runs) / f"l{split}") or []
     md.append("")

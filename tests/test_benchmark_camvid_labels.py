@@ -209,3 +209,14 @@ def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unkno
         {"cpu_seconds": 40.0, "wall_seconds": 60.0}
     assert rep.with_stage1("ciscr", older, None)["cpu_seconds"] is None
     assert rep.with_stage1("unimatch", older, runs[(12, "suponly", 0)])["cpu_seconds"] == 30.0
+
+
+def test_a_seeds_cost_against_the_budget_counts_the_shared_stage_1_once():
+    runs = {(12, "suponly", 0): {"cpu_minutes": 20.0, "wall_minutes": 30.0},
+            (12, "unimatch", 0): {"cpu_minutes": 60.0, "wall_minutes": 80.0},
+            (12, "ciscr", 0): {"cpu_minutes": 90.0, "wall_minutes": 110.0},  # 20 of it SupOnly's
+            (12, "unimatch", 1): {"cpu_minutes": None, "wall_minutes": None}}  # unknown: skipped
+    (line,) = rep.budget_lines(runs, 12, [0, 1], ["suponly", "unimatch", "ciscr"])
+    # (20 + 60 + 90 - 20) = 150 CPU min -> 75 min on 2 cores; wall (30 + 80 + 110 - 30) / 2 = 95
+    assert line.startswith("- seed 0 (suponly, unimatch, ciscr): 150 CPU min, 75 min")
+    assert "measured wall / 2: 95 min" in line
