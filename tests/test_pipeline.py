@@ -41,14 +41,12 @@ def read(path):
         (["method.name=st"], ["stage1", "pseudo0", "stage2"]),
         (["method.name=stpp", "method.stpp_snapshots=1"],
          ["stage1", "pseudo0", "selection", "stage2", "pseudo1", "stage3"]),
-        (["method.name=ciscr"], ["stage1", "pseudo0", "selection", "stage2", "pseudo1", "stage3"]),
         (["method.name=ciscr_bank"], ["stage1", "pseudo0", "selection", "stage2", "stage3"]),
         (["method.name=ciscr", "method.rectify=anchor"], ["stage3"]),
         (["method.name=ciscr", "method.query_selection=rs", "method.selection=random"], ["stage3"]),
         (["method.name=ciscr", "method.query_selection=as"], ["stage3"]),
         (["method.name=ciscr", "method.num_prototypes=2"], ["stage3"]),
-        (["method.name=ciscr", "method.crop_selection=16"], ["stage3"]),
-        (["method.name=ciscr", "method.distance=balanced"], ["stage3"]),
+        # Two independent switches in one run (each alone costs a run and adds no code path).
         (["method.name=ciscr", "method.distance=balanced", "method.crop_selection=16"],
          ["stage3"]),
         (["method.name=ciscr", "method.retrain=one"], ["stage2"]),
@@ -87,7 +85,13 @@ def test_invalid_switch_combinations_are_config_errors(tmp_path):
 
 
 def test_queries_only_from_labeled_split_and_halves(tmp_path):
-    _, rd = tiny_run(tmp_path, "method.name=ciscr")
+    """Plain CISC-R end to end (its every stage, as test_every_switch_runs checks the other
+    switches), then what its selection chose."""
+    results, rd = tiny_run(tmp_path, "method.name=ciscr")
+    for s in ("stage1", "pseudo0", "selection", "stage2", "pseudo1", "stage3"):
+        assert (rd / s / "done.json").exists(), s
+    assert results["final_stage"] == "stage3" and (rd / "stage3" / "checkpoint.pt").exists()
+    assert 0.0 <= results["final_metrics"]["miou"] <= 1.0
     labeled = set()
     cfg = load_config(rd / "config.yaml")
     from ciscr.data.formats import load_dataset
