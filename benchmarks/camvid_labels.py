@@ -319,16 +319,18 @@ def needs(row: str) -> list[str]:
     return deps + ([SHARED_WITH[row][0]] if row in SHARED_WITH else [])
 
 
-def run_phase(args: argparse.Namespace, split: int, seed: int, rows: list[str],
+def run_queue(args: argparse.Namespace, tasks: list[tuple[int, int, str]],
               argv: list[str]) -> None:
-    """Rows of one (split, seed), ``args.jobs`` at a time: each free worker starts the first
-    row (in ``rows`` order) whose needs are finished, so no core idles while a row waits (e.g.
-    suponly_compute for the rows whose CPU time it is given); the report after every run."""
+    """The queue's (split, seed, row) tasks, ``args.jobs`` at a time: each free worker starts
+    the first task (in queue order) whose needs are finished, so no core idles while a row
+    waits (e.g. suponly_compute for the rows whose CPU time it is given) or while the last
+    row of one (split, seed) runs alone (the next seed's first rows start beside it); the
+    report after every run."""
     cond = threading.Condition()
-    pending, running, failed = list(rows), set(), []
+    pending, running, failed = list(tasks), set(), []
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
-    def done(row: str) -> bool:  # finished with its CPU time known
+    def done(split: int, seed: int, row: str) -> bool:  # finished with its CPU time known
         if cpu_seconds(args, split, row, seed) is not None:
             return True
         rd = finished_dir(args, split, row, seed)
@@ -338,34 +340,36 @@ def run_phase(args: argparse.Namespace, split: int, seed: int, rows: list[str],
                                "it away to rerun it")
         return False
 
-    def take() -> str | None:  # under cond
+    def take() -> tuple[int, int, str] | None:  # under cond
         while pending and not failed:
-            row = next((r for r in pending if all(done(d) for d in needs(r))), None)
-            if row is not None:
-                pending.remove(row)
-                running.add(row)
-                return row
+            task = next((t for t in pending
+                         if all(done(t[0], t[1], d) for d in needs(t[2]))), None)
+            if task is not None:
+                pending.remove(task)
+                running.add(task)
+                return task
             if not running:
-                raise RuntimeError(f"l{split} s{seed}: {pending} wait for rows that are neither "
-                                   "finished nor queued")
+                raise RuntimeError(f"{pending} wait for rows that are neither finished nor "
+                                   "queued")
             cond.wait(timeout=30)
         return None
 
     def worker() -> None:
         while True:
             with cond:
-                row = take()
-            if row is None:
+                task = take()
+            if task is None:
                 return
+            split, seed, row = task
             try:
                 run_one(args, split, row, seed, threads)
                 diagnose(args, split, row, seed, threads)
             except BaseException:
-                failed.append(row)
+                failed.append(task)
                 raise
             finally:
                 with cond:
-                    running.discard(row)
+                    running.discard(task)
                     safe_report(args, argv)
                     cond.notify_all()
 
@@ -377,7 +381,7 @@ def run_phase(args: argparse.Namespace, split: int, seed: int, rows: list[str],
 
 
 def queue(args: argparse.Namespace) -> list[tuple[int, int, list[str]]]:
-    """(split, seed, rows) in the order they run: the smallest split's seeds first (seed 0's
+    """(split, seed, rows) in the order they start: the smallest split's seeds first (seed 0's
     own extras before seed 1: ciscr_fresh decides the CISC-R row), then the rest of SupOnly's
     curve at the smallest split (4N, 8N: does doubling still pay? the report's advice), the
     largest split (the issue's other required one), the options, and the splits between last
@@ -425,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if not args.report_only:
-        for split, seed, rows in queue(args):
-            run_phase(args, split, seed, rows, argv)
+        run_queue(args, [(split, seed, row) for split, seed, rows in queue(args)
+                         for row in rows], argv)
     print(report(args, argv))
     return 0
 

@@ -48,6 +48,20 @@ def invocations_complete(rd: Path, wall: dict[str, Any]) -> bool:
     return int(wall.get("invocations", 1)) >= started
 
 
+def missing_stage_cpu(rd: Path, res: dict[str, Any]) -> str | None:
+    """Why ciscr's own record has no CPU total when some of its stages have theirs: the
+    stages without one (copied from a run that predates the record, or killed before it), and
+    the CPU minutes of those that have it. None when no stage has a CPU time."""
+    got = {s: (read(rd / s / "done.json") or {}).get("cpu_seconds") for s in res.get("stages", [])}
+    known = {s: c for s, c in got.items() if c is not None}
+    if not known:
+        return None
+    lack = [s for s, c in got.items() if c is None]
+    return (f"stages {', '.join(lack)} have no CPU time in their record (copied from a run "
+            f"that predates ciscr's CPU record, or killed before it); the others "
+            f"({', '.join(known)}) took {sum(known.values()) / 60:.1f} CPU min")
+
+
 def run_cost(rd: Path) -> dict[str, Any]:
     """A finished run's CPU and wall seconds and where they come from: ciscr's own record
     (results.json: each stage's CPU time summed over its invocations, kept in the checkpoints,
@@ -63,8 +77,9 @@ def run_cost(rd: Path) -> dict[str, Any]:
     wall = read(rd / "wall.json") or {}
     if not invocations_complete(rd, wall):
         return {"cpu_seconds": None, "wall_seconds": None, "includes_shared": False,
-                "cpu_source": "unknown: an invocation was killed before ciscr recorded CPU "
-                              "time in its checkpoints (rerun the row to measure it)"}
+                "cpu_source": "unknown: " + (missing_stage_cpu(rd, res) or "an invocation was "
+                              "killed before ciscr recorded CPU time in its checkpoints") +
+                              " (rerun the row to measure it)"}
     return {"cpu_seconds": wall.get("cpu_seconds"), "wall_seconds": wall.get("seconds"),
             "includes_shared": False,
             "cpu_source": wall.get("cpu_source", "wait4 of the benchmark's own invocations")}

@@ -234,6 +234,10 @@ def run_stagewise(ctx: RunContext) -> tuple[dict[str, dict[str, Any]], str]:
     pseudo0 = pseudo_stage(ctx, "pseudo0", rd / "stage1", ctx.unlabeled)
     stages["pseudo0"] = read_json(rd / "pseudo0" / "done.json")
     sel, rect = retraining_selection(ctx, pseudo0)
+    # Every stage's summary, selection and pseudo1 included: results.json's CPU and wall
+    # totals are the sums over this dict.
+    if sel is not None:
+        stages["selection"] = read_json(rd / "selection" / "done.json")
     inputs = retrain_inputs(ctx, sel, pseudo0)
     stages["stage2"] = retrain_stage(ctx, "stage2", *inputs["stage2"], rect)
     if m.retrain == "one":
@@ -241,6 +245,8 @@ def run_stagewise(ctx: RunContext) -> tuple[dict[str, dict[str, Any]], str]:
     by_id = {s.id: s for s in ctx.unlabeled}
     unrel = [by_id[i] for i in sel.unreliable]
     pseudo1 = pseudo_stage(ctx, "pseudo1", rd / "stage2", unrel) if unrel else pseudo0
+    if unrel:
+        stages["pseudo1"] = read_json(rd / "pseudo1" / "done.json")
     inputs = retrain_inputs(ctx, sel, pseudo0, pseudo1)
     stages["stage3"] = retrain_stage(ctx, "stage3", *inputs["stage3"], rect)
     return stages, "stage3"

@@ -92,6 +92,12 @@ def test_queries_only_from_labeled_split_and_halves(tmp_path):
         assert (rd / s / "done.json").exists(), s
     assert results["final_stage"] == "stage3" and (rd / "stage3" / "checkpoint.pt").exists()
     assert 0.0 <= results["final_metrics"]["miou"] <= 1.0
+    # Every stage the run did is in its summary, and its CPU total is theirs (selection and
+    # pseudo1 were once left out of both).
+    done = {p.parent.name: read(p) for p in rd.glob("*/done.json")}
+    assert set(results["stages"]) == set(done)
+    assert results["cpu_seconds"] == pytest.approx(sum(d["cpu_seconds"] for d in done.values()),
+                                                   abs=0.2)
     labeled = set()
     cfg = load_config(rd / "config.yaml")
     from ciscr.data.formats import load_dataset
