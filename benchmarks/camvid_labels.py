@@ -37,6 +37,9 @@ then: its first logged steps, on a machine shared with a test run, took 4.5-5 s,
 evaluations: N = 480 (<= ~140 min), while 960 would take twice the budget. The report's cost
 table gives each row's measured CPU and wall minutes. 480 iterations = 40 passes over 12 batches (``iters_per_epoch``
 12 in every stage: the 12-label split's one batch of 8 repeated, as every split alike).
+At 46 labels, protocol 3's SupOnly bases (from ImageNet, 1200 iterations, three seeds,
+``benchmarks/camvid.py``) are not reused: the issue reuses them only where N matches, and N is
+480 here; ``suponly`` at 46 labels trains its own N.
 
 **suponly_compute** (the CPU-time rule): SupOnly trains N x CPU(row) / CPU(suponly) iterations,
 rounded to whole passes of 12, where CPU(x) is the measured CPU seconds of a finished run (all

@@ -3,6 +3,8 @@ and a clear error without the optional extra."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import sys
@@ -22,7 +24,6 @@ from ciscr.export import (
     INPUT_NAME,
     OUTPUT_NAME,
     RELATIVE_TOLERANCE,
-    export_onnx,
     load_onnx_model,
 )
 from ciscr.models import build_model
@@ -49,13 +50,21 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def onnx_file(ckpt: Path) -> Path:
+def cli_export(ckpt: Path) -> tuple[Path, str]:
+    """The model exported once, by the CLI (``ciscr export``, verified with onnxruntime), and
+    what it printed: every ONNX test reads this one file (an export takes seconds)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    out = ckpt.parent / "model.onnx"
-    res = export_onnx(ckpt, out, verify=False)
-    assert res["out"] == str(out) and res["max_relative_difference"] is None
-    return out
+    out = ckpt.parent / "sub" / "model.onnx"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["export", str(ckpt), "--out", str(out)]) == 0
+    return out, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def onnx_file(cli_export: tuple[Path, str]) -> Path:
+    return cli_export[0]
 
 
 def _images(folder: Path) -> list[np.ndarray]:
@@ -143,14 +152,11 @@ def test_readme_onnxruntime_snippet_segments_an_image(ckpt, onnx_file, tmp_path,
     assert (np.asarray(got) == want).mean() > 0.999
 
 
-def test_export_cli_verifies_with_onnxruntime(ckpt: Path, tmp_path: Path, capsys) -> None:
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    out = tmp_path / "sub" / "m.onnx"
-    assert cli.main(["export", str(ckpt), "--out", str(out)]) == 0
-    stdout = capsys.readouterr().out
+def test_export_cli_verifies_with_onnxruntime(cli_export, ckpt: Path, tmp_path: Path,
+                                              capsys) -> None:
+    out, stdout = cli_export
     assert f"written: {out}" in stdout and "verified with onnxruntime" in stdout
-    assert [p.name for p in out.parent.iterdir()] == ["m.onnx"]  # no temporary file left
+    assert [p.name for p in out.parent.iterdir()] == ["model.onnx"]  # no temporary file left
     assert cli.main(["export", str(ckpt), "--out", str(tmp_path / "m.pt")]) == 2
     assert "must end in .onnx" in capsys.readouterr().err
 
