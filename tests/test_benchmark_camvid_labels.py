@@ -133,7 +133,7 @@ def test_the_stage_start_line_says_which_start_won():
 def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
     data = _tiny_camvid(tmp_path / "data")
     tiny = ["train.crop_size=32", "train.batch_size=2", "train.unlabeled_batch_size=2",
-            "model.channels=16", "train.ckpt_every=6"]
+            "model.channels=16", "train.ckpt_every=6", "report=false"]
     argv = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--data", str(data),
             "--weights", "", "--splits", "2", "--seeds", "0", "--iters", "12", "--no-options",
             *[x for t in tiny for x in ("--set", t)]]
