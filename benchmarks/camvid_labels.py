@@ -35,7 +35,9 @@ CPU time is then ~N x (2.1 + 6.4 + 8.5 + 2 x c (CISC-R's two stages, c not yet m
 then: its first logged steps, on a machine shared with a test run, took 4.5-5 s, so c <= 5) +
 2.1 x 3.5 (``suponly_compute``)) s <= N x 34 s, over two cores <= N x 17 s of wall plus
 evaluations: N = 480 (<= ~140 min), while 960 would take twice the budget. The report's cost
-table gives each row's measured CPU and wall minutes. 480 iterations = 40 passes over 12 batches (``iters_per_epoch``
+table gives each row's measured CPU and wall minutes, and what a seed's rows took together
+against the 150 minutes (CISC-R's stages and its own SupOnly-at-its-CPU-time run came out
+dearer than that estimate: the report says by how much). 480 iterations = 40 passes over 12 batches (``iters_per_epoch``
 12 in every stage: the 12-label split's one batch of 8 repeated, as every split alike).
 At 46 labels, protocol 3's SupOnly bases (from ImageNet, 1200 iterations, three seeds,
 ``benchmarks/camvid.py``) are not reused: the issue reuses them only where N matches, and N is
