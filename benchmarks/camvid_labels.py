@@ -415,6 +415,20 @@ def safe_report(args: argparse.Namespace, argv: list[str]) -> None:
               file=sys.stderr, flush=True)
 
 
+def not_started(args: argparse.Namespace) -> list[tuple[int, int, str]]:
+    """The queue's (split, seed, row) tasks with no run folder yet, in its order; a compute
+    row the rule does not need (its plan says so) is left out."""
+    out = []
+    for split, seed, rows in queue(args):
+        for row in rows:
+            if run_dir(args, split, row, seed).exists() or finished_dir(args, split, row, seed):
+                continue
+            plan = compute_plan(args, split, seed, row) if row in COMPUTE else None
+            if plan is None or plan["needed"]:
+                out.append((split, seed, row))
+    return out
+
+
 def report(args: argparse.Namespace, argv: list[str]) -> Path:
     splits, seeds = [int(x) for x in args.splits.split(",")], [int(x) for x in args.seeds.split(",")]
     runs = {}
@@ -426,7 +440,8 @@ def report(args: argparse.Namespace, argv: list[str]) -> Path:
                 if rd is not None:
                     runs[(split, row, seed)] = camvid_labels_report.collect(rd, split, row, seed)
     spec = {"labels": {r: v[0] for r, v in ROWS.items()}, "main": MAIN, "compute": COMPUTE,
-            "curve": CURVE, "iters": args.iters, "levers": LEVER_ROWS}
+            "curve": CURVE, "iters": args.iters, "levers": LEVER_ROWS,
+            "queued": not_started(args)}
     return camvid_labels_report.write(args, runs, splits, seeds, argv, spec)
 
 

@@ -250,6 +250,70 @@ def budget_lines(runs: dict, split: int, seeds: list[int], rows: list[str]) -> l
     return out
 
 
+def own_cpu_minutes(runs: dict, key: tuple[int, str, int]) -> float | None:
+    """A finished run's CPU minutes without the shared stage 1 it did not train (CISC-R)."""
+    r = runs.get(key)
+    if not r or r.get("cpu_minutes") is None:
+        return None
+    sup = (runs.get((key[0], "suponly", key[2])) or {}).get("cpu_minutes")
+    if key[1] != "ciscr":
+        return r["cpu_minutes"]
+    return None if sup is None else r["cpu_minutes"] - sup
+
+
+def estimate_cpu(runs: dict, split: int, row: str, spec: dict) -> tuple[float | None, str]:
+    """A queued run's CPU minutes estimated from measured runs, and the basis: the mean of
+    the same row's finished runs at this split, else at any split (a step costs the same at
+    every split); a curve row: its multiple of SupOnly's; a compute row: the CPU time of the
+    rows it is given (the rule); else (None, "no run of its kind measured yet")."""
+    def mean_of(r: str, own: bool = True) -> tuple[float | None, str]:
+        for where, keys in (("this split", [k for k in runs if k[0] == split and k[1] == r]),
+                            ("another split", [k for k in runs if k[1] == r])):
+            got = [c for k in keys if (c := own_cpu_minutes(runs, k) if own else
+                                       runs[k].get("cpu_minutes")) is not None]
+            if got:
+                return statistics.fmean(got), f"{r}: {len(got)} run(s) at {where}"
+        return None, "no run of its kind measured yet"
+
+    est, basis = mean_of(row)
+    if est is None and row in spec["curve"]:
+        sup, _ = mean_of("suponly")
+        if sup is not None:
+            return spec["curve"][row] * sup, f"{spec['curve'][row]} x SupOnly's at N"
+    if est is None and row in spec["compute"]:
+        given = [e for r in spec["compute"][row] if (e := mean_of(r, own=False)[0]) is not None]
+        if given:
+            return statistics.fmean(given), f"the CPU time of {', '.join(spec['compute'][row])}"
+    return est, basis
+
+
+def queued_lines(runs: dict, queued: list[tuple[int, int, str]], spec: dict) -> list[str]:
+    """The runs the queue has not started, in its order, one line per (split, row) with its
+    seeds and estimated CPU minutes each, and what they add up to on 2 cores: what the rest of
+    the protocol costs. suponly_compute_unimatch runs only where the rule needs it (UniMatch's
+    CPU time not within 10 % of UniMatch + CISC's), so it is listed but not counted."""
+    if not queued:
+        return ["(nothing)"]
+    groups: dict[tuple[int, str], list[int]] = {}
+    for split, seed, row in queued:
+        groups.setdefault((split, row), []).append(seed)
+    out = ["| labels | row | seeds | estimated CPU min each | from |", "|---|---|---|---|---|"]
+    total, unknown = 0.0, 0
+    for (split, row), seeds in groups.items():
+        est, basis = estimate_cpu(runs, split, row, spec)
+        if row == "suponly_compute_unimatch":
+            basis = "only where the rule needs it: not counted"
+        elif est is None:
+            unknown += len(seeds)
+        else:
+            total += est * len(seeds)
+        out.append(f"| {split} | {spec['labels'][row]} | {', '.join(map(str, seeds))} "
+                   f"| {_num(est, 0)} | {basis} |")
+    return out + ["", f"In all about {total:.0f} CPU min, {total / 120:.1f} h on 2 cores at two "
+                  "runs at a time" + (f", plus {unknown} run(s) not estimated" if unknown else "")
+                  + " (estimates from the measured runs, not measurements)."]
+
+
 def curve_points(runs: dict, split: int, seed: int, curve: dict, iters: int) -> list[tuple]:
     """SupOnly's learning curve: (iterations, val mIoU of the LAST checkpoint, CPU minutes)
     of every SupOnly run of (split, seed), each its own schedule."""
@@ -610,7 +674,8 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
           "## In progress", ""]
     for split in splits:
         md += in_progress(Path(args.runs) / f"l{split}") or []
-    md.append("")
+    md += ["", "## Queued, not started (the queue's order)", "",
+           *queued_lines(runs, spec.get("queued", []), spec), ""]
     atomic_write_bytes(stem.with_suffix(".md"), "\n".join(md).encode())
     atomic_write_json(stem.with_suffix(".json"), {
         "command": cmd, "judged": judged, "iterations_n": spec["iters"],

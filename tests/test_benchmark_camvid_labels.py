@@ -140,6 +140,7 @@ def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
     assert cl.main(argv) == 0
     md = (tmp_path / "out" / "camvid_labels.md").read_text()
     assert "(NOT the protocol)" in md and "not judged (not the protocol)" in md
+    assert md.split("## Queued, not started")[1].split("\n")[2] == "(nothing)"  # all ran
     rec = json.loads((tmp_path / "out" / "camvid_labels.json").read_text())
     runs = {(r["labeled"], r["row"]): r for r in rec["runs"]}
     for split in (2,):
@@ -220,3 +221,21 @@ def test_a_seeds_cost_against_the_budget_counts_the_shared_stage_1_once():
     # (20 + 60 + 90 - 20) = 150 CPU min -> 75 min on 2 cores; wall (30 + 80 + 110 - 30) / 2 = 95
     assert line.startswith("- seed 0 (suponly, unimatch, ciscr): 150 CPU min, 75 min")
     assert "measured wall / 2: 95 min" in line
+
+
+def test_the_queued_runs_are_estimated_from_the_measured_ones():
+    runs = {(12, "suponly", 0): {"cpu_minutes": 20.0}, (12, "suponly", 1): {"cpu_minutes": 24.0},
+            (12, "ciscr", 0): {"cpu_minutes": 90.0},  # 70 of its own + SupOnly's stage 1
+            (12, "unimatch", 0): {"cpu_minutes": 60.0}}
+    spec = {"curve": {"suponly_4n": 4}, "labels": {r: r for r in cl.ROWS},
+            "compute": {"suponly_compute_ciscr": ["ciscr"], "suponly_compute_unimatch": ["unimatch"]}}
+    assert rep.estimate_cpu(runs, 46, "ciscr", spec) == (70.0, "ciscr: 1 run(s) at another split")
+    assert rep.estimate_cpu(runs, 12, "suponly_4n", spec)[0] == 4 * 22.0
+    assert rep.estimate_cpu(runs, 12, "suponly_compute_ciscr", spec)[0] == 90.0  # its total
+    assert rep.estimate_cpu(runs, 12, "fixmatch", spec)[0] is None
+    lines = rep.queued_lines(runs, [(12, 1, "ciscr"), (12, 2, "ciscr"), (12, 1, "fixmatch"),
+                                    (12, 1, "suponly_compute_unimatch")], spec)
+    assert "| 12 | ciscr | 1, 2 | 70 |" in lines[2]
+    # 2 x 70 (suponly_compute_unimatch listed, not counted: the rule usually shares it)
+    assert lines[-1].startswith("In all about 140 CPU min, 1.2 h on 2 cores")
+    assert "plus 1 run(s) not estimated" in lines[-1]
