@@ -253,11 +253,9 @@ def budget_lines(runs: dict, split: int, seeds: list[int], rows: list[str]) -> l
 def own_cpu_minutes(runs: dict, key: tuple[int, str, int]) -> float | None:
     """A finished run's CPU minutes without the shared stage 1 it did not train (CISC-R)."""
     r = runs.get(key)
-    if not r or r.get("cpu_minutes") is None:
-        return None
+    if not r or r.get("cpu_minutes") is None or key[1] != "ciscr":
+        return r.get("cpu_minutes") if r else None
     sup = (runs.get((key[0], "suponly", key[2])) or {}).get("cpu_minutes")
-    if key[1] != "ciscr":
-        return r["cpu_minutes"]
     return None if sup is None else r["cpu_minutes"] - sup
 
 
