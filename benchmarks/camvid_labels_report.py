@@ -322,6 +322,41 @@ def curve_points(runs: dict, split: int, seed: int, curve: dict, iters: int) -> 
     return sorted(pts)
 
 
+def break_even(points: list[tuple], target: float) -> tuple[float | None, str]:
+    """Where SupOnly's measured curve (``curve_points``: iterations, mIoU, CPU minutes), linear
+    between its runs, first reaches ``target`` mIoU: (CPU minutes, how), or (None, why not)."""
+    pts = sorted((p[2], p[1], p[0]) for p in points if p[2] is not None)
+    if not pts:
+        return None, "no SupOnly run measured"
+    if pts[0][1] >= target:
+        return pts[0][0], f"at most: its smallest run ({pts[0][2]} iterations) is already there"
+    for (c0, m0, i0), (c1, m1, i1) in zip(pts, pts[1:], strict=False):
+        if m0 < target <= m1:
+            return c0 + (c1 - c0) * (target - m0) / (m1 - m0), \
+                f"linear between its runs of {i0} and {i1} iterations"
+    return None, f"beyond its longest measured run ({pts[-1][2]} iterations)"
+
+
+def break_even_lines(runs: dict, split: int, seed: int, curve: dict,
+                     labels: dict[str, str]) -> list[str]:
+    """Per semi-supervised row (one seed): the CPU time at which SupOnly's curve reaches the
+    row's mIoU, over the row's own CPU time: the cost the row (e.g. by section 2's levers)
+    would have to come down to for the unlabeled images to pay per CPU hour at its mIoU."""
+    pts = curve_points(runs, split, seed, curve, 0)
+    out = []
+    for row in SSL:
+        r = runs.get((split, row, seed))
+        if not r or r.get("cpu_minutes") is None:
+            continue
+        cpu, how = break_even(pts, r["val_miou"])
+        got = (f"SupOnly's curve reaches that at about {cpu:.1f} CPU min ({how}): the row pays "
+               f"per CPU hour at {cpu / r['cpu_minutes']:.2f} x its measured cost or less"
+               if cpu is not None else f"SupOnly's curve does not reach it ({how})")
+        out.append(f"- {labels[row]}: {fmt(r['val_miou'])} at {r['cpu_minutes']:.1f} CPU min; "
+                   + got)
+    return out or ["(no semi-supervised row finished with its CPU time)"]
+
+
 def table_curve(points: list[tuple]) -> list[str]:
     out = ["| iterations | val mIoU (last checkpoint) | CPU min | gain over the previous |",
            "|---|---|---|---|"]
@@ -666,6 +701,9 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
           *md_diagnostics(runs, splits, seeds, [*order, *options[2:]], labels),
           "## SupOnly's learning curve (smallest split, seed 0)", "",
           *table_curve(curve_points(runs, small, seeds[0], spec["curve"], spec["iters"])), "",
+          "Where the semi-supervised rows would pay per CPU hour (seed 0, an estimate read off "
+          "that curve, not a measurement):", "",
+          *break_even_lines(runs, small, seeds[0], spec["curve"], labels), "",
           "## SupOnly given a row's CPU time (the rule's plans)", "",
           *table_plans(runs, splits, seeds, spec["compute"]), "",
           "## Figure", "", *figures(runs, splits, seeds, labels, spec["curve"], stem), "",

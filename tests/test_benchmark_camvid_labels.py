@@ -239,3 +239,15 @@ def test_the_queued_runs_are_estimated_from_the_measured_ones():
     # 2 x 70 (suponly_compute_unimatch listed, not counted: the rule usually shares it)
     assert lines[-1].startswith("In all about 140 CPU min, 1.2 h on 2 cores")
     assert "plus 1 run(s) not estimated" in lines[-1]
+
+
+def test_break_even_reads_the_cpu_time_off_supOnlys_curve_by_hand():
+    pts = [(480, 0.40, 20.0), (960, 0.50, 40.0), (1920, 0.55, 80.0)]  # iterations, mIoU, CPU
+    assert rep.break_even(pts, 0.45) == (30.0, "linear between its runs of 480 and 960 iterations")
+    assert rep.break_even(pts, 0.35)[0] == 20.0  # at most its smallest run's
+    assert rep.break_even(pts, 0.60) == (None, "beyond its longest measured run (1920 iterations)")
+    runs = {(12, "suponly", 0): {"iterations": 480, "val_miou": 0.40, "cpu_minutes": 20.0},
+            (12, "suponly_2n", 0): {"iterations": 960, "val_miou": 0.50, "cpu_minutes": 40.0},
+            (12, "unimatch", 0): {"val_miou": 0.45, "cpu_minutes": 60.0}}
+    (line,) = rep.break_even_lines(runs, 12, 0, {"suponly_2n": 2}, {"unimatch": "UniMatch"})
+    assert "about 30.0 CPU min" in line and "at 0.50 x its measured cost or less" in line
