@@ -474,24 +474,28 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # One colour per row in both panels; seeds differ by line style.
+    color = {r: f"C{i}" for i, r in enumerate(["suponly", *SSL, "suponly_compute", "ciscr_fresh",
+                                                "fixmatch", "stpp"])}
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in ["suponly", *SSL, "suponly_compute"]:
         pts = [(k, *mean_std(vals(runs, k, r, seeds))) for k in sorted(splits)]
         pts = [(k, m, sd or 0.0) for k, m, sd in pts if m is not None]
         if pts:
             ax[0].errorbar([p[0] for p in pts], [100 * p[1] for p in pts],
-                           yerr=[100 * p[2] for p in pts], marker="o", capsize=3, label=labels[r])
+                           yerr=[100 * p[2] for p in pts], marker="o", capsize=3, label=labels[r],
+                           color=color[r])
     ax[0].set(xlabel="labeled images", ylabel="val mIoU (%), mean ± std over seeds",
               title="CamVid: the label curve")
     small = min(splits)
     for r in [*SSL, "ciscr_fresh", "fixmatch", "stpp"]:
-        for s in seeds:
+        for s, style in zip(seeds, ["-", ":", "-.", "--"] * len(seeds), strict=False):
             rec = runs.get((small, r, s))
             if rec and rec["evals"] and rec["cpu_minutes"]:
                 per_it = rec["cpu_minutes"] / rec["iterations"]
                 ax[1].plot([it * per_it for it, _ in rec["evals"]],
                            [100 * m for _, m in rec["evals"]], marker=".", alpha=0.8,
-                           label=f"{labels[r]} s{s}")
+                           color=color[r], linestyle=style, label=f"{labels[r]} s{s}")
     for s in seeds:
         pts = curve_points(runs, small, s, curve, 0)
         if pts:
