@@ -441,7 +441,7 @@ def report(args: argparse.Namespace, argv: list[str]) -> Path:
                     runs[(split, row, seed)] = camvid_labels_report.collect(rd, split, row, seed)
     spec = {"labels": {r: v[0] for r, v in ROWS.items()}, "main": MAIN, "compute": COMPUTE,
             "curve": CURVE, "iters": args.iters, "levers": LEVER_ROWS,
-            "queued": not_started(args)}
+            "lever_overrides": [ROWS[r][2] for r in LEVER_ROWS], "queued": not_started(args)}
     return camvid_labels_report.write(args, runs, splits, seeds, argv, spec)
 
 

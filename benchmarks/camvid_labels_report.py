@@ -357,6 +357,23 @@ def break_even_lines(runs: dict, split: int, seed: int, curve: dict,
     return out or ["(no semi-supervised row finished with its CPU time)"]
 
 
+def lever_costs_line(levers_json: Path, lever_overrides: list[list[str]]) -> str:
+    """Section 2's levers (the option rows' overrides) next to those ratios: each one's step
+    cost as a share of a UniMatch + CISC step, from camvid_levers.json (a step, not a run:
+    evaluations, the bank's refresh and pseudo-labelling are outside it)."""
+    rec = read(levers_json) or {}
+    steps, over = rec.get("mean_step_seconds", {}), rec.get("overrides", {})
+    ref = steps.get("unimatch_cisc")
+    levers = {k: v / ref for k, v in steps.items() if ref and over.get(k) in lever_overrides}
+    if not levers:
+        return f"(no lever costs measured: {levers_json.name} is missing)"
+    each = ", ".join(f"`{' '.join(over[k])}` {x:.2f}" for k, x in sorted(levers.items(),
+                                                                         key=lambda kv: kv[1]))
+    return (f"Section 2's levers, one setting each, cost per step as a share of a UniMatch + CISC "
+            f"step ({levers_json.name}, `python benchmarks/camvid_levers.py`): {each}; what "
+            "each does to mIoU is its option row.")
+
+
 def table_curve(points: list[tuple]) -> list[str]:
     out = ["| iterations | val mIoU (last checkpoint) | CPU min | gain over the previous |",
            "|---|---|---|---|"]
@@ -708,6 +725,7 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
           "Where the semi-supervised rows would pay per CPU hour (seed 0, an estimate read off "
           "that curve, not a measurement):", "",
           *break_even_lines(runs, small, seeds[0], spec["curve"], labels), "",
+          lever_costs_line(out / "camvid_levers.json", spec.get("lever_overrides", [])), "",
           "## SupOnly given a row's CPU time (the rule's plans)", "",
           *table_plans(runs, splits, seeds, spec["compute"]), "",
           "## Figure", "", *figures(runs, splits, seeds, labels, spec["curve"], stem), "",

@@ -251,3 +251,13 @@ def test_break_even_reads_the_cpu_time_off_supOnlys_curve_by_hand():
             (12, "unimatch", 0): {"val_miou": 0.45, "cpu_minutes": 60.0}}
     (line,) = rep.break_even_lines(runs, 12, 0, {"suponly_2n": 2}, {"unimatch": "UniMatch"})
     assert "about 30.0 CPU min" in line and "at 0.50 x its measured cost or less" in line
+
+
+def test_the_lever_costs_line_reads_the_levers_benchmark(tmp_path):
+    rec = {"mean_step_seconds": {"unimatch_cisc": 8.0, "half": 4.0, "memory": 9.0, "suponly": 2.0},
+           "overrides": {"unimatch_cisc": [], "half": ["train.unlabeled_resolution=0.5"],
+                         "memory": ["method.prototype_source=memory"], "suponly": []}}
+    (tmp_path / "levers.json").write_text(json.dumps(rec))
+    line = rep.lever_costs_line(tmp_path / "levers.json", [["train.unlabeled_resolution=0.5"]])
+    assert "`train.unlabeled_resolution=0.5` 0.50" in line and "memory" not in line
+    assert "missing" in rep.lever_costs_line(tmp_path / "none.json", [])
