@@ -149,7 +149,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run (repeatable); NOT the protocol: for a "
                         "smoke test, with its own --runs and --out")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Bad paths stop here with one line, before any run is started (and fails in its log).
+    if not args.report_only and not Path(args.data).is_dir():
+        p.error(f"--data {args.data}: not a directory (CamVid in ciscr's folder format)")
+    if not args.report_only and args.weights and not Path(args.weights).is_file():
+        p.error(f"--weights {args.weights}: no such file (ImageNet MobileNetV2; '' for none)")
+    return args
 
 
 # --------------------------------------------------------------------------- where runs are

@@ -522,7 +522,8 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
               title=f"{small} labels: mIoU against CPU time")
     for a in ax:
         a.grid(alpha=0.3)
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:  # nothing finished yet: no empty legend
+            a.legend(fontsize=7)
     fig.tight_layout()
     png = stem.with_suffix(".png")
     fig.savefig(png.with_suffix(".tmp.png"), dpi=110)
@@ -704,6 +705,7 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
     """docs/results/<name>.md, .json and .png. ``spec``: labels, main, compute, curve, iters."""
     add_totals(runs)
     labels, out = spec["labels"], Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     cmd = ("python benchmarks/camvid_labels.py " + shlex.join(
         a for a in argv if a != "--report-only")).strip()
     judged = not args.overrides and spec["iters"] == 480

@@ -261,3 +261,16 @@ def test_the_lever_costs_line_reads_the_levers_benchmark(tmp_path):
     line = rep.lever_costs_line(tmp_path / "levers.json", [["train.unlabeled_resolution=0.5"]])
     assert "`train.unlabeled_resolution=0.5` 0.50" in line and "memory" not in line
     assert "missing" in rep.lever_costs_line(tmp_path / "none.json", [])
+
+
+def test_bad_paths_stop_the_queue_with_one_line_before_any_run(tmp_path, capsys):
+    import pytest
+
+    for flag, value, says in (("--data", str(tmp_path / "none"), "not a directory"),
+                              ("--weights", str(tmp_path / "no.pth"), "no such file")):
+        with pytest.raises(SystemExit) as exit_:  # --data: a real folder unless it is tested
+            cl.main(["--data", str(tmp_path), flag, value, "--runs", str(tmp_path / "runs"),
+                     "--out", str(tmp_path / "o")])
+        assert exit_.value.code == 2
+        assert f"{flag} {value}: {says}" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "runs").exists()
