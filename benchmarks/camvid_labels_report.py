@@ -644,7 +644,9 @@ INTRO = ("Every row from ImageNet on the same labeled split of its seed, val mIo
          "(results.json: each stage's CPU time summed over the invocations that ran it, kept in "
          "its checkpoints, so a session's end loses nothing measured) or, for runs finished "
          "before ciscr kept it, the wait4 sum of the benchmark's invocations; CISC-R's include "
-         "its stage 1 (the SupOnly run).")
+         "its stage 1 (the SupOnly run). Wall time also counts any time the queue was paused "
+         "(SIGSTOP while the test suite or CI was timed on the same machine); CPU time does "
+         "not, which is why every comparison uses CPU time.")
 DIAG_INTRO = ("Each run's FINAL model labels its split's unlabeled pool as an online step labels "
               "its weak view, scored against the pool's ground truth (never trained on; "
               "`benchmarks/camvid_labels_diagnostics.py`, run by the queue after each run): "
