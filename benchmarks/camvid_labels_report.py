@@ -549,22 +549,22 @@ def headline(runs: dict, splits: list[int], seeds: list[int], cmd: str,
     difference with SupOnly at equal steps and with SupOnly at that row's CPU time."""
     small = min(splits)
     sup = vals(runs, small, "suponly", seeds)
-    n = sum(x is not None for x in sup)
     parts = []
     for r in SSL:
-        d, _ = paired(vals(runs, small, r, seeds), sup)
-        dc, _ = paired(vals(runs, small, r, seeds),
-                       vals(runs, small, compute_row_of(runs, small, r, seeds), seeds))
+        d, d_txt = paired(vals(runs, small, r, seeds), sup)
+        dc, dc_txt = paired(vals(runs, small, r, seeds),
+                            vals(runs, small, compute_row_of(runs, small, r, seeds), seeds))
         its = iterations_of(runs, small, r)
         steps = ("at equal steps" if its == iterations_of(runs, small, "suponly")[:1] else
                  f"at N steps per stage ({'/'.join(map(str, its))} in all)")
         if d is not None:
-            parts.append(f"{labels.get(r, r)} {d:+.2f} {steps}"
-                         + (f", {dc:+.2f} at equal CPU time" if dc is not None else ""))
+            parts.append(f"{labels.get(r, r)} {d_txt} {steps}"
+                         + (f", {dc_txt} at equal CPU time" if dc is not None else ""))
     if not parts:
         return f"CamVid label curve: no semi-supervised row finished yet (`{cmd}`)."
-    return (f"CamVid label curve, {small} labeled images, {n} of 3 seeds, mIoU points over "
-            f"SupOnly: {'; '.join(parts)} (`{cmd}`; docs/results/camvid_labels.md).")
+    return (f"CamVid label curve, {small} labeled images, mIoU points over SupOnly, paired by "
+            f"seed (n: the seeds of {len(seeds)} finished for both): {'; '.join(parts)} "
+            f"(`{cmd}`; docs/results/camvid_labels.md).")
 
 
 def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, str],

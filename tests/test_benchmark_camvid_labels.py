@@ -106,10 +106,11 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
     runs[(12, "suponly_2n", 0)] = rec(0.46, 960)
     later = rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
     line = rep.headline(runs, [12], [0, 1, 2], "cmd", labels)
-    assert "UNIMATCH_CISC +7.00 at equal steps, -3.00 at equal CPU time" in line
-    assert "CISCR +3.00 at equal steps" in line  # rec() gives every row 480 iterations
+    assert "UNIMATCH_CISC +7.00 (n=1) at equal steps, -3.00 (n=1) at equal CPU time" in line
+    assert "(n: the seeds of 3 finished for both)" in line
+    assert "CISCR +3.00 (n=1) at equal steps" in line  # rec() gives every row 480 iterations
     runs[(12, "ciscr", 0)] = rec(0.49, 1440)  # the best now, with 3 stages of N
-    assert "CISCR +9.00 at N steps per stage (1440 in all)" in rep.headline(
+    assert "CISCR +9.00 (n=1) at N steps per stage (1440 in all)" in rep.headline(
         runs, [12], [0, 1, 2], "cmd", labels)
     assert "CISCR (N per training stage, 1440 in all), gains over SupOnly at N steps (+9.00" in \
         rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
