@@ -421,13 +421,14 @@ def safe_report(args: argparse.Namespace, argv: list[str]) -> None:
               file=sys.stderr, flush=True)
 
 
-def not_started(args: argparse.Namespace) -> list[tuple[int, int, str]]:
-    """The queue's (split, seed, row) tasks with no run folder yet, in its order; a compute
-    row the rule does not need (its plan says so) is left out."""
+def not_started(args: argparse.Namespace, finished: set) -> list[tuple[int, int, str]]:
+    """The queue's (split, seed, row) tasks neither finished (``finished``: the report's
+    (split, row, seed) keys) nor started (a run folder), in its order; a compute row the rule
+    does not need (its plan says so) is left out."""
     out = []
     for split, seed, rows in queue(args):
         for row in rows:
-            if run_dir(args, split, row, seed).exists() or finished_dir(args, split, row, seed):
+            if (split, row, seed) in finished or run_dir(args, split, row, seed).exists():
                 continue
             plan = compute_plan(args, split, seed, row) if row in COMPUTE else None
             if plan is None or plan["needed"]:
@@ -447,7 +448,7 @@ def report(args: argparse.Namespace, argv: list[str]) -> Path:
                     runs[(split, row, seed)] = camvid_labels_report.collect(rd, split, row, seed)
     spec = {"labels": {r: v[0] for r, v in ROWS.items()}, "main": MAIN, "compute": COMPUTE,
             "curve": CURVE, "iters": args.iters, "levers": LEVER_ROWS,
-            "lever_overrides": [ROWS[r][2] for r in LEVER_ROWS], "queued": not_started(args)}
+            "lever_overrides": [ROWS[r][2] for r in LEVER_ROWS], "queued": not_started(args, set(runs))}
     return camvid_labels_report.write(args, runs, splits, seeds, argv, spec)
 
 

@@ -236,27 +236,26 @@ def budget_lines(runs: dict, split: int, seeds: list[int], rows: list[str]) -> l
     over the 2 cores, a lower bound on that wall, and their measured wall minutes over 2."""
     out = []
     for s in seeds:
-        got = {r: runs[(split, r, s)] for r in rows if runs.get((split, r, s))}
-        if not got or any(got[r].get("cpu_minutes") is None for r in got):
+        got = [r for r in rows if runs.get((split, r, s))]
+        cpus = [own_minutes(runs, (split, r, s)) for r in got]
+        if not got or any(c is None for c in cpus):
             continue
-        cpu = sum(g["cpu_minutes"] for g in got.values())
-        wall = sum(g["wall_minutes"] or 0.0 for g in got.values())
-        if "ciscr" in got and "suponly" in got:  # its stage 1 is the suponly run: once
-            cpu -= got["suponly"]["cpu_minutes"]
-            wall -= got["suponly"]["wall_minutes"] or 0.0
+        cpu = sum(cpus)
+        wall = sum(own_minutes(runs, (split, r, s), "wall_minutes") or 0.0 for r in got)
         out.append(f"- seed {s} ({', '.join(got)}): {cpu:.0f} CPU min, {cpu / 2:.0f} min of "
                    f"wall on 2 cores at best; measured wall / 2: {wall / 2:.0f} min "
                    f"(the issue's budget: 150)")
     return out
 
 
-def own_cpu_minutes(runs: dict, key: tuple[int, str, int]) -> float | None:
-    """A finished run's CPU minutes without the shared stage 1 it did not train (CISC-R)."""
+def own_minutes(runs: dict, key: tuple[int, str, int], kind: str = "cpu_minutes") -> float | None:
+    """A finished run's CPU (or, ``kind="wall_minutes"``, wall) minutes without the shared
+    stage 1 it did not train (CISC-R's: its split's suponly run, counted there)."""
     r = runs.get(key)
-    if not r or r.get("cpu_minutes") is None or key[1] != "ciscr":
-        return r.get("cpu_minutes") if r else None
-    sup = (runs.get((key[0], "suponly", key[2])) or {}).get("cpu_minutes")
-    return None if sup is None else r["cpu_minutes"] - sup
+    if not r or r.get(kind) is None or key[1] != "ciscr":
+        return r.get(kind) if r else None
+    sup = (runs.get((key[0], "suponly", key[2])) or {}).get(kind)
+    return None if sup is None else r[kind] - sup
 
 
 def estimate_cpu(runs: dict, split: int, row: str, spec: dict) -> tuple[float | None, str]:
@@ -267,7 +266,7 @@ def estimate_cpu(runs: dict, split: int, row: str, spec: dict) -> tuple[float | 
     def mean_of(r: str, own: bool = True) -> tuple[float | None, str]:
         for where, keys in (("this split", [k for k in runs if k[0] == split and k[1] == r]),
                             ("another split", [k for k in runs if k[1] == r])):
-            got = [c for k in keys if (c := own_cpu_minutes(runs, k) if own else
+            got = [c for k in keys if (c := own_minutes(runs, k) if own else
                                        runs[k].get("cpu_minutes")) is not None]
             if got:
                 return statistics.fmean(got), f"{r}: {len(got)} run(s) at {where}"
@@ -554,9 +553,8 @@ def headline(runs: dict, splits: list[int], seeds: list[int], cmd: str,
         d, d_txt = paired(vals(runs, small, r, seeds), sup)
         dc, dc_txt = paired(vals(runs, small, r, seeds),
                             vals(runs, small, compute_row_of(runs, small, r, seeds), seeds))
-        its = iterations_of(runs, small, r)
-        steps = ("at equal steps" if its == iterations_of(runs, small, "suponly")[:1] else
-                 f"at N steps per stage ({'/'.join(map(str, its))} in all)")
+        in_all = stages_in_all(runs, small, r)
+        steps = "at equal steps" if in_all is None else f"at N steps per stage ({in_all} in all)"
         if d is not None:
             parts.append(f"{labels.get(r, r)} {d_txt} {steps}"
                          + (f", {dc_txt} at equal CPU time" if dc is not None else ""))
@@ -583,9 +581,8 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
     d, d_txt = per_step[best]
     n = sum(x is not None and y is not None
             for x, y in zip(vals(runs, small, best, seeds), sup, strict=True))
-    its = iterations_of(runs, small, best)
-    stages = "" if its == iterations_of(runs, small, "suponly")[:1] else \
-        f" (N per training stage, {'/'.join(map(str, its))} in all)"
+    in_all = stages_in_all(runs, small, best)
+    stages = "" if in_all is None else f" (N per training stage, {in_all} in all)"
     n_its = ", ".join(map(str, iterations_of(runs, small, "suponly"))) or "n/a"
     out = [f"With {small} labeled images and N = {n_its} steps ({n} of "
            f"{len(seeds)} seeds so far), the best semi-supervised row here, {labels[best]}"
@@ -635,6 +632,13 @@ def stage_start(runs: dict, split: int, seed: int) -> str:
 def iterations_of(runs: dict, split: int, row: str) -> list[int]:
     """The training iterations of ``row``'s finished runs at ``split`` (sorted, distinct)."""
     return sorted({r["iterations"] for (k, name, _), r in runs.items() if k == split and name == row})
+
+
+def stages_in_all(runs: dict, split: int, row: str) -> str | None:
+    """``row``'s iterations in all ("1440") where they differ from SupOnly's N (CISC-R's
+    stages of N each); None at equal steps."""
+    its = iterations_of(runs, split, row)
+    return None if its == iterations_of(runs, split, "suponly")[:1] else "/".join(map(str, its))
 
 
 INTRO = ("Every row from ImageNet on the same labeled split of its seed, val mIoU of the LAST "
