@@ -490,17 +490,19 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # One colour per row in both panels; seeds differ by line style.
+    # One colour per row in both panels; seeds differ by line style (SupOnly: and by marker).
     color = {r: f"C{i}" for i, r in enumerate(["suponly", *SSL, "suponly_compute", "ciscr_fresh",
                                                 "fixmatch", "stpp"])}
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in ["suponly", *SSL, "suponly_compute"]:
         pts = [(k, *mean_std(vals(runs, k, r, seeds))) for k in sorted(splits)]
         pts = [(k, m, sd or 0.0) for k, m, sd in pts if m is not None]
+        # The seeds behind each mean, per split: rows finish seeds at different times.
+        n = "/".join(str(sum(v is not None for v in vals(runs, k, r, seeds))) for k, *_ in pts)
         if pts:
             ax[0].errorbar([p[0] for p in pts], [100 * p[1] for p in pts],
-                           yerr=[100 * p[2] for p in pts], marker="o", capsize=3, label=labels[r],
-                           color=color[r])
+                           yerr=[100 * p[2] for p in pts], marker="o", capsize=3,
+                           label=f"{labels[r]} (seeds: {n})", color=color[r])
     ax[0].set(xlabel="labeled images", ylabel="val mIoU (%), mean ± std over seeds",
               title="CamVid: the label curve")
     small = min(splits)
@@ -512,20 +514,22 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
                 ax[1].plot([it * per_it for it, _ in rec["evals"]],
                            [100 * m for _, m in rec["evals"]], marker=".", alpha=0.8,
                            color=color[r], linestyle=style, label=f"{labels[r]} s{s}")
-    for s in seeds:
+    for i, s in enumerate(seeds):
         pts = curve_points(runs, small, s, curve, 0)
         if pts:
-            ax[1].plot([p[2] for p in pts], [100 * p[1] for p in pts], "k--o",
+            ax[1].plot([p[2] for p in pts], [100 * p[1] for p in pts], color="k",
+                       linestyle=["--", ":", "-."][i % 3], marker="osD"[i % 3],
                        label=f"SupOnly, last checkpoint of runs of each length, s{s}")
     ax[1].set(xlabel="CPU minutes (1 thread)", ylabel="val mIoU (%)",
               title=f"{small} labels: mIoU against CPU time")
+    # Legends below the panels: inside, some placement always hides a point or an error bar.
     for a in ax:
         a.grid(alpha=0.3)
         if a.get_legend_handles_labels()[0]:  # nothing finished yet: no empty legend
-            a.legend(fontsize=7)
+            a.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     fig.tight_layout()
     png = stem.with_suffix(".png")
-    fig.savefig(png.with_suffix(".tmp.png"), dpi=110)
+    fig.savefig(png.with_suffix(".tmp.png"), dpi=110, bbox_inches="tight")
     plt.close(fig)
     png.with_suffix(".tmp.png").replace(png)
     return [f"![label curve and CPU time]({png.name})",
@@ -696,7 +700,9 @@ def md_splits(runs: dict, splits: list[int], seeds: list[int], order: list[str],
 
 def md_diagnostics(runs: dict, splits: list[int], seeds: list[int], rows: list[str],
                    labels: dict[str, str]) -> list[str]:
-    """The pseudo-label diagnostics per split, and per class at the smallest split."""
+    """The pseudo-label diagnostics per split, and per class at the smallest split; a row named
+    twice (a main row that is also an option) is tabled once."""
+    rows = list(dict.fromkeys(rows))
     md = ["## Diagnostics: what the unlabeled branch could learn from", "", DIAG_INTRO, ""]
     for split in splits:
         md += [f"{split} labels:", "", *table_diagnostics(runs, split, rows, seeds, labels), ""]

@@ -183,6 +183,17 @@ def test_diagnostic_counts_and_figures_by_hand():
     assert abs(s["pseudo_miou"] - (0.5 + 2 / 3 + 1.0) / 3) < 1e-12
 
 
+def test_a_row_named_twice_is_diagnosed_once():
+    classes = ["a", "b"]
+    d = {"pseudo_miou": 0.5, "pseudo_acc": 0.8, "mask_ratio": 0.6, "mask_precision": 0.9,
+         "taught": 0.54, "auroc": {"confidence": 0.8, "cisc": 0.7}, "classes": classes,
+         "per_class": {"gt_share": [0.5, 0.5], "pseudo_iou": [0.4, 0.6], "taught": [0.5, 0.58]}}
+    runs = {(12, "ciscr", 0): {"diagnostics": d}}
+    md = rep.md_diagnostics(runs, [12], [0], ["ciscr", "suponly", "ciscr"], {"ciscr": "CISC-R"})
+    rows = [line for line in md if line.startswith("| CISC-R (1) |")]
+    assert rows == ["| CISC-R (1) | 50.0 | 80.0 | 60.0 | 90.0 | 54.0 | 0.800 | 0.700 |  |"]
+
+
 def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unknown(tmp_path):
     def run(name: str, results: dict, wall: dict | None, starts: int) -> Path:
         rd = tmp_path / name
