@@ -436,6 +436,14 @@ def not_started(args: argparse.Namespace, finished: set) -> list[tuple[int, int,
     return out
 
 
+def shown_path(p: Path) -> str:
+    """``p`` relative to the repository when inside it (the JSON is committed), else as is."""
+    try:
+        return str(p.resolve().relative_to(REPO))
+    except ValueError:
+        return str(p)
+
+
 def report(args: argparse.Namespace, argv: list[str]) -> Path:
     splits, seeds = [int(x) for x in args.splits.split(",")], [int(x) for x in args.seeds.split(",")]
     runs = {}
@@ -445,7 +453,13 @@ def report(args: argparse.Namespace, argv: list[str]) -> Path:
             for seed in seeds:
                 rd = finished_dir(args, split, row, seed)
                 if rd is not None:
-                    runs[(split, row, seed)] = camvid_labels_report.collect(rd, split, row, seed)
+                    rec = camvid_labels_report.collect(rd, split, row, seed)
+                    # The committed copy, where a reader of the JSON can open it (runs/ is
+                    # this machine's and ignored by git).
+                    rec["run_dir"] = shown_path(split_archive(args, split) / rd.name
+                                                if (split_archive(args, split) / rd.name).exists()
+                                                else rd)
+                    runs[(split, row, seed)] = rec
     spec = {"labels": {r: v[0] for r, v in ROWS.items()}, "main": MAIN, "compute": COMPUTE,
             "curve": CURVE, "iters": args.iters, "levers": LEVER_ROWS,
             "lever_overrides": [ROWS[r][2] for r in LEVER_ROWS], "queued": not_started(args, set(runs))}

@@ -158,6 +158,10 @@ def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
     assert runs[(2, "unimatch")]["diagnostics"] == diag
     assert "| UniMatch (1) |" in md.split("## Diagnostics")[1]
     assert (tmp_path / "out" / "camvid_labels-runs" / "l2" / "suponly_s0" / "results.json").exists()
+    # The JSON points at the archived (committed) copy, not at runs/.
+    assert runs[(2, "suponly")]["run_dir"] == str(tmp_path / "out" / "camvid_labels-runs" / "l2"
+                                                  / "suponly_s0")
+    assert cl.shown_path(cl.REPO / "docs" / "x") == str(Path("docs") / "x")
     # Rerun: everything is finished (live or archived), nothing trains again.
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
     assert cl.main(argv) == 0
