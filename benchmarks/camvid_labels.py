@@ -16,10 +16,9 @@ seed; the rest of the pool unlabeled) and seed, every row trains from ImageNet o
 SupOnly's learning curve at 12 labels, seed 0 (N/2 and 2N with seed 0's rows; 4N and 8N
 right after the three 12-label seeds, before the other splits): the figure, and the report's
 advice on training longer. Options (seed 0, 12 labels, after the 46-label seeds, before
-23 labels): FixMatch, ST++
-(stages shared with CISC-R), and four of section
-2's levers on the online step's cost (one strong view; an unlabeled batch of 2; the unlabeled
-branch every 2nd step; unlabeled views at half resolution), each one setting, whose step cost
+23 labels): FixMatch, ST++ (stages shared with CISC-R), and four of section 2's levers on the
+online step's cost (one strong view; an unlabeled batch of 2; the unlabeled branch every 2nd
+step; unlabeled views at half resolution), each one setting, whose step cost
 ``benchmarks/camvid_levers.py`` measures.
 
     python benchmarks/camvid_labels.py                 # the whole queue, resumable
@@ -37,8 +36,9 @@ then: its first logged steps, on a machine shared with a test run, took 4.5-5 s,
 evaluations: N = 480 (<= ~140 min), while 960 would take twice the budget. The report's cost
 table gives each row's measured CPU and wall minutes, and what a seed's rows took together
 against the 150 minutes (CISC-R's stages and its own SupOnly-at-its-CPU-time run came out
-dearer than that estimate: the report says by how much). 480 iterations = 40 passes over 12 batches (``iters_per_epoch``
-12 in every stage: the 12-label split's one batch of 8 repeated, as every split alike).
+dearer than that estimate: the report says by how much). 480 iterations = 40 passes over 12
+batches (``iters_per_epoch`` 12 in every stage: the 12-label split's one batch of 8 repeated,
+as every split alike).
 At 46 labels, protocol 3's SupOnly bases (from ImageNet, 1200 iterations, three seeds,
 ``benchmarks/camvid.py``) are not reused: the issue reuses them only where N matches, and N is
 480 here; ``suponly`` at 46 labels trains its own N.
@@ -135,17 +135,28 @@ MACHINE = "machine.jsonl"  # in every run: one line per invocation (CPU, bf16, p
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default=str(REPO.parent / "shared/data/camvid"))
-    p.add_argument("--weights", default=str(REPO.parent / "shared/weights/mobilenet_v2_imagenet.pth"))
-    p.add_argument("--splits", default=",".join(map(str, SPLITS)), help="labeled images")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--no-options", action="store_true", help="main rows only")
-    p.add_argument("--iters", type=int, default=N_ITERS, help="N (NOT the protocol unless 480)")
-    p.add_argument("--runs", default=str(REPO / "runs/camvid_labels"))
-    p.add_argument("--out", default=str(REPO / "docs/results"))
-    p.add_argument("--name", default="camvid_labels")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once, each with cores/jobs threads")
-    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--data", default=str(REPO.parent / "shared/data/camvid"),
+                   help="CamVid in ciscr's folder format (default: %(default)s)")
+    p.add_argument("--weights", default=str(REPO.parent / "shared/weights/mobilenet_v2_imagenet.pth"),
+                   help="ImageNet MobileNetV2 weights, '' for none (default: %(default)s)")
+    p.add_argument("--splits", default=",".join(map(str, SPLITS)),
+                   help="labeled images per split, in the queue's order (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds (default: %(default)s)")
+    p.add_argument("--no-options", action="store_true",
+                   help="main rows only (no SupOnly curve, ciscr_fresh, FixMatch, ST++ or levers)")
+    p.add_argument("--iters", type=int, default=N_ITERS,
+                   help="N per training stage (default %(default)s; NOT the protocol otherwise)")
+    p.add_argument("--runs", default=str(REPO / "runs/camvid_labels"),
+                   help="where runs train and resume (default: %(default)s)")
+    p.add_argument("--out", default=str(REPO / "docs/results"),
+                   help="the report, its JSON and figure, and the archive of finished runs "
+                        "(default: %(default)s)")
+    p.add_argument("--name", default="camvid_labels",
+                   help="the report's file stem (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs at once, each with cores/jobs threads (default: %(default)s)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite the report from the finished runs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run (repeatable); NOT the protocol: for a "
                         "smoke test, with its own --runs and --out")
