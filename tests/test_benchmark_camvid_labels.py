@@ -198,6 +198,28 @@ def test_a_row_named_twice_is_diagnosed_once():
     assert rows == ["| CISC-R (1) | 50.0 | 80.0 | 60.0 | 90.0 | 54.0 | 0.800 | 0.700 |  |"]
 
 
+def test_the_diagnostic_findings_by_hand():
+    def diag(taught, iou, right, passed, conf, cisc):
+        return {"classes": ["road", "pole", "car"], "mask_precision": right,
+                "mask_ratio": passed, "auroc": {"confidence": conf, "cisc": cisc},
+                "per_class": {"gt_share": [0.9, 0.04, 0.06], "taught": taught, "pseudo_iou": iou}}
+
+    runs = {(12, "unimatch", 0): {"diagnostics": diag([0.9, 0.0, 0.2], [0.9, 0.10, 0.5],
+                                                      0.96, 0.6, 0.88, 0.80)},
+            (12, "unimatch", 1): {"diagnostics": diag([0.9, 0.002, 0.004], [0.9, 0.14, 0.5],
+                                                      0.98, 0.7, 0.86, 0.80)},
+            (12, "ciscr", 0): {"diagnostics": diag([0.9, 0.005, 0.3], [0.9, 0.2, 0.6],
+                                                   0.97, 0.8, 0.80, 0.85)}}
+    lines = rep.diagnostic_findings(runs, 12, ["unimatch", "unimatch_cisc", "ciscr"], [0, 1])
+    # pole: under 1 % in both rows (unimatch's mean 0.001); car: ciscr teaches 30 %.
+    assert lines[0].endswith("in every row): pole, 4.0 % of the pool's pixels; their "
+                             "pseudo-label IoU is at most 20.0 in any row.")
+    assert "right 97.0-97.0 % of the time; 65.0-80.0 % of the pool's pixels pass" in lines[1]
+    assert lines[2].endswith("the confidence 0.800-0.870, the CISC weight 0.800-0.850; the "
+                             "CISC weight separates less well than the confidence in 1 of 2 rows.")
+    assert rep.diagnostic_findings(runs, 46, ["unimatch"], [0]) == []
+
+
 def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unknown(tmp_path):
     def run(name: str, results: dict, wall: dict | None, starts: int) -> Path:
         rd = tmp_path / name
