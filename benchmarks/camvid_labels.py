@@ -58,7 +58,7 @@ checkpoint when the command is rerun. After each run that uses the unlabeled poo
 ``suponly``), ``camvid_labels_diagnostics.py`` scores its final model's pseudo labels on the
 pool per class (the diagnostics the issue asks for where a target is missed; outside the run's
 CPU record). Finished stages are archived into the committed
-``docs/results/camvid_labels-runs/`` and the report (``camvid_labels_report.py``) is written
+``docs/results/camvid_labels-runs/`` and the report (``camvid_labels_report.py``, its tables in ``camvid_labels_tables.py``) is written
 after every run.
 """
 
@@ -79,6 +79,7 @@ sys.path.insert(0, str(REPO))
 import archive  # noqa: E402  (benchmarks/, on sys.path when run as a script)
 import camvid  # noqa: E402
 import camvid_labels_diagnostics as diagnostics  # noqa: E402
+import camvid_labels_records  # noqa: E402
 import camvid_labels_report  # noqa: E402
 import camvid_report  # noqa: E402
 
@@ -238,16 +239,16 @@ def current_protocol(args: argparse.Namespace, split: int, row: str, seed: int,
 
 def cpu_seconds(args: argparse.Namespace, split: int, row: str, seed: int) -> float | None:
     """A finished run's measured CPU seconds (CISC-R's with its stage 1, the suponly run, by
-    camvid_labels_report.with_stage1); None when not finished or not known."""
+    camvid_labels_records.with_stage1); None when not finished or not known."""
     rd = finished_dir(args, split, row, seed)
     if rd is None:
         return None
-    own = camvid_labels_report.run_cost(rd)
+    own = camvid_labels_records.run_cost(rd)
     stage1 = None
     if row == "ciscr" and not own["includes_shared"]:
         srd = finished_dir(args, split, "suponly", seed)
-        stage1 = camvid_labels_report.run_cost(srd) if srd else None
-    return camvid_labels_report.with_stage1(row, own, stage1)["cpu_seconds"]
+        stage1 = camvid_labels_records.run_cost(srd) if srd else None
+    return camvid_labels_records.with_stage1(row, own, stage1)["cpu_seconds"]
 
 
 def compute_plan(args: argparse.Namespace, split: int, seed: int,
@@ -464,7 +465,7 @@ def report(args: argparse.Namespace, argv: list[str]) -> Path:
             for seed in seeds:
                 rd = finished_dir(args, split, row, seed)
                 if rd is not None:
-                    rec = camvid_labels_report.collect(rd, split, row, seed)
+                    rec = camvid_labels_records.collect(rd, split, row, seed)
                     # The committed copy, where a reader of the JSON can open it (runs/ is
                     # this machine's and ignored by git).
                     rec["run_dir"] = shown_path(split_archive(args, split) / rd.name

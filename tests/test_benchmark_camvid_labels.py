@@ -11,7 +11,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import camvid_labels as cl  # noqa: E402
+import camvid_labels_records as records  # noqa: E402
 import camvid_labels_report as rep  # noqa: E402
+import camvid_labels_tables as tables  # noqa: E402
 
 from ciscr.methods import RECIPES  # noqa: E402
 
@@ -193,7 +195,7 @@ def test_a_row_named_twice_is_diagnosed_once():
          "taught": 0.54, "auroc": {"confidence": 0.8, "cisc": 0.7}, "classes": classes,
          "per_class": {"gt_share": [0.5, 0.5], "pseudo_iou": [0.4, 0.6], "taught": [0.5, 0.58]}}
     runs = {(12, "ciscr", 0): {"diagnostics": d}}
-    md = rep.md_diagnostics(runs, [12], [0], ["ciscr", "suponly", "ciscr"], {"ciscr": "CISC-R"})
+    md = tables.md_diagnostics(runs, [12], [0], ["ciscr", "suponly", "ciscr"], {"ciscr": "CISC-R"})
     rows = [line for line in md if line.startswith("| CISC-R (1) |")]
     assert rows == ["| CISC-R (1) | 50.0 | 80.0 | 60.0 | 90.0 | 54.0 | 0.800 | 0.700 |  |"]
 
@@ -210,14 +212,14 @@ def test_the_diagnostic_findings_by_hand():
                                                       0.98, 0.7, 0.86, 0.80)},
             (12, "ciscr", 0): {"diagnostics": diag([0.9, 0.005, 0.3], [0.9, 0.2, 0.6],
                                                    0.97, 0.8, 0.80, 0.85)}}
-    lines = rep.diagnostic_findings(runs, 12, ["unimatch", "unimatch_cisc", "ciscr"], [0, 1])
+    lines = tables.diagnostic_findings(runs, 12, ["unimatch", "unimatch_cisc", "ciscr"], [0, 1])
     # pole: under 1 % in both rows (unimatch's mean 0.001); car: ciscr teaches 30 %.
     assert lines[0].endswith("in every row): pole, 4.0 % of the pool's pixels; their "
                              "pseudo-label IoU is at most 20.0 in any row.")
     assert "right 97.0-97.0 % of the time; 65.0-80.0 % of the pool's pixels pass" in lines[1]
     assert lines[2].endswith("the confidence 0.800-0.870, the CISC weight 0.800-0.850; the "
                              "CISC weight separates less well than the confidence in 1 of 2 rows.")
-    assert rep.diagnostic_findings(runs, 46, ["unimatch"], [0]) == []
+    assert tables.diagnostic_findings(runs, 46, ["unimatch"], [0]) == []
 
 
 def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unknown(tmp_path):
@@ -231,23 +233,23 @@ def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unkno
         return rd
 
     own = run("own", {"cpu_seconds": 100.0, "wall_seconds": 120.0}, {"cpu_seconds": 5.0}, 3)
-    assert rep.run_cost(own)["cpu_seconds"] == 100.0 and rep.run_cost(own)["includes_shared"]
+    assert records.run_cost(own)["cpu_seconds"] == 100.0 and records.run_cost(own)["includes_shared"]
     whole = run("whole", {}, {"cpu_seconds": 50.0, "seconds": 60.0, "invocations": 2}, 2)
-    assert rep.run_cost(whole)["cpu_seconds"] == 50.0
+    assert records.run_cost(whole)["cpu_seconds"] == 50.0
     # A session ended during the first of two invocations: wall.json lacks its CPU time.
     killed = run("killed", {}, {"cpu_seconds": 50.0, "seconds": 60.0}, 2)
-    cost = rep.run_cost(killed)
+    cost = records.run_cost(killed)
     assert cost["cpu_seconds"] is None and cost["cpu_source"].startswith("unknown")
     runs = {(12, "suponly", 0): {"cpu_seconds": 10.0, "wall_seconds": 20.0},
             (12, "ciscr", 0): {"cpu_seconds": 30.0, "wall_seconds": 40.0, "includes_shared": True}}
-    rep.add_totals(runs)  # ciscr's own record already holds its copied stage 1
+    records.add_totals(runs)  # ciscr's own record already holds its copied stage 1
     assert runs[(12, "ciscr", 0)]["cpu_minutes"] == 0.5
     # An older ciscr record without its copied stage 1: the suponly run's time is added once.
     older = {"cpu_seconds": 30.0, "wall_seconds": 40.0, "includes_shared": False}
-    assert rep.with_stage1("ciscr", older, runs[(12, "suponly", 0)]) == \
+    assert records.with_stage1("ciscr", older, runs[(12, "suponly", 0)]) == \
         {"cpu_seconds": 40.0, "wall_seconds": 60.0}
-    assert rep.with_stage1("ciscr", older, None)["cpu_seconds"] is None
-    assert rep.with_stage1("unimatch", older, runs[(12, "suponly", 0)])["cpu_seconds"] == 30.0
+    assert records.with_stage1("ciscr", older, None)["cpu_seconds"] is None
+    assert records.with_stage1("unimatch", older, runs[(12, "suponly", 0)])["cpu_seconds"] == 30.0
 
 
 def test_a_seeds_cost_against_the_budget_counts_the_shared_stage_1_once():
@@ -255,7 +257,7 @@ def test_a_seeds_cost_against_the_budget_counts_the_shared_stage_1_once():
             (12, "unimatch", 0): {"cpu_minutes": 60.0, "wall_minutes": 80.0},
             (12, "ciscr", 0): {"cpu_minutes": 90.0, "wall_minutes": 110.0},  # 20 of it SupOnly's
             (12, "unimatch", 1): {"cpu_minutes": None, "wall_minutes": None}}  # unknown: skipped
-    (line,) = rep.budget_lines(runs, 12, [0, 1], ["suponly", "unimatch", "ciscr"])
+    (line,) = tables.budget_lines(runs, 12, [0, 1], ["suponly", "unimatch", "ciscr"])
     # (20 + 60 + 90 - 20) = 150 CPU min -> 75 min on 2 cores; wall (30 + 80 + 110 - 30) / 2 = 95
     assert line.startswith("- seed 0 (suponly, unimatch, ciscr): 150 CPU min, 75 min")
     assert "measured wall / 2: 95 min" in line
@@ -267,11 +269,11 @@ def test_the_queued_runs_are_estimated_from_the_measured_ones():
             (12, "unimatch", 0): {"cpu_minutes": 60.0}}
     spec = {"curve": {"suponly_4n": 4}, "labels": {r: r for r in cl.ROWS},
             "compute": {"suponly_compute_ciscr": ["ciscr"], "suponly_compute_unimatch": ["unimatch"]}}
-    assert rep.estimate_cpu(runs, 46, "ciscr", spec) == (70.0, "ciscr: 1 run(s) at another split")
-    assert rep.estimate_cpu(runs, 12, "suponly_4n", spec)[0] == 4 * 22.0
-    assert rep.estimate_cpu(runs, 12, "suponly_compute_ciscr", spec)[0] == 90.0  # its total
-    assert rep.estimate_cpu(runs, 12, "fixmatch", spec)[0] is None
-    lines = rep.queued_lines(runs, [(12, 1, "ciscr"), (12, 2, "ciscr"), (12, 1, "fixmatch"),
+    assert tables.estimate_cpu(runs, 46, "ciscr", spec) == (70.0, "ciscr: 1 run(s) at another split")
+    assert tables.estimate_cpu(runs, 12, "suponly_4n", spec)[0] == 4 * 22.0
+    assert tables.estimate_cpu(runs, 12, "suponly_compute_ciscr", spec)[0] == 90.0  # its total
+    assert tables.estimate_cpu(runs, 12, "fixmatch", spec)[0] is None
+    lines = tables.queued_lines(runs, [(12, 1, "ciscr"), (12, 2, "ciscr"), (12, 1, "fixmatch"),
                                     (12, 1, "suponly_compute_unimatch")], spec)
     assert "| 12 | ciscr | 1, 2 | 70 |" in lines[2]
     # 2 x 70 (suponly_compute_unimatch listed, not counted: the rule usually shares it)
@@ -281,13 +283,13 @@ def test_the_queued_runs_are_estimated_from_the_measured_ones():
 
 def test_break_even_reads_the_cpu_time_off_supOnlys_curve_by_hand():
     pts = [(480, 0.40, 20.0), (960, 0.50, 40.0), (1920, 0.55, 80.0)]  # iterations, mIoU, CPU
-    assert rep.break_even(pts, 0.45) == (30.0, "linear between its runs of 480 and 960 iterations")
-    assert rep.break_even(pts, 0.35)[0] == 20.0  # at most its smallest run's
-    assert rep.break_even(pts, 0.60) == (None, "beyond its longest measured run (1920 iterations)")
+    assert tables.break_even(pts, 0.45) == (30.0, "linear between its runs of 480 and 960 iterations")
+    assert tables.break_even(pts, 0.35)[0] == 20.0  # at most its smallest run's
+    assert tables.break_even(pts, 0.60) == (None, "beyond its longest measured run (1920 iterations)")
     runs = {(12, "suponly", 0): {"iterations": 480, "val_miou": 0.40, "cpu_minutes": 20.0},
             (12, "suponly_2n", 0): {"iterations": 960, "val_miou": 0.50, "cpu_minutes": 40.0},
             (12, "unimatch", 0): {"val_miou": 0.45, "cpu_minutes": 60.0}}
-    (line,) = rep.break_even_lines(runs, 12, 0, {"suponly_2n": 2}, {"unimatch": "UniMatch"})
+    (line,) = tables.break_even_lines(runs, 12, 0, {"suponly_2n": 2}, {"unimatch": "UniMatch"})
     assert "about 30.0 CPU min" in line and "at 0.50 x its measured cost or less" in line
 
 
@@ -296,9 +298,9 @@ def test_the_lever_costs_line_reads_the_levers_benchmark(tmp_path):
            "overrides": {"unimatch_cisc": [], "half": ["train.unlabeled_resolution=0.5"],
                          "memory": ["method.prototype_source=memory"], "suponly": []}}
     (tmp_path / "levers.json").write_text(json.dumps(rec))
-    line = rep.lever_costs_line(tmp_path / "levers.json", [["train.unlabeled_resolution=0.5"]])
+    line = tables.lever_costs_line(tmp_path / "levers.json", [["train.unlabeled_resolution=0.5"]])
     assert "`train.unlabeled_resolution=0.5` 0.50" in line and "memory" not in line
-    assert "missing" in rep.lever_costs_line(tmp_path / "none.json", [])
+    assert "missing" in tables.lever_costs_line(tmp_path / "none.json", [])
 
 
 def test_bad_paths_stop_the_queue_with_one_line_before_any_run(tmp_path, capsys):

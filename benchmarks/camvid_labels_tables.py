@@ -1,0 +1,410 @@
+"""Protocol 4's tables, lines and figure (``benchmarks/camvid_labels.py``): per split, costs
+and budgets, SupOnly's curve and the break-even reading off it, the diagnostics and what they
+show, all rendered from the run records (``camvid_labels_records``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from camvid_labels_records import (
+    SSL,
+    curve_points,
+    mean_std,
+    own_minutes,
+    vals,
+)
+from camvid_report import (
+    fmt,
+    paired,
+    read,
+)
+
+
+def table_split(runs: dict, split: int, rows: list[str], seeds: list[int],
+                labels: dict[str, str]) -> list[str]:
+    out = [f"| {split} labels | val mIoU, mean ± std | per seed | minus SupOnly (paired ± SE) "
+           "| minus SupOnly at its CPU time | iterations | CPU min | wall min | precision |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        xs = vals(runs, split, r, seeds)
+        if all(x is None for x in xs):
+            continue
+        got = [runs[(split, r, s)] for s in seeds if runs.get((split, r, s))]
+        m, sd = mean_std(xs)
+        per = " / ".join(fmt(x) for x in xs)
+        _, d_sup = paired(xs, vals(runs, split, "suponly", seeds))
+        _, d_cmp = paired(xs, vals(runs, split, compute_row_of(runs, split, r, seeds), seeds))
+        cost = {k: mean_std([g[k] for g in got])[0] for k in ("iterations", "cpu_minutes",
+                                                               "wall_minutes")}
+        prec = ", ".join(sorted({p for g in got for p in g["precision"]})) or "n/a"
+        out.append(f"| {labels[r]} | {fmt(m, sd)} | {per} | {d_sup if r != 'suponly' else ''} "
+                   f"| {d_cmp if r in SSL else ''} | {_num(cost['iterations'])} "
+                   f"| {_num(cost['cpu_minutes'], 1)} | {_num(cost['wall_minutes'], 1)} | {prec} |")
+    return out
+
+
+def _num(x: float | None, digits: int = 0) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def compute_row_of(runs: dict, split: int, row: str, seeds: list[int]) -> str:
+    """The SupOnly run given ``row``'s CPU time (its compute_match.json says which rows)."""
+    for name in ("suponly_compute", f"suponly_compute_{row}"):
+        for s in seeds:
+            rec = runs.get((split, name, s))
+            if rec and row in (read(Path(rec["run_dir"]) / "compute_match.json") or {}).get("rows", []):
+                return name
+    return f"suponly_compute_{row}"
+
+
+def table_per_class(runs: dict, split: int, rows: list[str], seeds: list[int],
+                    labels: dict[str, str]) -> list[str]:
+    names = next((r["class_names"] for r in runs.values() if r.get("class_names")), None)
+    if not names:
+        return ["(no finished run)"]
+    out = ["| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in rows:
+        got = [runs[(split, r, s)] for s in seeds if runs.get((split, r, s))]
+        if got:
+            cells = [fmt(statistics.fmean([g["iou"][k] or 0.0 for g in got]))
+                     for k in range(len(names))]
+            out.append(f"| {labels[r]} (n={len(got)}) | " + " | ".join(cells) + " |")
+    return out
+
+
+def table_plans(runs: dict, splits: list[int], seeds: list[int], compute: dict) -> list[str]:
+    out = ["| split | seed | SupOnly run | given the CPU time of | CPU min given | SupOnly's "
+           "CPU min at N | its iterations |", "|---|---|---|---|---|---|---|"]
+    for split in splits:
+        for s in seeds:
+            for name in compute:
+                rec = runs.get((split, name, s))
+                plan = read(Path(rec["run_dir"]) / "compute_match.json") if rec else None
+                if plan:
+                    out.append(f"| {split} | {s} | {name} | {', '.join(plan['rows'])} "
+                               f"| {plan['cpu_seconds'] / 60:.1f} "
+                               f"| {plan['suponly_cpu_seconds'] / 60:.1f} | {plan['iterations']} |")
+    return out
+
+
+def budget_lines(runs: dict, split: int, seeds: list[int], rows: list[str]) -> list[str]:
+    """Per seed, what its finished main and compute runs cost together against the issue's
+    budget (one (split, seed) of main rows in <= 150 minutes of wall, two runs at a time on 2
+    cores): their CPU minutes (CISC-R's without its shared stage 1, counted once, in SupOnly)
+    over the 2 cores, a lower bound on that wall, and their measured wall minutes over 2."""
+    out = []
+    for s in seeds:
+        got = [r for r in rows if runs.get((split, r, s))]
+        cpus = [own_minutes(runs, (split, r, s)) for r in got]
+        if not got or any(c is None for c in cpus):
+            continue
+        cpu = sum(cpus)
+        wall = sum(own_minutes(runs, (split, r, s), "wall_minutes") or 0.0 for r in got)
+        out.append(f"- seed {s} ({', '.join(got)}): {cpu:.0f} CPU min, {cpu / 2:.0f} min of "
+                   f"wall on 2 cores at best; measured wall / 2: {wall / 2:.0f} min "
+                   f"(the issue's budget: 150)")
+    return out
+
+
+def estimate_cpu(runs: dict, split: int, row: str, spec: dict) -> tuple[float | None, str]:
+    """A queued run's CPU minutes estimated from measured runs, and the basis: the mean of
+    the same row's finished runs at this split, else at any split (a step costs the same at
+    every split); a curve row: its multiple of SupOnly's; a compute row: the CPU time of the
+    rows it is given (the rule); else (None, "no run of its kind measured yet")."""
+    def mean_of(r: str, own: bool = True) -> tuple[float | None, str]:
+        for where, keys in (("this split", [k for k in runs if k[0] == split and k[1] == r]),
+                            ("another split", [k for k in runs if k[1] == r])):
+            got = [c for k in keys if (c := own_minutes(runs, k) if own else
+                                       runs[k].get("cpu_minutes")) is not None]
+            if got:
+                return statistics.fmean(got), f"{r}: {len(got)} run(s) at {where}"
+        return None, "no run of its kind measured yet"
+
+    est, basis = mean_of(row)
+    if est is None and row in spec["curve"]:
+        sup, _ = mean_of("suponly")
+        if sup is not None:
+            return spec["curve"][row] * sup, f"{spec['curve'][row]} x SupOnly's at N"
+    if est is None and row in spec["compute"]:
+        given = [e for r in spec["compute"][row] if (e := mean_of(r, own=False)[0]) is not None]
+        if given:
+            return statistics.fmean(given), f"the CPU time of {', '.join(spec['compute'][row])}"
+    return est, basis
+
+
+def queued_lines(runs: dict, queued: list[tuple[int, int, str]], spec: dict) -> list[str]:
+    """The runs the queue has not started, in its order, one line per (split, row) with its
+    seeds and estimated CPU minutes each, and what they add up to on 2 cores: what the rest of
+    the protocol costs. suponly_compute_unimatch runs only where the rule needs it (UniMatch's
+    CPU time not within 10 % of UniMatch + CISC's), so it is listed but not counted."""
+    if not queued:
+        return ["(nothing)"]
+    groups: dict[tuple[int, str], list[int]] = {}
+    for split, seed, row in queued:
+        groups.setdefault((split, row), []).append(seed)
+    out = ["| labels | row | seeds | estimated CPU min each | from |", "|---|---|---|---|---|"]
+    total, unknown = 0.0, 0
+    for (split, row), seeds in groups.items():
+        est, basis = estimate_cpu(runs, split, row, spec)
+        if row == "suponly_compute_unimatch":
+            basis = "only where the rule needs it: not counted"
+        elif est is None:
+            unknown += len(seeds)
+        else:
+            total += est * len(seeds)
+        out.append(f"| {split} | {spec['labels'][row]} | {', '.join(map(str, seeds))} "
+                   f"| {_num(est, 0)} | {basis} |")
+    return out + ["", f"In all about {total:.0f} CPU min, {total / 120:.1f} h on 2 cores at two "
+                  "runs at a time" + (f", plus {unknown} run(s) not estimated" if unknown else "")
+                  + " (estimates from the measured runs, not measurements)."]
+
+
+def break_even(points: list[tuple], target: float) -> tuple[float | None, str]:
+    """Where SupOnly's measured curve (``curve_points``: iterations, mIoU, CPU minutes), linear
+    between its runs, first reaches ``target`` mIoU: (CPU minutes, how), or (None, why not)."""
+    pts = sorted((p[2], p[1], p[0]) for p in points if p[2] is not None)
+    if not pts:
+        return None, "no SupOnly run measured"
+    if pts[0][1] >= target:
+        return pts[0][0], f"at most: its smallest run ({pts[0][2]} iterations) is already there"
+    for (c0, m0, i0), (c1, m1, i1) in zip(pts, pts[1:], strict=False):
+        if m0 < target <= m1:
+            return c0 + (c1 - c0) * (target - m0) / (m1 - m0), \
+                f"linear between its runs of {i0} and {i1} iterations"
+    return None, f"beyond its longest measured run ({pts[-1][2]} iterations)"
+
+
+def break_even_lines(runs: dict, split: int, seed: int, curve: dict,
+                     labels: dict[str, str]) -> list[str]:
+    """Per semi-supervised row (one seed): the CPU time at which SupOnly's curve reaches the
+    row's mIoU, over the row's own CPU time: the cost the row (e.g. by section 2's levers)
+    would have to come down to for the unlabeled images to pay per CPU hour at its mIoU."""
+    pts = curve_points(runs, split, seed, curve, 0)
+    out = []
+    for row in SSL:
+        r = runs.get((split, row, seed))
+        if not r or r.get("cpu_minutes") is None:
+            continue
+        cpu, how = break_even(pts, r["val_miou"])
+        got = (f"SupOnly's curve reaches that at about {cpu:.1f} CPU min ({how}): the row pays "
+               f"per CPU hour at {cpu / r['cpu_minutes']:.2f} x its measured cost or less"
+               if cpu is not None else f"SupOnly's curve does not reach it ({how})")
+        out.append(f"- {labels[row]}: {fmt(r['val_miou'])} at {r['cpu_minutes']:.1f} CPU min; "
+                   + got)
+    return out or ["(no semi-supervised row finished with its CPU time)"]
+
+
+def lever_costs_line(levers_json: Path, lever_overrides: list[list[str]]) -> str:
+    """Section 2's levers (the option rows' overrides) next to those ratios: each one's step
+    cost as a share of a UniMatch + CISC step, from camvid_levers.json (a step, not a run:
+    evaluations, the bank's refresh and pseudo-labelling are outside it)."""
+    rec = read(levers_json) or {}
+    steps, over = rec.get("mean_step_seconds", {}), rec.get("overrides", {})
+    ref = steps.get("unimatch_cisc")
+    levers = {k: v / ref for k, v in steps.items() if ref and over.get(k) in lever_overrides}
+    if not levers:
+        return f"(no lever costs measured: {levers_json.name} is missing)"
+    each = ", ".join(f"`{' '.join(over[k])}` {x:.2f}" for k, x in sorted(levers.items(),
+                                                                         key=lambda kv: kv[1]))
+    return (f"Section 2's levers, one setting each, cost per step as a share of a UniMatch + CISC "
+            f"step ({levers_json.name}, `python benchmarks/camvid_levers.py`): {each}; what "
+            "each does to mIoU is its option row.")
+
+
+def table_curve(points: list[tuple]) -> list[str]:
+    out = ["| iterations | val mIoU (last checkpoint) | CPU min | gain over the previous |",
+           "|---|---|---|---|"]
+    prev = None
+    for it, m, cpu in points:
+        gain = "" if prev is None else f"{100 * (m - prev[1]):+.2f} (x{it / prev[0]:.1f} steps)"
+        out.append(f"| {it} | {fmt(m)} | {_num(cpu, 1)} | {gain} |")
+        prev = (it, m)
+    return out
+
+
+DIAG_COLUMNS = (("pseudo_miou", "pseudo-label mIoU"), ("pseudo_acc", "pixel accuracy"),
+                ("mask_ratio", "passed the mask"), ("mask_precision", "right where passed"),
+                ("taught", "right and passed"))
+
+
+DIAG_INTRO = ("Each run's FINAL model labels its split's unlabeled pool as an online step labels "
+              "its weak view, scored against the pool's ground truth (never trained on; "
+              "`benchmarks/camvid_labels_diagnostics.py`, run by the queue after each run): "
+              "pseudo-label mIoU and pixel accuracy, the share of pixels that pass the confidence "
+              "mask, the share of those that are right, the share of all pixels that pass and "
+              "are right, and the AUROC of telling right from wrong labels by the confidence and "
+              "by the CISC weight (the labeled images' prototype bank through the same model); "
+              "then the online rows' own monitor over the last quarter of training (the pixels "
+              "passed, the online labels' accuracy, their accuracy where passed). A SupOnly row "
+              "shows what its pseudo labels would have been. Percent, mean over the seeds "
+              "diagnosed.")
+
+
+def table_diagnostics(runs: dict, split: int, rows: list[str], seeds: list[int],
+                      labels: dict[str, str]) -> list[str]:
+    """The final models' pseudo labels on the unlabeled pool (camvid_labels_diagnostics.py),
+    each online row's own monitor over its last quarter, mean over the seeds diagnosed."""
+    out = ["| row (seeds) | " + " | ".join(t for _, t in DIAG_COLUMNS) + " | AUROC confidence "
+           "| AUROC CISC | training, last quarter: passed / right / right where passed |",
+           "|---|" + "---|" * (len(DIAG_COLUMNS) + 3)]
+    for r in rows:
+        got = [d for s in seeds if (d := (runs.get((split, r, s)) or {}).get("diagnostics"))]
+        if not got:
+            continue
+        cells = [pct([g[k] for g in got]) for k, _ in DIAG_COLUMNS]
+        cells += [f"{statistics.fmean(g['auroc'][n] for g in got):.3f}" for n in ("confidence", "cisc")]
+        mons = [m for s in seeds if (m := (runs.get((split, r, s)) or {}).get("monitor"))]
+        cells.append(" / ".join(pct([m.get(k) for m in mons]) for k in
+                                ("mask_ratio", "pseudo_acc", "pseudo_acc_selected")) if mons else "")
+        out.append(f"| {labels[r]} ({len(got)}) | " + " | ".join(cells) + " |")
+    return out if len(out) > 2 else ["(no run diagnosed yet: `python "
+                                     "benchmarks/camvid_labels_diagnostics.py --all`)"]
+
+
+def pct(xs: list[float | None]) -> str:
+    """The mean of the known values, in percent, one decimal (n/a when none)."""
+    got = [x for x in xs if x is not None]
+    return "n/a" if not got else f"{100 * statistics.fmean(got):.1f}"
+
+
+def table_taught(runs: dict, split: int, rows: list[str], seeds: list[int],
+                 labels: dict[str, str]) -> list[str]:
+    """Per class: the pool's share, then each diagnosed row's pseudo-label IoU and the share of
+    the class its unlabeled loss would teach right (passed the mask and right), in percent."""
+    diag = _diagnosed(runs, split, rows, seeds)
+    if not diag:
+        return []
+    names = next(iter(diag.values()))[0]["classes"]
+    out = ["| class | share of the pool | " + " | ".join(
+        f"{labels[r]}: IoU / taught" for r in diag) + " |", "|---|---|" + "---|" * len(diag)]
+    for k, name in enumerate(names):
+        share = pct([d["per_class"]["gt_share"][k] for v in diag.values() for d in v])
+        cells = [f"{pct([d['per_class']['pseudo_iou'][k] for d in v])} / "
+                 f"{pct([d['per_class']['taught'][k] for d in v])}" for v in diag.values()]
+        out.append(f"| {name} | {share} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _diagnosed(runs: dict, split: int, rows: list[str], seeds: list[int]) -> dict[str, list]:
+    """Each row's diagnostics over the seeds diagnosed (rows with none left out)."""
+    diag = {r: [d for s in seeds if (d := (runs.get((split, r, s)) or {}).get("diagnostics"))]
+            for r in rows}
+    return {r: v for r, v in diag.items() if v}
+
+
+def diagnostic_findings(runs: dict, split: int, rows: list[str], seeds: list[int]) -> list[str]:
+    """What the semi-supervised rows' diagnostics show at ``split`` (means over the seeds
+    diagnosed; the issue's "what the diagnostics show" where a target is missed): the classes
+    no row teaches, how right the passed pixels are and how many pass, and whether the CISC
+    weight or the confidence tells right pseudo labels from wrong ones better."""
+    diag = _diagnosed(runs, split, rows, seeds)
+    if not diag:
+        return []
+    names = next(iter(diag.values()))[0]["classes"]
+
+    def cls(r: str, key: str, k: int) -> float:
+        return statistics.fmean(d["per_class"][key][k] for d in diag[r])
+
+    def span(get: Callable[[dict], float], scale: float = 100.0, digits: int = 1) -> str:
+        """min-max over the rows of each row's mean over its seeds."""
+        xs = [scale * statistics.fmean(get(d) for d in diag[r]) for r in diag]
+        return f"{min(xs):.{digits}f}-{max(xs):.{digits}f}"
+
+    starved = [k for k in range(len(names)) if all(cls(r, "taught", k) < 0.01 for r in diag)]
+    out = []
+    if starved:
+        share = 100 * sum(cls(r, "gt_share", k) for k in starved for r in diag) / len(diag)
+        best = max(100 * cls(r, "pseudo_iou", k) for k in starved for r in diag)
+        out.append(f"- Classes no semi-supervised row teaches (under 1 % of the class's pool "
+                   f"pixels pass the mask and are right, in every row): "
+                   f"{', '.join(names[k] for k in starved)}, {share:.1f} % of the pool's pixels; "
+                   f"their pseudo-label IoU is at most {best:.1f} in any row.")
+    right, passed = span(lambda d: d["mask_precision"]), span(lambda d: d["mask_ratio"])
+    out.append(f"- Where pixels pass the mask their labels are right {right} % of the time; "
+               f"{passed} % of the pool's pixels pass (the range over the rows).")
+    conf, cisc = (span(lambda d, n=n: d["auroc"][n], 1.0, 3) for n in ("confidence", "cisc"))
+    worse = sum(statistics.fmean(d["auroc"]["cisc"] for d in v)
+                < statistics.fmean(d["auroc"]["confidence"] for d in v) for v in diag.values())
+    out.append(f"- Telling right pseudo labels from wrong ones (AUROC): the confidence {conf}, "
+               f"the CISC weight {cisc}; the CISC weight separates less well than the confidence "
+               f"in {worse} of {len(diag)} rows.")
+    return out
+
+
+def md_diagnostics(runs: dict, splits: list[int], seeds: list[int], rows: list[str],
+                   labels: dict[str, str]) -> list[str]:
+    """The pseudo-label diagnostics per split, and per class at the smallest split; a row named
+    twice (a main row that is also an option) is tabled once."""
+    rows = list(dict.fromkeys(rows))
+    md = ["## Diagnostics: what the unlabeled branch could learn from", "", DIAG_INTRO, ""]
+    for split in splits:
+        md += [f"{split} labels:", "", *table_diagnostics(runs, split, rows, seeds, labels), ""]
+    md += [f"Per class at {min(splits)} labels (pseudo-label IoU / share of the class's "
+                 "pixels that pass the mask and are right), mean over the seeds diagnosed:", "",
+                 *table_taught(runs, min(splits), ["suponly", *SSL], seeds, labels), ""]
+    for split in splits:
+        found = diagnostic_findings(runs, split, SSL, seeds)
+        md += [f"What the semi-supervised rows' diagnostics show at {split} labels (read off "
+               "the tables above):", "", *found, ""] if found else []
+    return md
+
+
+def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, str],
+            curve: dict, stem: Path) -> list[str]:
+    """Two PNGs: val mIoU against labeled images (one line per main row) and, at the smallest
+    split, val mIoU against CPU minutes (each run's logged evaluations, SupOnly's curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # One colour per row in both panels; seeds differ by line style (SupOnly: and by marker).
+    color = {r: f"C{i}" for i, r in enumerate(["suponly", *SSL, "suponly_compute", "ciscr_fresh",
+                                                "fixmatch", "stpp"])}
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in ["suponly", *SSL, "suponly_compute"]:
+        pts = [(k, *mean_std(vals(runs, k, r, seeds))) for k in sorted(splits)]
+        pts = [(k, m, sd or 0.0) for k, m, sd in pts if m is not None]
+        # The seeds behind each mean, per split: rows finish seeds at different times.
+        n = "/".join(str(sum(v is not None for v in vals(runs, k, r, seeds))) for k, *_ in pts)
+        if pts:
+            ax[0].errorbar([p[0] for p in pts], [100 * p[1] for p in pts],
+                           yerr=[100 * p[2] for p in pts], marker="o", capsize=3,
+                           label=f"{labels[r]} (seeds: {n})", color=color[r])
+    ax[0].set(xlabel="labeled images", ylabel="val mIoU (%), mean ± std over seeds",
+              title="CamVid: the label curve")
+    small = min(splits)
+    for r in [*SSL, "ciscr_fresh", "fixmatch", "stpp"]:
+        for s, style in zip(seeds, ["-", ":", "-.", "--"] * len(seeds), strict=False):
+            rec = runs.get((small, r, s))
+            if rec and rec["evals"] and rec["cpu_minutes"]:
+                per_it = rec["cpu_minutes"] / rec["iterations"]
+                ax[1].plot([it * per_it for it, _ in rec["evals"]],
+                           [100 * m for _, m in rec["evals"]], marker=".", alpha=0.8,
+                           color=color[r], linestyle=style, label=f"{labels[r]} s{s}")
+    for i, s in enumerate(seeds):
+        pts = curve_points(runs, small, s, curve, 0)
+        if pts:
+            ax[1].plot([p[2] for p in pts], [100 * p[1] for p in pts], color="k",
+                       linestyle=["--", ":", "-."][i % 3], marker="osD"[i % 3],
+                       label=f"SupOnly, last checkpoint of runs of each length, s{s}")
+    ax[1].set(xlabel="CPU minutes (1 thread)", ylabel="val mIoU (%)",
+              title=f"{small} labels: mIoU against CPU time")
+    # Legends below the panels: inside, some placement always hides a point or an error bar.
+    for a in ax:
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:  # nothing finished yet: no empty legend
+            a.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    fig.tight_layout()
+    png = stem.with_suffix(".png")
+    fig.savefig(png.with_suffix(".tmp.png"), dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    png.with_suffix(".tmp.png").replace(png)
+    return [f"![label curve and CPU time]({png.name})",
+            "", "Right panel: a run's evaluations are placed at CPU minutes = its measured CPU "
+            "time x the share of its iterations done (pseudo-labelling and evaluations spread "
+            "evenly: an approximation); the dashed line is SupOnly's curve from the last "
+            "checkpoints of whole runs, each with its own learning-rate schedule."]
