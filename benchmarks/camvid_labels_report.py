@@ -31,6 +31,7 @@ from camvid_labels_tables import (
     figures,
     lever_costs_line,
     md_diagnostics,
+    mixed_lines,
     queued_lines,
     table_curve,
     table_per_class,
@@ -210,8 +211,9 @@ def md_splits(runs: dict, splits: list[int], seeds: list[int], order: list[str],
     """Per split: the rows' table, their per-class IoU and what a seed's rows cost together."""
     md = []
     for split in splits:
+        mixed = mixed_lines(runs, split, order, seeds, labels)
         md += [f"## {split} labeled images", "", *table_split(runs, split, order, seeds, labels),
-               "", "Per-class IoU (mean over the seeds finished):", "",
+               "", *([*mixed, ""] if mixed else []), "Per-class IoU (mean over the seeds finished):", "",
                *table_per_class(runs, split, order, seeds, labels), ""]
         cost = budget_lines(runs, split, seeds, order)
         md += ["What a seed's finished main and compute rows cost together:", "", *cost, ""] \

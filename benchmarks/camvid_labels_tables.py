@@ -46,6 +46,23 @@ def table_split(runs: dict, split: int, rows: list[str], seeds: list[int],
     return out
 
 
+def mixed_lines(runs: dict, split: int, rows: list[str], seeds: list[int],
+                labels: dict[str, str]) -> list[str]:
+    """Where the runs of one table do not share a precision or a CPU (sessions may land on
+    other machines: CPU minutes then compare within a machine only), which run used which."""
+    got = [((r, s), rec) for r in rows for s in seeds if (rec := runs.get((split, r, s)))]
+    out = []
+    for key, what, compare in (("precision", "precision", "CPU minutes and mIoU"),
+                               ("machines", "CPU", "CPU minutes")):
+        kinds = sorted({k for _, rec in got for k in rec[key]})
+        if len(kinds) > 1:
+            per = "; ".join(f"{k}: " + ", ".join(f"{labels[r]} s{s}" for (r, s), rec in got
+                                                 if k in rec[key]) for k in kinds)
+            out.append(f"- Not one {what} for this table's runs ({per}): compare {compare} "
+                       f"within one {what} only.")
+    return out
+
+
 def _num(x: float | None, digits: int = 0) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 

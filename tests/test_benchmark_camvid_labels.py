@@ -222,6 +222,22 @@ def test_the_diagnostic_findings_by_hand():
     assert tables.diagnostic_findings(runs, 46, ["unimatch"], [0]) == []
 
 
+def test_a_table_whose_runs_differ_in_precision_or_cpu_says_which_ran_where():
+    intel, amd = "Intel Xeon (bf16 native)", "AMD EPYC (bf16 emulated)"
+    runs = {(12, "suponly", 0): {"precision": ["bf16"], "machines": [intel]},
+            (12, "suponly", 1): {"precision": ["fp32"], "machines": [amd]},
+            (12, "unimatch", 0): {"precision": ["bf16"], "machines": [intel]}}
+    labels = {"suponly": "SupOnly", "unimatch": "UniMatch"}
+    lines = tables.mixed_lines(runs, 12, ["suponly", "unimatch"], [0, 1, 2], labels)
+    assert lines == [
+        "- Not one precision for this table's runs (bf16: SupOnly s0, UniMatch s0; fp32: SupOnly "
+        "s1): compare CPU minutes and mIoU within one precision only.",
+        f"- Not one CPU for this table's runs ({amd}: SupOnly s1; {intel}: SupOnly s0, UniMatch "
+        "s0): compare CPU minutes within one CPU only."]
+    del runs[(12, "suponly", 1)]
+    assert tables.mixed_lines(runs, 12, ["suponly", "unimatch"], [0, 1, 2], labels) == []
+
+
 def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unknown(tmp_path):
     def run(name: str, results: dict, wall: dict | None, starts: int) -> Path:
         rd = tmp_path / name
