@@ -467,10 +467,9 @@ def report(args: argparse.Namespace, argv: list[str]) -> Path:
                 if rd is not None:
                     rec = camvid_labels_records.collect(rd, split, row, seed)
                     # The committed copy, where a reader of the JSON can open it (runs/ is
-                    # this machine's and ignored by git).
-                    rec["run_dir"] = shown_path(split_archive(args, split) / rd.name
-                                                if (split_archive(args, split) / rd.name).exists()
-                                                else rd)
+                    # this machine's and ignored by git; run_dir stays the one read).
+                    kept = split_archive(args, split) / rd.name
+                    rec["archive"] = shown_path(kept if kept.exists() else rd)
                     runs[(split, row, seed)] = rec
     spec = {"labels": {r: v[0] for r, v in ROWS.items()}, "main": MAIN, "compute": COMPUTE,
             "curve": CURVE, "iters": args.iters, "levers": LEVER_ROWS,

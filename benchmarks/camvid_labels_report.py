@@ -261,7 +261,8 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
     atomic_write_json(stem.with_suffix(".json"), {
         "command": cmd, "judged": judged, "iterations_n": spec["iters"],
         "machines": machines(runs), "targets": tgt, "advice": tip,
-        "runs": [{k: v for k, v in r.items() if k != "class_names"} for r in runs.values()]})
+        "runs": [{k: v for k, v in r.items() if k not in ("class_names", "run_dir")}
+                 for r in runs.values()]})
     if judged:
         update_readme(Path(args.out).parents[1] / "README.md",
                       headline(runs, splits, seeds, cmd, labels) + "\n\n"

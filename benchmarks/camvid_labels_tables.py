@@ -93,17 +93,23 @@ def table_per_class(runs: dict, split: int, rows: list[str], seeds: list[int],
 
 
 def table_plans(runs: dict, splits: list[int], seeds: list[int], compute: dict) -> list[str]:
+    """Each finished compute run's plan, and whether the runs it rests on (SupOnly at N, the
+    rows it was given, itself) ran on one CPU: the rule's ratio of CPU times holds within one."""
     out = ["| split | seed | SupOnly run | given the CPU time of | CPU min given | SupOnly's "
-           "CPU min at N | its iterations |", "|---|---|---|---|---|---|---|"]
+           "CPU min at N | its iterations | its runs' CPU |", "|---|---|---|---|---|---|---|---|"]
     for split in splits:
         for s in seeds:
             for name in compute:
                 rec = runs.get((split, name, s))
                 plan = read(Path(rec["run_dir"]) / "compute_match.json") if rec else None
                 if plan:
+                    cpus = sorted({m for r in [name, "suponly", *plan["rows"]]
+                                   for m in (runs.get((split, r, s)) or {}).get("machines", [])})
+                    where = "one" if len(cpus) == 1 else "MIXED (not matched): " + "; ".join(cpus)
                     out.append(f"| {split} | {s} | {name} | {', '.join(plan['rows'])} "
                                f"| {plan['cpu_seconds'] / 60:.1f} "
-                               f"| {plan['suponly_cpu_seconds'] / 60:.1f} | {plan['iterations']} |")
+                               f"| {plan['suponly_cpu_seconds'] / 60:.1f} | {plan['iterations']} "
+                               f"| {where} |")
     return out
 
 

@@ -161,8 +161,11 @@ def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
     assert "| UniMatch (1) |" in md.split("## Diagnostics")[1]
     assert (tmp_path / "out" / "camvid_labels-runs" / "l2" / "suponly_s0" / "results.json").exists()
     # The JSON points at the archived (committed) copy, not at runs/.
-    assert runs[(2, "suponly")]["run_dir"] == str(tmp_path / "out" / "camvid_labels-runs" / "l2"
+    assert runs[(2, "suponly")]["archive"] == str(tmp_path / "out" / "camvid_labels-runs" / "l2"
                                                   / "suponly_s0")
+    assert "run_dir" not in runs[(2, "suponly")]  # this machine's path, not in the JSON
+    plans = md.split("## SupOnly given a row's CPU time")[1].split("\n\n")[1].splitlines()
+    assert plans[2].startswith("| 2 | 0 | suponly_compute |") and plans[2].endswith("| one |")
     assert cl.shown_path(cl.REPO / "docs" / "x") == str(Path("docs") / "x")
     # Rerun: everything is finished (live or archived), nothing trains again.
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
@@ -236,6 +239,18 @@ def test_a_table_whose_runs_differ_in_precision_or_cpu_says_which_ran_where():
         "s0): compare CPU minutes within one CPU only."]
     del runs[(12, "suponly", 1)]
     assert tables.mixed_lines(runs, 12, ["suponly", "unimatch"], [0, 1, 2], labels) == []
+
+
+def test_a_compute_plan_resting_on_runs_of_two_cpus_is_marked(tmp_path):
+    (tmp_path / "compute_match.json").write_text(json.dumps({
+        "rows": ["unimatch_cisc"], "cpu_seconds": 3600, "suponly_cpu_seconds": 1200,
+        "iterations": 1440}))
+    runs = {(12, "suponly_compute", 0): {"run_dir": str(tmp_path), "machines": ["A"]},
+            (12, "suponly", 0): {"machines": ["A"]}, (12, "unimatch_cisc", 0): {"machines": ["B"]}}
+    row = tables.table_plans(runs, [12], [0], {"suponly_compute": None})[2]
+    assert row == "| 12 | 0 | suponly_compute | unimatch_cisc | 60.0 | 20.0 | 1440 | MIXED (not matched): A; B |"
+    runs[(12, "unimatch_cisc", 0)]["machines"] = ["A"]
+    assert tables.table_plans(runs, [12], [0], {"suponly_compute": None})[2].endswith("| one |")
 
 
 def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unknown(tmp_path):
