@@ -38,6 +38,15 @@ def summary_counts(output: str) -> str:
     return re.sub(r"\s+in [\d.]+s.*$", "", lines[-1].strip("= "))
 
 
+def slowest(output: str) -> list[str]:
+    """pytest's "slowest durations" lines (``--durations`` in pyproject's addopts), as they are."""
+    lines = output.splitlines()
+    start = next((i for i, ln in enumerate(lines) if "slowest" in ln and "durations" in ln), None)
+    if start is None:
+        return []
+    return [ln for ln in lines[start + 1:] if re.match(r"^\d+\.\d+s ", ln)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "test_suite.md")
@@ -64,6 +73,10 @@ def main() -> int:
         f"- date: {when}",
         f"- command: `python benchmarks/suite_time.py` (runs `{' '.join(COMMAND[1:])}`)", "",
     ])
+    slow = slowest(res.stdout)
+    if slow:  # where to look first when the suite nears its 10-minute limit
+        text += "\n".join(["", "The slowest test phases (pytest's own durations):", "", "```",
+                           *slow, "```", ""])
     atomic_write_bytes(args.out, text.encode())
     if not args.no_readme:
         line = (f"the suite ran in {wall / 60:.1f} minutes ({counts}) on {machine()} "

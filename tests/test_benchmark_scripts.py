@@ -254,7 +254,7 @@ def test_line_kinds_tells_code_from_prose_comments_and_blanks(tmp_path):
     assert line_kinds.main([str(tmp_path / "missing.py")]) == 1
 
 
-def test_suite_time_reads_pytest_summary_without_its_time():
+def test_suite_time_reads_pytest_summary_without_its_time_and_the_slowest_tests():
     import suite_time
 
     out = "....\n=========== 506 passed, 1 skipped in 461.23s (0:07:41) ===========\n"
@@ -262,6 +262,12 @@ def test_suite_time_reads_pytest_summary_without_its_time():
     assert suite_time.summary_counts("3 failed, 2 passed in 1.0s") == "3 failed, 2 passed"
     with pytest.raises(SystemExit):
         suite_time.summary_counts("no summary here")
+    out = ("....\n=== slowest 3 durations ===\n41.20s call     tests/a.py::test_x\n"
+           "9.01s setup    tests/b.py::test_y\n\n(1 durations < 0.005s hidden.)\n"
+           "=== 2 passed in 50.3s ===\n")
+    assert suite_time.slowest(out) == ["41.20s call     tests/a.py::test_x",
+                                       "9.01s setup    tests/b.py::test_y"]
+    assert suite_time.slowest("2 passed in 1.0s") == []
 
 
 def test_precision_ratio_writes_both_steps_with_the_cpu(tmp_path, monkeypatch):
