@@ -58,8 +58,9 @@ checkpoint when the command is rerun. After each run that uses the unlabeled poo
 ``suponly``), ``camvid_labels_diagnostics.py`` scores its final model's pseudo labels on the
 pool per class (the diagnostics the issue asks for where a target is missed; outside the run's
 CPU record). Finished stages are archived into the committed
-``docs/results/camvid_labels-runs/`` and the report (``camvid_labels_report.py``, its tables in ``camvid_labels_tables.py``) is written
-after every run.
+``docs/results/camvid_labels-runs/`` and the report is written after every run
+(``camvid_labels_records.py`` reads each run, ``camvid_labels_tables.py`` renders the tables and
+the figure, ``camvid_labels_report.py`` judges the targets and writes the page).
 """
 
 from __future__ import annotations
