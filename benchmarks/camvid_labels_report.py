@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -58,15 +59,17 @@ def best_of(runs: dict, split: int, a: str, b: str, seeds: list[int]) -> list[fl
 
 
 def best_compute_pair(runs: dict, split: int, seeds: list[int]) -> tuple[list, list]:
-    """Per seed: the best semi-supervised row's mIoU and SupOnly's at that row's CPU time."""
-    xs, refs = [], []
-    for s in seeds:
-        cands = [(runs[(split, r, s)]["val_miou"], r) for r in SSL if runs.get((split, r, s))]
-        best = max(cands) if len(cands) == len(SSL) else None
-        ref = runs.get((split, compute_row_of(runs, split, best[1], [s]), s)) if best else None
-        xs.append(best[0] if best and ref else None)
-        refs.append(ref["val_miou"] if best and ref else None)
-    return xs, refs
+    """The best semi-supervised row, ONE row for every seed (the highest mean mIoU over the
+    seeds where every such row finished: picking the best per seed would select on val seed by
+    seed), then per seed its mIoU and SupOnly's at that row's CPU time."""
+    full = [s for s in seeds if all(runs.get((split, r, s)) for r in SSL)]
+    if not full:
+        return [None] * len(seeds), [None] * len(seeds)
+    best = max(SSL, key=lambda r: statistics.fmean(runs[(split, r, s)]["val_miou"] for s in full))
+    ref_row = compute_row_of(runs, split, best, seeds)
+    xs, refs = vals(runs, split, best, seeds), vals(runs, split, ref_row, seeds)
+    return ([x if s in full else None for x, s in zip(xs, seeds, strict=True)],
+            [r if s in full else None for r, s in zip(refs, seeds, strict=True)])
 
 
 def targets(runs: dict, splits: list[int], seeds: list[int], judged: bool) -> list[dict]:
@@ -74,8 +77,8 @@ def targets(runs: dict, splits: list[int], seeds: list[int], judged: bool) -> li
     sup = {k: vals(runs, k, "suponly", seeds) for k in splits}
     checks = [(f"{small} labels, equal steps: the better of UniMatch / UniMatch + CISC >= "
                "SupOnly + 6", best_of(runs, small, "unimatch", "unimatch_cisc", seeds), sup[small], 6.0),
-              (f"{small} labels, equal CPU time: the best semi-supervised row >= SupOnly given "
-               "that row's CPU time + 0", *best_compute_pair(runs, small, seeds), 0.0),
+              (f"{small} labels, equal CPU time: the best semi-supervised row (by mean mIoU, "
+               "one row for every seed) >= SupOnly given that row's CPU time + 0", *best_compute_pair(runs, small, seeds), 0.0),
               (f"{small} labels, equal steps: CISC-R >= SupOnly + 4",
                vals(runs, small, "ciscr", seeds), sup[small], 4.0)]
     if large != small:

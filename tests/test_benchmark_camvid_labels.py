@@ -89,6 +89,15 @@ def test_targets_by_hand():
     assert tgt[2]["verdict"].startswith("MISSED (+3.00")  # CISC-R +3 < +4
     assert tgt[3]["verdict"].startswith("MISSED (+2.00")  # 46 labels: +2 < +3
     assert [t["verdict"][:4] for t in tgt[4:]] == ["MET ", "MISS"]  # UniMatch + CISC, 12 / 46
+    # Equal CPU time: one best row for every seed, by its mean (CISC-R: 0.52 against UniMatch
+    # + CISC's 0.47), although UniMatch + CISC is the best row of seed 0.
+    runs.update({(12, r, 1): rec(m) for r, m in [("suponly", 0.40), ("unimatch", 0.45),
+                                                 ("unimatch_cisc", 0.47), ("ciscr", 0.61)]})
+    runs.update({(12, "suponly_compute_ciscr", s): rec(m) for s, m in [(0, 0.50), (1, 0.55)]})
+    runs.update({(12, "suponly_compute_unimatch_cisc", s): rec(0.40) for s in (0, 1)})
+    tgt = rep.targets(runs, [12, 46], [0, 1], judged=True)
+    # CISC-R against SupOnly at its CPU time: (0.43 - 0.50, 0.61 - 0.55) -> mean -0.5 points.
+    assert abs(tgt[1]["difference"] + 0.5) < 1e-9 and tgt[1]["seeds"] == 2
 
 
 def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
