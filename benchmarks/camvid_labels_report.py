@@ -53,44 +53,52 @@ README_MARK = ("<!-- camvid-labels-headline: written by benchmarks/camvid_labels
                "<!-- /camvid-labels-headline -->")
 
 
-def best_of(runs: dict, split: int, a: str, b: str, seeds: list[int]) -> list[float | None]:
-    return [None if x is None or y is None else max(x, y)
-            for x, y in zip(vals(runs, split, a, seeds), vals(runs, split, b, seeds), strict=True)]
-
-
-def best_compute_pair(runs: dict, split: int, seeds: list[int]) -> tuple[list, list]:
-    """The best semi-supervised row, ONE row for every seed (the highest mean mIoU over the
-    seeds where every such row finished: picking the best per seed would select on val seed by
-    seed), then per seed its mIoU and SupOnly's at that row's CPU time."""
-    full = [s for s in seeds if all(runs.get((split, r, s)) for r in SSL)]
+def best_row(runs: dict, split: int, rows: list[str], seeds: list[int]) -> tuple[str | None, list]:
+    """The row of ``rows`` with the highest mean mIoU over the seeds where every one of them
+    finished, ONE row for every seed (each seed's best would select on val seed by seed), and
+    its mIoU per seed on those seeds (None elsewhere); (None, Nones) before any such seed."""
+    full = [s for s in seeds if all(runs.get((split, r, s)) for r in rows)]
     if not full:
-        return [None] * len(seeds), [None] * len(seeds)
-    best = max(SSL, key=lambda r: statistics.fmean(runs[(split, r, s)]["val_miou"] for s in full))
-    ref_row = compute_row_of(runs, split, best, seeds)
-    xs, refs = vals(runs, split, best, seeds), vals(runs, split, ref_row, seeds)
-    return ([x if s in full else None for x, s in zip(xs, seeds, strict=True)],
-            [r if s in full else None for r, s in zip(refs, seeds, strict=True)])
+        return None, [None] * len(seeds)
+    best = max(rows, key=lambda r: statistics.fmean(runs[(split, r, s)]["val_miou"] for s in full))
+    return best, [x if s in full else None
+                  for x, s in zip(vals(runs, split, best, seeds), seeds, strict=True)]
+
+
+def best_compute_pair(runs: dict, split: int, seeds: list[int]) -> tuple[str | None, list, list]:
+    """The best semi-supervised row (:func:`best_row`), its mIoU per seed and SupOnly's at that
+    row's CPU time."""
+    best, xs = best_row(runs, split, SSL, seeds)
+    if best is None:
+        return None, xs, [None] * len(seeds)
+    refs = vals(runs, split, compute_row_of(runs, split, best, seeds), seeds)
+    return best, xs, [r if x is not None else None for x, r in zip(xs, refs, strict=True)]
 
 
 def targets(runs: dict, splits: list[int], seeds: list[int], judged: bool) -> list[dict]:
     small, large = min(splits), max(splits)
     sup = {k: vals(runs, k, "suponly", seeds) for k in splits}
-    checks = [(f"{small} labels, equal steps: the better of UniMatch / UniMatch + CISC >= "
-               "SupOnly + 6", best_of(runs, small, "unimatch", "unimatch_cisc", seeds), sup[small], 6.0),
-              (f"{small} labels, equal CPU time: the best semi-supervised row (by mean mIoU, "
-               "one row for every seed) >= SupOnly given that row's CPU time + 0", *best_compute_pair(runs, small, seeds), 0.0),
-              (f"{small} labels, equal steps: CISC-R >= SupOnly + 4",
+    one = " (by mean mIoU, one row for every seed)"  # best_row: never each seed's own best
+    uni = ["unimatch", "unimatch_cisc"]
+    checks = [(f"{small} labels, equal steps: the better of UniMatch / UniMatch + CISC{one} >= "
+               "SupOnly + 6", *best_row(runs, small, uni, seeds), sup[small], 6.0),
+              (f"{small} labels, equal CPU time: the best semi-supervised row{one} >= SupOnly "
+               "given that row's CPU time + 0", *best_compute_pair(runs, small, seeds), 0.0),
+              (f"{small} labels, equal steps: CISC-R >= SupOnly + 4", "ciscr",
                vals(runs, small, "ciscr", seeds), sup[small], 4.0)]
     if large != small:
-        checks.append((f"{large} labels, equal steps: the better of UniMatch / UniMatch + CISC "
-                       ">= SupOnly + 3", best_of(runs, large, "unimatch", "unimatch_cisc", seeds),
+        checks.append((f"{large} labels, equal steps: the better of UniMatch / UniMatch + "
+                       f"CISC{one} >= SupOnly + 3", *best_row(runs, large, uni, seeds),
                        sup[large], 3.0))
-    checks += [(f"{k} labels: UniMatch + CISC >= UniMatch", vals(runs, k, "unimatch_cisc", seeds),
-                vals(runs, k, "unimatch", seeds), 0.0) for k in sorted(splits)]
+    checks += [(f"{k} labels: UniMatch + CISC >= UniMatch", "unimatch_cisc",
+                vals(runs, k, "unimatch_cisc", seeds), vals(runs, k, "unimatch", seeds), 0.0)
+               for k in sorted(splits)]
     out = []
-    for text, xs, ref, need in checks:
+    for text, row, xs, ref, need in checks:
         d, n, verdict = judge(xs, ref, need, judged, "not the protocol")
-        out.append({"target": text, "difference": d, "seeds": n, "verdict": verdict})
+        # "row": the row judged; "chosen": picked by best_row (None until its seeds finish)
+        out.append({"target": text, "row": row, "chosen": one in text, "difference": d,
+                    "seeds": n, "verdict": verdict})
     return out
 
 
@@ -194,7 +202,7 @@ INTRO = ("Every row from ImageNet on the same labeled split of its seed, val mIo
 
 
 def md_head(runs: dict, cmd: str, judged: bool, iters: int, tgt: list[dict],
-            tip: str) -> list[str]:
+            tip: str, labels: dict[str, str]) -> list[str]:
     """The page's title, command, protocol and machines, then the targets and the advice."""
     return [f"# CamVid protocol 4: the label curve{'' if judged else ' (NOT the protocol)'}", "",
             f"Command: `{cmd}` (resumable; `--report-only` rewrites this page). Generated "
@@ -204,7 +212,9 @@ def md_head(runs: dict, cmd: str, judged: bool, iters: int, tgt: list[dict],
             *[f"- {m}" for m in machines(runs)], "",
             *[f"- CPU time of `l{k[0]}/{k[1]}_s{k[2]}`: {r['cpu_source']}" for k, r in
               sorted(runs.items()) if not r["cpu_source"].startswith(("wait4", "ciscr's own"))],
-            "", "## Targets", "", *[f"- {t['target']}: {t['verdict']}" for t in tgt], "",
+            "", "## Targets", "", *[f"- {t['target']}: {t['verdict']}" + (
+                f" (the row: {labels[t['row']]})" if t["chosen"] and t["row"] else "")
+              for t in tgt], "",
             "## When it pays (the sentence README gives users, written from the figures below)",
             "", tip, ""]
 
@@ -240,7 +250,7 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
     small = min(splits)
     options = ["suponly", "unimatch_cisc", *spec["levers"], "ciscr", "ciscr_fresh", "fixmatch",
                "stpp"]
-    md = [*md_head(runs, cmd, judged, spec["iters"], tgt, tip),
+    md = [*md_head(runs, cmd, judged, spec["iters"], tgt, tip, labels),
           *md_splits(runs, splits, seeds, order, labels),
           "## Options (seed 0, the smallest split)", "",
           *table_split(runs, small, options, seeds[:1], labels), "",

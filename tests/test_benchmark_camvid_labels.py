@@ -98,6 +98,16 @@ def test_targets_by_hand():
     tgt = rep.targets(runs, [12, 46], [0, 1], judged=True)
     # CISC-R against SupOnly at its CPU time: (0.43 - 0.50, 0.61 - 0.55) -> mean -0.5 points.
     assert abs(tgt[1]["difference"] + 0.5) < 1e-9 and tgt[1]["seeds"] == 2
+    # Equal steps, the better of UniMatch / UniMatch + CISC: one row by its mean too. UniMatch
+    # (mean 0.49 against 0.47) on both seeds, although UniMatch + CISC is seed 0's better one
+    # (each seed's better would give (0.47 - 0.40, 0.53 - 0.40): +10).
+    runs[(12, "unimatch", 1)] = rec(0.53)
+    tgt = rep.targets(runs, [12, 46], [0, 1], judged=True)
+    assert abs(tgt[0]["difference"] - 9.0) < 1e-9  # UniMatch: (0.45 - 0.40, 0.53 - 0.40)
+    assert (tgt[0]["row"], tgt[0]["chosen"], tgt[1]["row"]) == ("unimatch", True, "ciscr")
+    # 46 labels: seed 0 only has both rows, so the row is chosen on it (0.52 against 0.51).
+    assert tgt[3]["row"] == "unimatch" and tgt[3]["verdict"].startswith("MISSED (+2.00 (n=1)")
+    assert rep.targets({}, [12, 46], [0], judged=True)[0]["row"] is None  # nothing finished
 
 
 def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
