@@ -277,6 +277,19 @@ def compute_plan(args: argparse.Namespace, split: int, seed: int,
             "iterations": iterations, "needed": needed}
 
 
+def compute_partner(args: argparse.Namespace, split: int, seed: int, row: str) -> str | None:
+    """The SupOnly run the rule gives ``row``'s CPU time to at (split, seed): its own
+    ``suponly_compute_<row>`` where the rule needs one, else the shared ``suponly_compute``;
+    None for a row the rule does not match, or while the rule waits for the runs it reads."""
+    own = f"suponly_compute_{row}"
+    if row == "unimatch_cisc":
+        return "suponly_compute"
+    if own not in COMPUTE:
+        return None
+    plan = compute_plan(args, split, seed, own)
+    return None if plan is None else own if plan["needed"] else "suponly_compute"
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -471,6 +484,8 @@ def report(args: argparse.Namespace, argv: list[str]) -> Path:
                     # this machine's and ignored by git; run_dir stays the one read).
                     kept = split_archive(args, split) / rd.name
                     rec["archive"] = shown_path(kept if kept.exists() else rd)
+                    if (partner := compute_partner(args, split, seed, row)) is not None:
+                        rec["compute_partner"] = partner  # the rule's, for the tables
                     runs[(split, row, seed)] = rec
     spec = {"labels": {r: v[0] for r, v in ROWS.items()}, "main": MAIN, "compute": COMPUTE,
             "curve": CURVE, "iters": args.iters, "levers": LEVER_ROWS,

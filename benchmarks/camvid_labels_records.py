@@ -162,7 +162,7 @@ def machines(runs: dict) -> list[str]:
     return sorted({m for r in runs.values() for m in r["machines"]}) or ["(not recorded)"]
 
 
-def curve_points(runs: dict, split: int, seed: int, curve: dict, iters: int) -> list[tuple]:
+def curve_points(runs: dict, split: int, seed: int, curve: dict) -> list[tuple]:
     """SupOnly's learning curve: (iterations, val mIoU of the LAST checkpoint, CPU minutes)
     of every SupOnly run of (split, seed), each its own schedule."""
     names = ["suponly", *curve, "suponly_compute", "suponly_compute_unimatch",
@@ -182,3 +182,23 @@ def stages_in_all(runs: dict, split: int, row: str) -> str | None:
     stages of N each); None at equal steps."""
     its = iterations_of(runs, split, row)
     return None if its == iterations_of(runs, split, "suponly")[:1] else "/".join(map(str, its))
+
+
+def compute_row_of(runs: dict, split: int, row: str, seed: int) -> str:
+    """The SupOnly run given ``row``'s CPU time at (split, seed): the one ``row``'s record names
+    (``compute_partner``: the queue reads it off the CPU-time rule, seed by seed), else the one
+    whose plan (compute_match.json) lists ``row``, else ``row``'s own."""
+    partner = (runs.get((split, row, seed)) or {}).get("compute_partner")
+    if partner:
+        return partner
+    for name in ("suponly_compute", f"suponly_compute_{row}"):
+        rec = runs.get((split, name, seed))
+        if rec and row in (read(Path(rec["run_dir"]) / "compute_match.json") or {}).get("rows", []):
+            return name
+    return f"suponly_compute_{row}"
+
+
+def compute_vals(runs: dict, split: int, row: str, seeds: list[int]) -> list[float | None]:
+    """Per seed, the val mIoU of SupOnly given ``row``'s CPU time at that seed (None: not run)."""
+    return [(runs.get((split, compute_row_of(runs, split, row, s), s)) or {}).get("val_miou")
+            for s in seeds]

@@ -19,6 +19,7 @@ from typing import Any
 from camvid_labels_records import (
     SSL,
     add_totals,
+    compute_vals,
     curve_points,
     iterations_of,
     machines,
@@ -28,7 +29,6 @@ from camvid_labels_records import (
 from camvid_labels_tables import (
     break_even_lines,
     budget_lines,
-    compute_row_of,
     figures,
     lever_costs_line,
     md_diagnostics,
@@ -66,40 +66,51 @@ def best_row(runs: dict, split: int, rows: list[str], seeds: list[int]) -> tuple
 
 
 def best_compute_pair(runs: dict, split: int, seeds: list[int]) -> tuple[str | None, list, list]:
-    """The best semi-supervised row (:func:`best_row`), its mIoU per seed and SupOnly's at that
-    row's CPU time."""
+    """The best semi-supervised row (:func:`best_row`), its mIoU per seed and, seed by seed,
+    SupOnly's at that row's CPU time."""
     best, xs = best_row(runs, split, SSL, seeds)
     if best is None:
         return None, xs, [None] * len(seeds)
-    refs = vals(runs, split, compute_row_of(runs, split, best, seeds), seeds)
-    return best, xs, [r if x is not None else None for x, r in zip(xs, refs, strict=True)]
+    return best, xs, compute_vals(runs, split, best, seeds)
 
 
 def targets(runs: dict, splits: list[int], seeds: list[int], judged: bool) -> list[dict]:
+    """Each of the issue's targets judged on its paired differences: {"target", "row" (the row
+    judged; None while a chosen one waits for its seeds), "chosen" (picked by best_row: the
+    better / best of several rows), "difference", "seeds", "verdict"}."""
     small, large = min(splits), max(splits)
     sup = {k: vals(runs, k, "suponly", seeds) for k in splits}
     one = " (by mean mIoU, one row for every seed)"  # best_row: never each seed's own best
     uni = ["unimatch", "unimatch_cisc"]
     checks = [(f"{small} labels, equal steps: the better of UniMatch / UniMatch + CISC{one} >= "
-               "SupOnly + 6", *best_row(runs, small, uni, seeds), sup[small], 6.0),
+               "SupOnly + 6", True, *best_row(runs, small, uni, seeds), sup[small], 6.0),
               (f"{small} labels, equal CPU time: the best semi-supervised row{one} >= SupOnly "
-               "given that row's CPU time + 0", *best_compute_pair(runs, small, seeds), 0.0),
-              (f"{small} labels, equal steps: CISC-R >= SupOnly + 4", "ciscr",
+               "given that row's CPU time + 0", True, *best_compute_pair(runs, small, seeds), 0.0),
+              (f"{small} labels, equal steps: CISC-R >= SupOnly + 4", False, "ciscr",
                vals(runs, small, "ciscr", seeds), sup[small], 4.0)]
     if large != small:
         checks.append((f"{large} labels, equal steps: the better of UniMatch / UniMatch + "
-                       f"CISC{one} >= SupOnly + 3", *best_row(runs, large, uni, seeds),
+                       f"CISC{one} >= SupOnly + 3", True, *best_row(runs, large, uni, seeds),
                        sup[large], 3.0))
-    checks += [(f"{k} labels: UniMatch + CISC >= UniMatch", "unimatch_cisc",
+    checks += [(f"{k} labels: UniMatch + CISC >= UniMatch", False, "unimatch_cisc",
                 vals(runs, k, "unimatch_cisc", seeds), vals(runs, k, "unimatch", seeds), 0.0)
                for k in sorted(splits)]
     out = []
-    for text, row, xs, ref, need in checks:
+    for text, chosen, row, xs, ref, need in checks:
         d, n, verdict = judge(xs, ref, need, judged, "not the protocol")
-        # "row": the row judged; "chosen": picked by best_row (None until its seeds finish)
-        out.append({"target": text, "row": row, "chosen": one in text, "difference": d,
-                    "seeds": n, "verdict": verdict})
+        out.append({"target": text, "row": row, "chosen": chosen, "difference": d, "seeds": n,
+                    "verdict": verdict})
     return out
+
+
+def target_line(t: dict, labels: dict[str, str]) -> str:
+    """A target's line on the page; a chosen row is named (before its verdict: as of now)."""
+    if not (t["chosen"] and t["row"]):
+        return f"- {t['target']}: {t['verdict']}"
+    if t["difference"] is None:
+        return (f"- {t['target']}: {t['verdict']}; the row it will judge, as the seeds stand: "
+                f"{labels[t['row']]}")
+    return f"- {t['target']}: {t['verdict']}; judged on {labels[t['row']]}"
 
 
 def headline(runs: dict, splits: list[int], seeds: list[int], cmd: str,
@@ -111,8 +122,7 @@ def headline(runs: dict, splits: list[int], seeds: list[int], cmd: str,
     parts = []
     for r in SSL:
         d, d_txt = paired(vals(runs, small, r, seeds), sup)
-        dc, dc_txt = paired(vals(runs, small, r, seeds),
-                            vals(runs, small, compute_row_of(runs, small, r, seeds), seeds))
+        dc, dc_txt = paired(vals(runs, small, r, seeds), compute_vals(runs, small, r, seeds))
         in_all = stages_in_all(runs, small, r)
         steps = "at equal steps" if in_all is None else f"at N steps per stage ({in_all} in all)"
         if d is not None:
@@ -135,21 +145,20 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
     sup = vals(runs, small, "suponly", seeds)
     per_step = {r: paired(vals(runs, small, r, seeds), sup) for r in SSL}
     per_step = {r: v for r, v in per_step.items() if v[0] is not None}
-    if not per_step:
-        return "Not written yet: no semi-supervised row has finished."
-    best = max(per_step, key=lambda r: per_step[r][0])
-    d, d_txt = per_step[best]
-    n = sum(x is not None and y is not None
-            for x, y in zip(vals(runs, small, best, seeds), sup, strict=True))
+    best, xs = best_row(runs, small, SSL, seeds)  # the targets' choice: one row, by its mean
+    d, d_txt = paired(xs, sup)
+    if best is None or d is None:
+        return ("Not written yet: no seed has SupOnly and every semi-supervised row finished.")
+    n = sum(x is not None and y is not None for x, y in zip(xs, sup, strict=True))
     in_all = stages_in_all(runs, small, best)
     stages = "" if in_all is None else f" (N per training stage, {in_all} in all)"
     n_its = ", ".join(map(str, iterations_of(runs, small, "suponly"))) or "n/a"
     out = [f"With {small} labeled images and N = {n_its} steps ({n} of "
-           f"{len(seeds)} seeds so far), the best semi-supervised row here, {labels[best]}"
+           f"{len(seeds)} seeds so far), the best semi-supervised row here (by mean mIoU), "
+           f"{labels[best]}"
            f"{stages}, {'gains' if d > 0 else 'does not gain'} over SupOnly at N steps "
            f"({d_txt} mIoU points). "]
-    per_cpu = {r: paired(vals(runs, small, r, seeds),
-                         vals(runs, small, compute_row_of(runs, small, r, seeds), seeds))
+    per_cpu = {r: paired(vals(runs, small, r, seeds), compute_vals(runs, small, r, seeds))
                for r in per_step}
     measured = {r: v for r, v in per_cpu.items() if v[0] is not None}
     pending = [labels[r] for r in per_step if r not in measured]
@@ -166,7 +175,7 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
     out.append(f"Per CPU hour, SupOnly trained for the same CPU time is ahead of every "
                f"semi-supervised row measured ({each}){later}: on this budget, train SupOnly "
                "longer before paying for an unlabeled branch")
-    pts = curve_points(runs, small, seeds[0], curve, 0)
+    pts = curve_points(runs, small, seeds[0], curve)
     doubling = [(b[1] - a[1]) for a, b in zip(pts, pts[1:], strict=False) if b[0] == 2 * a[0]]
     out.append(f" (SupOnly gained {100 * doubling[-1]:+.2f} points from its last measured "
                "doubling of steps, seed 0); use the unlabeled images once more steps stop "
@@ -212,9 +221,7 @@ def md_head(runs: dict, cmd: str, judged: bool, iters: int, tgt: list[dict],
             *[f"- {m}" for m in machines(runs)], "",
             *[f"- CPU time of `l{k[0]}/{k[1]}_s{k[2]}`: {r['cpu_source']}" for k, r in
               sorted(runs.items()) if not r["cpu_source"].startswith(("wait4", "ciscr's own"))],
-            "", "## Targets", "", *[f"- {t['target']}: {t['verdict']}" + (
-                f" (the row: {labels[t['row']]})" if t["chosen"] and t["row"] else "")
-              for t in tgt], "",
+            "", "## Targets", "", *[target_line(t, labels) for t in tgt], "",
             "## When it pays (the sentence README gives users, written from the figures below)",
             "", tip, ""]
 
@@ -254,10 +261,11 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
           *md_splits(runs, splits, seeds, order, labels),
           "## Options (seed 0, the smallest split)", "",
           *table_split(runs, small, options, seeds[:1], labels), "",
+          *[*(mixed := mixed_lines(runs, small, options, seeds[:1], labels)), *([""] if mixed else [])],
           stage_start(runs, small, seeds[0]), "",
           *md_diagnostics(runs, splits, seeds, [*order, *options[2:]], labels),
           "## SupOnly's learning curve (smallest split, seed 0)", "",
-          *table_curve(curve_points(runs, small, seeds[0], spec["curve"], spec["iters"])), "",
+          *table_curve(curve_points(runs, small, seeds[0], spec["curve"])), "",
           "Where the semi-supervised rows would pay per CPU hour (seed 0, an estimate read off "
           "that curve, not a measurement):", "",
           *break_even_lines(runs, small, seeds[0], spec["curve"], labels), "",

@@ -1,6 +1,8 @@
 """Protocol 4's tables, lines and figure (``benchmarks/camvid_labels.py``): per split, costs
 and budgets, SupOnly's curve and the break-even reading off it, the diagnostics and what they
-show, all rendered from the run records (``camvid_labels_records``).
+show, rendered from the run records (``camvid_labels_records``), the plans of the SupOnly runs
+given a row's CPU time (their compute_match.json) and the levers' step costs
+(camvid_levers.json).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from camvid_labels_records import (
     SSL,
+    compute_vals,
     curve_points,
     mean_std,
     own_minutes,
@@ -36,7 +39,7 @@ def table_split(runs: dict, split: int, rows: list[str], seeds: list[int],
         m, sd = mean_std(xs)
         per = " / ".join(fmt(x) for x in xs)
         _, d_sup = paired(xs, vals(runs, split, "suponly", seeds))
-        _, d_cmp = paired(xs, vals(runs, split, compute_row_of(runs, split, r, seeds), seeds))
+        _, d_cmp = paired(xs, compute_vals(runs, split, r, seeds))
         cost = {k: mean_std([g[k] for g in got])[0] for k in ("iterations", "cpu_minutes",
                                                                "wall_minutes")}
         prec = ", ".join(sorted({p for g in got for p in g["precision"]})) or "n/a"
@@ -67,16 +70,6 @@ def _num(x: float | None, digits: int = 0) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def compute_row_of(runs: dict, split: int, row: str, seeds: list[int]) -> str:
-    """The SupOnly run given ``row``'s CPU time (its compute_match.json says which rows)."""
-    for name in ("suponly_compute", f"suponly_compute_{row}"):
-        for s in seeds:
-            rec = runs.get((split, name, s))
-            if rec and row in (read(Path(rec["run_dir"]) / "compute_match.json") or {}).get("rows", []):
-                return name
-    return f"suponly_compute_{row}"
-
-
 def table_per_class(runs: dict, split: int, rows: list[str], seeds: list[int],
                     labels: dict[str, str]) -> list[str]:
     names = next((r["class_names"] for r in runs.values() if r.get("class_names")), None)
@@ -103,9 +96,10 @@ def table_plans(runs: dict, splits: list[int], seeds: list[int], compute: dict) 
                 rec = runs.get((split, name, s))
                 plan = read(Path(rec["run_dir"]) / "compute_match.json") if rec else None
                 if plan:
-                    cpus = sorted({m for r in [name, "suponly", *plan["rows"]]
-                                   for m in (runs.get((split, r, s)) or {}).get("machines", [])})
-                    where = "one" if len(cpus) == 1 else "MIXED (not matched): " + "; ".join(cpus)
+                    recs = [runs.get((split, r, s)) or {} for r in [name, "suponly", *plan["rows"]]]
+                    cpus = sorted({m for r in recs for m in r.get("machines", [])})
+                    where = ("not recorded" if not all(r.get("machines") for r in recs) else
+                             "one" if len(cpus) == 1 else "MIXED (not matched): " + "; ".join(cpus))
                     out.append(f"| {split} | {s} | {name} | {', '.join(plan['rows'])} "
                                f"| {plan['cpu_seconds'] / 60:.1f} "
                                f"| {plan['suponly_cpu_seconds'] / 60:.1f} | {plan['iterations']} "
@@ -205,7 +199,7 @@ def break_even_lines(runs: dict, split: int, seed: int, curve: dict,
     """Per semi-supervised row (one seed): the CPU time at which SupOnly's curve reaches the
     row's mIoU, over the row's own CPU time: the cost the row (e.g. by section 2's levers)
     would have to come down to for the unlabeled images to pay per CPU hour at its mIoU."""
-    pts = curve_points(runs, split, seed, curve, 0)
+    pts = curve_points(runs, split, seed, curve)
     out = []
     for row in SSL:
         r = runs.get((split, row, seed))
@@ -409,7 +403,7 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
                            [100 * m for _, m in rec["evals"]], marker=".", alpha=0.8,
                            color=color[r], linestyle=style, label=f"{labels[r]} s{s}")
     for i, s in enumerate(seeds):
-        pts = curve_points(runs, small, s, curve, 0)
+        pts = curve_points(runs, small, s, curve)
         if pts:
             ax[1].plot([p[2] for p in pts], [100 * p[1] for p in pts], color="k",
                        linestyle=["--", ":", "-."][i % 3], marker="osD"[i % 3],
@@ -429,5 +423,6 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
     return [f"![label curve and CPU time]({png.name})",
             "", "Right panel: a run's evaluations are placed at CPU minutes = its measured CPU "
             "time x the share of its iterations done (pseudo-labelling and evaluations spread "
-            "evenly: an approximation); the dashed line is SupOnly's curve from the last "
-            "checkpoints of whole runs, each with its own learning-rate schedule."]
+            "evenly: an approximation); the black lines (one line style and marker per seed) are "
+            "SupOnly's curve from the last checkpoints of whole runs, each with its own "
+            "learning-rate schedule."]

@@ -118,7 +118,7 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
                                             ("unimatch_cisc", 0.47), ("ciscr", 0.43)]}
     labels = {r: r.upper() for r in cl.ROWS}
     first = rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
-    assert "UNIMATCH_CISC, gains over SupOnly at N steps (+7.00 (n=1)" in first
+    assert "(by mean mIoU), UNIMATCH_CISC, gains over SupOnly at N steps (+7.00 (n=1)" in first
     assert "(1 of 3 seeds so far)" in first and "Per CPU hour: not measured yet" in first
     match = tmp_path / "compute"
     match.mkdir()
@@ -140,6 +140,32 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
         in later
     # SupOnly's curve: 480 -> 960 is a doubling (+6), 960 -> 1440 (the compute row) is not.
     assert "train SupOnly longer" in later and "gained +6.00 points from its last" in later
+    # A seed without every semi-supervised row finished is not used to pick the best row.
+    runs[(12, "suponly", 1)], runs[(12, "unimatch", 1)] = rec(0.30), rec(0.60)
+    assert "(1 of 3 seeds so far)" in rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
+    assert rep.advice({}, [12], [0], labels, cl.CURVE).startswith("Not written yet")
+
+
+def test_the_cpu_time_partner_is_read_seed_by_seed(tmp_path):
+    # Seed 0's shared SupOnly run covers UniMatch (the two online rows' CPU within 10 %);
+    # seed 1's does not (UniMatch got its own): each seed pairs UniMatch with its own partner.
+    def rec(m, rd="/nowhere", partner=None):
+        return {"val_miou": m, "run_dir": rd, **({"compute_partner": partner} if partner else {})}
+
+    plans = {}
+    for s, rows in ((0, ["unimatch_cisc", "unimatch"]), (1, ["unimatch_cisc"])):
+        plans[s] = tmp_path / f"plan{s}"
+        plans[s].mkdir()
+        (plans[s] / cl.MATCH).write_text(json.dumps({"rows": rows}))
+    runs = {(12, "unimatch", 0): rec(0.45), (12, "unimatch", 1): rec(0.46),
+            (12, "suponly_compute", 0): rec(0.50, str(plans[0])),
+            (12, "suponly_compute", 1): rec(0.51, str(plans[1])),
+            (12, "suponly_compute_unimatch", 1): rec(0.55)}
+    assert records.compute_vals(runs, 12, "unimatch", [0, 1]) == [0.50, 0.55]
+    # The queue's record of the rule's partner wins over the plans (here: CISC-R's own run
+    # not needed, so the shared one).
+    runs[(12, "ciscr", 0)] = rec(0.52, partner="suponly_compute")
+    assert records.compute_vals(runs, 12, "ciscr", [0, 1]) == [0.50, None]
 
 
 def test_the_stage_start_line_says_which_start_won():
@@ -162,6 +188,9 @@ def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
     assert cl.main(argv) == 0
     md = (tmp_path / "out" / "camvid_labels.md").read_text()
     assert "(NOT the protocol)" in md and "not judged (not the protocol)" in md
+    better = next(ln for ln in md.splitlines() if ln.startswith("- 2 labels, equal steps: the "
+                                                                 "better of"))
+    assert better.endswith(("; judged on UniMatch", "; judged on UniMatch + CISC (ours)"))
     assert md.split("## Queued, not started")[1].split("\n")[2] == "(nothing)"  # all ran
     rec = json.loads((tmp_path / "out" / "camvid_labels.json").read_text())
     runs = {(r["labeled"], r["row"]): r for r in rec["runs"]}
