@@ -29,6 +29,7 @@ from camvid_labels_records import (
 from camvid_labels_tables import (
     break_even_lines,
     budget_lines,
+    class_gap_lines,
     figures,
     lever_costs_line,
     md_diagnostics,
@@ -235,6 +236,9 @@ def md_splits(runs: dict, splits: list[int], seeds: list[int], order: list[str],
         md += [f"## {split} labeled images", "", *table_split(runs, split, order, seeds, labels),
                "", *([*mixed, ""] if mixed else []), "Per-class IoU (mean over the seeds finished):", "",
                *table_per_class(runs, split, order, seeds, labels), ""]
+        gaps = class_gap_lines(runs, split, seeds, labels)
+        md += ["Per class, each semi-supervised row against SupOnly given its CPU time (IoU "
+               "points, paired seeds):", "", *gaps, ""] if gaps else []
         cost = budget_lines(runs, split, seeds, order)
         md += ["What a seed's finished main and compute rows cost together:", "", *cost, ""] \
             if cost else []

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from camvid_labels_records import (
     SSL,
+    compute_row_of,
     compute_vals,
     curve_points,
     mean_std,
@@ -82,6 +83,28 @@ def table_per_class(runs: dict, split: int, rows: list[str], seeds: list[int],
             cells = [fmt(statistics.fmean([g["iou"][k] or 0.0 for g in got]))
                      for k in range(len(names))]
             out.append(f"| {labels[r]} (n={len(got)}) | " + " | ".join(cells) + " |")
+    return out
+
+
+def class_gap_lines(runs: dict, split: int, seeds: list[int], labels: dict[str, str]) -> list[str]:
+    """Per semi-supervised row, the classes it is ahead of / behind SupOnly given its CPU time
+    on (IoU points, mean over the seeds where both finished, largest first): which classes the
+    unlabeled branch's CPU time bought, against what more supervised steps bought."""
+    out = []
+    for r in SSL:
+        pairs = [(runs[(split, r, s)], ref) for s in seeds if runs.get((split, r, s)) and
+                 (ref := runs.get((split, compute_row_of(runs, split, r, s), s)))]
+        if not pairs:
+            continue
+        names = pairs[0][0].get("class_names") or [str(k) for k in range(len(pairs[0][0]["iou"]))]
+        gap = {n: 100 * statistics.fmean((a["iou"][k] or 0.0) - (b["iou"][k] or 0.0)
+                                         for a, b in pairs) for k, n in enumerate(names)}
+        ahead = sorted((g, n) for n, g in gap.items() if g > 0)[::-1]
+        behind = sorted((g, n) for n, g in gap.items() if g < 0)
+        out.append(f"- {labels[r]} (n={len(pairs)}): ahead on {len(ahead)} of {len(names)} "
+                   "classes (" + (", ".join(f"{n} {g:+.1f}" for g, n in ahead) or "none")
+                   + f"); behind on {len(behind)} ("
+                   + (", ".join(f"{n} {g:+.1f}" for g, n in behind) or "none") + ")")
     return out
 
 

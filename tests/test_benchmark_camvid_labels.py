@@ -301,6 +301,22 @@ def test_a_compute_plan_resting_on_runs_of_two_cpus_is_marked(tmp_path):
     assert tables.table_plans(runs, [12], [0], {"suponly_compute": None})[2].endswith("| one |")
 
 
+def test_the_per_class_gaps_to_supOnly_at_the_same_cpu_time_by_hand():
+    def rec(iou, partner=None):
+        return {"iou": iou, "class_names": ["road", "pole", "car"], "val_miou": 0.5,
+                **({"compute_partner": partner} if partner else {})}
+
+    runs = {(12, "ciscr", 0): rec([0.90, 0.10, 0.60], "suponly_compute_ciscr"),
+            (12, "ciscr", 1): rec([0.92, 0.00, 0.50], "suponly_compute_ciscr"),
+            (12, "suponly_compute_ciscr", 0): rec([0.91, 0.20, 0.40]),
+            (12, "suponly_compute_ciscr", 1): rec([0.93, 0.10, 0.50]),
+            (12, "ciscr", 2): rec([0.99, 0.99, 0.99], "suponly_compute_ciscr")}  # no partner run
+    lines = tables.class_gap_lines(runs, 12, [0, 1, 2], {"ciscr": "CISC-R"})
+    # road -1.0 (both seeds), pole -10.0, car (+20, 0) -> +10.0; seed 2 has no pair.
+    assert lines == ["- CISC-R (n=2): ahead on 1 of 3 classes (car +10.0); behind on 2 "
+                     "(pole -10.0, road -1.0)"]
+
+
 def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unknown(tmp_path):
     def run(name: str, results: dict, wall: dict | None, starts: int) -> Path:
         rd = tmp_path / name
