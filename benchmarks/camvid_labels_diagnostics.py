@@ -11,7 +11,9 @@ benchmark knows the pool's ground truth (it never enters training), so per class
 
 - ``gt_share``: the class's share of the pool's valid pixels;
 - ``pseudo_iou``: IoU of the pseudo labels with the ground truth (what a teacher this good
-  gives); ``pseudo_miou`` averages it over the classes;
+  gives); ``pseudo_miou`` averages it over the classes; ``precision`` and ``recall`` split it:
+  the share of the pixels labelled as the class that are right, and of the class's pixels
+  labelled right (a low IoU from wrong labels, or from missed pixels);
 - ``mask_ratio``: the share of the pixels labelled as the class whose confidence passes the
   run's ``method.confidence_threshold`` (the mask ratio per class; a run without one, SupOnly,
   is scored at the online methods' 0.95);
@@ -86,7 +88,8 @@ def summarize(counts: dict[str, np.ndarray], names: list[str]) -> dict[str, Any]
 
     union = c["gt"] + c["pred"] - c["hit"]
     per_class = {"gt_share": ratio(c["gt"], np.full_like(c["gt"], c["gt"].sum())),
-                 "pseudo_iou": ratio(c["hit"], union), "mask_ratio": ratio(c["passed"], c["pred"]),
+                 "pseudo_iou": ratio(c["hit"], union), "precision": ratio(c["hit"], c["pred"]),
+                 "recall": ratio(c["hit"], c["gt"]), "mask_ratio": ratio(c["passed"], c["pred"]),
                  "mask_precision": ratio(c["passed_hit"], c["passed"]),
                  "taught": ratio(c["passed_hit"], c["gt"])}
     ious = [x for x in per_class["pseudo_iou"] if x is not None]

@@ -358,10 +358,16 @@ def diagnostic_findings(runs: dict, split: int, rows: list[str], seeds: list[int
     if starved:
         share = 100 * sum(cls(r, "gt_share", k) for k in starved for r in diag) / len(diag)
         best = max(100 * cls(r, "pseudo_iou", k) for k in starved for r in diag)
+        split_iou = ""
+        if all("precision" in d["per_class"] for v in diag.values() for d in v):
+            prec, rec = (max(100 * cls(r, key, k) for k in starved for r in diag)
+                         for key in ("precision", "recall"))
+            split_iou = (f" (of the pixels labelled as them at most {prec:.1f} % are right; of "
+                         f"their pixels at most {rec:.1f} % are labelled right)")
         out.append(f"- Classes no semi-supervised row teaches (under 1 % of the class's pool "
                    f"pixels pass the mask and are right, in every row): "
                    f"{', '.join(names[k] for k in starved)}, {share:.1f} % of the pool's pixels; "
-                   f"their pseudo-label IoU is at most {best:.1f} in any row.")
+                   f"their pseudo-label IoU is at most {best:.1f} in any row{split_iou}.")
     right, passed = span(lambda d: d["mask_precision"]), span(lambda d: d["mask_ratio"])
     out.append(f"- Where pixels pass the mask their labels are right {right} % of the time; "
                f"{passed} % of the pool's pixels pass (the range over the rows).")

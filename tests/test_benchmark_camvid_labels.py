@@ -235,6 +235,7 @@ def test_diagnostic_counts_and_figures_by_hand():
     s = diag.summarize(c, ["a", "b", "c"])
     pc = s["per_class"]
     assert pc["pseudo_iou"] == [0.5, 2 / 3, 1.0] and pc["mask_ratio"] == [1.0, 0.5, 1.0]
+    assert pc["precision"] == [0.5, 1.0, 1.0] and pc["recall"] == [1.0, 2 / 3, 1.0]
     assert pc["mask_precision"] == [0.5, 1.0, 1.0] and pc["taught"] == [1.0, 1 / 3, 1.0]
     assert s["pseudo_acc"] == 4 / 5 and s["mask_ratio"] == 4 / 5 and s["taught"] == 3 / 5
     assert abs(s["pseudo_miou"] - (0.5 + 2 / 3 + 1.0) / 3) < 1e-12
@@ -271,6 +272,15 @@ def test_the_diagnostic_findings_by_hand():
     assert lines[2].endswith("the confidence 0.800-0.870, the CISC weight 0.800-0.850; the "
                              "CISC weight separates less well than the confidence in 1 of 2 rows.")
     assert tables.diagnostic_findings(runs, 46, ["unimatch"], [0]) == []
+    # Where every diagnosis splits IoU into precision and recall, the line gives their maxima.
+    for k, (p, r) in zip([(12, "unimatch", 0), (12, "unimatch", 1), (12, "ciscr", 0)],
+                         [([1, 0.3, 1], [1, 0.2, 1]), ([1, 0.1, 1], [1, 0.4, 1]),
+                          ([1, 0.2, 1], [1, 0.3, 1])], strict=True):
+        runs[k]["diagnostics"]["per_class"].update(precision=p, recall=r)
+    lines = tables.diagnostic_findings(runs, 12, ["unimatch", "unimatch_cisc", "ciscr"], [0, 1])
+    # pole: unimatch's means 0.2 / 0.3, ciscr's 0.2 / 0.3 -> at most 20.0 % and 30.0 %.
+    assert lines[0].endswith("at most 20.0 in any row (of the pixels labelled as them at most "
+                             "20.0 % are right; of their pixels at most 30.0 % are labelled right).")
 
 
 def test_a_table_whose_runs_differ_in_precision_or_cpu_says_which_ran_where():
