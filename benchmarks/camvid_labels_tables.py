@@ -345,25 +345,32 @@ def diagnostic_findings(runs: dict, split: int, rows: list[str], seeds: list[int
         return []
     names = next(iter(diag.values()))[0]["classes"]
 
-    def cls(r: str, key: str, k: int) -> float:
-        return statistics.fmean(d["per_class"][key][k] for d in diag[r])
+    def cls(r: str, key: str, k: int) -> float | None:
+        """Row r's mean over its seeds (a ratio with a zero denominator, None, left out)."""
+        got = [x for d in diag[r] if (x := d["per_class"][key][k]) is not None]
+        return statistics.fmean(got) if got else None
+
+    def over_rows(key: str, k: int) -> str:
+        """Class k's ``key`` in percent, mean over the rows that have it."""
+        got = [x for r in diag if (x := cls(r, key, k)) is not None]
+        return f"{100 * statistics.fmean(got):.1f}" if got else "n/a"
 
     def span(get: Callable[[dict], float], scale: float = 100.0, digits: int = 1) -> str:
         """min-max over the rows of each row's mean over its seeds."""
         xs = [scale * statistics.fmean(get(d) for d in diag[r]) for r in diag]
         return f"{min(xs):.{digits}f}-{max(xs):.{digits}f}"
 
-    starved = [k for k in range(len(names)) if all(cls(r, "taught", k) < 0.01 for r in diag)]
+    starved = [k for k in range(len(names))
+               if all((cls(r, "taught", k) or 0.0) < 0.01 for r in diag)]
     out = []
     if starved:
-        share = 100 * sum(cls(r, "gt_share", k) for k in starved for r in diag) / len(diag)
-        best = max(100 * cls(r, "pseudo_iou", k) for k in starved for r in diag)
+        share = 100 * sum(cls(r, "gt_share", k) or 0.0 for k in starved for r in diag) / len(diag)
+        best = max(100 * (cls(r, "pseudo_iou", k) or 0.0) for k in starved for r in diag)
         split_iou = ""
         if all("precision" in d["per_class"] for v in diag.values() for d in v):
-            prec, rec = (max(100 * cls(r, key, k) for k in starved for r in diag)
-                         for key in ("precision", "recall"))
-            split_iou = (f" (of the pixels labelled as them at most {prec:.1f} % are right; of "
-                         f"their pixels at most {rec:.1f} % are labelled right)")
+            split_iou = (" (precision / recall of their pseudo labels, mean over the rows: "
+                         + ", ".join(f"{names[k]} {over_rows('precision', k)} / "
+                                     f"{over_rows('recall', k)}" for k in starved) + ")")
         out.append(f"- Classes no semi-supervised row teaches (under 1 % of the class's pool "
                    f"pixels pass the mask and are right, in every row): "
                    f"{', '.join(names[k] for k in starved)}, {share:.1f} % of the pool's pixels; "

@@ -278,9 +278,14 @@ def test_the_diagnostic_findings_by_hand():
                           ([1, 0.2, 1], [1, 0.3, 1])], strict=True):
         runs[k]["diagnostics"]["per_class"].update(precision=p, recall=r)
     lines = tables.diagnostic_findings(runs, 12, ["unimatch", "unimatch_cisc", "ciscr"], [0, 1])
-    # pole: unimatch's means 0.2 / 0.3, ciscr's 0.2 / 0.3 -> at most 20.0 % and 30.0 %.
-    assert lines[0].endswith("at most 20.0 in any row (of the pixels labelled as them at most "
-                             "20.0 % are right; of their pixels at most 30.0 % are labelled right).")
+    # pole: unimatch's means 0.2 / 0.3, ciscr's 0.2 / 0.3 -> 20.0 / 30.0.
+    assert lines[0].endswith("at most 20.0 in any row (precision / recall of their pseudo "
+                             "labels, mean over the rows: pole 20.0 / 30.0).")
+    # A class never labelled has no precision: left out of the means, n/a when none has one.
+    for k in runs:
+        runs[k]["diagnostics"]["per_class"]["precision"][1] = None
+    lines = tables.diagnostic_findings(runs, 12, ["unimatch", "unimatch_cisc", "ciscr"], [0, 1])
+    assert lines[0].endswith("labels, mean over the rows: pole n/a / 30.0).")
 
 
 def test_a_table_whose_runs_differ_in_precision_or_cpu_says_which_ran_where():
