@@ -232,6 +232,10 @@ def md_splits(runs: dict, splits: list[int], seeds: list[int], order: list[str],
     """Per split: the rows' table, their per-class IoU and what a seed's rows cost together."""
     md = []
     for split in splits:
+        if not any(k[0] == split and k[1] in order for k in runs):
+            md += [f"## {split} labeled images", "", "No run finished at this split yet (the "
+                   "queue's order and estimates: \"Queued, not started\", below).", ""]
+            continue
         mixed = mixed_lines(runs, split, order, seeds, labels)
         md += [f"## {split} labeled images", "", *table_split(runs, split, order, seeds, labels),
                "", *([*mixed, ""] if mixed else []), "Per-class IoU (mean over the seeds finished):", "",

@@ -332,6 +332,13 @@ def test_the_per_class_gaps_to_supOnly_at_the_same_cpu_time_by_hand():
                      "(pole -10.0, road -1.0)"]
 
 
+def test_a_split_with_no_finished_run_says_so_instead_of_empty_tables():
+    runs = {(12, "suponly", 0): {"val_miou": 0.4}}  # another split's run
+    md = rep.md_splits(runs, [46], [0], ["suponly"], {"suponly": "SupOnly"})
+    assert md[0] == "## 46 labeled images" and len(md) == 4
+    assert md[2].startswith("No run finished at this split yet")
+
+
 def test_a_runs_cpu_time_comes_from_ciscrs_record_else_complete_wait4_else_unknown(tmp_path):
     def run(name: str, results: dict, wall: dict | None, starts: int) -> Path:
         rd = tmp_path / name
