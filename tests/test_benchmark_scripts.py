@@ -318,3 +318,4 @@ def test_readme_suite_time_is_the_measured_one_or_says_it_is_not_measured():
     minutes = re.search(r"- wall time: ([\d.]+) min", text).group(1)
     counts = re.search(r"- result: (.+)", text).group(1)
     assert f"ran in {minutes} minutes ({counts})" in block
+    assert ("NOISY" in text) == ("NOISY" in block)  # a noisy timing is flagged in both
