@@ -10,6 +10,7 @@ archived under ``docs/results/camvid_labels-runs/``).
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import statistics
 from datetime import datetime, timezone
@@ -176,12 +177,24 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
     out.append(f"Per CPU hour, SupOnly trained for the same CPU time is ahead of every "
                f"semi-supervised row measured ({each}){later}: on this budget, train SupOnly "
                "longer before paying for an unlabeled branch")
-    pts = curve_points(runs, small, seeds[0], curve)
-    doubling = [(b[1] - a[1]) for a, b in zip(pts, pts[1:], strict=False) if b[0] == 2 * a[0]]
-    out.append(f" (SupOnly gained {100 * doubling[-1]:+.2f} points from its last measured "
-               "doubling of steps, seed 0); use the unlabeled images once more steps stop "
-               "paying." if doubling else ".")
+    gain = gain_per_doubling(curve_points(runs, small, seeds[0], curve))
+    out.append(f" (SupOnly's two longest runs, {gain[1]} and {gain[2]} iterations, seed 0: "
+               f"{100 * gain[0]:+.2f} points per doubling of steps); use the unlabeled images "
+               "once more steps stop paying." if gain else ".")
     return "".join(out)
+
+
+def gain_per_doubling(points: list[tuple]) -> tuple[float, int, int] | None:
+    """SupOnly's mIoU gain per doubling of its steps between its two longest runs
+    (``curve_points``: iterations, mIoU, ...), log-linear between them: (gain, shorter, longer)
+    iterations; None with fewer than two lengths. WHY the two longest: the advice is about
+    whether training still longer pays, and the compute rows (own schedule lengths) are curve
+    points too, so an exact doubling is rarely measured."""
+    by_its = {p[0]: p[1] for p in points}
+    if len(by_its) < 2:
+        return None
+    (i0, m0), (i1, m1) = sorted(by_its.items())[-2:]
+    return (m1 - m0) / math.log2(i1 / i0), i0, i1
 
 
 def stage_start(runs: dict, split: int, seed: int) -> str:

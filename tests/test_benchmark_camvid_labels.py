@@ -46,11 +46,11 @@ def test_every_row_is_a_method_and_the_compute_rows_wait_for_what_they_are_given
         seen |= set(rows)
     assert cl.needs("suponly_compute") == ["suponly", "unimatch_cisc", "unimatch"]
     assert cl.needs("ciscr_fresh") == ["ciscr"]
-    # The smallest split's seeds, SupOnly's curve there, the largest split, options, 23 labels.
+    # The smallest split's seeds, the largest split, options and SupOnly's 8N, 23 labels.
     phases = [(split, seed, rows) for split, seed, rows in cl.queue(args)]
-    assert [p[:2] for p in phases] == [(12, 0), (12, 1), (12, 2), (12, 0), (46, 0), (46, 1),
-                                       (46, 2), (12, 0), (23, 0), (23, 1), (23, 2)]
-    assert phases[3][2] == ["suponly_8n", "suponly_4n"] and phases[7][2][0] == "fixmatch"
+    assert [p[:2] for p in phases] == [(12, 0), (12, 1), (12, 2), (46, 0), (46, 1), (46, 2),
+                                       (12, 0), (23, 0), (23, 1), (23, 2)]
+    assert phases[6][2][0] == "fixmatch" and phases[6][2][-1] == "suponly_8n"
 
 
 def _args(tmp_path: Path, *extra: str):
@@ -138,8 +138,13 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
     assert "SupOnly trained for the same CPU time is ahead of every semi-supervised row " \
         "measured (UNIMATCH -5.00 (n=1); UNIMATCH_CISC -3.00 (n=1)) (CISCR: not measured yet)" \
         in later
-    # SupOnly's curve: 480 -> 960 is a doubling (+6), 960 -> 1440 (the compute row) is not.
-    assert "train SupOnly longer" in later and "gained +6.00 points from its last" in later
+    # SupOnly's curve: its two longest runs, 960 (46) and 1440 (the compute row, 50) iterations:
+    # +4 points over log2(1.5) doublings = +6.84 per doubling.
+    assert "train SupOnly longer" in later and "960 and 1440 iterations, seed 0: +6.84 points " \
+        "per doubling of steps" in later
+    assert rep.gain_per_doubling([(480, 0.4, 1.0)]) is None
+    gain, short, long = rep.gain_per_doubling([(240, 0.3, 0.5), (480, 0.4, 1.0), (1920, 0.5, 4.0)])
+    assert (short, long) == (480, 1920) and abs(gain - 0.05) < 1e-12  # +10 over 2 doublings
     # A seed without every semi-supervised row finished is not used to pick the best row.
     runs[(12, "suponly", 1)], runs[(12, "unimatch", 1)] = rec(0.30), rec(0.60)
     assert "(1 of 3 seeds so far)" in rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
