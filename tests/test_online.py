@@ -339,8 +339,10 @@ def test_unlabeled_every_k_runs_the_unlabeled_branch_on_every_kth_step_only():
     for it in range(6):
         calls.clear()
         torch.manual_seed(1)
-        loss, scalars = step(model, b, it)
-        if (it + 1) % 3:  # steps 1, 2, 4, 5: the labeled batch alone, one forward
+        skip = (it + 1) % 3 != 0  # steps 1, 2, 4, 5: the labeled batch alone, one forward
+        assert step.streams_at(it) == (("labeled",) if skip else None)  # what the loop loads
+        loss, scalars = step(model, {"labeled": b["labeled"]} if skip else b, it)
+        if skip:
             assert calls == [2] and set(scalars) == {"ce_labeled"}
             torch.manual_seed(1)  # the same dropout draws: the same forward as the step's
             want = labeled_loss(model(b["labeled"]["image"]).logits, b["labeled"]["mask"], 255)

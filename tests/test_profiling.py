@@ -46,12 +46,12 @@ def test_edge_seconds_splits_a_function_by_caller():
 
 def test_code_key_sees_through_decorators_and_into_closures():
     from ciscr.engine.steps import Rectifier
-    from ciscr.engine.train import stream_loader
+    from ciscr.utils.misc import count_parameters
 
     assert code_key(Rectifier.__call__)[2] == "__call__"  # not torch.no_grad's wrapper
     assert code_key(Rectifier.__call__)[0].endswith("steps.py")
-    assert code_key(stream_loader, "<genexpr>")[2] == "<genexpr>"
-    assert code_key(stream_loader, "no_such_function") is None
+    assert code_key(count_parameters, "<genexpr>")[2] == "<genexpr>"
+    assert code_key(count_parameters, "no_such_function") is None
 
 
 def _train(stage, total, eval_s, iterations):

@@ -156,3 +156,38 @@ def test_evaluating_during_training_does_not_change_what_is_trained(tmp_path):
     assert any("val_miou" in r for r in read_jsonl(tmp_path / "evaluated" / "stage1" / "train.jsonl"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_stream_a_step_does_not_read_moves_on_without_loading():
+    from ciscr.engine.streams import next_batches, stream_loaders
+
+    class Counted(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.loaded = 0
+
+        def __len__(self) -> int:
+            return 5
+
+        def __getitem__(self, i: int) -> dict:
+            self.loaded += 1
+            return {"x": torch.tensor(i)}
+
+    def loaders(ds_u):
+        return stream_loaders({"labeled": Stream(Counted(), 2), "unlabeled": Stream(ds_u, 2)},
+                              seed=0, start=0, stop=6, num_workers=0)
+
+    ds_u = Counted()
+    ref, skipping = loaders(Counted()), loaders(ds_u)
+    cpu = torch.device("cpu")
+    for t in range(6):
+        want = next_batches(ref, cpu, False)
+        only = ("labeled",) if t % 2 == 0 else None
+        got = next_batches(skipping, cpu, False, only)
+        assert set(got) == ({"labeled"} if only else {"labeled", "unlabeled"})
+        for name, batch in got.items():  # the same batch as a run that loads every stream
+            assert torch.equal(batch["x"], want[name]["x"])
+    assert ds_u.loaded == 3 * 2  # the 3 skipped batches were never loaded
+    # Another iterator (a worker loader's): its batch is taken and dropped.
+    plain = {"labeled": iter([{"x": torch.tensor(0)}, {"x": torch.tensor(1)}])}
+    assert next_batches(plain, cpu, False, ()) == {}
+    assert int(next_batches(plain, cpu, False)["labeled"]["x"]) == 1

@@ -296,14 +296,23 @@ class OnlineStep:
                 self.bank is None or it % self.r.refresh == 0):
             self.bank = merge_bank(self.bank, self.bank_fn(getattr(model, "module", model), it))
 
+    def labeled_only(self, it: int) -> bool:
+        """Whether step ``it`` skips the unlabeled branch (``unlabeled_every`` k > 1: all but
+        the k-th, 2k-th ... steps; (it + 1) so that logged iterations, multiples of
+        train.log_every, are unlabeled steps whenever k divides log_every)."""
+        return self.r.unlabeled_every > 1 and (it + 1) % self.r.unlabeled_every != 0
+
+    def streams_at(self, it: int) -> tuple[str, ...] | None:
+        """The streams step ``it`` reads (the training loop loads only these); None = all."""
+        return ("labeled",) if self.labeled_only(it) else None
+
     def __call__(self, model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
-        r, lb, ub, mb = self.r, batches["labeled"], batches["unlabeled"], batches["mix"]
+        r, lb = self.r, batches["labeled"]
         self._refresh_bank(model, it)
-        # (it + 1): the k-th, 2k-th ... step, so that logged iterations (multiples of
-        # train.log_every) are unlabeled steps whenever k divides log_every.
-        if r.unlabeled_every > 1 and (it + 1) % r.unlabeled_every:
+        if self.labeled_only(it):
             loss_l = labeled_loss(model(lb["image"]).logits, lb["mask"], r.ignore_index, r.ohem)
             return r.weight_labeled * loss_l, {"ce_labeled": float(loss_l.detach())}
+        ub, mb = batches["unlabeled"], batches["mix"]
         with torch.no_grad():  # 1. the mixing images' pseudo labels, eval mode as UniMatch
             model.eval()
             out_mix = model(mb["image_w"])

@@ -10,7 +10,7 @@ iteration *t* draws exactly the batches an uninterrupted run would have drawn fr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,8 +104,7 @@ def stream_loader(
     order = IndexStream(len(stream.dataset), seed, stream_id, stream.repeat)  # type: ignore[arg-type]
     sampler = _Batches(order, start, stop, stream.batch_size)
     if num_workers == 0:
-        ds = _EpochIndexed(stream.dataset)
-        return (default_collate([ds[k] for k in keys]) for keys in sampler)
+        return _InlineBatches(_EpochIndexed(stream.dataset), iter(sampler))
     loader = WorkerSafeLoader(
         _EpochIndexed(stream.dataset),
         batch_sampler=sampler,
@@ -116,6 +115,23 @@ def stream_loader(
         generator=torch.Generator().manual_seed(seed * 1_000_003 + stream_id),
     )
     return iter(loader)
+
+
+class _InlineBatches:
+    """A stream's batches loaded in this process (``num_workers`` 0), one per ``next``;
+    ``skip`` passes an iteration's batch without loading it (see :func:`next_batches`)."""
+
+    def __init__(self, ds: _EpochIndexed, keys: Iterator[list[tuple[int, int]]]) -> None:
+        self.ds, self.keys = ds, keys
+
+    def __iter__(self) -> _InlineBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return default_collate([self.ds[k] for k in next(self.keys)])
+
+    def skip(self) -> None:
+        next(self.keys)
 
 
 def iters_per_epoch(stream: Stream, cfg: TrainCfg) -> int:
@@ -133,9 +149,25 @@ def stream_loaders(streams: dict[str, Stream], seed: int, start: int, stop: int,
 
 
 def next_batches(loaders: dict[str, Iterator[dict[str, Any]]], device: torch.device,
-                 channels_last: bool) -> dict[str, dict[str, Any]]:
-    """One batch of every stream, on ``device``."""
-    return {n: _to_device(next(it), device, channels_last) for n, it in loaders.items()}
+                 channels_last: bool, only: Collection[str] | None = None
+                 ) -> dict[str, dict[str, Any]]:
+    """One batch of every stream (of the streams in ``only``, when given), on ``device``.
+
+    A stream left out still moves on by one iteration, so every later batch is the one an
+    uninterrupted run draws; WHY skip rather than load and drop: a step that needs only the
+    labeled batch (``method.unlabeled_every``) should not pay for augmenting the unlabeled
+    views (loaded in this process, half a CPU second per UniMatch step on CamVid). Worker
+    loaders have the batch on its way already: it is taken and dropped.
+    """
+    out = {}
+    for name, it in loaders.items():
+        if only is None or name in only:
+            out[name] = _to_device(next(it), device, channels_last)
+        elif isinstance(it, _InlineBatches):
+            it.skip()
+        else:
+            next(it)
+    return out
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict:

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,7 +218,7 @@ def _run_iterations(out_dir, st, streams, step_fn, cfg, seed, device, per_epoch,
     try:
         for t in range(st.iteration, st.total):
             t_step = time.perf_counter()
-            batches = next_batches(loaders, device, cfg.channels_last)
+            batches = next_batches(loaders, device, cfg.channels_last, step_streams(step_fn, t))
             scalars = _one_step(ddp_model, st, step_fn, batches, t, cfg, device)
             if not _all_finite(scalars["loss"], device):
                 raise _diverged(desc, scalars["loss"], t + 1, ckpt_path)
@@ -294,6 +294,13 @@ def _all_finite(loss: float, device: torch.device) -> bool:
     """True when the loss is finite on EVERY rank, so that all ranks stop together."""
     bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
     return float(dist.all_reduce_sum(bad)) == 0.0
+
+
+def step_streams(step_fn: StepFn, t: int) -> Collection[str] | None:
+    """The streams step ``t`` reads, when the step says (``step_fn.streams_at(t)``: names, or
+    None for all): :func:`next_batches` moves the others on without loading them."""
+    at = getattr(step_fn, "streams_at", None)
+    return None if at is None else at(t)
 
 
 def _one_step(model, st: StageState, step_fn: StepFn, batches, t: int, cfg: TrainCfg,

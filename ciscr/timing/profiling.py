@@ -270,10 +270,10 @@ CATEGORIES: dict[str, list[tuple[str, int, list[str]]]] = {
     "training": [
         ("build the student", 0, ["run_services:fresh_model"]),
         ("teacher + prototype bank", 0, ["stage_plans:build_rectifier"]),
-        # num_workers=0: the loader's generator only ever serves the training loop;
+        # num_workers=0: the in-process batches only ever serve the training loop;
         # otherwise the loop's next() on the worker loader (evaluation uses a for loop)
         ("train batches: load + augment (main process)", 0,
-         ["engine.train:stream_loader/<genexpr>",
+         ["engine.streams:_InlineBatches.__next__",
           "data.datasets:WorkerSafeLoader.__iter__ < next()"]),
         ("labeled images / pairs", 1, [f"data.datasets:SegDataset.__getitem__ < {GET}",
                                        f"data.pairs:PairDataset.__getitem__ < {GET}"]),

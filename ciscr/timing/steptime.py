@@ -69,12 +69,14 @@ class _Trainer:
 
     def steps(self, n: int) -> float:
         """Seconds per step over ``n`` steps (loading each batch included)."""
-        from ciscr.engine.train import _one_step, next_batches  # the engine's own step
+        # The engine's own step and loading.
+        from ciscr.engine.train import _one_step, next_batches, step_streams
 
         st, cfg = self.state, self.plan.cfg
         t0 = time.perf_counter()
         for _ in range(n):
-            batches = next_batches(self.loaders, self.device, cfg.channels_last)
+            batches = next_batches(self.loaders, self.device, cfg.channels_last,
+                                   step_streams(self.plan.step, st.iteration))
             _one_step(st.model, st, self.plan.step, batches, st.iteration, cfg, self.device)
             st.iteration += 1
         return (time.perf_counter() - t0) / n
