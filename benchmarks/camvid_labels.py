@@ -20,9 +20,10 @@ gain per doubling between the two longest runs). WHY no 4N run, and 8N not first
 before 2026-12-07): the ~4N CPU-time row is that point already, at every seed, and 8N alone
 costs ~3 h of CPU (one core for a whole session); the 46-label seeds, which the issue requires,
 come first. Options (seed 0, 12 labels, after the 46-label seeds, before 23 labels):
-FixMatch, ST++ (stages shared with CISC-R), and four of section 2's levers on the online
+FixMatch, ST++ (stages shared with CISC-R), and the five of section 2's levers on the online
 step's cost (one strong view; an unlabeled batch of 2; the unlabeled branch every 2nd step;
-unlabeled views at half resolution), each one setting, whose step cost
+unlabeled views at half resolution; the CutMix partner from the same batch, which drops the
+mixing images' pseudo-labelling forward), each one setting, whose step cost
 ``benchmarks/camvid_levers.py`` measures.
 
     python benchmarks/camvid_labels.py                 # the whole queue, resumable
@@ -98,6 +99,7 @@ COMMON = ["train.progress=false", "train.amp=auto", f"train.iters_per_epoch={IPE
           f"train.eval_every_epochs={EVAL_EVERY}", "method.score_final_pseudo=false"]
 _BANK = ["method.stage1_cisc_loss=false"]  # stage 1 IS the suponly run (shared)
 # row -> (label, method preset, extra overrides)
+CURVE = {f"suponly_{k}n": k for k in (0.5, 2, 8)}  # SupOnly's curve: N x these iterations
 ROWS: dict[str, tuple[str, str, list[str]]] = {
     "suponly": ("SupOnly", "suponly", []),
     "unimatch": ("UniMatch", "unimatch", []),
@@ -110,7 +112,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
                     [*_BANK, "method.init=fresh"]),
     "fixmatch": ("FixMatch", "fixmatch", []),
     "stpp": ("ST++", "stpp", []),
-    **{f"suponly_{k}n": (f"SupOnly, {k} N iterations", "suponly", []) for k in (0.5, 2, 4, 8)},
+    **{row: (f"SupOnly, {k} N iterations", "suponly", []) for row, k in CURVE.items()},
     # Section 2's levers on the online step's cost, one setting each (their step cost:
     # benchmarks/camvid_levers.py); options until the report shows one helps across seeds.
     "unimatch_cisc_1view": ("UniMatch + CISC, one strong view", "unimatch_cisc",
@@ -121,13 +123,14 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
                              "unimatch_cisc", ["method.unlabeled_every=2"]),
     "unimatch_cisc_halfres": ("UniMatch + CISC, unlabeled views at half resolution",
                               "unimatch_cisc", ["train.unlabeled_resolution=0.5"]),
+    "unimatch_cisc_batchmix": ("UniMatch + CISC, CutMix partner from the same batch",
+                               "unimatch_cisc", ["method.mix_source=batch"]),
 }
 LEVER_ROWS = ["unimatch_cisc_1view", "unimatch_cisc_ub2", "unimatch_cisc_every2",
-              "unimatch_cisc_halfres"]
+              "unimatch_cisc_halfres", "unimatch_cisc_batchmix"]
 MAIN = ["suponly", "unimatch", "unimatch_cisc", "ciscr", "suponly_compute"]
 COMPUTE = {"suponly_compute": ["unimatch_cisc", "unimatch"],
            "suponly_compute_unimatch": ["unimatch"], "suponly_compute_ciscr": ["ciscr"]}
-CURVE = {f"suponly_{k}n": k for k in (0.5, 2, 8)}  # SupOnly's curve: N x these iterations
 # A (split, seed)'s main rows in the order they are started, two at a time: the longest first
 # on the two cores (measured cost per row), a row waiting for what it needs (needs()) never
 # holding a core while another row can run.

@@ -324,6 +324,14 @@ class MethodCfg(BaseModel):
         "weights; 1 = every step (the published recipes). A lever on the cost per CPU hour "
         "(issue 32), off until protocol 4 shows it helps",
     )
+    mix_source: Literal["stream", "batch"] = Field(
+        "stream",
+        description="online: where a view's CutMix partner comes from. 'stream' (the published "
+        "recipes) = a second unlabeled stream, pseudo-labelled by its own forward pass (eval "
+        "mode, no gradient); 'batch' = the next image of the same unlabeled batch, with the "
+        "weak view's pseudo label and weight: no mixing batch loaded and no extra forward. A "
+        "lever on the cost per CPU hour (issue 32), off until protocol 4 shows it helps",
+    )
     labeled_weight: float = Field(
         1.0,
         gt=0,

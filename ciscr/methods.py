@@ -32,7 +32,8 @@ def online_only_settings(cfg: Config) -> list[str]:
     no such branch: it would ignore them)."""
     return [key for key, moved in (
         ("train.unlabeled_resolution", cfg.train.unlabeled_resolution != 1.0),
-        ("method.unlabeled_every", cfg.method.unlabeled_every != 1)) if moved]
+        ("method.unlabeled_every", cfg.method.unlabeled_every != 1),
+        ("method.mix_source", cfg.method.mix_source != "stream")) if moved]
 
 
 def _stagewise(ctx: RunContext) -> tuple[dict[str, dict[str, Any]], str]:

@@ -23,7 +23,7 @@ from ciscr.data.datasets import UnlabeledViews
 from ciscr.data.formats import Sample
 from ciscr.engine.online import BankFn, OnlineRecipe, OnlineStep, batch_prototypes, recipe_weights
 from ciscr.engine.train import Stream, iters_per_epoch, train_stage
-from ciscr.errors import DataError
+from ciscr.errors import ConfigError, DataError
 from ciscr.pseudo import eval_mode, load_eval_image, read_labels
 from ciscr.run_services import (
     RunContext,
@@ -52,7 +52,7 @@ def online_recipe(ctx: RunContext) -> OnlineRecipe:
         weight_views=w_views, weight_fp=w_fp, unlabeled_weight=m.unlabeled_weight,
         min_ratio=m.min_class_ratio, ignore_index=ctx.cfg.data.ignore_index,
         prototype_source=m.prototype_source, refresh=m.prototype_refresh, ohem=m.ohem(),
-        unlabeled_every=m.unlabeled_every,
+        unlabeled_every=m.unlabeled_every, mix_source=m.mix_source,
     )
 
 
@@ -114,14 +114,21 @@ def online_stage(ctx: RunContext) -> dict[str, Any]:
     if not ctx.unlabeled:
         raise DataError(f"the unlabeled split is empty but method.name={ctx.cfg.method.name} "
                         "trains on unlabeled images: label fewer images or use suponly")
+    b_u = ctx.cfg.train.unlabeled_batch_size or ctx.cfg.train.batch_size
+    if ctx.cfg.method.mix_source == "batch" and b_u // dist.world_size() < 2:
+        # Each image's CutMix partner is another image of its process's batch: one has none.
+        raise ConfigError(f"method.mix_source=batch needs at least 2 unlabeled images per "
+                          f"process per step; train.unlabeled_batch_size={b_u} over "
+                          f"{dist.world_size()} process(es) gives {b_u // dist.world_size()}")
     t0 = time.perf_counter()
     model = start_model(ctx)
     t = ctx.cfg.train
-    b_u = t.unlabeled_batch_size or t.batch_size
     # The mixing stream is the same pool in another order with other augmentations: the
     # partner is another image. (UniMatch zips its unlabeled loader with itself, so its partner
     # is another random view of the same image: UniMatch issue 51.) Both streams are keyed on
-    # the seed, so identical on all ranks.
+    # the seed, so identical on all ranks. With method.mix_source=batch the step never reads
+    # the mixing stream (OnlineStep.streams_at): it is kept so that the other streams' ids,
+    # hence their order, stay those of the published recipe's run.
     streams = {"labeled": Stream(labeled_dataset(ctx), t.batch_size, labeled_repeat(ctx)),
                "unlabeled": Stream(_views(ctx, ctx.cfg.seed + 1), b_u),
                "mix": Stream(_views(ctx, ctx.cfg.seed + 2), b_u)}

@@ -298,7 +298,8 @@ def test_camvid_levers_reads_steps_and_tabulates_ratios(tmp_path):
     page = lev.format_table(med, steps=6, skip=2)
     assert "| one strong view instead of two | `method.strong_views=1` | 6.00 | 3.00 | 0.75 |" in page
     assert "`method.unlabeled_every=2`" in page
-    assert "steps 3-6" in page and "no setting in ciscr yet" in page
+    assert "`method.mix_source=batch`" in page  # the cheaper pseudo-labelling forward
+    assert "steps 3-6" in page and "no setting in ciscr yet: none." in page
 
 
 def test_readme_suite_time_is_the_measured_one_or_says_it_is_not_measured():

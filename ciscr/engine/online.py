@@ -190,6 +190,7 @@ class OnlineRecipe:
     refresh: int = 50  # bank: recomputed every this many steps
     ohem: tuple[float, int] | None = None  # labeled loss: (thresh, min_kept per image) or CE
     unlabeled_every: int = 1  # the unlabeled branch on every k-th step only (method.unlabeled_every)
+    mix_source: str = "stream"  # stream | batch: the CutMix partner (method.mix_source)
 
 
 def recipe_weights(strong_views: int, fp: bool) -> tuple[float, tuple[float, ...], float]:
@@ -304,7 +305,9 @@ class OnlineStep:
 
     def streams_at(self, it: int) -> tuple[str, ...] | None:
         """The streams step ``it`` reads (the training loop loads only these); None = all."""
-        return ("labeled",) if self.labeled_only(it) else None
+        if self.labeled_only(it):
+            return ("labeled",)
+        return ("labeled", "unlabeled") if self.r.mix_source == "batch" else None
 
     def __call__(self, model: nn.Module, batches: dict[str, dict[str, Any]], it: int):
         r, lb = self.r, batches["labeled"]
@@ -312,17 +315,25 @@ class OnlineStep:
         if self.labeled_only(it):
             loss_l = labeled_loss(model(lb["image"]).logits, lb["mask"], r.ignore_index, r.ohem)
             return r.weight_labeled * loss_l, {"ce_labeled": float(loss_l.detach())}
-        ub, mb = batches["unlabeled"], batches["mix"]
-        with torch.no_grad():  # 1. the mixing images' pseudo labels, eval mode as UniMatch
-            model.eval()
-            out_mix = model(mb["image_w"])
-            model.train()
-        conf_mix, label_mix = confidence_and_label(out_mix.logits)
+        ub = batches["unlabeled"]
+        out_mix = None
+        if r.mix_source == "stream":
+            mb = batches["mix"]
+            with torch.no_grad():  # 1. the mixing images' pseudo labels, eval mode as UniMatch
+                model.eval()
+                out_mix = model(mb["image_w"])
+                model.train()
         out = forward_labeled_and_weak(model, lb["image"], ub["image_w"], r.fp, r.fp_p)  # 2.
         loss_l = labeled_loss(out.logits_l, lb["mask"], r.ignore_index, r.ohem)
         conf_w, label_w = confidence_and_label(out.logits_w)
-        w_w, w_mix = self._pixel_weights(out, lb, (conf_w, label_w, ub["valid"]),
-                                         out_mix, (conf_mix, label_mix, mb["valid"]))
+        protos = self._prototypes(out, lb)
+        w_w = self._weights(conf_w, label_w, ub["valid"], out.features_w.detach(), protos)
+        if out_mix is None:  # mix_source=batch: each image's partner is the one before it
+            mb = {k: v.roll(1, 0) for k, v in ub.items() if k.startswith(("image_s", "valid"))}
+            label_mix, w_mix = label_w.roll(1, 0), w_w.roll(1, 0)
+        else:
+            conf_mix, label_mix = confidence_and_label(out_mix.logits)
+            w_mix = self._weights(conf_mix, label_mix, mb["valid"], out_mix.features, protos)
         strong = torch.cat([cutmix(ub[f"image_s{v}"], mb[f"image_s{v}"], ub[f"box{v}"])
                             for v in range(1, r.strong_views + 1)])
         logits_s = model(strong).logits.chunk(r.strong_views)  # 3. the strong views
@@ -341,19 +352,12 @@ class OnlineStep:
         scalars.update(self._monitor(loss_l, label_w, w_w, ub, r.ignore_index))
         return loss, scalars
 
-    def _pixel_weights(self, out: LabeledAndWeak, lb, weak, out_mix, mix):
-        """Per-pixel weights of the weak and the mixing images (``weak``, ``mix``: their
-        confidence, pseudo label and valid pixels): the confidence mask (class-balanced with
-        ``class_balance``), times (``mask``) or instead of it (``alone``) the CISC weight."""
+    def _prototypes(self, out: LabeledAndWeak, lb) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """CISC's class prototypes for this step (protos (K, C), known (K,)), None without CISC;
+        the memory takes the labeled batch's prototypes first (kept in both sources)."""
         r = self.r
-        (conf_w, label_w, valid_w), (conf_mix, label_mix, valid_mix) = weak, mix
-        w_w = (conf_w >= r.threshold).float()
-        w_mix = (conf_mix >= r.threshold).float()
-        if r.class_balance:
-            w_w = class_balanced(w_w, label_w, valid_w, self.num_classes)
-            w_mix = class_balanced(w_mix, label_mix, valid_mix, self.num_classes)
         if self.memory is None:
-            return w_w, w_mix
+            return None
         sums, counts = batch_prototypes(out.features_l.detach(), lb["mask"],
                                         self.num_classes, r.min_ratio, r.ignore_index)
         # Every process adds its share of the labeled batch: identical memories on all ranks.
@@ -361,12 +365,21 @@ class OnlineStep:
         self.memory.update(sums / counts.clamp_min(1.0).unsqueeze(1), counts > 0)
         protos, known = ((self.memory.protos, self.memory.known) if r.prototype_source == "memory"
                          else self.bank)
-        protos = protos.to(out.features_w.device)
-        c_w = class_weights(out.features_w.detach(), protos, known, label_w)
-        c_mix = class_weights(out_mix.features, protos, known, label_mix)
-        if r.cisc == "alone":
-            return c_w, c_mix
-        return w_w * c_w, w_mix * c_mix
+        return protos.to(out.features_w.device), known
+
+    def _weights(self, conf: torch.Tensor, label: torch.Tensor, valid: torch.Tensor,
+                 features: torch.Tensor, protos) -> torch.Tensor:
+        """Per-pixel weights of unlabeled images (conf, label, valid (B, H, W); features
+        (B, C, h, w)): the confidence mask (class-balanced with ``class_balance``), times
+        (``mask``) or instead of it (``alone``) the CISC weight against ``protos``."""
+        r = self.r
+        w = (conf >= r.threshold).float()
+        if r.class_balance:
+            w = class_balanced(w, label, valid, self.num_classes)
+        if protos is None:
+            return w
+        c = class_weights(features, protos[0], protos[1], label)
+        return c if r.cisc == "alone" else w * c
 
     @staticmethod
     def _monitor(loss_l, label_w, w_w, ub, ignore_index: int) -> dict[str, float]:
