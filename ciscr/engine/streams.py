@@ -155,8 +155,8 @@ def next_batches(loaders: dict[str, Iterator[dict[str, Any]]], device: torch.dev
 
     A stream left out still moves on by one iteration, so every later batch is the one an
     uninterrupted run draws; WHY skip rather than load and drop: a step that needs only the
-    labeled batch (``method.unlabeled_every``) should not pay for augmenting the unlabeled
-    views (loaded in this process, half a CPU second per UniMatch step on CamVid). Worker
+    labeled batch (``method.unlabeled_every``) should not pay for decoding and augmenting
+    the unlabeled views it never reads (in this process, on the training core). Worker
     loaders have the batch on its way already: it is taken and dropped.
     """
     out = {}
