@@ -221,7 +221,9 @@ INTRO = ("Every row from ImageNet on the same labeled split of its seed, val mIo
          "before ciscr kept it, the wait4 sum of the benchmark's invocations; CISC-R's include "
          "its stage 1 (the SupOnly run). Wall time also counts any time the queue was paused "
          "(SIGSTOP while the test suite or CI was timed on the same machine); CPU time does "
-         "not, which is why every comparison uses CPU time.")
+         "not, which is why every comparison uses CPU time. A finished run set aside before its "
+         "retraining started (never for its result) lies in camvid_labels-runs/superseded/, "
+         "never read here; its README says why.")
 
 
 def md_head(runs: dict, cmd: str, judged: bool, iters: int, tgt: list[dict],

@@ -109,25 +109,43 @@ def class_gap_lines(runs: dict, split: int, seeds: list[int], labels: dict[str, 
 
 
 def table_plans(runs: dict, splits: list[int], seeds: list[int], compute: dict) -> list[str]:
-    """Each finished compute run's plan, and whether the runs it rests on (SupOnly at N, the
-    rows it was given, itself) ran on one CPU: the rule's ratio of CPU times holds within one."""
+    """Each finished compute run's plan; whether the runs whose CPU times it divides (SupOnly
+    at N and the rows it was given) ran on one CPU and precision, where the rule's ratio holds;
+    and where the compute run itself ran (its steps are fixed by that ratio: another machine
+    changes its own CPU minutes and, in another precision, its arithmetic, not its steps)."""
     out = ["| split | seed | SupOnly run | given the CPU time of | CPU min given | SupOnly's "
-           "CPU min at N | its iterations | its runs' CPU |", "|---|---|---|---|---|---|---|---|"]
+           "CPU min at N | its iterations | the divided runs' CPU | the run's own CPU |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for split in splits:
         for s in seeds:
             for name in compute:
                 rec = runs.get((split, name, s))
                 plan = read(Path(rec["run_dir"]) / "compute_match.json") if rec else None
                 if plan:
-                    recs = [runs.get((split, r, s)) or {} for r in [name, "suponly", *plan["rows"]]]
-                    cpus = sorted({m for r in recs for m in r.get("machines", [])})
-                    where = ("not recorded" if not all(r.get("machines") for r in recs) else
-                             "one" if len(cpus) == 1 else "MIXED (not matched): " + "; ".join(cpus))
+                    divided = [runs.get((split, r, s)) or {} for r in ["suponly", *plan["rows"]]]
+                    ratio = _where(divided)
+                    own = ("not recorded" if _where([rec]) == "not recorded" else "the same"
+                           if _where([rec, *divided]) == "one" else "; ".join(_cpus([rec])))
                     out.append(f"| {split} | {s} | {name} | {', '.join(plan['rows'])} "
                                f"| {plan['cpu_seconds'] / 60:.1f} "
                                f"| {plan['suponly_cpu_seconds'] / 60:.1f} | {plan['iterations']} "
-                               f"| {where} |")
+                               f"| {ratio} | {own} |")
     return out
+
+
+def _cpus(recs: list[dict]) -> list[str]:
+    """The CPUs (with bf16 support) and precisions ``recs`` recorded, one string each."""
+    return sorted({f"{m}, {'+'.join(r.get('precision') or ['precision not recorded'])}"
+                   for r in recs for m in r.get("machines", [])})
+
+
+def _where(recs: list[dict]) -> str:
+    """'one' where ``recs`` all recorded one CPU in one precision, else which (MIXED: the
+    rule's ratio of CPU times is not matched), or 'not recorded'."""
+    if not all(r.get("machines") for r in recs):
+        return "not recorded"
+    cpus = _cpus(recs)
+    return "one" if len(cpus) == 1 else "MIXED (not matched): " + "; ".join(cpus)
 
 
 def budget_lines(runs: dict, split: int, seeds: list[int], rows: list[str]) -> list[str]:

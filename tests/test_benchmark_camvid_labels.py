@@ -218,7 +218,7 @@ def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
                                                   / "suponly_s0")
     assert "run_dir" not in runs[(2, "suponly")]  # this machine's path, not in the JSON
     plans = md.split("## SupOnly given a row's CPU time")[1].split("\n\n")[1].splitlines()
-    assert plans[2].startswith("| 2 | 0 | suponly_compute |") and plans[2].endswith("| one |")
+    assert plans[2].startswith("| 2 | 0 | suponly_compute |") and plans[2].endswith("| one | the same |")
     assert cl.shown_path(cl.REPO / "docs" / "x") == str(Path("docs") / "x")
     # Rerun: everything is finished (live or archived), nothing trains again.
     before = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("results.json")}
@@ -313,12 +313,24 @@ def test_a_compute_plan_resting_on_runs_of_two_cpus_is_marked(tmp_path):
     (tmp_path / "compute_match.json").write_text(json.dumps({
         "rows": ["unimatch_cisc"], "cpu_seconds": 3600, "suponly_cpu_seconds": 1200,
         "iterations": 1440}))
-    runs = {(12, "suponly_compute", 0): {"run_dir": str(tmp_path), "machines": ["A"]},
-            (12, "suponly", 0): {"machines": ["A"]}, (12, "unimatch_cisc", 0): {"machines": ["B"]}}
-    row = tables.table_plans(runs, [12], [0], {"suponly_compute": None})[2]
-    assert row == "| 12 | 0 | suponly_compute | unimatch_cisc | 60.0 | 20.0 | 1440 | MIXED (not matched): A; B |"
-    runs[(12, "unimatch_cisc", 0)]["machines"] = ["A"]
-    assert tables.table_plans(runs, [12], [0], {"suponly_compute": None})[2].endswith("| one |")
+    a, b = {"machines": ["A"], "precision": ["fp32"]}, {"machines": ["B"], "precision": ["fp32"]}
+    runs = {(12, "suponly_compute", 0): {"run_dir": str(tmp_path), **a},
+            (12, "suponly", 0): dict(a), (12, "unimatch_cisc", 0): dict(b)}
+
+    def row() -> str:
+        return tables.table_plans(runs, [12], [0], {"suponly_compute": None})[2]
+
+    assert row() == ("| 12 | 0 | suponly_compute | unimatch_cisc | 60.0 | 20.0 | 1440 "
+                     "| MIXED (not matched): A, fp32; B, fp32 | A, fp32 |")
+    runs[(12, "unimatch_cisc", 0)] = dict(a)
+    assert row().endswith("| one | the same |")
+    # The compute run itself elsewhere (a later session's machine): its steps still hold.
+    runs[(12, "suponly_compute", 0)].update(machines=["B"], precision=["bf16"])
+    assert row().endswith("| one | B, bf16 |")
+    runs[(12, "suponly", 0)]["precision"] = ["bf16"]  # one CPU, two precisions: not matched
+    assert "| MIXED (not matched): A, bf16; A, fp32 |" in row()
+    del runs[(12, "suponly", 0)]["machines"]
+    assert "| not recorded |" in row()
 
 
 def test_the_per_class_gaps_to_supOnly_at_the_same_cpu_time_by_hand():
