@@ -10,6 +10,7 @@ archived under ``docs/results/camvid_labels-runs/``).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -83,13 +84,23 @@ def collect(rd: Path, split: int, row: str, seed: int) -> dict[str, Any]:
     cost = run_cost(rd)
     machines = [json.loads(x) for x in (rd / "machine.jsonl").read_text().splitlines()
                 if x.strip()] if (rd / "machine.jsonl").exists() else []
-    iterations, evals = 0, []
-    for st in [s for s in res["stages"] if s in TRAIN_STAGES]:
-        recs = read_jsonl(rd / st / "train.jsonl") if (rd / st / "train.jsonl").exists() else []
-        evals += [(iterations + r["iteration"], r["val_miou"]) for r in recs if "val_miou" in r]
-        iterations += max((r["iteration"] for r in recs), default=0)
+    iterations, evals, cpu_at = 0, [], []
+    cpu_before = 0.0  # CPU seconds of the stages before this one (None: one is not known)
+    for st, info in res["stages"].items():
+        stage_cpu = info.get("cpu_seconds") if isinstance(info, dict) else None
+        if st in TRAIN_STAGES:
+            recs = read_jsonl(rd / st / "train.jsonl") if (rd / st / "train.jsonl").exists() else []
+            its = max((r["iteration"] for r in recs), default=0)
+            for r in recs:
+                if "val_miou" in r:
+                    evals.append((iterations + r["iteration"], r["val_miou"]))
+                    cpu_at.append(None if cpu_before is None or stage_cpu is None or not its else
+                                  (cpu_before + stage_cpu * r["iteration"] / its) / 60)
+            iterations += its
+        cpu_before = None if cpu_before is None or stage_cpu is None else cpu_before + stage_cpu
     if not evals or evals[-1][0] != iterations:  # the final evaluation (the last checkpoint)
         evals.append((iterations, final["miou"]))
+        cpu_at.append(None if cpu_before is None else cpu_before / 60)
     return {"row": row, "seed": seed, "labeled": int(split), "val_miou": final["miou"],
             "iou": final["iou"], "class_names": final.get("class_names"),
             "iterations": iterations, **cost,
@@ -97,6 +108,9 @@ def collect(rd: Path, split: int, row: str, seed: int) -> dict[str, Any]:
             "machines": sorted({f"{m['machine']} (bf16 {'native' if m['bf16_native'] else 'emulated'})"
                                 for m in machines}),
             "evals": evals, "run_dir": str(rd),
+            # Each evaluation's CPU minutes, stage by stage (a stage's CPU spread over its own
+            # iterations; pseudo-labelling and selection between stages): the figure's x.
+            "evals_cpu_minutes": cpu_at if None not in cpu_at else None,
             "diagnostics": read(rd / "label_diagnostics.json"), "monitor": online_monitor(rd),
             "config": {k: read_yaml(rd / "config.yaml").get("train", {}).get(k)
                        for k in ("epochs", "unlabeled_epochs", "iters_per_epoch", "amp")}}
@@ -196,6 +210,28 @@ def compute_row_of(runs: dict, split: int, row: str, seed: int) -> str:
         if rec and row in (read(Path(rec["run_dir"]) / "compute_match.json") or {}).get("rows", []):
             return name
     return f"suponly_compute_{row}"
+
+
+def nearest_steps(runs: dict, split: int, row: str, seeds: list[int]) -> tuple[list, list]:
+    """Per seed, the SupOnly run (any ``suponly*`` row: N, the curve, the CPU-time runs) whose
+    iterations are nearest ``row``'s (by ratio; the fewer on a tie), picked by steps alone,
+    never by mIoU: (its mIoU per seed, its iterations per seed), None where either is missing.
+    WHY: CISC-R trains 3N in all, so "SupOnly at N" compares 3N steps with N; this is the
+    comparison at about equal steps."""
+    out_m, out_i = [], []
+    for s in seeds:
+        r = runs.get((split, row, s))
+        sup = [v for (k, name, seed), v in runs.items()
+               if k == split and seed == s and name.startswith("suponly")]
+        if not r or not sup:
+            out_m.append(None)
+            out_i.append(None)
+            continue
+        best = min(sup, key=lambda v: (abs(math.log(v["iterations"] / r["iterations"])),
+                                       v["iterations"]))
+        out_m.append(best["val_miou"])
+        out_i.append(best["iterations"])
+    return out_m, out_i
 
 
 def compute_vals(runs: dict, split: int, row: str, seeds: list[int]) -> list[float | None]:

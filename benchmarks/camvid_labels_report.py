@@ -10,6 +10,7 @@ archived under ``docs/results/camvid_labels-runs/``).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shlex
 import statistics
@@ -24,6 +25,7 @@ from camvid_labels_records import (
     curve_points,
     iterations_of,
     machines,
+    nearest_steps,
     stages_in_all,
     vals,
 )
@@ -159,7 +161,7 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
            f"{len(seeds)} seeds so far), the best semi-supervised row here (by mean mIoU), "
            f"{labels[best]}"
            f"{stages}, {'gains' if d > 0 else 'does not gain'} over SupOnly at N steps "
-           f"({d_txt} mIoU points). "]
+           f"({d_txt} mIoU points{steps_matched(runs, small, best, seeds)}). "]
     per_cpu = {r: paired(vals(runs, small, r, seeds), compute_vals(runs, small, r, seeds))
                for r in per_step}
     measured = {r: v for r, v in per_cpu.items() if v[0] is not None}
@@ -179,9 +181,33 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
                "longer before paying for an unlabeled branch")
     gain = gain_per_doubling(curve_points(runs, small, seeds[0], curve))
     out.append(f" (SupOnly's two longest runs, {gain[1]} and {gain[2]} iterations, seed 0: "
-               f"{100 * gain[0]:+.2f} points per doubling of steps); use the unlabeled images "
-               "once more steps stop paying." if gain else ".")
+               f"{100 * gain[0]:+.2f} points per doubling of steps); whether the unlabeled "
+               "images pay once more steps stop paying is not measured here." if gain else ".")
     return "".join(out)
+
+
+def steps_matched(runs: dict, split: int, row: str, seeds: list[int]) -> str:
+    """For a row that trains more than N in all (CISC-R: 3 stages of N), ", <d> against the
+    SupOnly run nearest its steps (<its> iterations)" (``nearest_steps``); "" otherwise."""
+    if stages_in_all(runs, split, row) is None:
+        return ""
+    sup, its = nearest_steps(runs, split, row, seeds)
+    d, d_txt = paired(vals(runs, split, row, seeds), sup)
+    if d is None:
+        return ""
+    shown = " / ".join("n/a" if i is None else str(i) for i in its)
+    return (f"; it trains {stages_in_all(runs, split, row)} iterations in all, and against the "
+            f"SupOnly run nearest that many steps at each seed ({shown} iterations) it is "
+            f"{d_txt}")
+
+
+def superseded_lines(archive: Path) -> list[str]:
+    """The finished runs set aside under ``archive``/superseded/ (never read by the tables),
+    each with its mIoU, so a reader can compare it with the run that replaced it."""
+    got = sorted((archive / "superseded").glob("l*/*/results.json"))
+    return [f"- set aside, not in the tables: `{p.parent.parent.name}/{p.parent.name}`, val mIoU "
+            f"{fmt(json.loads(p.read_text())['final_metrics']['miou'])} (why: "
+            f"{archive.name}/superseded/README.md)" for p in got]
 
 
 def gain_per_doubling(points: list[tuple]) -> tuple[float, int, int] | None:
@@ -227,7 +253,7 @@ INTRO = ("Every row from ImageNet on the same labeled split of its seed, val mIo
 
 
 def md_head(runs: dict, cmd: str, judged: bool, iters: int, tgt: list[dict],
-            tip: str, labels: dict[str, str]) -> list[str]:
+            tip: str, labels: dict[str, str], notes: list[str]) -> list[str]:
     """The page's title, command, protocol and machines, then the targets and the advice."""
     return [f"# CamVid protocol 4: the label curve{'' if judged else ' (NOT the protocol)'}", "",
             f"Command: `{cmd}` (resumable; `--report-only` rewrites this page). Generated "
@@ -237,7 +263,7 @@ def md_head(runs: dict, cmd: str, judged: bool, iters: int, tgt: list[dict],
             *[f"- {m}" for m in machines(runs)], "",
             *[f"- CPU time of `l{k[0]}/{k[1]}_s{k[2]}`: {r['cpu_source']}" for k, r in
               sorted(runs.items()) if not r["cpu_source"].startswith(("wait4", "ciscr's own"))],
-            "", "## Targets", "", *[target_line(t, labels) for t in tgt], "",
+            *notes, "", "## Targets", "", *[target_line(t, labels) for t in tgt], "",
             "## When it pays (the sentence README gives users, written from the figures below)",
             "", tip, ""]
 
@@ -280,7 +306,11 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
     small = min(splits)
     options = ["suponly", "unimatch_cisc", *spec["levers"], "ciscr", "ciscr_fresh", "fixmatch",
                "stpp"]
-    md = [*md_head(runs, cmd, judged, spec["iters"], tgt, tip, labels),
+    notes = superseded_lines(out / f"{args.name}-runs")
+    if (matched := steps_matched(runs, small, "ciscr", seeds)):
+        notes.append(f"- {labels['ciscr']} at about equal steps: {matched[2:]} (the CISC-R "
+                     "target below is at SupOnly's N, as the issue sets it).")
+    md = [*md_head(runs, cmd, judged, spec["iters"], tgt, tip, labels, notes),
           *md_splits(runs, splits, seeds, order, labels),
           "## Options (seed 0, the smallest split)", "",
           *table_split(runs, small, options, seeds[:1], labels), "",

@@ -30,7 +30,8 @@ from camvid_report import (
 def table_split(runs: dict, split: int, rows: list[str], seeds: list[int],
                 labels: dict[str, str]) -> list[str]:
     out = [f"| {split} labels | val mIoU, mean ± std | per seed | minus SupOnly (paired ± SE) "
-           "| minus SupOnly at its CPU time | iterations | CPU min | wall min | precision |",
+           "| minus SupOnly given this row's CPU time | iterations (per seed where they differ) "
+           "| CPU min | wall min | precision |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         xs = vals(runs, split, r, seeds)
@@ -41,11 +42,13 @@ def table_split(runs: dict, split: int, rows: list[str], seeds: list[int],
         per = " / ".join(fmt(x) for x in xs)
         _, d_sup = paired(xs, vals(runs, split, "suponly", seeds))
         _, d_cmp = paired(xs, compute_vals(runs, split, r, seeds))
-        cost = {k: mean_std([g[k] for g in got])[0] for k in ("iterations", "cpu_minutes",
-                                                               "wall_minutes")}
+        cost = {k: mean_std([g[k] for g in got])[0] for k in ("cpu_minutes", "wall_minutes")}
+        its = sorted({g["iterations"] for g in got})  # per seed where they differ: no mean
+        its_txt = " / ".join(str(runs[(split, r, s)]["iterations"]) if runs.get((split, r, s))
+                             else "n/a" for s in seeds) if len(its) > 1 else str(its[0])
         prec = ", ".join(sorted({p for g in got for p in g["precision"]})) or "n/a"
         out.append(f"| {labels[r]} | {fmt(m, sd)} | {per} | {d_sup if r != 'suponly' else ''} "
-                   f"| {d_cmp if r in SSL else ''} | {_num(cost['iterations'])} "
+                   f"| {d_cmp if r in SSL else ''} | {its_txt} "
                    f"| {_num(cost['cpu_minutes'], 1)} | {_num(cost['wall_minutes'], 1)} | {prec} |")
     return out
 
@@ -109,13 +112,14 @@ def class_gap_lines(runs: dict, split: int, seeds: list[int], labels: dict[str, 
 
 
 def table_plans(runs: dict, splits: list[int], seeds: list[int], compute: dict) -> list[str]:
-    """Each finished compute run's plan; whether the runs whose CPU times it divides (SupOnly
+    """Each finished compute run's plan, the CPU time it then used (its steps are fixed by the
+    plan; their cost varies run to run by several percent on one machine); whether the runs whose CPU times it divides (SupOnly
     at N and the rows it was given) ran on one CPU and precision, where the rule's ratio holds;
     and where the compute run itself ran (its steps are fixed by that ratio: another machine
     changes its own CPU minutes and, in another precision, its arithmetic, not its steps)."""
     out = ["| split | seed | SupOnly run | given the CPU time of | CPU min given | SupOnly's "
-           "CPU min at N | its iterations | the divided runs' CPU | the run's own CPU |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "CPU min at N | its iterations | CPU min it used | the divided runs' CPU "
+           "| the run's own CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for split in splits:
         for s in seeds:
             for name in compute:
@@ -129,7 +133,7 @@ def table_plans(runs: dict, splits: list[int], seeds: list[int], compute: dict) 
                     out.append(f"| {split} | {s} | {name} | {', '.join(plan['rows'])} "
                                f"| {plan['cpu_seconds'] / 60:.1f} "
                                f"| {plan['suponly_cpu_seconds'] / 60:.1f} | {plan['iterations']} "
-                               f"| {ratio} | {own} |")
+                               f"| {_num(rec.get('cpu_minutes'), 1)} | {ratio} | {own} |")
     return out
 
 
@@ -148,6 +152,9 @@ def _where(recs: list[dict]) -> str:
     return "one" if len(cpus) == 1 else "MIXED (not matched): " + "; ".join(cpus)
 
 
+BUDGET_MIN = 150  # the issue's wall minutes for one (split, seed) of main rows on 2 cores
+
+
 def budget_lines(runs: dict, split: int, seeds: list[int], rows: list[str]) -> list[str]:
     """Per seed, what its finished main and compute runs cost together against the issue's
     budget (one (split, seed) of main rows in <= 150 minutes of wall, two runs at a time on 2
@@ -161,9 +168,11 @@ def budget_lines(runs: dict, split: int, seeds: list[int], rows: list[str]) -> l
             continue
         cpu = sum(cpus)
         wall = sum(own_minutes(runs, (split, r, s), "wall_minutes") or 0.0 for r in got)
+        verdict = ("within it" if cpu / 2 <= BUDGET_MIN else
+                   f"OVER it by {cpu / 2 - BUDGET_MIN:.0f} min even at best")
         out.append(f"- seed {s} ({', '.join(got)}): {cpu:.0f} CPU min, {cpu / 2:.0f} min of "
                    f"wall on 2 cores at best; measured wall / 2: {wall / 2:.0f} min "
-                   f"(the issue's budget: 150)")
+                   f"(the issue's budget: {BUDGET_MIN}; {verdict})")
     return out
 
 
@@ -247,8 +256,9 @@ def break_even_lines(runs: dict, split: int, seed: int, curve: dict,
         if not r or r.get("cpu_minutes") is None:
             continue
         cpu, how = break_even(pts, r["val_miou"])
-        got = (f"SupOnly's curve reaches that at about {cpu:.1f} CPU min ({how}): the row pays "
-               f"per CPU hour at {cpu / r['cpu_minutes']:.2f} x its measured cost or less"
+        got = (f"SupOnly's curve reaches that at about {cpu:.1f} CPU min ({how}): to break "
+               f"even per CPU hour the row would have to cost {cpu / r['cpu_minutes']:.2f} x its "
+               f"measured CPU time or less (<= {cpu:.1f} CPU min) at the same mIoU"
                if cpu is not None else f"SupOnly's curve does not reach it ({how})")
         out.append(f"- {labels[row]}: {fmt(r['val_miou'])} at {r['cpu_minutes']:.1f} CPU min; "
                    + got)
@@ -269,7 +279,9 @@ def lever_costs_line(levers_json: Path, lever_overrides: list[list[str]]) -> str
                                                                          key=lambda kv: kv[1]))
     return (f"Section 2's levers, one setting each, cost per step as a share of a UniMatch + CISC "
             f"step ({levers_json.name}, `python benchmarks/camvid_levers.py`): {each}; what "
-            "each does to mIoU is its option row.")
+            "each does to mIoU is its option row. These are per step; a run's ratio is higher "
+            "(its evaluations, the bank's refresh and pseudo-labelling do not shrink), so compare "
+            "a lever's whole run, its option row, with the break-even shares above.")
 
 
 def table_curve(points: list[tuple]) -> list[str]:
@@ -330,18 +342,22 @@ def pct(xs: list[float | None]) -> str:
 
 def table_taught(runs: dict, split: int, rows: list[str], seeds: list[int],
                  labels: dict[str, str]) -> list[str]:
-    """Per class: the pool's share, then each diagnosed row's pseudo-label IoU and the share of
-    the class its unlabeled loss would teach right (passed the mask and right), in percent."""
+    """Per class: the pool's share, then each diagnosed row's pseudo-label IoU, the share of
+    the class its unlabeled loss would teach right (passed the mask and right), and how often
+    the pixels labelled as the class that pass the mask are right (n/a: none passed), in
+    percent."""
     diag = _diagnosed(runs, split, rows, seeds)
     if not diag:
         return []
     names = next(iter(diag.values()))[0]["classes"]
     out = ["| class | share of the pool | " + " | ".join(
-        f"{labels[r]}: IoU / taught" for r in diag) + " |", "|---|---|" + "---|" * len(diag)]
+        f"{labels[r]}: IoU / taught / right where passed" for r in diag) + " |",
+        "|---|---|" + "---|" * len(diag)]
     for k, name in enumerate(names):
         share = pct([d["per_class"]["gt_share"][k] for v in diag.values() for d in v])
-        cells = [f"{pct([d['per_class']['pseudo_iou'][k] for d in v])} / "
-                 f"{pct([d['per_class']['taught'][k] for d in v])}" for v in diag.values()]
+        cells = [" / ".join(pct([d["per_class"].get(key, [None] * len(names))[k] for d in v])
+                            for key in ("pseudo_iou", "taught", "mask_precision"))
+                 for v in diag.values()]
         out.append(f"| {name} | {share} | " + " | ".join(cells) + " |")
     return out
 
@@ -365,7 +381,8 @@ def diagnostic_findings(runs: dict, split: int, rows: list[str], seeds: list[int
 
     def cls(r: str, key: str, k: int) -> float | None:
         """Row r's mean over its seeds (a ratio with a zero denominator, None, left out)."""
-        got = [x for d in diag[r] if (x := d["per_class"][key][k]) is not None]
+        got = [x for d in diag[r] if key in d["per_class"]
+               and (x := d["per_class"][key][k]) is not None]
         return statistics.fmean(got) if got else None
 
     def over_rows(key: str, k: int) -> str:
@@ -394,8 +411,13 @@ def diagnostic_findings(runs: dict, split: int, rows: list[str], seeds: list[int
                    f"{', '.join(names[k] for k in starved)}, {share:.1f} % of the pool's pixels; "
                    f"their pseudo-label IoU is at most {best:.1f} in any row{split_iou}.")
     right, passed = span(lambda d: d["mask_precision"]), span(lambda d: d["mask_ratio"])
+    worst = min(((x, names[k]) for k in range(len(names)) for r in diag
+                 if (x := cls(r, "mask_precision", k)) is not None), default=None)
+    low = "" if worst is None else (
+        f" That is pixel-weighted, so the large classes set it; per class (the pixels labelled "
+        f"as it that pass) it falls to {100 * worst[0]:.1f} % ({worst[1]}) in the worst row.")
     out.append(f"- Where pixels pass the mask their labels are right {right} % of the time; "
-               f"{passed} % of the pool's pixels pass (the range over the rows).")
+               f"{passed} % of the pool's pixels pass (the range over the rows).{low}")
     conf, cisc = (span(lambda d, n=n: d["auroc"][n], 1.0, 3) for n in ("confidence", "cisc"))
     worse = sum(statistics.fmean(d["auroc"]["cisc"] for d in v)
                 < statistics.fmean(d["auroc"]["confidence"] for d in v) for v in diag.values())
@@ -414,7 +436,9 @@ def md_diagnostics(runs: dict, splits: list[int], seeds: list[int], rows: list[s
     for split in splits:
         md += [f"{split} labels:", "", *table_diagnostics(runs, split, rows, seeds, labels), ""]
     md += [f"Per class at {min(splits)} labels (pseudo-label IoU / share of the class's "
-                 "pixels that pass the mask and are right), mean over the seeds diagnosed:", "",
+                 "pixels that pass the mask and are right / share of the pixels labelled as the "
+                 "class that pass the mask and are right, n/a where none pass), mean over the "
+                 "seeds diagnosed:", "",
                  *table_taught(runs, min(splits), ["suponly", *SSL], seeds, labels), ""]
     for split in splits:
         found = diagnostic_findings(runs, split, SSL, seeds)
@@ -436,24 +460,32 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
     color = {r: f"C{i}" for i, r in enumerate(["suponly", *SSL, "suponly_compute", "ciscr_fresh",
                                                 "fixmatch", "stpp"])}
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in ["suponly", *SSL, "suponly_compute"]:
+    rows0 = ["suponly", *SSL, "suponly_compute"]
+    for i, r in enumerate(rows0):
+        # Each row a little to the side (log x: the same nudge at every split), so the error
+        # bars of rows at one split do not hide each other.
+        nudge = 1 + 0.025 * (i - (len(rows0) - 1) / 2)
         pts = [(k, *mean_std(vals(runs, k, r, seeds))) for k in sorted(splits)]
         pts = [(k, m, sd or 0.0) for k, m, sd in pts if m is not None]
         # The seeds behind each mean, per split: rows finish seeds at different times.
         n = "/".join(str(sum(v is not None for v in vals(runs, k, r, seeds))) for k, *_ in pts)
         if pts:
-            ax[0].errorbar([p[0] for p in pts], [100 * p[1] for p in pts],
+            ax[0].errorbar([p[0] * nudge for p in pts], [100 * p[1] for p in pts],
                            yerr=[100 * p[2] for p in pts], marker="o", capsize=3,
                            label=f"{labels[r]} (seeds: {n})", color=color[r])
-    ax[0].set(xlabel="labeled images", ylabel="val mIoU (%), mean ± std over seeds",
-              title="CamVid: the label curve")
+    ax[0].set(xlabel="labeled images (log scale; rows nudged apart)",
+              ylabel="val mIoU (%), mean ± std over seeds", title="CamVid: the label curve",
+              xscale="log", xticks=sorted(splits), xticklabels=[str(k) for k in sorted(splits)],
+              xlim=(min(splits) / 1.25, max(splits) * 1.25))
+    ax[0].minorticks_off()
     small = min(splits)
     for r in [*SSL, "ciscr_fresh", "fixmatch", "stpp"]:
         for s, style in zip(seeds, ["-", ":", "-.", "--"] * len(seeds), strict=False):
             rec = runs.get((small, r, s))
             if rec and rec["evals"] and rec["cpu_minutes"]:
                 per_it = rec["cpu_minutes"] / rec["iterations"]
-                ax[1].plot([it * per_it for it, _ in rec["evals"]],
+                xs = rec.get("evals_cpu_minutes") or [it * per_it for it, _ in rec["evals"]]
+                ax[1].plot(xs,
                            [100 * m for _, m in rec["evals"]], marker=".", alpha=0.8,
                            color=color[r], linestyle=style, label=f"{labels[r]} s{s}")
     for i, s in enumerate(seeds):
@@ -475,8 +507,10 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
     plt.close(fig)
     png.with_suffix(".tmp.png").replace(png)
     return [f"![label curve and CPU time]({png.name})",
-            "", "Right panel: a run's evaluations are placed at CPU minutes = its measured CPU "
-            "time x the share of its iterations done (pseudo-labelling and evaluations spread "
-            "evenly: an approximation); the black lines (one line style and marker per seed) are "
+            "", "Right panel: a run's evaluations are placed stage by stage at the CPU minutes "
+            "of the stages before (pseudo-labelling and selection included) plus the stage's "
+            "own CPU time x the share of its iterations done (its evaluations spread evenly "
+            "over it: an approximation; a run without a per-stage CPU record spreads its whole "
+            "CPU time over its iterations); the black lines (one line style and marker per seed) are "
             "SupOnly's curve from the last checkpoints of whole runs, each with its own "
             "learning-rate schedule."]

@@ -142,6 +142,12 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
     # +4 points over log2(1.5) doublings = +6.84 per doubling.
     assert "train SupOnly longer" in later and "960 and 1440 iterations, seed 0: +6.84 points " \
         "per doubling of steps" in later
+    # CISC-R's 1440 steps against the SupOnly run nearest them (the compute row's 1440: 0.50).
+    assert "; it trains 1440 iterations in all, and against the SupOnly run nearest that many " \
+        "steps at each seed (1440 / n/a / n/a iterations) it is -1.00 (n=1))" in \
+        rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
+    assert later.endswith("whether the unlabeled images pay once more steps stop paying is not "
+                          "measured here.")
     assert rep.gain_per_doubling([(480, 0.4, 1.0)]) is None
     gain, short, long = rep.gain_per_doubling([(240, 0.3, 0.5), (480, 0.4, 1.0), (1920, 0.5, 4.0)])
     assert (short, long) == (480, 1920) and abs(gain - 0.05) < 1e-12  # +10 over 2 doublings
@@ -212,6 +218,10 @@ def test_the_whole_queue_on_tiny_data_and_its_report(tmp_path):
     assert diag["images"] == 8 and diag["stage"] == "online" and 0 <= diag["taught"] <= 1
     assert runs[(2, "unimatch")]["diagnostics"] == diag
     assert "| UniMatch (1) |" in md.split("## Diagnostics")[1]
+    taught = next(ln for ln in md.splitlines() if ln.startswith("| class | share of the pool"))
+    assert "| UniMatch: IoU / taught / right where passed |" in taught
+    assert all(len(r["evals_cpu_minutes"]) == len(r["evals"]) for r in rec["runs"]
+               if r["row"] in ("ciscr", "unimatch"))  # placed stage by stage
     assert (tmp_path / "out" / "camvid_labels-runs" / "l2" / "suponly_s0" / "results.json").exists()
     # The JSON points at the archived (committed) copy, not at runs/.
     assert runs[(2, "suponly")]["archive"] == str(tmp_path / "out" / "camvid_labels-runs" / "l2"
@@ -274,6 +284,17 @@ def test_the_diagnostic_findings_by_hand():
     assert lines[0].endswith("in every row): pole, 4.0 % of the pool's pixels; their "
                              "pseudo-label IoU is at most 20.0 in any row.")
     assert "right 97.0-97.0 % of the time; 65.0-80.0 % of the pool's pixels pass" in lines[1]
+    assert lines[1].endswith("pass (the range over the rows).")  # no per-class record: no more
+    for k, mp in zip([(12, "unimatch", 0), (12, "unimatch", 1), (12, "ciscr", 0)],
+                     [[0.99, None, 0.9], [0.97, None, 0.5], [0.98, 0.6, 0.95]], strict=True):
+        runs[k]["diagnostics"]["per_class"]["mask_precision"] = mp
+    # unimatch's car: mean of 0.9 and 0.5 = 0.7 (pole: none passed there, left out); ciscr's
+    # pole 0.6 is the worst of any row's class means.
+    assert tables.diagnostic_findings(runs, 12, ["unimatch", "ciscr"], [0, 1])[1].endswith(
+        "per class (the pixels labelled as it that pass) it falls to 60.0 % (pole) in the worst "
+        "row.")
+    for k in runs:
+        del runs[k]["diagnostics"]["per_class"]["mask_precision"]
     assert lines[2].endswith("the confidence 0.800-0.870, the CISC weight 0.800-0.850; the "
                              "CISC weight separates less well than the confidence in 1 of 2 rows.")
     assert tables.diagnostic_findings(runs, 46, ["unimatch"], [0]) == []
@@ -320,8 +341,10 @@ def test_a_compute_plan_resting_on_runs_of_two_cpus_is_marked(tmp_path):
     def row() -> str:
         return tables.table_plans(runs, [12], [0], {"suponly_compute": None})[2]
 
-    assert row() == ("| 12 | 0 | suponly_compute | unimatch_cisc | 60.0 | 20.0 | 1440 "
+    assert row() == ("| 12 | 0 | suponly_compute | unimatch_cisc | 60.0 | 20.0 | 1440 | n/a "
                      "| MIXED (not matched): A, fp32; B, fp32 | A, fp32 |")
+    runs[(12, "suponly_compute", 0)]["cpu_minutes"] = 57.25  # what the run then used
+    assert "| 1440 | 57.2 | MIXED" in row()
     runs[(12, "unimatch_cisc", 0)] = dict(a)
     assert row().endswith("| one | the same |")
     # The compute run itself elsewhere (a later session's machine): its steps still hold.
@@ -394,7 +417,11 @@ def test_a_seeds_cost_against_the_budget_counts_the_shared_stage_1_once():
     (line,) = tables.budget_lines(runs, 12, [0, 1], ["suponly", "unimatch", "ciscr"])
     # (20 + 60 + 90 - 20) = 150 CPU min -> 75 min on 2 cores; wall (30 + 80 + 110 - 30) / 2 = 95
     assert line.startswith("- seed 0 (suponly, unimatch, ciscr): 150 CPU min, 75 min")
-    assert "measured wall / 2: 95 min" in line
+    assert "measured wall / 2: 95 min" in line and line.endswith("(the issue's budget: 150; "
+                                                                 "within it)")
+    runs[(12, "unimatch", 0)]["cpu_minutes"] = 300.0  # 390 CPU min: 195 min at best
+    (line,) = tables.budget_lines(runs, 12, [0, 1], ["suponly", "unimatch", "ciscr"])
+    assert line.endswith("(the issue's budget: 150; OVER it by 45 min even at best)")
 
 
 def test_the_queued_runs_are_estimated_from_the_measured_ones():
@@ -424,7 +451,7 @@ def test_break_even_reads_the_cpu_time_off_supOnlys_curve_by_hand():
             (12, "suponly_2n", 0): {"iterations": 960, "val_miou": 0.50, "cpu_minutes": 40.0},
             (12, "unimatch", 0): {"val_miou": 0.45, "cpu_minutes": 60.0}}
     (line,) = tables.break_even_lines(runs, 12, 0, {"suponly_2n": 2}, {"unimatch": "UniMatch"})
-    assert "about 30.0 CPU min" in line and "at 0.50 x its measured cost or less" in line
+    assert "about 30.0 CPU min" in line and "would have to cost 0.50 x its measured CPU time or less (<= 30.0 CPU min)" in line
 
 
 def test_the_lever_costs_line_reads_the_levers_benchmark(tmp_path):
@@ -448,3 +475,57 @@ def test_bad_paths_stop_the_queue_with_one_line_before_any_run(tmp_path, capsys)
         assert exit_.value.code == 2
         assert f"{flag} {value}: {says}" in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_supOnly_run_nearest_a_rows_steps_is_picked_by_steps_alone():
+    def rec(m, it):
+        return {"val_miou": m, "iterations": it}
+
+    runs = {(12, "ciscr", 0): rec(0.5, 1440), (12, "suponly", 0): rec(0.4, 480),
+            (12, "suponly_compute", 0): rec(0.45, 1260),  # |log(1260/1440)| = 0.134
+            (12, "suponly_compute_ciscr", 0): rec(0.6, 1680),  # |log(1680/1440)| = 0.154
+            (12, "unimatch", 0): rec(0.9, 1440),  # not a SupOnly row: never the reference
+            (12, "ciscr", 1): rec(0.5, 1440), (12, "suponly_0.5n", 1): rec(0.3, 720),
+            (12, "suponly_2n", 1): rec(0.35, 2880),  # a tie by ratio: the fewer steps
+            (12, "ciscr", 2): rec(0.5, 1440)}  # no SupOnly run at seed 2
+    assert records.nearest_steps(runs, 12, "ciscr", [0, 1, 2]) == ([0.45, 0.3, None],
+                                                                   [1260, 720, None])
+    runs[(12, "suponly", 2)] = rec(0.2, 480)
+    runs.update({(12, "suponly", s): rec(0.4, 480) for s in (0, 1)})
+    line = rep.steps_matched(runs, 12, "ciscr", [0, 1, 2])
+    assert line.startswith("; it trains 1440 iterations in all, and against the SupOnly run "
+                           "nearest that many steps at each seed (1260 / 720 / 480 iterations)")
+    runs[(12, "unimatch", 0)]["iterations"] = 480  # N, as SupOnly: equal steps, no line
+    assert rep.steps_matched(runs, 12, "unimatch", [0, 1, 2]) == ""
+
+
+def test_a_set_aside_run_is_listed_with_its_result(tmp_path):
+    rd = tmp_path / "camvid_labels-runs" / "superseded" / "l12" / "suponly_s2"
+    rd.mkdir(parents=True)
+    (rd / "results.json").write_text(json.dumps({"final_metrics": {"miou": 0.43}}))
+    assert rep.superseded_lines(tmp_path / "camvid_labels-runs") == [
+        "- set aside, not in the tables: `l12/suponly_s2`, val mIoU 43.00 (why: "
+        "camvid_labels-runs/superseded/README.md)"]
+    assert rep.superseded_lines(tmp_path / "elsewhere") == []
+
+
+def test_evaluations_are_placed_at_the_cpu_time_of_their_stage(tmp_path):
+    # Stage 1 (copied, 600 CPU s, 4 iterations), pseudo-labelling (120 s), stage 2 (240 s).
+    rd = tmp_path / "ciscr_s0"
+    for st, its in (("stage1", 4), ("stage2", 4)):
+        (rd / st).mkdir(parents=True)
+        (rd / st / "train.jsonl").write_text("".join(
+            json.dumps({"iteration": i, **({"val_miou": i / 10} if i % 2 == 0 else {})}) + "\n"
+            for i in range(1, its + 1)))
+    (rd / "results.json").write_text(json.dumps({
+        "final_metrics": {"miou": 0.5, "iou": [0.5]}, "cpu_seconds": 960.0,
+        "stages": {"stage1": {"cpu_seconds": 600.0}, "pseudo0": {"cpu_seconds": 120.0},
+                   "stage2": {"cpu_seconds": 240.0}}}))
+    rec = records.collect(rd, 12, "ciscr", 0)
+    assert rec["evals"] == [(2, 0.2), (4, 0.4), (6, 0.2), (8, 0.4)]
+    # minutes: 300 s, 600 s; then 720 + 120, 720 + 240 s
+    assert rec["evals_cpu_minutes"] == [5.0, 10.0, 14.0, 16.0]
+    res = json.loads((rd / "results.json").read_text())
+    del res["stages"]["pseudo0"]["cpu_seconds"]  # a stage without its CPU: no placement
+    (rd / "results.json").write_text(json.dumps(res))
+    assert records.collect(rd, 12, "ciscr", 0)["evals_cpu_minutes"] is None
