@@ -135,7 +135,7 @@ def headline(runs: dict, splits: list[int], seeds: list[int], cmd: str,
     if not parts:
         return f"CamVid label curve: no semi-supervised row finished yet (`{cmd}`)."
     return (f"CamVid label curve, {small} labeled images, mIoU points over SupOnly, paired by "
-            f"seed (n: the seeds of {len(seeds)} finished for both): {'; '.join(parts)} "
+            f"seed (n = the seeds, of {len(seeds)}, finished for both rows): {'; '.join(parts)} "
             f"(`{cmd}`; docs/results/camvid_labels.md).")
 
 
@@ -208,6 +208,24 @@ def superseded_lines(archive: Path) -> list[str]:
     return [f"- set aside, not in the tables: `{p.parent.parent.name}/{p.parent.name}`, val mIoU "
             f"{fmt(json.loads(p.read_text())['final_metrics']['miou'])} (why: "
             f"{archive.name}/superseded/README.md)" for p in got]
+
+
+def curve_end(points: list[tuple], queued: list[tuple[int, int, str]]) -> str:
+    """Whether SupOnly's curve reached the issue's end (a doubling of its steps gains under a
+    point, between its two longest runs), and if not, whether a longer run is still queued."""
+    gain = gain_per_doubling(points)
+    if gain is None:
+        return "Where the curve ends: fewer than two SupOnly run lengths finished."
+    more = [row for _, _, row in queued if row == "suponly_8n"]
+    if gain[0] < 0.01:
+        return (f"The curve has reached the issue's end: between its two longest runs ({gain[1]} "
+                f"and {gain[2]} iterations) a doubling gains {100 * gain[0]:+.2f} points, under "
+                "one.")
+    return (f"The curve has not reached the issue's end (a doubling gaining under a point): "
+            f"between its two longest runs ({gain[1]} and {gain[2]} iterations) a doubling still "
+            f"gains {100 * gain[0]:+.2f} points; "
+            + ("SupOnly at 8N is queued (after the 46-label seeds)." if more else
+               "no longer run is queued: the budget stopped it here."))
 
 
 def gain_per_doubling(points: list[tuple]) -> tuple[float, int, int] | None:
@@ -319,6 +337,7 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
           *md_diagnostics(runs, splits, seeds, [*order, *options[2:]], labels),
           "## SupOnly's learning curve (smallest split, seed 0)", "",
           *table_curve(curve_points(runs, small, seeds[0], spec["curve"])), "",
+          curve_end(curve_points(runs, small, seeds[0], spec["curve"]), spec["queued"]), "",
           "Where the semi-supervised rows would pay per CPU hour (seed 0, an estimate read off "
           "that curve, not a measurement):", "",
           *break_even_lines(runs, small, seeds[0], spec["curve"], labels), "",

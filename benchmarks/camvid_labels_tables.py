@@ -222,6 +222,8 @@ def queued_lines(runs: dict, queued: list[tuple[int, int, str]], spec: dict) -> 
             unknown += len(seeds)
         else:
             total += est * len(seeds)
+            if row == "ciscr":  # own_minutes: its stage 1 is the SupOnly run, counted there
+                basis += " (without its stage 1, the SupOnly run's)"
         out.append(f"| {split} | {spec['labels'][row]} | {', '.join(map(str, seeds))} "
                    f"| {_num(est, 0)} | {basis} |")
     return out + ["", f"In all about {total:.0f} CPU min, {total / 120:.1f} h on 2 cores at two "

@@ -128,7 +128,7 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
     later = rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
     line = rep.headline(runs, [12], [0, 1, 2], "cmd", labels)
     assert "UNIMATCH_CISC +7.00 (n=1) at equal steps, -3.00 (n=1) at equal CPU time" in line
-    assert "(n: the seeds of 3 finished for both)" in line
+    assert "(n = the seeds, of 3, finished for both rows)" in line
     assert "CISCR +3.00 (n=1) at equal steps" in line  # rec() gives every row 480 iterations
     runs[(12, "ciscr", 0)] = rec(0.49, 1440)  # the best now, with 3 stages of N
     assert "CISCR +9.00 (n=1) at N steps per stage (1440 in all)" in rep.headline(
@@ -149,6 +149,13 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
     assert later.endswith("whether the unlabeled images pay once more steps stop paying is not "
                           "measured here.")
     assert rep.gain_per_doubling([(480, 0.4, 1.0)]) is None
+    pts = [(480, 0.4, 1.0), (960, 0.46, 2.0)]
+    assert rep.curve_end(pts, [(12, 0, "suponly_8n")]).endswith(
+        "a doubling still gains +6.00 points; SupOnly at 8N is queued (after the 46-label seeds).")
+    assert rep.curve_end(pts, []).endswith("no longer run is queued: the budget stopped it here.")
+    assert rep.curve_end([(480, 0.4, 1.0), (960, 0.405, 2.0)], []).startswith(
+        "The curve has reached the issue's end")
+    assert rep.curve_end(pts[:1], []).startswith("Where the curve ends: fewer than two")
     gain, short, long = rep.gain_per_doubling([(240, 0.3, 0.5), (480, 0.4, 1.0), (1920, 0.5, 4.0)])
     assert (short, long) == (480, 1920) and abs(gain - 0.05) < 1e-12  # +10 over 2 doublings
     # A seed without every semi-supervised row finished is not used to pick the best row.
