@@ -161,22 +161,22 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
            f"{len(seeds)} seeds so far), the best semi-supervised row here (by mean mIoU), "
            f"{labels[best]}"
            f"{stages}, {'gains' if d > 0 else 'does not gain'} over SupOnly at N steps "
-           f"({d_txt} mIoU points{steps_matched(runs, small, best, seeds)}). "]
+           f"({d_txt} mIoU points{steps_matched(runs, small, best, seeds)}); "]
     per_cpu = {r: paired(vals(runs, small, r, seeds), compute_vals(runs, small, r, seeds))
                for r in per_step}
     measured = {r: v for r, v in per_cpu.items() if v[0] is not None}
     pending = [labels[r] for r in per_step if r not in measured]
     later = f" ({', '.join(pending)}: not measured yet)" if pending else ""
     if not measured:
-        return "".join(out) + "Per CPU hour: not measured yet (SupOnly given a row's CPU time " \
+        return "".join(out) + "per CPU hour: not measured yet (SupOnly given a row's CPU time " \
             "has not finished)."
     lead = max(measured, key=lambda r: measured[r][0])
     each = "; ".join(f"{labels[r]} {v[1]}" for r, v in measured.items())
     if measured[lead][0] >= 0:
-        return "".join(out) + (f"Per CPU hour, {labels[lead]} still leads SupOnly trained for "
+        return "".join(out) + (f"per CPU hour, {labels[lead]} still leads SupOnly trained for "
                                f"the same CPU time ({each}){later}: on this budget the unlabeled "
                                "images pay per CPU hour too.")
-    out.append(f"Per CPU hour, SupOnly trained for the same CPU time is ahead of every "
+    out.append(f"per CPU hour, SupOnly trained for the same CPU time is ahead of every "
                f"semi-supervised row measured ({each}){later}: on this budget, train SupOnly "
                "longer before paying for an unlabeled branch")
     gain = gain_per_doubling(curve_points(runs, small, seeds[0], curve))

@@ -119,7 +119,7 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
     labels = {r: r.upper() for r in cl.ROWS}
     first = rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
     assert "(by mean mIoU), UNIMATCH_CISC, gains over SupOnly at N steps (+7.00 (n=1)" in first
-    assert "(1 of 3 seeds so far)" in first and "Per CPU hour: not measured yet" in first
+    assert "(1 of 3 seeds so far)" in first and "); per CPU hour: not measured yet" in first
     match = tmp_path / "compute"
     match.mkdir()
     (match / cl.MATCH).write_text(json.dumps({"rows": ["unimatch_cisc", "unimatch"]}))
