@@ -212,17 +212,22 @@ def compute_row_of(runs: dict, split: int, row: str, seed: int) -> str:
     return f"suponly_compute_{row}"
 
 
+NEAR_STEPS = 1.5  # "about equal steps": within this factor (CISC-R's 3N: 960 to 2160)
+
+
 def nearest_steps(runs: dict, split: int, row: str, seeds: list[int]) -> tuple[list, list]:
     """Per seed, the SupOnly run (any ``suponly*`` row: N, the curve, the CPU-time runs) whose
-    iterations are nearest ``row``'s (by ratio; the fewer on a tie), picked by steps alone,
-    never by mIoU: (its mIoU per seed, its iterations per seed), None where either is missing.
+    iterations are nearest ``row``'s (by ratio; the fewer on a tie) and within
+    ``NEAR_STEPS`` times of them, picked by steps alone, never by mIoU: (its mIoU per seed, its
+    iterations per seed), None where either is missing or no SupOnly run is that near.
     WHY: CISC-R trains 3N in all, so "SupOnly at N" compares 3N steps with N; this is the
     comparison at about equal steps."""
     out_m, out_i = [], []
     for s in seeds:
         r = runs.get((split, row, s))
         sup = [v for (k, name, seed), v in runs.items()
-               if k == split and seed == s and name.startswith("suponly")]
+               if k == split and seed == s and name.startswith("suponly") and r
+               and abs(math.log(v["iterations"] / r["iterations"])) <= math.log(NEAR_STEPS)]
         if not r or not sup:
             out_m.append(None)
             out_i.append(None)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from camvid_labels_records import (
+    NEAR_STEPS,
     SSL,
     add_totals,
     compute_vals,
@@ -197,8 +198,8 @@ def steps_matched(runs: dict, split: int, row: str, seeds: list[int]) -> str:
         return ""
     shown = " / ".join("n/a" if i is None else str(i) for i in its)
     return (f"; it trains {stages_in_all(runs, split, row)} iterations in all, and against the "
-            f"SupOnly run nearest that many steps at each seed ({shown} iterations) it is "
-            f"{d_txt}")
+            f"SupOnly run nearest that many steps (within {NEAR_STEPS}x) at each seed ({shown} "
+            f"iterations) it is {d_txt}")
 
 
 def superseded_lines(archive: Path) -> list[str]:

@@ -144,7 +144,7 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
         "per doubling of steps" in later
     # CISC-R's 1440 steps against the SupOnly run nearest them (the compute row's 1440: 0.50).
     assert "; it trains 1440 iterations in all, and against the SupOnly run nearest that many " \
-        "steps at each seed (1440 / n/a / n/a iterations) it is -1.00 (n=1))" in \
+        "steps (within 1.5x) at each seed (1440 / n/a / n/a iterations) it is -1.00 (n=1))" in \
         rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
     assert later.endswith("whether the unlabeled images pay once more steps stop paying is not "
                           "measured here.")
@@ -492,16 +492,18 @@ def test_the_supOnly_run_nearest_a_rows_steps_is_picked_by_steps_alone():
             (12, "suponly_compute", 0): rec(0.45, 1260),  # |log(1260/1440)| = 0.134
             (12, "suponly_compute_ciscr", 0): rec(0.6, 1680),  # |log(1680/1440)| = 0.154
             (12, "unimatch", 0): rec(0.9, 1440),  # not a SupOnly row: never the reference
-            (12, "ciscr", 1): rec(0.5, 1440), (12, "suponly_0.5n", 1): rec(0.3, 720),
-            (12, "suponly_2n", 1): rec(0.35, 2880),  # a tie by ratio: the fewer steps
+            (12, "ciscr", 1): rec(0.5, 1440), (12, "suponly_0.5n", 1): rec(0.3, 1200),
+            (12, "suponly_2n", 1): rec(0.35, 1728),  # a tie by ratio (1.2x): the fewer steps
             (12, "ciscr", 2): rec(0.5, 1440)}  # no SupOnly run at seed 2
     assert records.nearest_steps(runs, 12, "ciscr", [0, 1, 2]) == ([0.45, 0.3, None],
-                                                                   [1260, 720, None])
-    runs[(12, "suponly", 2)] = rec(0.2, 480)
+                                                                   [1260, 1200, None])
+    runs[(12, "suponly", 2)] = rec(0.2, 480)  # 3x fewer steps: not "about equal"
     runs.update({(12, "suponly", s): rec(0.4, 480) for s in (0, 1)})
+    assert records.nearest_steps(runs, 12, "ciscr", [2]) == ([None], [None])
+    runs[(12, "suponly_compute_ciscr", 2)] = rec(0.55, 2160)  # 1.5x: just near enough
     line = rep.steps_matched(runs, 12, "ciscr", [0, 1, 2])
     assert line.startswith("; it trains 1440 iterations in all, and against the SupOnly run "
-                           "nearest that many steps at each seed (1260 / 720 / 480 iterations)")
+                           "nearest that many steps (within 1.5x) at each seed (1260 / 1200 / 2160 iterations)")
     runs[(12, "unimatch", 0)]["iterations"] = 480  # N, as SupOnly: equal steps, no line
     assert rep.steps_matched(runs, 12, "unimatch", [0, 1, 2]) == ""
 
