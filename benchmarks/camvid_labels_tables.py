@@ -449,6 +449,29 @@ def md_diagnostics(runs: dict, splits: list[int], seeds: list[int], rows: list[s
     return md
 
 
+def _label_curve_panel(ax, runs: dict, splits: list[int], seeds: list[int],
+                       labels: dict[str, str], color: dict[str, str]) -> None:
+    """The left panel: val mIoU (mean ± std over seeds) against labeled images, a line a row."""
+    rows0 = ["suponly", *SSL, "suponly_compute"]
+    for i, r in enumerate(rows0):
+        # Each row a little to the side (log x: the same nudge at every split), so the error
+        # bars of rows at one split do not hide each other.
+        nudge = 1 + 0.025 * (i - (len(rows0) - 1) / 2)
+        pts = [(k, *mean_std(vals(runs, k, r, seeds))) for k in sorted(splits)]
+        pts = [(k, m, sd or 0.0) for k, m, sd in pts if m is not None]
+        # The seeds behind each mean, per split: rows finish seeds at different times.
+        n = "/".join(str(sum(v is not None for v in vals(runs, k, r, seeds))) for k, *_ in pts)
+        if pts:
+            ax.errorbar([p[0] * nudge for p in pts], [100 * p[1] for p in pts],
+                        yerr=[100 * p[2] for p in pts], marker="o", capsize=3,
+                        label=f"{labels[r]} (seeds: {n})", color=color[r])
+    ax.set(xlabel="labeled images (log scale; rows nudged apart)",
+           ylabel="val mIoU (%), mean ± std over seeds", title="CamVid: the label curve",
+           xscale="log", xticks=sorted(splits), xticklabels=[str(k) for k in sorted(splits)],
+           xlim=(min(splits) / 1.25, max(splits) * 1.25))
+    ax.minorticks_off()
+
+
 def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, str],
             curve: dict, stem: Path) -> list[str]:
     """Two PNGs: val mIoU against labeled images (one line per main row) and, at the smallest
@@ -462,24 +485,7 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
     color = {r: f"C{i}" for i, r in enumerate(["suponly", *SSL, "suponly_compute", "ciscr_fresh",
                                                 "fixmatch", "stpp"])}
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-    rows0 = ["suponly", *SSL, "suponly_compute"]
-    for i, r in enumerate(rows0):
-        # Each row a little to the side (log x: the same nudge at every split), so the error
-        # bars of rows at one split do not hide each other.
-        nudge = 1 + 0.025 * (i - (len(rows0) - 1) / 2)
-        pts = [(k, *mean_std(vals(runs, k, r, seeds))) for k in sorted(splits)]
-        pts = [(k, m, sd or 0.0) for k, m, sd in pts if m is not None]
-        # The seeds behind each mean, per split: rows finish seeds at different times.
-        n = "/".join(str(sum(v is not None for v in vals(runs, k, r, seeds))) for k, *_ in pts)
-        if pts:
-            ax[0].errorbar([p[0] * nudge for p in pts], [100 * p[1] for p in pts],
-                           yerr=[100 * p[2] for p in pts], marker="o", capsize=3,
-                           label=f"{labels[r]} (seeds: {n})", color=color[r])
-    ax[0].set(xlabel="labeled images (log scale; rows nudged apart)",
-              ylabel="val mIoU (%), mean ± std over seeds", title="CamVid: the label curve",
-              xscale="log", xticks=sorted(splits), xticklabels=[str(k) for k in sorted(splits)],
-              xlim=(min(splits) / 1.25, max(splits) * 1.25))
-    ax[0].minorticks_off()
+    _label_curve_panel(ax[0], runs, splits, seeds, labels, color)
     small = min(splits)
     for r in [*SSL, "ciscr_fresh", "fixmatch", "stpp"]:
         for s, style in zip(seeds, ["-", ":", "-.", "--"] * len(seeds), strict=False):
