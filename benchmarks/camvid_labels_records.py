@@ -176,14 +176,23 @@ def machines(runs: dict) -> list[str]:
     return sorted({m for r in runs.values() for m in r["machines"]}) or ["(not recorded)"]
 
 
-def curve_points(runs: dict, split: int, seed: int, curve: dict) -> list[tuple]:
+def curve_points(runs: dict, split: int, seed: int, curve: dict,
+                 like: dict | None = None) -> list[tuple]:
     """SupOnly's learning curve: (iterations, val mIoU of the LAST checkpoint, CPU minutes)
-    of every SupOnly run of (split, seed), each its own schedule."""
+    of every SupOnly run of (split, seed), each its own schedule; with ``like`` (a run
+    record), only the runs of its CPU and precision (:func:`same_machine`)."""
     names = ["suponly", *curve, "suponly_compute", "suponly_compute_unimatch",
              "suponly_compute_ciscr"]
     pts = {(r["iterations"], r["val_miou"], r["cpu_minutes"])
-           for n in names if (r := runs.get((split, n, seed)))}
+           for n in names if (r := runs.get((split, n, seed)))
+           and (like is None or same_machine(r, like))}
     return sorted(pts)
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two run records ran on the same CPUs in the same precisions: only then do their
+    CPU minutes compare."""
+    return all(a.get(k) == b.get(k) for k in ("machines", "precision"))
 
 
 def iterations_of(runs: dict, split: int, row: str) -> list[int]:

@@ -18,6 +18,7 @@ from camvid_labels_records import (
     curve_points,
     mean_std,
     own_minutes,
+    same_machine,
     vals,
 )
 from camvid_report import (
@@ -449,6 +450,9 @@ def md_diagnostics(runs: dict, splits: list[int], seeds: list[int], rows: list[s
     return md
 
 
+COMPUTE_ROWS = ["suponly_compute", "suponly_compute_unimatch", "suponly_compute_ciscr"]
+
+
 def _label_curve_panel(ax, runs: dict, splits: list[int], seeds: list[int],
                        labels: dict[str, str], color: dict[str, str]) -> None:
     """The left panel: val mIoU (mean ± std over seeds) against labeled images, a line a row."""
@@ -487,17 +491,23 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     _label_curve_panel(ax[0], runs, splits, seeds, labels, color)
     small = min(splits)
+    left_out = []  # runs not on their seed's SupOnly run's CPU and precision
     for r in [*SSL, "ciscr_fresh", "fixmatch", "stpp"]:
         for s, style in zip(seeds, ["-", ":", "-.", "--"] * len(seeds), strict=False):
-            rec = runs.get((small, r, s))
-            if rec and rec["evals"] and rec["cpu_minutes"]:
+            rec, ref = runs.get((small, r, s)), runs.get((small, "suponly", s)) or {}
+            if rec and not same_machine(rec, ref):
+                left_out.append(f"{labels[r]} s{s}")
+            elif rec and rec["evals"] and rec["cpu_minutes"]:
                 per_it = rec["cpu_minutes"] / rec["iterations"]
                 xs = rec.get("evals_cpu_minutes") or [it * per_it for it, _ in rec["evals"]]
                 ax[1].plot(xs,
                            [100 * m for _, m in rec["evals"]], marker=".", alpha=0.8,
                            color=color[r], linestyle=style, label=f"{labels[r]} s{s}")
     for i, s in enumerate(seeds):
-        pts = curve_points(runs, small, s, curve)
+        ref = runs.get((small, "suponly", s)) or {}
+        pts = curve_points(runs, small, s, curve, like=ref)
+        left_out += [f"{labels.get(n, n)} s{s}" for n in ["suponly", *curve, *COMPUTE_ROWS]
+                     if (rec := runs.get((small, n, s))) and not same_machine(rec, ref)]
         if pts:
             ax[1].plot([p[2] for p in pts], [100 * p[1] for p in pts], color="k",
                        linestyle=["--", ":", "-."][i % 3], marker="osD"[i % 3],
@@ -521,4 +531,6 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
             "over it: an approximation; a run without a per-stage CPU record spreads its whole "
             "CPU time over its iterations); the black lines (one line style and marker per seed) are "
             "SupOnly's curve from the last checkpoints of whole runs, each with its own "
-            "learning-rate schedule."]
+            "learning-rate schedule. Each seed's runs are drawn only where they ran on the CPU "
+            "and in the precision of its SupOnly run at N (CPU minutes compare only there); "
+            "left out: " + (", ".join(left_out) or "none") + "."]

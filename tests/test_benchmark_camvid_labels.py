@@ -538,3 +538,18 @@ def test_evaluations_are_placed_at_the_cpu_time_of_their_stage(tmp_path):
     del res["stages"]["pseudo0"]["cpu_seconds"]  # a stage without its CPU: no placement
     (rd / "results.json").write_text(json.dumps(res))
     assert records.collect(rd, 12, "ciscr", 0)["evals_cpu_minutes"] is None
+
+
+def test_supOnlys_curve_for_the_cpu_figure_keeps_its_seeds_machine_and_precision():
+    a = {"machines": ["A (bf16 native)"], "precision": ["bf16"]}
+    runs = {(12, "suponly", 1): {"iterations": 480, "val_miou": 0.4, "cpu_minutes": 10.0, **a},
+            (12, "suponly_compute", 1): {"iterations": 1332, "val_miou": 0.45,
+                                         "cpu_minutes": 28.0, **a},
+            (12, "suponly_compute_ciscr", 1): {"iterations": 2112, "val_miou": 0.43,
+                                               "cpu_minutes": 90.0, "machines": ["B"],
+                                               "precision": ["fp32"]}}
+    ref = runs[(12, "suponly", 1)]
+    assert [p[0] for p in records.curve_points(runs, 12, 1, cl.CURVE)] == [480, 1332, 2112]
+    assert [p[0] for p in records.curve_points(runs, 12, 1, cl.CURVE, like=ref)] == [480, 1332]
+    assert records.same_machine(ref, runs[(12, "suponly_compute", 1)])
+    assert not records.same_machine(ref, {**a, "precision": ["fp32"]})  # one CPU, two precisions
