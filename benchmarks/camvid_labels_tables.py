@@ -252,11 +252,16 @@ def break_even_lines(runs: dict, split: int, seed: int, curve: dict,
     """Per semi-supervised row (one seed): the CPU time at which SupOnly's curve reaches the
     row's mIoU, over the row's own CPU time: the cost the row (e.g. by section 2's levers)
     would have to come down to for the unlabeled images to pay per CPU hour at its mIoU."""
-    pts = curve_points(runs, split, seed, curve)
+    ref = runs.get((split, "suponly", seed)) or {}
+    pts = curve_points(runs, split, seed, curve, like=ref)  # CPU minutes of one machine
     out = []
     for row in SSL:
         r = runs.get((split, row, seed))
         if not r or r.get("cpu_minutes") is None:
+            continue
+        if not same_machine(r, ref):
+            out.append(f"- {labels[row]}: not read off the curve (it ran on another CPU or in "
+                       "another precision than SupOnly's run at N)")
             continue
         cpu, how = break_even(pts, r["val_miou"])
         got = (f"SupOnly's curve reaches that at about {cpu:.1f} CPU min ({how}): to break "

@@ -459,6 +459,10 @@ def test_break_even_reads_the_cpu_time_off_supOnlys_curve_by_hand():
             (12, "unimatch", 0): {"val_miou": 0.45, "cpu_minutes": 60.0}}
     (line,) = tables.break_even_lines(runs, 12, 0, {"suponly_2n": 2}, {"unimatch": "UniMatch"})
     assert "about 30.0 CPU min" in line and "would have to cost 0.50 x its measured CPU time or less (<= 30.0 CPU min)" in line
+    runs[(12, "unimatch", 0)]["precision"] = ["bf16"]  # another precision: minutes do not compare
+    (line,) = tables.break_even_lines(runs, 12, 0, {"suponly_2n": 2}, {"unimatch": "UniMatch"})
+    assert line == ("- UniMatch: not read off the curve (it ran on another CPU or in another "
+                    "precision than SupOnly's run at N)")
 
 
 def test_the_lever_costs_line_reads_the_levers_benchmark(tmp_path):
