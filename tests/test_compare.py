@@ -10,6 +10,7 @@ import yaml
 
 from ciscr.cli import main
 from ciscr.compare import comparability_warnings, format_compare, movers, read_run
+from ciscr.utils.misc import precision_name, resolve_amp
 
 TINY = ["train.epochs=2", "train.unlabeled_epochs=1", "train.batch_size=8", "train.crop_size=32",
         "train.progress=false", "train.log_every=1", "data.synthetic.num_train=30",
@@ -36,7 +37,9 @@ def test_real_runs_compare_with_their_costs_and_files(runs, capsys, tmp_path):
     out = capsys.readouterr().out
     a, b = read_run(str(runs["suponly"])), read_run(str(runs["fixmatch"]))
     row = next(line for line in out.splitlines() if line.startswith(str(runs["fixmatch"])))
-    assert f"{100 * (b.miou - a.miou):+.2f}" in row and "fp32" in row
+    # train.amp=auto: bf16 on a CPU with native bf16, fp32 elsewhere (the runs record which).
+    expected = precision_name(resolve_amp("auto", "cpu"))
+    assert f"{100 * (b.miou - a.miou):+.2f}" in row and row.split()[-1] == expected
     assert (a.labeled, a.unlabeled) == (10, 20) and a.iterations == 6
     assert a.cpu_minutes > 0 and b.cpu_minutes > 0 and a.cpu != "not recorded"
     assert "comparable: same val images, labeled split and start" in out
