@@ -176,15 +176,21 @@ def machines(runs: dict) -> list[str]:
     return sorted({m for r in runs.values() for m in r["machines"]}) or ["(not recorded)"]
 
 
+COMPUTE_ROWS = ["suponly_compute", "suponly_compute_unimatch", "suponly_compute_ciscr"]
+
+
+def supervised_rows(curve: dict) -> list[str]:
+    """Every SupOnly row: at N, the curve's, and those given a row's CPU time."""
+    return ["suponly", *curve, *COMPUTE_ROWS]
+
+
 def curve_points(runs: dict, split: int, seed: int, curve: dict,
                  like: dict | None = None) -> list[tuple]:
     """SupOnly's learning curve: (iterations, val mIoU of the LAST checkpoint, CPU minutes)
     of every SupOnly run of (split, seed), each its own schedule; with ``like`` (a run
     record), only the runs of its CPU and precision (:func:`same_machine`)."""
-    names = ["suponly", *curve, "suponly_compute", "suponly_compute_unimatch",
-             "suponly_compute_ciscr"]
     pts = {(r["iterations"], r["val_miou"], r["cpu_minutes"])
-           for n in names if (r := runs.get((split, n, seed)))
+           for n in supervised_rows(curve) if (r := runs.get((split, n, seed)))
            and (like is None or same_machine(r, like))}
     return sorted(pts)
 

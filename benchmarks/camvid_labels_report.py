@@ -190,14 +190,15 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
 def steps_matched(runs: dict, split: int, row: str, seeds: list[int]) -> str:
     """For a row that trains more than N in all (CISC-R: 3 stages of N), ", <d> against the
     SupOnly run nearest its steps (<its> iterations)" (``nearest_steps``); "" otherwise."""
-    if stages_in_all(runs, split, row) is None:
+    in_all = stages_in_all(runs, split, row)
+    if in_all is None:
         return ""
     sup, its = nearest_steps(runs, split, row, seeds)
     d, d_txt = paired(vals(runs, split, row, seeds), sup)
     if d is None:
         return ""
     shown = " / ".join("n/a" if i is None else str(i) for i in its)
-    return (f"; it trains {stages_in_all(runs, split, row)} iterations in all, and against the "
+    return (f"; it trains {in_all} iterations in all, and against the "
             f"SupOnly run nearest that many steps (within {NEAR_STEPS}x) at each seed ({shown} "
             f"iterations) it is {d_txt}")
 
@@ -325,6 +326,7 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
     small = min(splits)
     options = ["suponly", "unimatch_cisc", *spec["levers"], "ciscr", "ciscr_fresh", "fixmatch",
                "stpp"]
+    curve = curve_points(runs, small, seeds[0], spec["curve"])  # SupOnly's, seed 0
     notes = superseded_lines(out / f"{args.name}-runs")
     if (matched := steps_matched(runs, small, "ciscr", seeds)):
         notes.append(f"- {labels['ciscr']} at about equal steps: {matched[2:]} (the CISC-R "
@@ -337,8 +339,7 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
           stage_start(runs, small, seeds[0]), "",
           *md_diagnostics(runs, splits, seeds, [*order, *options[2:]], labels),
           "## SupOnly's learning curve (smallest split, seed 0)", "",
-          *table_curve(curve_points(runs, small, seeds[0], spec["curve"])), "",
-          curve_end(curve_points(runs, small, seeds[0], spec["curve"]), spec["queued"]), "",
+          *table_curve(curve), "", curve_end(curve, spec["queued"]), "",
           "Where the semi-supervised rows would pay per CPU hour (seed 0, an estimate read off "
           "that curve, not a measurement):", "",
           *break_even_lines(runs, small, seeds[0], spec["curve"], labels), "",

@@ -19,6 +19,7 @@ from camvid_labels_records import (
     mean_std,
     own_minutes,
     same_machine,
+    supervised_rows,
     vals,
 )
 from camvid_report import (
@@ -114,10 +115,11 @@ def class_gap_lines(runs: dict, split: int, seeds: list[int], labels: dict[str, 
 
 def table_plans(runs: dict, splits: list[int], seeds: list[int], compute: dict) -> list[str]:
     """Each finished compute run's plan, the CPU time it then used (its steps are fixed by the
-    plan; their cost varies run to run by several percent on one machine); whether the runs whose CPU times it divides (SupOnly
-    at N and the rows it was given) ran on one CPU and precision, where the rule's ratio holds;
-    and where the compute run itself ran (its steps are fixed by that ratio: another machine
-    changes its own CPU minutes and, in another precision, its arithmetic, not its steps)."""
+    plan; their cost varies run to run by several percent on one machine); whether the runs
+    whose CPU times it divides (SupOnly at N and the rows it was given) ran on one CPU and
+    precision, where the rule's ratio holds; and where the compute run itself ran (its steps
+    are fixed by that ratio: another machine changes its own CPU minutes and, in another
+    precision, its arithmetic, not its steps)."""
     out = ["| split | seed | SupOnly run | given the CPU time of | CPU min given | SupOnly's "
            "CPU min at N | its iterations | CPU min it used | the divided runs' CPU "
            "| the run's own CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -129,8 +131,9 @@ def table_plans(runs: dict, splits: list[int], seeds: list[int], compute: dict) 
                 if plan:
                     divided = [runs.get((split, r, s)) or {} for r in ["suponly", *plan["rows"]]]
                     ratio = _where(divided)
-                    own = ("not recorded" if _where([rec]) == "not recorded" else "the same"
-                           if _where([rec, *divided]) == "one" else "; ".join(_cpus([rec])))
+                    mine = _cpus([rec])
+                    own = ("not recorded" if not mine else "the same"
+                           if _where([rec, *divided]) == "one" else "; ".join(mine))
                     out.append(f"| {split} | {s} | {name} | {', '.join(plan['rows'])} "
                                f"| {plan['cpu_seconds'] / 60:.1f} "
                                f"| {plan['suponly_cpu_seconds'] / 60:.1f} | {plan['iterations']} "
@@ -455,9 +458,6 @@ def md_diagnostics(runs: dict, splits: list[int], seeds: list[int], rows: list[s
     return md
 
 
-COMPUTE_ROWS = ["suponly_compute", "suponly_compute_unimatch", "suponly_compute_ciscr"]
-
-
 def _label_curve_panel(ax, runs: dict, splits: list[int], seeds: list[int],
                        labels: dict[str, str], color: dict[str, str]) -> None:
     """The left panel: val mIoU (mean ± std over seeds) against labeled images, a line a row."""
@@ -511,7 +511,7 @@ def figures(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, s
     for i, s in enumerate(seeds):
         ref = runs.get((small, "suponly", s)) or {}
         pts = curve_points(runs, small, s, curve, like=ref)
-        left_out += [f"{labels.get(n, n)} s{s}" for n in ["suponly", *curve, *COMPUTE_ROWS]
+        left_out += [f"{labels.get(n, n)} s{s}" for n in supervised_rows(curve)
                      if (rec := runs.get((small, n, s))) and not same_machine(rec, ref)]
         if pts:
             ax[1].plot([p[2] for p in pts], [100 * p[1] for p in pts], color="k",

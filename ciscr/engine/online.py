@@ -368,7 +368,8 @@ class OnlineStep:
         return protos.to(out.features_w.device), known
 
     def _weights(self, conf: torch.Tensor, label: torch.Tensor, valid: torch.Tensor,
-                 features: torch.Tensor, protos) -> torch.Tensor:
+                 features: torch.Tensor,
+                 protos: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Per-pixel weights of unlabeled images (conf, label, valid (B, H, W); features
         (B, C, h, w)): the confidence mask (class-balanced with ``class_balance``), times
         (``mask``) or instead of it (``alone``) the CISC weight against ``protos``."""
