@@ -118,73 +118,109 @@ def target_line(t: dict, labels: dict[str, str]) -> str:
     return f"- {t['target']}: {t['verdict']}; judged on {labels[t['row']]}"
 
 
-def headline(runs: dict, splits: list[int], seeds: list[int], cmd: str,
-             labels: dict[str, str]) -> str:
-    """One line for README "Results": at the smallest split, each semi-supervised row's paired
-    difference with SupOnly at equal steps and with SupOnly at that row's CPU time."""
-    small = min(splits)
-    sup = vals(runs, small, "suponly", seeds)
+def _split_headline(runs: dict, split: int, seeds: list[int], labels: dict[str, str]) -> str:
+    """"<row> <d> at equal steps, <dc> at equal CPU time; ..." at one split ("" before any)."""
+    sup = vals(runs, split, "suponly", seeds)
     parts = []
     for r in SSL:
-        d, d_txt = paired(vals(runs, small, r, seeds), sup)
-        dc, dc_txt = paired(vals(runs, small, r, seeds), compute_vals(runs, small, r, seeds))
-        in_all = stages_in_all(runs, small, r)
+        d, d_txt = paired(vals(runs, split, r, seeds), sup)
+        dc, dc_txt = paired(vals(runs, split, r, seeds), compute_vals(runs, split, r, seeds))
+        in_all = stages_in_all(runs, split, r)
         steps = "at equal steps" if in_all is None else f"at N steps per stage ({in_all} in all)"
         if d is not None:
             parts.append(f"{labels.get(r, r)} {d_txt} {steps}"
                          + (f", {dc_txt} at equal CPU time" if dc is not None else ""))
+    return "; ".join(parts)
+
+
+def headline(runs: dict, splits: list[int], seeds: list[int], cmd: str,
+             labels: dict[str, str]) -> str:
+    """One line for README "Results": per split (smallest first), each semi-supervised row's
+    paired difference with SupOnly at equal steps and with SupOnly at that row's CPU time."""
+    parts = [f"{k} labeled images: {line}" for k in sorted(splits)
+             if (line := _split_headline(runs, k, seeds, labels))]
     if not parts:
         return f"CamVid label curve: no semi-supervised row finished yet (`{cmd}`)."
-    return (f"CamVid label curve, {small} labeled images, mIoU points over SupOnly, paired by "
-            f"seed (n = the seeds, of {len(seeds)}, finished for both rows): {'; '.join(parts)} "
-            f"(`{cmd}`; docs/results/camvid_labels.md).")
+    return (f"CamVid label curve, mIoU points over SupOnly, paired by seed (n = the seeds, of "
+            f"{len(seeds)}, finished for both rows). {'. '.join(parts)} (`{cmd}`; "
+            "docs/results/camvid_labels.md).")
+
+
+def _per_step(runs: dict, split: int, seeds: list[int], labels: dict[str, str],
+              first: bool) -> str | None:
+    """At one split: the best semi-supervised row (the targets' choice: one row, by its mean)
+    against SupOnly at N steps, as a clause of the advice; None before a seed has every row."""
+    sup = vals(runs, split, "suponly", seeds)
+    best, xs = best_row(runs, split, SSL, seeds)
+    d, d_txt = paired(xs, sup)
+    if best is None or d is None:
+        return None
+    n = sum(x is not None and y is not None for x, y in zip(xs, sup, strict=True))
+    in_all = stages_in_all(runs, split, best)
+    stages = "" if in_all is None else f" (N per training stage, {in_all} in all)"
+    row = (f"the best semi-supervised row here (by mean mIoU), {labels[best]}" if first
+           else f"the best row, {labels[best]}")
+    return (f"{split} labeled images ({n} of {len(seeds)} seeds so far), {row}{stages}, "
+            f"{'gains' if d > 0 else 'does not gain'} over SupOnly at N steps ({d_txt} mIoU "
+            f"points{steps_matched(runs, split, best, seeds)})")
+
+
+def _per_cpu(runs: dict, split: int, seeds: list[int], labels: dict[str, str]
+             ) -> tuple[float | None, str, list[str]]:
+    """At one split, over the semi-supervised rows with SupOnly at their CPU time measured:
+    (the lead row's paired difference, "<row> <d>; ..." , the rows not measured yet)."""
+    sup = vals(runs, split, "suponly", seeds)
+    rows = [r for r in SSL if paired(vals(runs, split, r, seeds), sup)[0] is not None]
+    got = {r: paired(vals(runs, split, r, seeds), compute_vals(runs, split, r, seeds))
+           for r in rows}
+    measured = {r: v for r, v in got.items() if v[0] is not None}
+    lead = max((v[0] for v in measured.values()), default=None)
+    return (lead, "; ".join(f"{labels[r]} {v[1]}" for r, v in measured.items()),
+            [labels[r] for r in rows if r not in measured])
 
 
 def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, str],
            curve: dict) -> str:
     """The sentence README "Results" gives a user, written from the measured paired differences
-    at the smallest split: does the best semi-supervised row pay per step (against SupOnly at N)
-    and per CPU hour (against SupOnly given its CPU time), and how much SupOnly gained from
-    doubling its steps (its curve, seed 0): the case for training longer instead."""
+    at each split (smallest first): does the best semi-supervised row pay per step (against
+    SupOnly at N) and per CPU hour (against SupOnly given its CPU time), and how much SupOnly
+    gained from doubling its steps (its curve, smallest split, seed 0): the case for training
+    longer instead."""
     small = min(splits)
-    sup = vals(runs, small, "suponly", seeds)
-    per_step = {r: paired(vals(runs, small, r, seeds), sup) for r in SSL}
-    per_step = {r: v for r, v in per_step.items() if v[0] is not None}
-    best, xs = best_row(runs, small, SSL, seeds)  # the targets' choice: one row, by its mean
-    d, d_txt = paired(xs, sup)
-    if best is None or d is None:
+    steps = [c for k in sorted(splits)
+             if (c := _per_step(runs, k, seeds, labels, first=k == small)) is not None]
+    if not steps or not steps[0].startswith(f"{small} labeled"):
         return ("Not written yet: no seed has SupOnly and every semi-supervised row finished.")
-    n = sum(x is not None and y is not None for x, y in zip(xs, sup, strict=True))
-    in_all = stages_in_all(runs, small, best)
-    stages = "" if in_all is None else f" (N per training stage, {in_all} in all)"
     n_its = ", ".join(map(str, iterations_of(runs, small, "suponly"))) or "n/a"
-    out = [f"With {small} labeled images and N = {n_its} steps ({n} of "
-           f"{len(seeds)} seeds so far), the best semi-supervised row here (by mean mIoU), "
-           f"{labels[best]}"
-           f"{stages}, {'gains' if d > 0 else 'does not gain'} over SupOnly at N steps "
-           f"({d_txt} mIoU points{steps_matched(runs, small, best, seeds)}); "]
-    per_cpu = {r: paired(vals(runs, small, r, seeds), compute_vals(runs, small, r, seeds))
-               for r in per_step}
-    measured = {r: v for r, v in per_cpu.items() if v[0] is not None}
-    pending = [labels[r] for r in per_step if r not in measured]
-    later = f" ({', '.join(pending)}: not measured yet)" if pending else ""
+    out = f"With N = {n_its} steps and {'; with '.join(steps)}; "
+    cpu = {k: _per_cpu(runs, k, seeds, labels) for k in sorted(splits)}
+    cpu = {k: v for k, v in cpu.items() if v[0] is not None or v[2]}
+    several = len(cpu) > 1
+
+    def each(ks: list[int]) -> str:  # "<split> labels: <row> <d>; ... (<rows>: not measured yet)"
+        return "; ".join((f"{k} labels: " if several else "") + " ".join(filter(None, [
+            cpu[k][1], f"({', '.join(cpu[k][2])}: not measured yet)" if cpu[k][2] else ""]))
+            for k in ks)
+    measured = [k for k in cpu if cpu[k][0] is not None]
     if not measured:
-        return "".join(out) + "per CPU hour: not measured yet (SupOnly given a row's CPU time " \
-            "has not finished)."
-    lead = max(measured, key=lambda r: measured[r][0])
-    each = "; ".join(f"{labels[r]} {v[1]}" for r, v in measured.items())
-    if measured[lead][0] >= 0:
-        return "".join(out) + (f"per CPU hour, {labels[lead]} still leads SupOnly trained for "
-                               f"the same CPU time ({each}){later}: on this budget the unlabeled "
-                               "images pay per CPU hour too.")
-    out.append(f"per CPU hour, SupOnly trained for the same CPU time is ahead of every "
-               f"semi-supervised row measured ({each}){later}: on this budget, train SupOnly "
-               "longer before paying for an unlabeled branch")
+        return out + "per CPU hour: not measured yet (SupOnly given a row's CPU time has not " \
+            "finished)."
+    pays = [k for k in measured if cpu[k][0] >= 0]
+    if pays:
+        behind = [k for k in measured if k not in pays]
+        return out + (f"per CPU hour, a semi-supervised row still leads SupOnly trained for the "
+                      f"same CPU time at {', '.join(map(str, pays))} labeled images ({each(pays)})"
+                      + (f" but not at {', '.join(map(str, behind))} ({each(behind)})"
+                         if behind else "") + ": there the unlabeled images pay per CPU hour "
+                      "too.")
+    out += (f"per CPU hour, SupOnly trained for the same CPU time is ahead of every "
+            f"semi-supervised row measured ({each(list(cpu))}): on this budget, train SupOnly "
+            "longer before paying for an unlabeled branch")
     gain = gain_per_doubling(curve_points(runs, small, seeds[0], curve))
-    out.append(f" (SupOnly's two longest runs, {gain[1]} and {gain[2]} iterations, seed 0: "
-               f"{100 * gain[0]:+.2f} points per doubling of steps); whether the unlabeled "
-               "images pay once more steps stop paying is not measured here." if gain else ".")
-    return "".join(out)
+    return out + (f" (SupOnly's two longest runs at {small} labels, {gain[1]} and {gain[2]} "
+                  f"iterations, seed 0: {100 * gain[0]:+.2f} points per doubling of steps); "
+                  "whether the unlabeled images pay once more steps stop paying is not measured "
+                  "here." if gain else ".")
 
 
 def steps_matched(runs: dict, split: int, row: str, seeds: list[int]) -> str:

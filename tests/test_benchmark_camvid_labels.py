@@ -136,7 +136,7 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
     assert "CISCR (N per training stage, 1440 in all), gains over SupOnly at N steps (+9.00" in \
         rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
     assert "SupOnly trained for the same CPU time is ahead of every semi-supervised row " \
-        "measured (UNIMATCH -5.00 (n=1); UNIMATCH_CISC -3.00 (n=1)) (CISCR: not measured yet)" \
+        "measured (UNIMATCH -5.00 (n=1); UNIMATCH_CISC -3.00 (n=1) (CISCR: not measured yet))" \
         in later
     # SupOnly's curve: its two longest runs, 960 (46) and 1440 (the compute row, 50) iterations:
     # +4 points over log2(1.5) doublings = +6.84 per doubling.
@@ -162,6 +162,22 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
     runs[(12, "suponly", 1)], runs[(12, "unimatch", 1)] = rec(0.30), rec(0.60)
     assert "(1 of 3 seeds so far)" in rep.advice(runs, [12], [0, 1, 2], labels, cl.CURVE)
     assert rep.advice({}, [12], [0], labels, cl.CURVE).startswith("Not written yet")
+    # A second split: its own clause per step, its per-CPU figures named by split, and where a
+    # row leads SupOnly at its CPU time there, the sentence says so for that split only.
+    for r, m in [("suponly", 0.50), ("unimatch", 0.53), ("unimatch_cisc", 0.52), ("ciscr", 0.51),
+                 ("suponly_compute", 0.52)]:
+        runs[(46, r, 0)] = rec(m, 1440 if r == "suponly_compute" else 480,
+                               str(match) if r == "suponly_compute" else "/nowhere")
+    two = rep.advice(runs, [12, 46], [0, 1, 2], labels, cl.CURVE)
+    assert "; with 46 labeled images (1 of 3 seeds so far), the best row, UNIMATCH, gains over " \
+        "SupOnly at N steps (+3.00 (n=1) mIoU points)" in two
+    assert "a semi-supervised row still leads SupOnly trained for the same CPU time at 46 " \
+        "labeled images (46 labels: UNIMATCH +1.00 (n=1); UNIMATCH_CISC +0.00 (n=1) (CISCR: " \
+        "not measured yet)) but not at 12 (12 labels: UNIMATCH -5.00 (n=1)" in two
+    assert "finished for both rows). 12 labeled images: UNIMATCH +" in rep.headline(
+        runs, [12, 46], [0, 1, 2], "cmd", labels)
+    assert ". 46 labeled images: UNIMATCH +3.00 (n=1) at equal steps, +1.00 (n=1) at equal " \
+        "CPU time;" in rep.headline(runs, [12, 46], [0, 1, 2], "cmd", labels)
 
 
 def test_the_cpu_time_partner_is_read_seed_by_seed(tmp_path):
