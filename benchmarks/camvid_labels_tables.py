@@ -440,17 +440,18 @@ def diagnostic_findings(runs: dict, split: int, rows: list[str], seeds: list[int
 
 def md_diagnostics(runs: dict, splits: list[int], seeds: list[int], rows: list[str],
                    labels: dict[str, str]) -> list[str]:
-    """The pseudo-label diagnostics per split, and per class at the smallest split; a row named
-    twice (a main row that is also an option) is tabled once."""
+    """The pseudo-label diagnostics per split, and per class at each split diagnosed; a row
+    named twice (a main row that is also an option) is tabled once."""
     rows = list(dict.fromkeys(rows))
     md = ["## Diagnostics: what the unlabeled branch could learn from", "", DIAG_INTRO, ""]
     for split in splits:
         md += [f"{split} labels:", "", *table_diagnostics(runs, split, rows, seeds, labels), ""]
-    md += [f"Per class at {min(splits)} labels (pseudo-label IoU / share of the class's "
-                 "pixels that pass the mask and are right / share of the pixels labelled as the "
-                 "class that pass the mask and are right, n/a where none pass), mean over the "
-                 "seeds diagnosed:", "",
-                 *table_taught(runs, min(splits), ["suponly", *SSL], seeds, labels), ""]
+    for split in sorted(splits):
+        taught = table_taught(runs, split, ["suponly", *SSL], seeds, labels)
+        md += [f"Per class at {split} labels (pseudo-label IoU / share of the class's pixels "
+               "that pass the mask and are right / share of the pixels labelled as the class "
+               "that pass the mask and are right, n/a where none pass), mean over the seeds "
+               "diagnosed:", "", *taught, ""] if taught else []
     for split in splits:
         found = diagnostic_findings(runs, split, SSL, seeds)
         md += [f"What the semi-supervised rows' diagnostics show at {split} labels (read off "

@@ -288,6 +288,12 @@ def test_a_row_named_twice_is_diagnosed_once():
     md = tables.md_diagnostics(runs, [12], [0], ["ciscr", "suponly", "ciscr"], {"ciscr": "CISC-R"})
     rows = [line for line in md if line.startswith("| CISC-R (1) |")]
     assert rows == ["| CISC-R (1) | 50.0 | 80.0 | 60.0 | 90.0 | 54.0 | 0.800 | 0.700 |  |"]
+    # A per-class table for each split with a diagnosed run, none for a split without.
+    runs[(46, "ciscr", 0)] = {"diagnostics": d}
+    md = tables.md_diagnostics(runs, [12, 46, 23], [0], ["ciscr"], {"ciscr": "CISC-R"})
+    assert [line.split(" (")[0] for line in md if line.startswith("Per class at")] == [
+        "Per class at 12 labels", "Per class at 46 labels"]
+    assert md.count("| b | 50.0 | 60.0 / 58.0 / n/a |") == 2
 
 
 def test_the_diagnostic_findings_by_hand():
