@@ -364,9 +364,11 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
                "stpp"]
     curve = curve_points(runs, small, seeds[0], spec["curve"])  # SupOnly's, seed 0
     notes = superseded_lines(out / f"{args.name}-runs")
-    if (matched := steps_matched(runs, small, "ciscr", seeds)):
-        notes.append(f"- {labels['ciscr']} at about equal steps: {matched[2:]} (the CISC-R "
-                     "target below is at SupOnly's N, as the issue sets it).")
+    for split in sorted(splits):
+        if (matched := steps_matched(runs, split, "ciscr", seeds)):
+            notes.append(f"- {labels['ciscr']} at {split} labels, at about equal steps: "
+                         f"{matched[2:]} (the CISC-R target below is at SupOnly's N, as the "
+                         "issue sets it).")
     md = [*md_head(runs, cmd, judged, spec["iters"], tgt, tip, labels, notes),
           *md_splits(runs, splits, seeds, order, labels),
           "## Options (seed 0, the smallest split)", "",
