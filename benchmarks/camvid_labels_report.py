@@ -206,16 +206,20 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
         return out + "per CPU hour: not measured yet (SupOnly given a row's CPU time has not " \
             "finished)."
     pays = [k for k in measured if cpu[k][0] >= 0]
+    behind = [k for k in cpu if k not in pays]
     if pays:
-        behind = [k for k in measured if k not in pays]
-        return out + (f"per CPU hour, a semi-supervised row still leads SupOnly trained for the "
-                      f"same CPU time at {', '.join(map(str, pays))} labeled images ({each(pays)})"
-                      + (f" but not at {', '.join(map(str, behind))} ({each(behind)})"
-                         if behind else "") + ": there the unlabeled images pay per CPU hour "
-                      "too.")
-    out += (f"per CPU hour, SupOnly trained for the same CPU time is ahead of every "
-            f"semi-supervised row measured ({each(list(cpu))}): on this budget, train SupOnly "
-            "longer before paying for an unlabeled branch")
+        out += (f"per CPU hour, a semi-supervised row still leads SupOnly trained for the same "
+                f"CPU time at {', '.join(map(str, pays))} labeled images ({each(pays)}): there "
+                "the unlabeled images pay per CPU hour too")
+        if not behind:
+            return out + "."
+        out += (f"; at {', '.join(map(str, behind))}, SupOnly trained for the same CPU time is "
+                f"ahead of every semi-supervised row measured ({each(behind)}): there, train "
+                "SupOnly longer before paying for an unlabeled branch")
+    else:
+        out += (f"per CPU hour, SupOnly trained for the same CPU time is ahead of every "
+                f"semi-supervised row measured ({each(behind)}): on this budget, train SupOnly "
+                "longer before paying for an unlabeled branch")
     gain = gain_per_doubling(curve_points(runs, small, seeds[0], curve))
     return out + (f" (SupOnly's two longest runs at {small} labels, {gain[1]} and {gain[2]} "
                   f"iterations, seed 0: {100 * gain[0]:+.2f} points per doubling of steps); "

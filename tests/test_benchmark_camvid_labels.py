@@ -173,11 +173,23 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
         "SupOnly at N steps (+3.00 (n=1) mIoU points)" in two
     assert "a semi-supervised row still leads SupOnly trained for the same CPU time at 46 " \
         "labeled images (46 labels: UNIMATCH +1.00 (n=1); UNIMATCH_CISC +0.00 (n=1) (CISCR: " \
-        "not measured yet)) but not at 12 (12 labels: UNIMATCH -5.00 (n=1)" in two
+        "not measured yet)): there the unlabeled images pay per CPU hour too; at 12, SupOnly " \
+        "trained for the same CPU time is ahead of every semi-supervised row measured (12 " \
+        "labels: UNIMATCH -5.00 (n=1)" in two
+    assert "there, train SupOnly longer before paying for an unlabeled branch (SupOnly's two " \
+        "longest runs at 12 labels, 960 and 1440 iterations" in two
     assert "finished for both rows). 12 labeled images: UNIMATCH +" in rep.headline(
         runs, [12, 46], [0, 1, 2], "cmd", labels)
     assert ". 46 labeled images: UNIMATCH +3.00 (n=1) at equal steps, +1.00 (n=1) at equal " \
         "CPU time;" in rep.headline(runs, [12, 46], [0, 1, 2], "cmd", labels)
+    runs[(46, "suponly", 0)] = rec(0.30)  # a row leads SupOnly at its CPU time at both splits
+    for k in (12, 46):
+        runs[(k, "suponly_compute", 0)] = rec(0.30, 1440, str(match))
+    both = rep.advice(runs, [12, 46], [0, 1, 2], labels, cl.CURVE)
+    assert "still leads SupOnly trained for the same CPU time at 12, 46 labeled images (12 " \
+        "labels: UNIMATCH +15.00 (n=1)" in both and "train SupOnly longer" not in both
+    assert both.endswith("; 46 labels: UNIMATCH +23.00 (n=1); UNIMATCH_CISC +22.00 (n=1) (CISCR: "
+                         "not measured yet)): there the unlabeled images pay per CPU hour too.")
 
 
 def test_the_cpu_time_partner_is_read_seed_by_seed(tmp_path):
