@@ -220,11 +220,14 @@ def advice(runs: dict, splits: list[int], seeds: list[int], labels: dict[str, st
         out += (f"per CPU hour, SupOnly trained for the same CPU time is ahead of every "
                 f"semi-supervised row measured ({each(behind)}): on this budget, train SupOnly "
                 "longer before paying for an unlabeled branch")
-    gain = gain_per_doubling(curve_points(runs, small, seeds[0], curve))
-    return out + (f" (SupOnly's two longest runs at {small} labels, {gain[1]} and {gain[2]} "
-                  f"iterations, seed 0: {100 * gain[0]:+.2f} points per doubling of steps); "
-                  "whether the unlabeled images pay once more steps stop paying is not measured "
-                  "here." if gain else ".")
+    gains = [(k, g) for k in behind
+             if (g := gain_per_doubling(curve_points(runs, k, seeds[0], curve)))]
+    if not gains:
+        return out + "."
+    return out + (" (SupOnly's two longest runs, seed 0: " + "; ".join(
+        f"at {k} labels, {g[1]} and {g[2]} iterations, {100 * g[0]:+.2f} points per doubling "
+        "of steps" for k, g in gains) + "); whether the unlabeled images pay once more steps "
+        "stop paying is not measured here.")
 
 
 def steps_matched(runs: dict, split: int, row: str, seeds: list[int]) -> str:

@@ -140,8 +140,8 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
         in later
     # SupOnly's curve: its two longest runs, 960 (46) and 1440 (the compute row, 50) iterations:
     # +4 points over log2(1.5) doublings = +6.84 per doubling.
-    assert "train SupOnly longer" in later and "960 and 1440 iterations, seed 0: +6.84 points " \
-        "per doubling of steps" in later
+    assert "train SupOnly longer" in later and "(SupOnly's two longest runs, seed 0: at 12 " \
+        "labels, 960 and 1440 iterations, +6.84 points per doubling of steps)" in later
     # CISC-R's 1440 steps against the SupOnly run nearest them (the compute row's 1440: 0.50).
     assert "; it trains 1440 iterations in all, and against the SupOnly run nearest that many " \
         "steps (within 1.5x) at each seed (1440 / n/a / n/a iterations) it is -1.00 (n=1))" in \
@@ -177,7 +177,8 @@ def test_the_advice_sentence_is_written_from_the_paired_figures(tmp_path):
         "trained for the same CPU time is ahead of every semi-supervised row measured (12 " \
         "labels: UNIMATCH -5.00 (n=1)" in two
     assert "there, train SupOnly longer before paying for an unlabeled branch (SupOnly's two " \
-        "longest runs at 12 labels, 960 and 1440 iterations" in two
+        "longest runs, seed 0: at 12 labels, 960 and 1440 iterations, +6.84 points per doubling "\
+        "of steps); whether" in two  # 46 labels' curve is not cited: there the rows pay
     assert "finished for both rows). 12 labeled images: UNIMATCH +" in rep.headline(
         runs, [12, 46], [0, 1, 2], "cmd", labels)
     assert ". 46 labeled images: UNIMATCH +3.00 (n=1) at equal steps, +1.00 (n=1) at equal " \
