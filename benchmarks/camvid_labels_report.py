@@ -273,6 +273,18 @@ def curve_end(points: list[tuple], queued: list[tuple[int, int, str]]) -> str:
                "no longer run is queued: the budget stopped it here."))
 
 
+def other_curves(runs: dict, splits: list[int], seed: int, curve: dict) -> list[str]:
+    """SupOnly's runs at each larger split (seed ``seed``: its N and CPU-time runs, no curve of
+    its own), where two lengths finished: how much more steps still gave there."""
+    md = []
+    for split in sorted(splits)[1:]:
+        pts = curve_points(runs, split, seed, curve)
+        if len({p[0] for p in pts}) >= 2:
+            md += [f"SupOnly's runs at {split} labels (seed {seed}: its N and CPU-time runs, "
+                   "each its own schedule):", "", *table_curve(pts), ""]
+    return md
+
+
 def gain_per_doubling(points: list[tuple]) -> tuple[float, int, int] | None:
     """SupOnly's mIoU gain per doubling of its steps between its two longest runs
     (``curve_points``: iterations, mIoU, ...), log-linear between them: (gain, shorter, longer)
@@ -389,6 +401,7 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
           "that curve, not a measurement):", "",
           *break_even_lines(runs, small, seeds[0], spec["curve"], labels), "",
           lever_costs_line(out / "camvid_levers.json", spec.get("lever_overrides", [])), "",
+          *other_curves(runs, splits, seeds[0], spec["curve"]),
           "## SupOnly given a row's CPU time (the rule's plans)", "",
           *table_plans(runs, splits, seeds, spec["compute"]), "",
           "## Figure", "", *figures(runs, splits, seeds, labels, spec["curve"], stem), "",

@@ -592,3 +592,15 @@ def test_supOnlys_curve_for_the_cpu_figure_keeps_its_seeds_machine_and_precision
     assert [p[0] for p in records.curve_points(runs, 12, 1, cl.CURVE, like=ref)] == [480, 1332]
     assert records.same_machine(ref, runs[(12, "suponly_compute", 1)])
     assert not records.same_machine(ref, {**a, "precision": ["fp32"]})  # one CPU, two precisions
+
+
+def test_supOnlys_runs_at_a_larger_split_are_tabled_where_two_lengths_finished():
+    def rec(it, m):
+        return {"iterations": it, "val_miou": m, "cpu_minutes": it / 40}
+
+    runs = {(12, "suponly", 0): rec(480, 0.4), (46, "suponly", 0): rec(480, 0.45)}
+    assert rep.other_curves(runs, [12, 46], 0, cl.CURVE) == []  # one length: no table
+    runs[(46, "suponly_compute", 0)] = rec(960, 0.50)
+    md = rep.other_curves(runs, [12, 46, 23], 0, cl.CURVE)
+    assert md[0].startswith("SupOnly's runs at 46 labels (seed 0")
+    assert md[-2] == "| 960 | 50.00 | 24.0 | +5.00 (x2.0 steps) |"
