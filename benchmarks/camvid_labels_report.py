@@ -118,13 +118,21 @@ def target_line(t: dict, labels: dict[str, str]) -> str:
     return f"- {t['target']}: {t['verdict']}; judged on {labels[t['row']]}"
 
 
+def _vs_suponly(runs: dict, split: int, row: str, seeds: list[int]
+                ) -> tuple[tuple[float | None, str], tuple[float | None, str]]:
+    """A row's paired difference (:func:`paired`: value, text) against SupOnly at N steps and
+    against SupOnly given the row's CPU time, seed by seed: what the headline and the advice
+    both report, from one place so they cannot disagree."""
+    xs = vals(runs, split, row, seeds)
+    return (paired(xs, vals(runs, split, "suponly", seeds)),
+            paired(xs, compute_vals(runs, split, row, seeds)))
+
+
 def _split_headline(runs: dict, split: int, seeds: list[int], labels: dict[str, str]) -> str:
     """"<row> <d> at equal steps, <dc> at equal CPU time; ..." at one split ("" before any)."""
-    sup = vals(runs, split, "suponly", seeds)
     parts = []
     for r in SSL:
-        d, d_txt = paired(vals(runs, split, r, seeds), sup)
-        dc, dc_txt = paired(vals(runs, split, r, seeds), compute_vals(runs, split, r, seeds))
+        (d, d_txt), (dc, dc_txt) = _vs_suponly(runs, split, r, seeds)
         in_all = stages_in_all(runs, split, r)
         steps = "at equal steps" if in_all is None else f"at N steps per stage ({in_all} in all)"
         if d is not None:
@@ -169,10 +177,9 @@ def _per_cpu(runs: dict, split: int, seeds: list[int], labels: dict[str, str]
              ) -> tuple[float | None, str, list[str]]:
     """At one split, over the semi-supervised rows with SupOnly at their CPU time measured:
     (the lead row's paired difference, "<row> <d>; ..." , the rows not measured yet)."""
-    sup = vals(runs, split, "suponly", seeds)
-    rows = [r for r in SSL if paired(vals(runs, split, r, seeds), sup)[0] is not None]
-    got = {r: paired(vals(runs, split, r, seeds), compute_vals(runs, split, r, seeds))
-           for r in rows}
+    both = {r: _vs_suponly(runs, split, r, seeds) for r in SSL}
+    rows = [r for r in SSL if both[r][0][0] is not None]
+    got = {r: both[r][1] for r in rows}
     measured = {r: v for r, v in got.items() if v[0] is not None}
     lead = max((v[0] for v in measured.values()), default=None)
     return (lead, "; ".join(f"{labels[r]} {v[1]}" for r, v in measured.items()),
