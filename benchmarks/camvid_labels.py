@@ -19,7 +19,9 @@ CPU-time rows (their own schedule lengths: 2.6N and 4.15N at seed 0) are its poi
 gain per doubling between the two longest runs). WHY no 4N run, and 8N not first (the plan
 before 2026-12-07): the ~4N CPU-time row is that point already, at every seed, and 8N alone
 costs ~3 h of CPU (one core for a whole session); the 46-label seeds, which the issue requires,
-come first. Options (seed 0, 12 labels, after the 46-label seeds, before 23 labels): first
+come first. Options (12 labels, after the 46-label seeds, before 23 labels; each at the seed
+whose SupOnly and UniMatch + CISC ran on the CPU and in the precision of the machine the queue
+runs on, seed 0 where none did, one already started at its seed: ``option_seed``): first
 the five of section 2's levers on the online step's cost (one strong view; an unlabeled batch
 of 2; the unlabeled branch every 2nd step; unlabeled views at half resolution; the CutMix
 partner from the same batch, which drops the mixing images' pseudo-labelling forward), each one
@@ -129,6 +131,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
 }
 LEVER_ROWS = ["unimatch_cisc_1view", "unimatch_cisc_ub2", "unimatch_cisc_every2",
               "unimatch_cisc_halfres", "unimatch_cisc_batchmix"]
+OPTION_ROWS = [*LEVER_ROWS, "fixmatch", "stpp"]  # at the seed of this machine: option_seed()
 MAIN = ["suponly", "unimatch", "unimatch_cisc", "ciscr", "suponly_compute"]
 COMPUTE = {"suponly_compute": ["unimatch_cisc", "unimatch"],
            "suponly_compute_unimatch": ["unimatch"], "suponly_compute_ciscr": ["ciscr"]}
@@ -440,8 +443,36 @@ def queue(args: argparse.Namespace) -> list[tuple[int, int, list[str]]]:
             extras = ["ciscr_fresh", "suponly_0.5n", "suponly_2n"] if first else []
             out.append((split, seed, [*ORDER, *extras, *extra_compute]))
         if split == max(splits) and not args.no_options:
-            out.append((min(splits), seeds[0], [*LEVER_ROWS, "fixmatch", "stpp", "suponly_8n"]))
+            small, at = min(splits), {}
+            for row in OPTION_ROWS:
+                at.setdefault(option_seed(args, small, seeds, row), []).append(row)
+            out += [(small, seed, rows) for seed, rows in at.items()]
+            out.append((small, seeds[0], ["suponly_8n"]))  # seed 0's curve
     return out
+
+
+def _ran_here(rd: Path | None, here: dict[str, object]) -> bool:
+    """Whether every invocation of the run in ``rd`` ran on this CPU in this precision."""
+    recs = [json.loads(x) for x in (rd / MACHINE).read_text().splitlines() if x.strip()] \
+        if rd is not None and (rd / MACHINE).exists() else []
+    keys = ("machine", "bf16_native", "precision")
+    return bool(recs) and all(r.get(k) == here[k] for r in recs for k in keys)
+
+
+def option_seed(args: argparse.Namespace, split: int, seeds: list[int], row: str) -> int:
+    """The seed an option row runs at: where it already started (it continues there), else the
+    first seed whose SupOnly and UniMatch + CISC ran on this CPU in this precision, else the
+    first seed. WHY: an option is judged against its seed's UniMatch + CISC (mIoU at equal
+    steps) and against SupOnly's runs at its seed (per CPU hour: N and the CPU-time runs are
+    SupOnly's curve there), CPU minutes compare only within one CPU and precision, and a
+    session's machine is drawn by chance (12 labels: seeds 0 and 1 ran on an Intel Xeon in
+    fp32, seed 2 on an AMD EPYC in bf16)."""
+    for s in seeds:
+        if run_dir(args, split, row, s).exists() or finished_dir(args, split, row, s):
+            return s
+    here = machine_record()
+    return next((s for s in seeds if all(_ran_here(finished_dir(args, split, r, s), here)
+                                         for r in ("suponly", "unimatch_cisc"))), seeds[0])
 
 
 def safe_report(args: argparse.Namespace, argv: list[str]) -> None:

@@ -372,6 +372,37 @@ def md_splits(runs: dict, splits: list[int], seeds: list[int], order: list[str],
     return md
 
 
+def option_rows(spec: dict[str, Any]) -> list[str]:
+    """The options tables' rows: SupOnly and UniMatch + CISC (the references), then the options."""
+    return ["suponly", "unimatch_cisc", *spec["levers"], "ciscr", "ciscr_fresh", "fixmatch", "stpp"]
+
+
+def md_options(runs: dict, split: int, seeds: list[int], spec: dict[str, Any],
+               labels: dict[str, str]) -> list[str]:
+    """The options at ``split``, one table per seed they ran (or are queued) at: the first seed
+    always (CISC-R's stage start), another where the queue put an option (``option_seed``: the
+    seed of the machine it ran on); each option's cost per CPU hour against SupOnly's runs at
+    its own seed, on the same CPU and precision."""
+    rows = option_rows(spec)
+    opts = [r for r in rows if r not in ("suponly", "unimatch_cisc", "ciscr")]
+    at = {s for (k, r, s) in runs if k == split and r in opts} | {
+        s for k, s, r in spec.get("queued", []) if k == split and r in opts}
+    out = []
+    for s in sorted({seeds[0]} | (at & set(seeds))):
+        mixed = mixed_lines(runs, split, rows, [s], labels)
+        out += [f"## Options ({split} labels, seed {s})", "",
+                *table_split(runs, split, rows, [s], labels), "", *mixed, *([""] if mixed else [])]
+        if s == seeds[0]:
+            out += [stage_start(runs, split, s), ""]
+        done = [r for r in opts if r != "ciscr_fresh" and (split, r, s) in runs]
+        if done:
+            out += [f"Per CPU hour at seed {s}, each option against SupOnly's runs at that seed "
+                    "(N and its CPU-time runs, on the option's CPU and precision; an estimate "
+                    "read off those runs, linear between them, not a measurement):", "",
+                    *break_even_lines(runs, split, s, spec["curve"], labels, rows=done), ""]
+    return out
+
+
 def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[int],
           argv: list[str], spec: dict[str, Any]) -> Path:
     """docs/results/<name>.md, .json and .png. ``spec``: labels, main, compute, curve, iters."""
@@ -386,8 +417,7 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
     tip = advice(runs, splits, seeds, labels, spec["curve"])
     order = [*spec["main"], *[c for c in spec["compute"] if c != "suponly_compute"]]
     small = min(splits)
-    options = ["suponly", "unimatch_cisc", *spec["levers"], "ciscr", "ciscr_fresh", "fixmatch",
-               "stpp"]
+    options = option_rows(spec)
     curve = curve_points(runs, small, seeds[0], spec["curve"])  # SupOnly's, seed 0
     notes = superseded_lines(out / f"{args.name}-runs")
     for split in sorted(splits):
@@ -397,10 +427,7 @@ def write(args: argparse.Namespace, runs: dict, splits: list[int], seeds: list[i
                          "issue sets it).")
     md = [*md_head(runs, cmd, judged, spec["iters"], tgt, tip, labels, notes),
           *md_splits(runs, splits, seeds, order, labels),
-          "## Options (seed 0, the smallest split)", "",
-          *table_split(runs, small, options, seeds[:1], labels), "",
-          *[*(mixed := mixed_lines(runs, small, options, seeds[:1], labels)), *([""] if mixed else [])],
-          stage_start(runs, small, seeds[0]), "",
+          *md_options(runs, small, seeds, spec, labels),
           *md_diagnostics(runs, splits, seeds, [*order, *options[2:]], labels),
           "## SupOnly's learning curve (smallest split, seed 0)", "",
           *table_curve(curve), "", curve_end(curve, spec["queued"]), "",

@@ -251,14 +251,15 @@ def break_even(points: list[tuple], target: float) -> tuple[float | None, str]:
 
 
 def break_even_lines(runs: dict, split: int, seed: int, curve: dict,
-                     labels: dict[str, str]) -> list[str]:
-    """Per semi-supervised row (one seed): the CPU time at which SupOnly's curve reaches the
-    row's mIoU, over the row's own CPU time: the cost the row (e.g. by section 2's levers)
-    would have to come down to for the unlabeled images to pay per CPU hour at its mIoU."""
+                     labels: dict[str, str], rows: list[str] | None = None) -> list[str]:
+    """Per semi-supervised row (one seed; ``rows``, default the main ones): the CPU time at
+    which SupOnly's curve reaches the row's mIoU, over the row's own CPU time: the cost the row
+    (e.g. by section 2's levers) would have to come down to for the unlabeled images to pay
+    per CPU hour at its mIoU (at or above 1: it pays already)."""
     ref = runs.get((split, "suponly", seed)) or {}
     pts = curve_points(runs, split, seed, curve, like=ref)  # CPU minutes of one machine
     out = []
-    for row in SSL:
+    for row in rows or SSL:
         r = runs.get((split, row, seed))
         if not r or r.get("cpu_minutes") is None:
             continue
@@ -267,9 +268,11 @@ def break_even_lines(runs: dict, split: int, seed: int, curve: dict,
                        "another precision than SupOnly's run at N)")
             continue
         cpu, how = break_even(pts, r["val_miou"])
+        ratio = None if cpu is None else cpu / r["cpu_minutes"]
         got = (f"SupOnly's curve reaches that at about {cpu:.1f} CPU min ({how}): to break "
-               f"even per CPU hour the row would have to cost {cpu / r['cpu_minutes']:.2f} x its "
+               f"even per CPU hour the row would have to cost {ratio:.2f} x its "
                f"measured CPU time or less (<= {cpu:.1f} CPU min) at the same mIoU"
+               + (": it pays per CPU hour already" if ratio >= 1 else "")
                if cpu is not None else f"SupOnly's curve does not reach it ({how})")
         out.append(f"- {labels[row]}: {fmt(r['val_miou'])} at {r['cpu_minutes']:.1f} CPU min; "
                    + got)

@@ -34,11 +34,11 @@ def _tiny_camvid(root: Path, n_train: int = 10, n_val: int = 2) -> Path:
     return root
 
 
-def test_every_row_is_a_method_and_the_compute_rows_wait_for_what_they_are_given():
+def test_every_row_is_a_method_and_the_compute_rows_wait_for_what_they_are_given(tmp_path):
     for label, preset, _ in cl.ROWS.values():
         assert preset in RECIPES and label
     assert sorted(cl.ORDER) == sorted(cl.MAIN)
-    args = cl.parse_args([])
+    args = _args(tmp_path)  # no run anywhere: the options at the first seed
     seen: set[str] = set()
     for _, _, rows in cl.queue(args):  # what a row needs is queued before it (or earlier)
         for row in rows:
@@ -49,8 +49,31 @@ def test_every_row_is_a_method_and_the_compute_rows_wait_for_what_they_are_given
     # The smallest split's seeds, the largest split, options and SupOnly's 8N, 23 labels.
     phases = [(split, seed, rows) for split, seed, rows in cl.queue(args)]
     assert [p[:2] for p in phases] == [(12, 0), (12, 1), (12, 2), (46, 0), (46, 1), (46, 2),
-                                       (12, 0), (23, 0), (23, 1), (23, 2)]
-    assert phases[6][2][:5] == cl.LEVER_ROWS and phases[6][2][-1] == "suponly_8n"
+                                       (12, 0), (12, 0), (23, 0), (23, 1), (23, 2)]
+    assert phases[6][2] == [*cl.LEVER_ROWS, "fixmatch", "stpp"] == cl.OPTION_ROWS
+    assert phases[7][2] == ["suponly_8n"]
+
+
+def test_the_options_run_at_the_seed_whose_rows_ran_on_this_machine(tmp_path, monkeypatch):
+    here = {"machine": "AMD EPYC, 2 cores", "bf16_native": True, "precision": "bf16"}
+    other = {"machine": "Intel Xeon, 2 cores", "bf16_native": False, "precision": "none"}
+    monkeypatch.setattr(cl, "machine_record", lambda: here)
+    dirs = {}
+    for seed, rec in ((0, other), (1, other), (2, here)):
+        for row in ("suponly", "unimatch_cisc"):
+            rd = dirs[(row, seed)] = tmp_path / "runs" / "l12" / f"{row}_s{seed}"
+            rd.mkdir(parents=True)
+            (rd / cl.MACHINE).write_text(json.dumps(rec) + "\n")
+    monkeypatch.setattr(cl, "finished_dir", lambda args, split, row, seed: dirs.get((row, seed)))
+    args = _args(tmp_path)
+    assert cl.option_seed(args, 12, [0, 1, 2], "fixmatch") == 2
+    assert [p for p in cl.queue(args) if p[2][0] == cl.LEVER_ROWS[0]] == [(12, 2, cl.OPTION_ROWS)]
+    with open(dirs[("unimatch_cisc", 2)] / cl.MACHINE, "a") as f:  # resumed on another machine
+        f.write(json.dumps(other) + "\n")
+    assert cl.option_seed(args, 12, [0, 1, 2], "fixmatch") == 0  # no seed ran here: the first
+    (tmp_path / "runs" / "l12" / "fixmatch_s1").mkdir()  # started at seed 1: it continues there
+    assert cl.option_seed(args, 12, [0, 1, 2], "fixmatch") == 1
+    assert cl.option_seed(args, 12, [0, 1, 2], "stpp") == 0
 
 
 def _args(tmp_path: Path, *extra: str):
@@ -604,3 +627,29 @@ def test_supOnlys_runs_at_a_larger_split_are_tabled_where_two_lengths_finished()
     md = rep.other_curves(runs, [12, 46, 23], 0, cl.CURVE)
     assert md[0].startswith("SupOnly's runs at 46 labels (seed 0")
     assert md[-2] == "| 960 | 50.00 | 24.0 | +5.00 (x2.0 steps) |"
+
+
+def test_options_are_tabled_at_each_seed_they_ran_with_their_cost_per_cpu_hour():
+    def rec(its: int, miou: float, cpu: float) -> dict:
+        return {"iterations": its, "val_miou": miou, "cpu_minutes": cpu, "wall_minutes": cpu,
+                "precision": ["bf16"], "machines": ["AMD EPYC (bf16 native)"]}
+    runs = {(12, "suponly", 0): rec(480, 0.40, 20.0),
+            (12, "suponly", 2): rec(480, 0.40, 10.0),
+            (12, "suponly_compute", 2): {**rec(1440, 0.50, 30.0), "run_dir": "none"},
+            (12, "unimatch_cisc", 2): {**rec(480, 0.42, 30.0), "compute_partner": "suponly_compute"},
+            (12, "unimatch_cisc_halfres", 2): rec(480, 0.46, 20.0),   # pays: SupOnly needs 22
+            (12, "unimatch_cisc_every2", 2): rec(480, 0.41, 20.0)}    # does not: SupOnly needs 12
+    spec = {"levers": ["unimatch_cisc_halfres", "unimatch_cisc_every2"], "curve": {},
+            "queued": [(12, 2, "stpp")]}
+    labels = {r: v[0] for r, v in cl.ROWS.items()}
+    md = "\n".join(rep.md_options(runs, 12, [0, 1, 2], spec, labels))
+    assert "## Options (12 labels, seed 0)" in md and "## Options (12 labels, seed 1)" not in md
+    seed2 = md.split("## Options (12 labels, seed 2)")[1]
+    assert "| UniMatch + CISC, unlabeled views at half resolution | 46.00 | 46.00 | +6.00 (n=1)" in seed2
+    assert ("- UniMatch + CISC, unlabeled views at half resolution: 46.00 at 20.0 CPU min; SupOnly's "
+            "curve reaches that at about 22.0 CPU min (linear between its runs of 480 and 1440 "
+            "iterations): to break even per CPU hour the row would have to cost 1.10 x its measured "
+            "CPU time or less (<= 22.0 CPU min) at the same mIoU: it pays per CPU hour already") in seed2
+    every2 = next(x for x in seed2.splitlines() if x.startswith("- UniMatch + CISC, unlabeled branch"))
+    assert "0.60 x" in every2 and "already" not in every2
+    assert "Per CPU hour at seed 0" not in md  # no option finished at seed 0
