@@ -92,7 +92,7 @@ import camvid_labels_records  # noqa: E402
 import camvid_labels_report  # noqa: E402
 import camvid_report  # noqa: E402
 
-from ciscr.utils.io import atomic_write_json  # noqa: E402
+from ciscr.utils.io import atomic_write_json, read_jsonl  # noqa: E402
 
 N_ITERS = 480  # the rule in the header
 IPE = 12  # iterations per pass, every stage
@@ -453,8 +453,7 @@ def queue(args: argparse.Namespace) -> list[tuple[int, int, list[str]]]:
 
 def _ran_here(rd: Path | None, here: dict[str, object]) -> bool:
     """Whether every invocation of the run in ``rd`` ran on this CPU in this precision."""
-    recs = [json.loads(x) for x in (rd / MACHINE).read_text().splitlines() if x.strip()] \
-        if rd is not None and (rd / MACHINE).exists() else []
+    recs = read_jsonl(rd / MACHINE) if rd is not None else []
     keys = ("machine", "bf16_native", "precision")
     return bool(recs) and all(r.get(k) == here[k] for r in recs for k in keys)
 
